@@ -1,0 +1,56 @@
+# citynode: every target installs what it needs first, so a fresh clone needs nothing else.
+#   make demo    the whole system on one machine (embedded defaults)
+#   make test    the whole test suite, emulated boards included
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := mosquitto
+
+PORT  ?=
+BOARD ?= esp32-devkitc
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision lint flash provision clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+hil: setup
+ifeq ($(PORT),)
+	$(BIN)/pytest hil_tests $(PYTEST_ARGS)
+else
+	$(BIN)/pytest hil_tests --port $(PORT) --board $(BOARD) $(PYTEST_ARGS)
+endif
+
+demo: setup
+	$(BIN)/python -m citynode.demo $(DEMO_ARGS)
+
+bench: bench-firmware bench-gateway bench-provision
+
+bench-firmware bench-gateway bench-provision: setup
+	$(BIN)/python -m bench.$(subst -,_,$(subst bench-,,$@)) --out bench/results
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
