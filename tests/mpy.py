@@ -1,0 +1,40 @@
+"""Run MicroPython code on the real unix port, with an ESP32-sized heap.
+
+Host tests use this to exercise firmware/ modules where no board is needed
+(wire format, DSP, drivers against fakes of nothing: pure functions).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE = ROOT / "firmware"
+DEVKITC_HEAP_KB = 110
+
+
+def micropython_binary() -> str:
+    path = os.environ.get("CITYNODE_MICROPYTHON") or shutil.which(
+        "micropython", path=str(Path(sys.executable).parent)) or shutil.which("micropython")
+    if not path:
+        raise RuntimeError("the MicroPython unix port is not installed: run `make setup`, or set "
+                           "CITYNODE_MICROPYTHON to a unix-port binary built from source")
+    return path
+
+
+def run_micropython(code: str, *, heap_kb: int = DEVKITC_HEAP_KB, path: list[Path] | None = None,
+                    timeout: float = 120, stdin: bytes | None = None) -> str:
+    """Run `code` and return its stdout; a MicroPython exception fails with its traceback."""
+    search = [str(p) for p in (path if path is not None else [FIRMWARE])]
+    env = dict(os.environ, MICROPYPATH=":".join(search + [".frozen"]))
+    proc = subprocess.run([micropython_binary(), "-X", f"heapsize={heap_kb}k", "-c", code],
+                          input=stdin, capture_output=True, timeout=timeout, env=env)
+    out = proc.stdout.decode(errors="replace")
+    if proc.returncode != 0:
+        raise AssertionError(f"MicroPython exited {proc.returncode}:\n{out}\n"
+                             f"{proc.stderr.decode(errors='replace')}")
+    return out
