@@ -1,0 +1,67 @@
+# The board's wires to the emulator host: one request/response socket that
+# stands in for the silicon (buses, radio, watchdog, reset logic).
+# Frame: request  <B op><B sub><H len> payload
+#        response <b status><H len> data   (status < 0: -errno)
+import socket
+import struct
+import os
+
+HELLO = 1
+STATE = 2
+RESET = 3
+WDT_INIT = 4
+WDT_FEED = 5
+PIN = 6
+PWM = 7
+ADC = 8
+I2C_WRITE = 10
+I2C_READ = 11
+I2C_SCAN = 12
+UART_INIT = 13
+UART_WRITE = 14
+UART_READ = 15
+I2S_INIT = 17
+WLAN = 20
+RESOLVE = 21
+NVS = 22
+
+_sock = None
+_hdr = bytearray(3)
+
+
+def connect():
+    global _sock
+    port = int(os.getenv("CITYNODE_EMU_BUS"))
+    s = socket.socket()
+    s.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+    _sock = s
+
+
+def _read_exact(n):
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = _sock.readinto(mv[got:])
+        if not k:
+            raise OSError(5)  # EIO: the host went away (power cut)
+        got += k
+    return buf
+
+
+def call(op, sub=0, payload=b""):
+    _sock.write(struct.pack("<BBH", op, sub, len(payload)))
+    if payload:
+        _sock.write(payload)
+    got = 0
+    mv = memoryview(_hdr)
+    while got < 3:
+        k = _sock.readinto(mv[got:])
+        if not k:
+            raise OSError(5)
+        got += k
+    status, n = struct.unpack("<bH", _hdr)
+    data = _read_exact(n) if n else b""
+    if status < 0:
+        raise OSError(-status)
+    return data

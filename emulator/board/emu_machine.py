@@ -1,0 +1,387 @@
+# `machine` for the emulated ESP32. Every peripheral is a thin front for the
+# emulator host, which holds the simulated parts at bus level.
+import struct
+import time as _t
+import emu_link as _link
+
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+
+_info = None
+
+
+def _board():
+    global _info
+    if _info is None:
+        import json
+        _info = json.loads(_link.call(_link.HELLO))
+    return _info
+
+
+def unique_id():
+    return bytes.fromhex(_board()["mac"])
+
+
+def reset_cause():
+    return _board()["reset_cause"]
+
+
+def wake_reason():
+    return _board().get("wake_reason", 0)
+
+
+def reset():
+    _link.call(_link.RESET, 0)
+    while True:  # the host pulls the plug on this VM
+        _t.sleep_ms(1000)
+
+
+def soft_reset():
+    raise SystemExit(0)
+
+
+def deepsleep(ms=0):
+    _link.call(_link.RESET, 1, struct.pack("<I", ms))
+    while True:
+        _t.sleep_ms(1000)
+
+
+lightsleep = None
+
+
+def bootloader():
+    _link.call(_link.RESET, 2)
+    while True:
+        _t.sleep_ms(1000)
+
+
+_freq = 160000000
+
+
+def freq(hz=None):
+    global _freq
+    if hz is None:
+        return _freq
+    if hz not in (20000000, 40000000, 80000000, 160000000, 240000000):
+        raise ValueError("frequency must be 20MHz, 40MHz, 80Mhz, 160MHz or 240MHz")
+    _freq = hz
+
+
+def idle():
+    _t.sleep_ms(1)
+
+
+def disable_irq():
+    return 0
+
+
+def enable_irq(state=0):
+    pass
+
+
+class Pin:
+    IN = 1
+    OUT = 3
+    OPEN_DRAIN = 7
+    PULL_UP = 2
+    PULL_DOWN = 1
+    IRQ_RISING = 1
+    IRQ_FALLING = 2
+
+    def __init__(self, id, mode=-1, pull=-1, value=None):
+        self.id = id
+        self._mode = mode
+        if value is not None:
+            self.value(value)
+
+    def init(self, mode=-1, pull=-1, value=None):
+        self.__init__(self.id, mode, pull, value)
+
+    def value(self, v=None):
+        if v is None:
+            return _link.call(_link.PIN, 2, struct.pack("<B", self.id))[0]
+        _link.call(_link.PIN, 1, struct.pack("<BB", self.id, 1 if v else 0))
+
+    __call__ = value
+
+    def on(self):
+        self.value(1)
+
+    def off(self):
+        self.value(0)
+
+    def irq(self, handler=None, trigger=3):
+        return None
+
+    def __repr__(self):
+        return "Pin(%d)" % self.id
+
+
+class Signal:
+    def __init__(self, pin, invert=False):
+        self._pin = pin if isinstance(pin, Pin) else Pin(pin, Pin.OUT)
+        self._invert = invert
+
+    def value(self, v=None):
+        if v is None:
+            return self._pin.value() ^ self._invert
+        self._pin.value((1 if v else 0) ^ self._invert)
+
+    __call__ = value
+
+    def on(self):
+        self.value(1)
+
+    def off(self):
+        self.value(0)
+
+
+def _pin_no(p):
+    return p.id if isinstance(p, Pin) else int(p)
+
+
+class ADC:
+    ATTN_0DB = 0
+    ATTN_2_5DB = 1
+    ATTN_6DB = 2
+    ATTN_11DB = 3
+    WIDTH_12BIT = 3
+
+    def __init__(self, pin, atten=ATTN_11DB):
+        self._pin = _pin_no(pin)
+
+    def atten(self, a):
+        pass
+
+    def width(self, w):
+        pass
+
+    def read_u16(self):
+        return struct.unpack("<H", _link.call(_link.ADC, 0, struct.pack("<B", self._pin)))[0]
+
+    def read(self):
+        return self.read_u16() >> 4
+
+    def read_uv(self):
+        return self.read_u16() * 3300000 // 65535
+
+
+class PWM:
+    def __init__(self, pin, freq=5000, duty_u16=0, duty=None):
+        self._pin = _pin_no(pin)
+        self._freq = freq
+        self._duty = duty_u16 if duty is None else duty * 64
+        self._send()
+
+    def _send(self):
+        _link.call(_link.PWM, 0, struct.pack("<BIH", self._pin, self._freq, self._duty))
+
+    def freq(self, f=None):
+        if f is None:
+            return self._freq
+        self._freq = f
+        self._send()
+
+    def duty_u16(self, d=None):
+        if d is None:
+            return self._duty
+        self._duty = max(0, min(65535, d))
+        self._send()
+
+    def duty(self, d=None):
+        if d is None:
+            return self._duty >> 6
+        self.duty_u16(d << 6)
+
+    def deinit(self):
+        self._duty = 0
+        self._send()
+
+
+class I2C:
+    """Hardware I2C: each transaction goes to the simulated parts on the bus."""
+
+    def __init__(self, id=0, scl=None, sda=None, freq=400000, timeout=50000):
+        self._id = id if isinstance(id, int) else 0
+        self._freq = freq
+
+    def init(self, scl=None, sda=None, freq=400000):
+        self._freq = freq
+
+    def scan(self):
+        return list(_link.call(_link.I2C_SCAN, self._id))
+
+    def writeto(self, addr, buf, stop=True):
+        try:
+            return _link.call(_link.I2C_WRITE, self._id, bytes((addr,)) + bytes(buf))[0]
+        except OSError:
+            raise OSError(19)  # ENODEV: no ACK, as on the chip
+
+    def readfrom(self, addr, nbytes, stop=True):
+        try:
+            return bytes(_link.call(_link.I2C_READ, self._id, struct.pack("<BH", addr, nbytes)))
+        except OSError:
+            raise OSError(19)
+
+    def readfrom_into(self, addr, buf, stop=True):
+        data = self.readfrom(addr, len(buf), stop)
+        buf[:] = data
+
+    def writevto(self, addr, vector, stop=True):
+        return self.writeto(addr, b"".join(vector), stop)
+
+    def readfrom_mem(self, addr, memaddr, nbytes, addrsize=8):
+        self.writeto(addr, self._memaddr(memaddr, addrsize), False)
+        return self.readfrom(addr, nbytes)
+
+    def readfrom_mem_into(self, addr, memaddr, buf, addrsize=8):
+        self.writeto(addr, self._memaddr(memaddr, addrsize), False)
+        self.readfrom_into(addr, buf)
+
+    def writeto_mem(self, addr, memaddr, buf, addrsize=8):
+        self.writeto(addr, self._memaddr(memaddr, addrsize) + bytes(buf))
+
+    @staticmethod
+    def _memaddr(memaddr, addrsize):
+        if addrsize == 16:
+            return bytes((memaddr >> 8, memaddr & 0xFF))
+        return bytes((memaddr,))
+
+
+SoftI2C = I2C
+
+
+class UART:
+    """UART with the driver's RX buffer on the host side; read() never blocks
+    longer than `timeout` ms, as on the chip."""
+
+    def __init__(self, id, baudrate=115200, bits=8, parity=None, stop=1, tx=None, rx=None,
+                 timeout=0, rxbuf=256, **kw):
+        self._id = id
+        self.init(baudrate, bits, parity, stop, tx=tx, rx=rx, timeout=timeout, rxbuf=rxbuf)
+
+    def init(self, baudrate=115200, bits=8, parity=None, stop=1, tx=None, rx=None, timeout=0,
+             rxbuf=256, **kw):
+        self._timeout = timeout
+        _link.call(_link.UART_INIT, self._id, struct.pack("<IH", baudrate, rxbuf))
+
+    def deinit(self):
+        pass
+
+    def any(self):
+        return struct.unpack("<H", _link.call(_link.UART_READ, self._id, struct.pack("<HH", 0, 0)))[0]
+
+    def read(self, nbytes=-1):
+        n = 4096 if nbytes is None or nbytes < 0 else nbytes
+        data = _link.call(_link.UART_READ, self._id, struct.pack("<HH", n, self._timeout))[2:]
+        return bytes(data) if data else None
+
+    def readinto(self, buf, nbytes=-1):
+        data = self.read(len(buf) if nbytes < 0 else nbytes)
+        if not data:
+            return None
+        buf[:len(data)] = data
+        return len(data)
+
+    def readline(self):
+        line = bytearray()
+        while True:
+            c = self.read(1)
+            if not c:
+                return bytes(line) if line else None
+            line += c
+            if c == b"\n":
+                return bytes(line)
+
+    def write(self, buf):
+        _link.call(_link.UART_WRITE, self._id, bytes(buf))
+        return len(buf)
+
+    def flush(self):
+        pass
+
+
+class I2S:
+    """I2S receiver: samples arrive on a socket the host paces at the
+    configured rate, as DMA would fill the buffer on the chip."""
+
+    RX = 0
+    TX = 1
+    MONO = 0
+    STEREO = 1
+
+    def __init__(self, id, sck=None, ws=None, sd=None, mode=0, bits=32, format=0, rate=16000,
+                 ibuf=20000):
+        import socket as _s
+        port = struct.unpack("<H", _link.call(
+            _link.I2S_INIT, id, struct.pack("<BBBIi", mode, bits, format, rate, ibuf)))[0]
+        self._sock = _s.socket()
+        self._sock.connect(_s.getaddrinfo("127.0.0.1", port)[0][-1])
+        self._rate = rate
+
+    def readinto(self, buf):
+        mv = memoryview(buf)
+        got = 0
+        n = len(buf)
+        while got < n:
+            k = self._sock.readinto(mv[got:])
+            if not k:
+                raise OSError(5)
+            got += k
+        return got
+
+    def deinit(self):
+        self._sock.close()
+
+    def irq(self, handler):
+        raise NotImplementedError("use blocking readinto on the emulated board")
+
+    @staticmethod
+    def shift(buf, bits, shift):
+        raise NotImplementedError
+
+
+class WDT:
+    def __init__(self, id=0, timeout=5000):
+        _link.call(_link.WDT_INIT, 0, struct.pack("<I", timeout))
+
+    def feed(self):
+        _link.call(_link.WDT_FEED)
+
+
+class RTC:
+    def __init__(self, id=0):
+        pass
+
+    def datetime(self, dt=None):
+        import emu_time
+        if dt is None:
+            y, mo, d, h, mi, s, wd, yd = emu_time.localtime()
+            return (y, mo, d, wd, h, mi, s, 0)
+        emu_time.set_time(emu_time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6], 0, 0)))
+
+    def init(self, dt):
+        self.datetime(dt)
+
+    def memory(self, data=None):
+        if data is None:
+            return _link.call(_link.NVS, 4)
+        _link.call(_link.NVS, 5, bytes(data))
+
+
+class Timer:
+    ONE_SHOT = 0
+    PERIODIC = 1
+
+    def __init__(self, id=-1, **kw):
+        if kw:
+            self.init(**kw)
+
+    def init(self, mode=PERIODIC, period=-1, freq=-1, callback=None):
+        raise NotImplementedError("hardware timers: use asyncio on the emulated board")
+
+    def deinit(self):
+        pass

