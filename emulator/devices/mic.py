@@ -1,0 +1,186 @@
+"""An INMP441-like I2S MEMS microphone: what the SD line carries, sample by sample.
+
+Calibration (INMP441 datasheet): sensitivity -26 dBFS for a 94 dB SPL (1 Pa RMS)
+1 kHz sine, where 0 dBFS is the RMS of a sine whose peak is full scale (2^23 for
+the 24-bit word). So a sine's peak in counts is 2^23 * 10^((SPL - 120) / 20), and
+1 Pa RMS is 2^23 / sqrt(2) * 10^(-26/20) counts RMS. Samples are 24-bit two's
+complement, left-justified in 32-bit slots (the low byte is 0).
+
+The sound: road-traffic noise (a pink spectrum between ~40 Hz and ~10 kHz, the
+scenario's dB(A) level, which is what an A-weighted meter on the node must read),
+the microphone's own noise floor (33 dB(A), from its 61 dB SNR), and the
+scenario's events (impulses, calibrator tones) placed at the sample whose
+scenario time is the event's time. Generated with numpy in blocks; the noise is
+one continuous filtered stream across blocks (overlap-save FIR).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+
+from ..scenario import Event, Scenario
+
+FULL_SCALE = 1 << 23
+SENSITIVITY_DBFS = -26.0
+REFERENCE_SPL = 94.0
+P_REF = 20e-6
+COUNTS_PER_PA_RMS = FULL_SCALE / math.sqrt(2) * 10 ** (SENSITIVITY_DBFS / 20)
+SELF_NOISE_DBA = 33.0
+FIR_TAPS = 2047
+
+# Impulse shapes (audio seconds): rise, decay time constant, total length.
+IMPULSES = {"gunshot": (0.0003, 0.012, 0.35), "crash": (0.004, 0.15, 1.2)}
+
+
+def spl_to_rms_counts(spl_db: float) -> float:
+    return COUNTS_PER_PA_RMS * P_REF * 10 ** (spl_db / 20)
+
+
+def a_weighting(f: np.ndarray) -> np.ndarray:
+    """IEC 61672 A-weighting magnitude (linear, 1.0 at 1 kHz)."""
+    f2 = np.asarray(f, dtype=float) ** 2
+    ra = (12194.0 ** 2 * f2 ** 2) / ((f2 + 20.6 ** 2) * np.sqrt((f2 + 107.7 ** 2)
+                                     * (f2 + 737.9 ** 2)) * (f2 + 12194.0 ** 2))
+    return ra * 10 ** (2.0 / 20)
+
+
+def _traffic_fir(rate: int) -> np.ndarray:
+    """Taps of a linear-phase FIR with a traffic-like spectrum, unit power gain."""
+    n = 4096
+    f = np.fft.rfftfreq(n, 1 / rate)
+    f_safe = np.maximum(f, 1.0)
+    mag = 1 / np.sqrt(f_safe)                                           # pink: -3 dB/octave
+    mag *= (f_safe / 40.0) ** 2 / np.sqrt(1 + (f_safe / 40.0) ** 4)     # tyre/engine rumble starts
+    mag *= 1 / np.sqrt(1 + (f_safe / min(10000.0, 0.4 * rate)) ** 4)   # air absorption, HF
+    mag[0] = 0.0
+    taps = np.roll(np.fft.irfft(mag, n), FIR_TAPS // 2)[:FIR_TAPS] * np.hanning(FIR_TAPS)
+    return taps / np.sqrt(np.sum(taps ** 2))
+
+
+def a_weighted_power_ratio(taps: np.ndarray | None, rate: int) -> float:
+    """A-weighted / unweighted power of white noise through `taps` (None: white)."""
+    n = 1 << 16
+    f = np.fft.rfftfreq(n, 1 / rate)
+    h2 = np.ones_like(f) if taps is None else np.abs(np.fft.rfft(taps, n)) ** 2
+    return float(np.sum(h2 * a_weighting(f) ** 2) / np.sum(h2))
+
+
+class Microphone:
+    """One continuous stream of samples from the start of an I2S session."""
+
+    def __init__(self, scenario: Scenario, rate: int, seed: int = 0,
+                 start_wall: float | None = None) -> None:
+        self.scenario = scenario
+        self.rate = rate
+        self.start_wall = scenario.wall() if start_wall is None else start_wall
+        self.position = 0  # samples produced so far
+        self._seed = seed
+        self._rng = np.random.default_rng([seed, rate])
+        self._taps = _traffic_fir(rate)
+        self._traffic_a = math.sqrt(a_weighted_power_ratio(self._taps, rate))
+        self._white_a = math.sqrt(a_weighted_power_ratio(None, rate))
+        self._history = np.zeros(FIR_TAPS - 1)
+        self._taps_fft: dict[int, np.ndarray] = {}
+        self._waveforms: dict[int, np.ndarray] = {}
+
+    # -- time base ------------------------------------------------------------------------
+    def scenario_time(self, sample: float) -> float:
+        """Scenario time of a sample index in this stream."""
+        return self.scenario.at_wall(self.start_wall + sample / self.rate)
+
+    def sample_of(self, scenario_time: float) -> int:
+        """First sample at or after a scenario time."""
+        wall = scenario_time / self.scenario.time_scale
+        return math.ceil((wall - self.start_wall) * self.rate - 1e-9)
+
+    # -- generation -----------------------------------------------------------------------
+    def skip(self, n: int) -> None:
+        """Advance without producing (samples a DMA overrun would drop anyway)."""
+        self.position += n
+        self._history[:] = 0.0
+
+    def block(self, n: int) -> np.ndarray:
+        """The next n samples as 24-bit integers (int32 array, not yet shifted)."""
+        k0 = self.position
+        white = self._rng.standard_normal(n)
+        x = np.concatenate((self._history, white))
+        traffic = self._filter(x)
+        self._history = x[-(FIR_TAPS - 1):]
+        # Level in counts of the unweighted signal, ramped over the block from the scenario.
+        lo, hi = (self._traffic_rms(self.scenario_time(k)) for k in (k0, k0 + n))
+        signal = traffic * np.linspace(lo, hi, n, endpoint=False)
+        floor = spl_to_rms_counts(SELF_NOISE_DBA) / self._white_a
+        signal += self._rng.standard_normal(n) * floor
+        self._add_events(signal, k0)
+        self.position += n
+        return np.clip(np.round(signal), -FULL_SCALE, FULL_SCALE - 1).astype(np.int32)
+
+    def _filter(self, x: np.ndarray) -> np.ndarray:
+        """Overlap-save FIR: the 'valid' part of x convolved with the taps."""
+        nfft = 1 << (len(x) - 1).bit_length()
+        spectrum = self._taps_fft.get(nfft)
+        if spectrum is None:
+            spectrum = self._taps_fft[nfft] = np.fft.rfft(self._taps, nfft)
+        y = np.fft.irfft(np.fft.rfft(x, nfft) * spectrum, nfft)
+        return y[FIR_TAPS - 1:len(x)]
+
+    def _traffic_rms(self, t: float) -> float:
+        return spl_to_rms_counts(self.scenario.noise_dba(t)) / self._traffic_a
+
+    def _add_events(self, signal: np.ndarray, k0: int) -> None:
+        n = len(signal)
+        longest = max(max(s[2] for s in IMPULSES.values()),
+                      max((e.duration for e in self.scenario.events), default=0.0))
+        t0 = self.scenario_time(k0 - longest * self.rate)
+        t1 = self.scenario_time(k0 + n)
+        for index, event in enumerate(self.scenario.events):
+            if not t0 <= event.time < t1:
+                continue
+            onset = self.sample_of(event.time)
+            wave = self._waveform(index, event)
+            a, b = max(onset, k0), min(onset + len(wave), k0 + n)
+            if a < b:
+                signal[a - k0:b - k0] += wave[a - onset:b - onset]
+
+    def _waveform(self, index: int, event: Event) -> np.ndarray:
+        if index not in self._waveforms:
+            self._waveforms[index] = event_waveform(event, self.rate, self._seed + index)
+        return self._waveforms[index]
+
+
+def event_waveform(event: Event, rate: int, seed: int) -> np.ndarray:
+    """The event's samples in counts (float), from its onset."""
+    if event.kind == "tone":
+        duration = event.duration or 1.0
+        t = np.arange(int(duration * rate)) / rate
+        return (math.sqrt(2) * spl_to_rms_counts(event.level_db)
+                * np.sin(2 * math.pi * event.freq * t))
+    rise, tau, length = IMPULSES[event.kind]
+    if event.duration:
+        length = event.duration
+    rng = np.random.default_rng([seed, zlib.crc32(event.kind.encode())])
+    t = np.arange(int(length * rate)) / rate
+    envelope = np.where(t < rise, t / rise, np.exp(-(t - rise) / tau))
+    wave = rng.standard_normal(len(t)) * envelope
+    wave[0:max(1, int(rise * rate) + 1)] = np.abs(wave[0:max(1, int(rise * rate) + 1)])
+    peak_counts = COUNTS_PER_PA_RMS * P_REF * 10 ** (event.level_db / 20)  # LZpeak
+    return wave * (peak_counts / np.max(np.abs(wave)))
+
+
+def to_slots(samples: np.ndarray, bits: int = 32, stereo: bool = False) -> bytes:
+    """24-bit samples -> the bytes on the wire: little-endian slots, low byte 0 for 32-bit;
+    stereo puts the microphone on the left and a silent right slot (L/R pin low)."""
+    if bits == 32:
+        words = samples.astype("<i4") << 8
+    elif bits == 16:
+        words = (samples >> 8).astype("<i2")
+    else:
+        raise ValueError("I2S slot width: 16 or 32 bits")
+    if stereo:
+        both = np.zeros(2 * len(words), dtype=words.dtype)
+        both[0::2] = words
+        words = both
+    return words.tobytes()
