@@ -47,6 +47,7 @@ SUPPLY_DIVIDER = 0.5
 ADC_FULL_SCALE_V = 3.3           # what board/emu_machine.py's read_uv assumes at 65535
 I2S_TICK = 0.005                 # how often the DMA pump wakes
 I2S_SNDBUF = 4096                # keep the kernel's share of the DMA buffer small
+I2S_BLOCK = 2048                 # samples generated per numpy call (FFT-friendly)
 
 
 @dataclass
@@ -83,10 +84,7 @@ class I2SStream:
     def _samples(self, n: int) -> bytes:
         if self.mic is None:
             return bytes(n * self.frame_bytes)
-        block = self.mic.block(n)
-        if self._silent():  # unplugged: the ESP32 still clocks, SD reads 0
-            block[:] = 0
-        return to_slots(block, self.bits, self.stereo)
+        return to_slots(self.mic.block(n), self.bits, self.stereo)
 
     def _accept(self) -> socket.socket | None:
         while not self._closed.is_set():
@@ -108,25 +106,33 @@ class I2SStream:
             return
         self._conn = conn
         wall, start = self._wall, self.start
-        produced = 0
-        pending = bytearray()
-        chunk = max(1, self.rate // 100)
+        produced = 0            # samples released to the DMA buffer so far
+        pending = bytearray()   # released, not yet taken by the board's socket
+        ahead = bytearray()     # generated in efficient blocks, not yet due
         try:
             while not self._closed.is_set():
                 due = int((wall() - start) * self.rate)
                 backlog = due - produced
                 capacity = self.ibuf // self.frame_bytes
-                if backlog > capacity + chunk:  # far behind: skip what DMA would drop anyway
+                if backlog > capacity + I2S_BLOCK:  # far behind: skip what DMA would drop
                     skip = backlog - capacity
+                    from_ahead = min(skip, len(ahead) // self.frame_bytes)
+                    del ahead[:from_ahead * self.frame_bytes]
                     if self.mic:
-                        self.mic.skip(skip)
+                        self.mic.skip(skip - from_ahead)
                     produced += skip
                     self._overrun(skip * self.frame_bytes + len(pending))
                     pending.clear()
-                while produced < due:
-                    n = min(chunk, due - produced)
-                    pending += self._samples(n)
-                    produced += n
+                if due > produced:
+                    need = (due - produced) * self.frame_bytes
+                    while len(ahead) < need:
+                        ahead += self._samples(I2S_BLOCK)
+                    if self._silent():  # unplugged: the ESP32 still clocks, SD reads 0
+                        pending += bytes(need)
+                    else:
+                        pending += ahead[:need]
+                    del ahead[:need]
+                    produced = due
                 excess = len(pending) + _unsent(conn) - self.ibuf
                 if excess > 0:
                     excess = min(len(pending), -(-excess // self.frame_bytes) * self.frame_bytes)

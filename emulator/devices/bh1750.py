@@ -26,10 +26,10 @@ def lux_to_count(lux: float, resolution: str, mtreg: int) -> int:
     count = lux * 1.2 * mtreg / MTREG_DEFAULT
     if resolution == "H2":
         count *= 2
-    count = int(count + 0.5)
+    count = max(0, min(0xFFFF, int(count + 0.5)))
     if resolution == "L":
         count &= ~0x3  # 4 lx steps: the L-res conversion has two fewer bits
-    return max(0, min(0xFFFF, count))
+    return count
 
 
 class BH1750:

@@ -163,11 +163,13 @@ def event_waveform(event: Event, rate: int, seed: int) -> np.ndarray:
         length = event.duration
     rng = np.random.default_rng([seed, zlib.crc32(event.kind.encode())])
     t = np.arange(int(length * rate)) / rate
-    envelope = np.where(t < rise, t / rise, np.exp(-(t - rise) / tau))
-    wave = rng.standard_normal(len(t)) * envelope
-    wave[0:max(1, int(rise * rate) + 1)] = np.abs(wave[0:max(1, int(rise * rate) + 1)])
+    # The leading overpressure rises to the peak; a broadband ringing decays after it.
+    carrier = rng.standard_normal(len(t))
+    carrier *= 0.7 / np.max(np.abs(carrier))
+    wave = np.where(t < rise, t / rise, carrier * np.exp(-(t - rise) / tau))
+    wave[min(len(t) - 1, math.ceil(rise * rate))] = 1.0
     peak_counts = COUNTS_PER_PA_RMS * P_REF * 10 ** (event.level_db / 20)  # LZpeak
-    return wave * (peak_counts / np.max(np.abs(wave)))
+    return wave * peak_counts
 
 
 def to_slots(samples: np.ndarray, bits: int = 32, stereo: bool = False) -> bytes:
