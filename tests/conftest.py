@@ -1,0 +1,3 @@
+"""Shared fixtures: emulated boards (tests/emu.py)."""
+
+pytest_plugins = ["tests.emu"]
