@@ -31,8 +31,8 @@ B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
 GX = 0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296
 GY = 0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5
 
-TEETH = const(8)                        # comb rows; the table has 2**TEETH - 1 points
-_SPAN = const(32)                       # comb columns: ceil(256 / TEETH)
+TEETH = 8                               # comb rows; the table has 2**TEETH - 1 points
+_span = 32                              # comb columns: ceil(256 / TEETH)
 _ENTRY = const(64)                      # bytes per affine point in the table
 _BATCH = const(16)                      # points normalised per inversion while building
 
@@ -139,7 +139,7 @@ def _normalise_into(tab, index, jac):
 
 
 def _build_table():
-    """Entry i = sum of 2**(SPAN*t) * G over the bits t set in i, affine.
+    """Entry i = sum of 2**(_span*t) * G over the bits t set in i, affine.
 
     Built row by row: entries with top bit t are entry (i - 2**t) plus the row's
     base point. Each row is normalised with one shared inversion (Montgomery's
@@ -158,10 +158,23 @@ def _build_table():
             _normalise_into(tab, top + first, jac)
         if t + 1 < TEETH:              # next row's base: 2**SPAN times this one
             X, Y, Z = bx, by, 1
-            for _ in range(_SPAN):
+            for _ in range(_span):
                 X, Y, Z = _dbl(X, Y, Z)
             bx, by = _affine(X, Y, Z)
     return tab
+
+
+def set_comb_teeth(teeth):
+    """Retune the table for a smaller heap: (2**teeth - 1) * 64 bytes; 8 -> 16320 B, 6 -> 4032 B.
+
+    Fewer teeth mean more doublings per signature (ceil(256 / teeth)).
+    """
+    global TEETH, _span, _table
+    if not 1 <= teeth <= 8:
+        raise ValueError("teeth must be 1..8")
+    TEETH = teeth
+    _span = (256 + teeth - 1) // teeth
+    _table = None
 
 
 def precompute():
@@ -179,17 +192,18 @@ def _mul_base(k):
         precompute()
         tab = _table
     kb = k.to_bytes(32, "big")
+    span = _span
     X, Y, Z = 0, 1, 0
-    for j in range(_SPAN - 1, -1, -1):
+    for j in range(span - 1, -1, -1):
         if Z:
             X, Y, Z = _dbl(X, Y, Z)
         i = 0
-        b = j + (TEETH - 1) * _SPAN
+        b = j + (TEETH - 1) * span
         while b >= 0:                   # bit j of every row, top row first
             i <<= 1
             if b < 256:
                 i |= (kb[31 - (b >> 3)] >> (b & 7)) & 1
-            b -= _SPAN
+            b -= span
         if i:
             o = (i - 1) * _ENTRY
             X, Y, Z = _madd(X, Y, Z, int.from_bytes(tab[o:o + 32], "big"),
