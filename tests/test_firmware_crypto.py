@@ -176,18 +176,16 @@ print(keys.public_key_hex())
 def test_firmware_payload_refuses_bad_fields():
     code = """
 from node.payload import encode_payload
-for args in [(-1, 0, 0, 0), (1, -1, 0, 0), (1, 0, 1.5, 0), (1, 0, 0, '0')]:
+for args in [('cn-x', -1, 0, 0, 0, []), ('cn-x', 1, -1, 0, 0, []), ('cn-x', 1, 0, 1.5, 0, []),
+             ('cn-x', 1, 0, 0, '0', []), (b'cn-x', 1, 0, 0, 0, []), ('cn-x', 1, 1, 1, 0, [],  -5),
+             ('cn-x', 1, 1, 1, 0, [{'name': 'x'}])]:
     try:
-        encode_payload('cn-x', *args, records=[])
+        encode_payload(*args)
         print('ACCEPTED')
     except ValueError:
         print('ValueError')
-try:
-    encode_payload('cn-x', 1, 1, 1, 0, [{'name': 'x'}])
-except ValueError:
-    print('ValueError')
 """
-    assert mpy(code).split() == ["ValueError"] * 5
+    assert mpy(code).split() == ["ValueError"] * 7
 
 
 # --- fresh keys: generated on the node, verified by independent host code ---------
@@ -281,6 +279,25 @@ for bad in [pub[:32], b'\\x04' + bytes(64), b'\\x04' + b'\\xff' * 64]:
     assert lines[1:] == ["ValueError"] * 3
 
 
+def test_firmware_verify_refuses_s_plus_n():
+    # A key chosen so that (r, 1) is a valid signature: then (r, 1 + N) still fits in
+    # 32 bytes and is the same signature mod N, so only the range check can refuse it.
+    msg = b"command"
+    e = int.from_bytes(hashlib.sha256(msg).digest(), "big")
+    k = 0x1234567890ABCDEF
+    r = ec.derive_private_key(k, ec.SECP256R1()).public_key().public_numbers().x % N
+    d = (k - e) * pow(r, -1, N) % N
+    pub = ec.derive_private_key(d, ec.SECP256R1()).public_key()
+    pub.verify(encode_dss_signature(r, 1), msg, ec.ECDSA(hashes.SHA256()))  # valid, s = 1
+    raw_pub = pub.public_bytes(serialization.Encoding.X962,
+                               serialization.PublicFormat.UncompressedPoint)
+    sig = r.to_bytes(32, "big") + (1).to_bytes(32, "big")
+    alias = r.to_bytes(32, "big") + (1 + N).to_bytes(32, "big")
+    out = mpy(f"from node import p256\nprint(p256.verify({raw_pub!r}, {msg!r}, {sig!r}), "
+              f"p256.verify({raw_pub!r}, {msg!r}, {alias!r}))")
+    assert out.split() == ["True", "False"]
+
+
 # --- downlink commands ----------------------------------------------------------------
 
 def _flip(hex_env: str, index: int) -> bytes:
@@ -332,6 +349,30 @@ for name in cases:
         "oversized": "oversized",
     }
     assert (tmp_path / "secret" / "operator.pub").read_bytes().hex() == CMD["operator_public_key"]
+
+
+def test_open_command_checks_target_and_replays_survive_a_reset(tmp_path):
+    key = ec.derive_private_key(int(CMD["operator_private_key"], 16), ec.SECP256R1())
+    other = wire.sign_es256(wire.encode_command("cn-000000000000", 8, "reboot", {}, 1), "operator",
+                            key)
+    no_args_map = wire.sign_es256(cbor2.dumps({1: NODE["device"], 2: 9, 10: "lamp", 11: [40]}),
+                                  "operator", key)
+    run = f"""
+from node import cose
+from node.seqno import Highest
+pub = bytes.fromhex({CMD["operator_public_key"]!r})
+seen = Highest('data')
+for env in [bytes.fromhex({CMD["sign1"]!r}), {other!r}, {no_args_map!r}]:
+    try:
+        cmd = cose.open_command(env, pub, {NODE["device"]!r})
+        print(cmd[10], 'accepted' if seen.accept(cmd[2]) else 'replay')
+    except ValueError as e:
+        print(str(e).split(':')[0])
+"""
+    assert mpy(run, tmp_path).split() == ["set_interval", "accepted", "wrong_device", "malformed"]
+    # after a reset the same (validly signed) command is a replay
+    assert mpy(run, tmp_path).split() == ["set_interval", "replay", "wrong_device", "malformed"]
+    assert (tmp_path / "data" / "cmdseq").read_text().strip() == "7"
 
 
 def test_firmware_verifies_its_own_mac0(tmp_path):

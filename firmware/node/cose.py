@@ -15,6 +15,7 @@ TAG_MAC0 = 17
 ALG_ES256 = -7
 ALG_HMAC256 = 5
 MAX_BYTES = 4096
+OPERATOR_KID = "operator"
 
 # the protected headers are constants: bstr of {1: -7} and of {1: 5}
 PROTECTED_ES256 = cbor.encode({1: ALG_ES256})
@@ -72,6 +73,35 @@ def verify_sign1(envelope, public_key, kid=None):
     if not p256.verify(public_key, _tbs("Signature1", protected, payload), sig):
         raise ValueError("bad_signature: ES256 signature does not verify")
     return payload
+
+
+def open_command(envelope, operator_key, device):
+    """Verify a downlink command for `device` and return its payload map.
+
+    The envelope must be a COSE_Sign1 with kid "operator" signed by
+    `operator_key`; the payload must be a map with 1 == device, 2 a uint seq,
+    10 a command name and 11 (if present) an args map. Raises ValueError with
+    reason oversized, malformed, alg, kid, bad_signature or wrong_device.
+    Refusing replays (seq not above the last accepted) is the caller's job:
+    seqno.Highest keeps that number across resets.
+    """
+    body = verify_sign1(envelope, operator_key, kid=OPERATOR_KID)
+    try:
+        cmd = cbor.decode(body)
+    except ValueError as exc:
+        raise ValueError("malformed: command payload: %s" % exc)
+    if not isinstance(cmd, dict):
+        raise ValueError("malformed: command payload must be a map")
+    if cmd.get(1) != device:
+        raise ValueError("wrong_device: command is for %r" % (cmd.get(1),))
+    seq = cmd.get(2)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError("malformed: command seq must be an unsigned integer")
+    if not isinstance(cmd.get(10), str):
+        raise ValueError("malformed: command name missing")
+    if not isinstance(cmd.get(11, {}), dict):
+        raise ValueError("malformed: command args must be a map")
+    return cmd
 
 
 def _open(envelope, tag, alg, sig_len, kid):

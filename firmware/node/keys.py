@@ -24,6 +24,7 @@ class NodeKeys:
         self.base = base
         self._priv = None
         self._pub = None
+        self._secret = None
 
     def __repr__(self):
         return "<NodeKeys %s>" % self.base
@@ -76,16 +77,18 @@ class NodeKeys:
             raise ValueError("HMAC secret must be at least 16 bytes")
         makedirs(self.base)
         write_atomic(self._path(HMAC_KEY), bytes(secret))
+        self._secret = bytes(secret)
 
     def has_hmac_secret(self):
         return read(self._path(HMAC_KEY)) is not None
 
     def mac(self, msg):
         """HMAC-SHA256 of `msg` under the stored secret (ValueError if none is installed)."""
-        secret = read(self._path(HMAC_KEY))
-        if secret is None:
-            raise ValueError("no HMAC secret installed")
-        return hmac_sha256(secret, msg)
+        if self._secret is None:
+            self._secret = read(self._path(HMAC_KEY))
+            if self._secret is None:
+                raise ValueError("no HMAC secret installed")
+        return hmac_sha256(self._secret, msg)
 
     # --- operator public key (verifies downlink commands) ----------------------
 

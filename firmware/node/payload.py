@@ -67,9 +67,13 @@ def record(rec):
 
 def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
     """The payload bytes: {1: device, 2: seq, 3: boot, [4: time], 5: uptime_ms, 6: kind, 7: records}."""
+    if not isinstance(device, str):
+        raise ValueError("device must be a str")
     for n in (seq, boot, uptime_ms, kind):
         if not isinstance(n, int) or n < 0:
             raise ValueError("seq, boot, uptime_ms and kind must be unsigned integers")
+    if time is not None and time < 0:
+        raise ValueError("time must be Unix seconds (>= 0) or None")
     pairs = [(1, device), (2, seq), (3, boot)]
     if time is not None:
         pairs.append((4, int(time)))

@@ -9,6 +9,9 @@ and a power cut at any point restarts above everything handed out. A reset waste
 at most one block of numbers, which is harmless: only uniqueness and order matter.
 
 Opening a Sequence counts a boot and reserves the first block in one write.
+
+Highest keeps the highest accepted downlink command seq, so a replayed
+command is refused even after a reset.
 """
 
 from node.fsutil import join, makedirs, read, write_atomic
@@ -59,3 +62,27 @@ class Sequence:
     def peek(self):
         """The number next() will return (nothing is reserved or used)."""
         return self._next
+
+
+class Highest:
+    """The highest number accepted so far, persisted in `<base>/<name>` (replay guard)."""
+
+    def __init__(self, base="/data", name="cmdseq"):
+        self.path = join(base, name)
+        makedirs(base)
+        raw = read(self.path)
+        if raw is None:
+            self.value = -1
+        else:
+            try:
+                self.value = int(raw.decode())
+            except (ValueError, UnicodeError):
+                raise ValueError("%s is damaged: %r" % (self.path, raw))
+
+    def accept(self, n):
+        """True (and stored before returning) if n is above every number accepted before."""
+        if n <= self.value:
+            return False
+        write_atomic(self.path, b"%d\n" % n)
+        self.value = n
+        return True
