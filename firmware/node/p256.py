@@ -10,9 +10,12 @@ HMAC-SHA256): a weak RNG at signing time cannot leak the key.
 
 Verification (operator commands, rare) favours plain code over speed.
 
-Not constant-time: MicroPython big integers are not, and neither is the table
-walk. That is acceptable for a node that signs its own readings, and it is the
-reason the key is never used to sign data chosen by someone else unverified.
+Timing: every signature runs the same sequence of field operations (a zero
+comb column costs a dummy addition, leading empty columns dummy doublings), so
+the loop does not reveal the nonce's length or its zero columns (the Minerva
+class of attacks), and k**-1 is computed blinded. MicroPython big integers still
+take slightly value-dependent time, so this is not a constant-time
+implementation; it needs a local, precise timer to attack, not a network one.
 
 Keys are 32-byte big-endian scalars; public keys are SEC1 uncompressed points
 (65 bytes, 0x04 | x | y).
@@ -37,6 +40,7 @@ _ENTRY = const(64)                      # bytes per affine point in the table
 _BATCH = const(16)                      # points normalised per inversion while building
 
 _table = None
+_dummy = None                           # 3G, the operand of dummy operations
 
 
 # --- field and group arithmetic (Jacobian: x = X/Z^2, y = Y/Z^3; Z == 0 is infinity)
@@ -179,9 +183,12 @@ def set_comb_teeth(teeth):
 
 def precompute():
     """Build the base-point table now (else at first use); returns its size in bytes."""
-    global _table
+    global _table, _dummy
     if _table is None:
         _table = _build_table()
+        # 3G is no table entry (entries are sums of distinct 2**(span*t) G), so a
+        # dummy addition never takes the doubling branch
+        _dummy = _affine(*_madd(*_dbl(GX, GY, 1), GX, GY))
     return len(_table)
 
 
@@ -193,10 +200,13 @@ def _mul_base(k):
         tab = _table
     kb = k.to_bytes(32, "big")
     span = _span
+    dx, dy = _dummy
     X, Y, Z = 0, 1, 0
     for j in range(span - 1, -1, -1):
         if Z:
             X, Y, Z = _dbl(X, Y, Z)
+        else:
+            _dbl(dx, dy, 1)             # dummy: same work while the sum is still empty
         i = 0
         b = j + (TEETH - 1) * span
         while b >= 0:                   # bit j of every row, top row first
@@ -204,10 +214,16 @@ def _mul_base(k):
             if b < 256:
                 i |= (kb[31 - (b >> 3)] >> (b & 7)) & 1
             b -= span
-        if i:
-            o = (i - 1) * _ENTRY
-            X, Y, Z = _madd(X, Y, Z, int.from_bytes(tab[o:o + 32], "big"),
-                            int.from_bytes(tab[o + 32:o + 64], "big"))
+        o = (i - 1 if i else 0) * _ENTRY
+        x2 = int.from_bytes(tab[o:o + 32], "big")
+        y2 = int.from_bytes(tab[o + 32:o + 64], "big")
+        if i and Z:
+            X, Y, Z = _madd(X, Y, Z, x2, y2)
+        elif i:
+            X, Y, Z = x2, y2, 1
+            _madd(dx, dy, 1, x2, y2)    # dummy: the first addition costs the same
+        else:
+            _madd(dx, dy, 1, x2, y2)    # dummy: a zero column costs an addition too
     return X, Y, Z
 
 
@@ -298,6 +314,12 @@ def _nonces(d, digest):
         V = hmac_sha256(K, V)
 
 
+def _inverse_blinded(k):
+    """k**-1 mod N computed as (k*b)**-1 * b for a random b, so its timing says nothing of k."""
+    b = 1 + int.from_bytes(os.urandom(32), "big") % (N - 1)
+    return pow(k * b % N, N - 2, N) * b % N
+
+
 def sign_digest(priv, digest):
     """ECDSA signature r || s (64 bytes) of a 32-byte SHA-256 digest, nonce per RFC 6979."""
     d = _scalar(priv)
@@ -307,7 +329,7 @@ def sign_digest(priv, digest):
         r = x % N
         if not r:
             continue
-        s = pow(k, N - 2, N) * (e + r * d) % N
+        s = _inverse_blinded(k) * (e + r * d) % N
         if s:
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
