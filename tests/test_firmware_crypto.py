@@ -173,6 +173,13 @@ print(keys.public_key_hex())
         assert mac0 == vec["mac0"], vec["name"]
 
 
+def test_unix_time_is_unix_seconds():
+    import time
+
+    got = int(mpy("from node.payload import unix_time\nprint(unix_time())"))
+    assert abs(got - time.time()) < 30
+
+
 def test_firmware_payload_refuses_bad_fields():
     code = """
 from node.payload import encode_payload

@@ -182,7 +182,11 @@ def set_comb_teeth(teeth):
 
 
 def precompute():
-    """Build the base-point table now (else at first use); returns its size in bytes."""
+    """Build the base-point table now (else at first use); returns its size in bytes.
+
+    Call it early at boot: the table is one contiguous 16 KB block, easy to find
+    in a fresh heap and maybe not in a fragmented one.
+    """
     global _table, _dummy
     if _table is None:
         _table = _build_table()

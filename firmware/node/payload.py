@@ -65,6 +65,19 @@ def record(rec):
     return cbor.Map(pairs)
 
 
+def unix_time():
+    """Unix seconds from the RTC for key 4 (time), whatever the port's epoch.
+
+    MicroPython ports have counted from 2000-01-01 (ESP32) or 1970 (unix); the
+    wire format wants Unix time. Only call it once the clock is synced (NTP).
+    """
+    import time
+    t = int(time.time())
+    if time.gmtime(0)[0] == 2000:
+        t += 946684800
+    return t
+
+
 def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
     """The payload bytes: {1: device, 2: seq, 3: boot, [4: time], 5: uptime_ms, 6: kind, 7: records}."""
     if not isinstance(device, str):
