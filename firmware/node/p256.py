@@ -2,8 +2,9 @@
 
 Signing is the hot path: one fixed-base multiplication k*G per envelope, done
 with a Lim-Lee comb over a table of 2**TEETH - 1 affine multiples of G (64 bytes
-each, 16320 bytes for 8 teeth) that is built at first use and kept in one
-bytearray, so it costs no per-point object overhead on the heap. The loop works
+each, 16320 bytes for 8 teeth) that is built at first use and kept in 1 KB
+bytearrays: no per-point object overhead, and no large block to find in a
+fragmented heap. The loop works
 in Jacobian coordinates (no inversion inside); one Fermat inversion converts the
 result, and another computes k**-1 mod n. Nonces are deterministic (RFC 6979,
 HMAC-SHA256): a weak RNG at signing time cannot leak the key.
@@ -37,6 +38,7 @@ GY = 0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5
 TEETH = 8                               # comb rows; the table has 2**TEETH - 1 points
 _span = 32                              # comb columns: ceil(256 / TEETH)
 _ENTRY = const(64)                      # bytes per affine point in the table
+_CHUNK_BITS = const(4)                  # 16 entries (1 KB) per bytearray: no big block needed
 _BATCH = const(16)                      # points normalised per inversion while building
 
 _table = None
@@ -116,14 +118,16 @@ def _on_curve(x, y):
 # --- fixed-base comb ---------------------------------------------------------
 
 def _put(tab, i, x, y):
-    o = (i - 1) * _ENTRY
-    tab[o:o + 32] = x.to_bytes(32, "big")
-    tab[o + 32:o + 64] = y.to_bytes(32, "big")
+    chunk = tab[(i - 1) >> _CHUNK_BITS]
+    o = ((i - 1) & ((1 << _CHUNK_BITS) - 1)) * _ENTRY
+    chunk[o:o + 32] = x.to_bytes(32, "big")
+    chunk[o + 32:o + 64] = y.to_bytes(32, "big")
 
 
 def _get(tab, i):
-    o = (i - 1) * _ENTRY
-    return int.from_bytes(tab[o:o + 32], "big"), int.from_bytes(tab[o + 32:o + 64], "big")
+    chunk = tab[(i - 1) >> _CHUNK_BITS]
+    o = ((i - 1) & ((1 << _CHUNK_BITS) - 1)) * _ENTRY
+    return int.from_bytes(chunk[o:o + 32], "big"), int.from_bytes(chunk[o + 32:o + 64], "big")
 
 
 def _normalise_into(tab, index, jac):
@@ -149,7 +153,9 @@ def _build_table():
     base point. Each row is normalised with one shared inversion (Montgomery's
     trick) in batches of _BATCH points, so the build needs little transient heap.
     """
-    tab = bytearray(((1 << TEETH) - 1) * _ENTRY)
+    entries = (1 << TEETH) - 1
+    per = 1 << _CHUNK_BITS
+    tab = [bytearray(min(per, entries - c) * _ENTRY) for c in range(0, entries, per)]
     bx, by = GX, GY
     for t in range(TEETH):
         top = 1 << t
@@ -184,8 +190,8 @@ def set_comb_teeth(teeth):
 def precompute():
     """Build the base-point table now (else at first use); returns its size in bytes.
 
-    Call it early at boot: the table is one contiguous 16 KB block, easy to find
-    in a fresh heap and maybe not in a fragmented one.
+    Best called early at boot, before the heap fragments (the table needs 16
+    1 KB blocks).
     """
     global _table, _dummy
     if _table is None:
@@ -193,7 +199,7 @@ def precompute():
         # 3G is no table entry (entries are sums of distinct 2**(span*t) G), so a
         # dummy addition never takes the doubling branch
         _dummy = _affine(*_madd(*_dbl(GX, GY, 1), GX, GY))
-    return len(_table)
+    return sum(len(chunk) for chunk in _table)
 
 
 def _mul_base(k):
@@ -218,9 +224,11 @@ def _mul_base(k):
             if b < 256:
                 i |= (kb[31 - (b >> 3)] >> (b & 7)) & 1
             b -= span
-        o = (i - 1 if i else 0) * _ENTRY
-        x2 = int.from_bytes(tab[o:o + 32], "big")
-        y2 = int.from_bytes(tab[o + 32:o + 64], "big")
+        n = i - 1 if i else 0
+        chunk = tab[n >> _CHUNK_BITS]
+        o = (n & ((1 << _CHUNK_BITS) - 1)) * _ENTRY
+        x2 = int.from_bytes(chunk[o:o + 32], "big")
+        y2 = int.from_bytes(chunk[o + 32:o + 64], "big")
         if i and Z:
             X, Y, Z = _madd(X, Y, Z, x2, y2)
         elif i:
