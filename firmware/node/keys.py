@@ -1,8 +1,9 @@
 """The node's keys: an ES256 key born on the node, an optional HMAC secret, the operator's public key.
 
 The private key is generated on first use from os.urandom (the ESP32's hardware
-RNG; it is truly random while the radio is on, which it is during
-provisioning) and kept in `<base>/node.key` as 32 raw bytes. It is never
+RNG, which per Espressif is only truly random while Wi-Fi or Bluetooth is on:
+activate the WLAN interface before the first public_key() call) and kept in
+`<base>/node.key` as 32 raw bytes. It is never
 returned, printed or logged: callers get the public key, and sign through
 NodeKeys.sign. A key file that exists but is damaged raises instead of being
 replaced, because a new key would silently change the node's identity.
