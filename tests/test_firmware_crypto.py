@@ -58,7 +58,7 @@ CBOR_CASES = [
     "-18446744073709551616", "b''", "b'\\x00' * 300", "''", "'a' * 23", "'a' * 24",
     "'\\u00e9\\u20ac\\U0001f600'", "[]", "[1, [2, [3, []]]]", "{}", "{1: 2}",
     "{1: 'a', -2: 'b', 0: b''}", "{'n': 1, 'bn': 2}", "True", "False", "None",
-    "[True, None, b'x' * 5000]",   "Tag(18, [b'\\xa1\\x01&', {4: b'k'}, b'', b''])",
+    "[True, None, b'x' * 5000]", "Tag(18, [b'\\xa1\\x01&', {4: b'k'}, b'', b''])",
     "Tag(1, 1763900000)", "1.5", "-0.125", "3.4028234663852886e38",
 ]
 
@@ -89,6 +89,19 @@ def test_cbor_float_rules():
     assert got[:4] == ["15", "22", "fa3dcccccd", "fa42a23333"]  # integral floats -> ints
     assert got[4:6] == ["fa7f800000", "fa7fc00000"]
     assert got[6] == cbor2.dumps(10**19).hex() and got[7] == "fa5f800000"  # beyond u64: float
+
+
+def test_cbor_refuses_what_it_cannot_encode():
+    code = """
+from node.cbor import encode
+for v in [2**64, -2**64 - 1, object(), {1, 2}]:
+    try:
+        encode(v)
+        print('ACCEPTED')
+    except (ValueError, TypeError) as e:
+        print(type(e).__name__)
+"""
+    assert mpy(code).split() == ["ValueError", "ValueError", "TypeError", "TypeError"]
 
 
 def test_cbor_decodes_what_cbor2_writes():
