@@ -36,7 +36,8 @@ def _echo_server() -> tuple[socket.socket, int]:
 def test_heap_is_the_board_heap(emu_board):
     out = mpremote(emu_board.link, "exec",
                    "import gc; gc.collect(); print(gc.mem_free() + gc.mem_alloc())\n"
-                   "try:\n    b = bytearray(200_000)\nexcept MemoryError:\n    print('MemoryError')")
+                   "try:\n    b = bytearray(200_000)\n"
+                   "except MemoryError:\n    print('MemoryError')")
     total, result = out.split()
     assert 100_000 < int(total) <= 110 * 1024
     assert result == "MemoryError"
