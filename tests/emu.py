@@ -143,3 +143,26 @@ def shared_board(tmp_path_factory):
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+FIRMWARE = ROOT / "firmware"
+
+
+def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) -> None:
+    """Put firmware/ (and extra files, path -> text) on a board's filesystem directly.
+
+    The provisioning tests deploy through mpremote as a technician would; tests of
+    the firmware itself copy the files into the board's filesystem folder, which is
+    what the flash holds, to keep them fast.
+    """
+    import shutil
+
+    fs = board.state / "fs"
+    for src in FIRMWARE.rglob("*.py"):
+        dest = fs / src.relative_to(FIRMWARE)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    for path, text in (files or {}).items():
+        dest = fs / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
