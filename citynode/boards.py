@@ -84,7 +84,8 @@ def _validate_pins(board: str, pins: Any) -> dict[str, int]:
                     "write e.g. pins: {i2c_sda: 21, i2c_scl: 22}")
     for name in REQUIRED_PINS:
         if name not in pins:
-            raise _fail(board, f"pins.{name}", "missing", "add the GPIO number the part is wired to")
+            raise _fail(board, f"pins.{name}", "missing",
+                        "add the GPIO number the part is wired to")
     used: dict[int, str] = {}
     for name, gpio in pins.items():
         if not isinstance(gpio, int) or not 0 <= gpio <= 48:
@@ -105,8 +106,9 @@ def _validate_sensors(board: str, sensors: Any) -> dict[str, dict[str, Any]]:
             raise _fail(board, f"sensors.{name}", "unknown sensor",
                         f"use one of: {', '.join(SENSOR_BUSES)}")
         if not isinstance(spec, dict) or spec.get("bus") != SENSOR_BUSES[name]:
-            raise _fail(board, f"sensors.{name}.bus", f"{name} sits on the {SENSOR_BUSES[name]} bus",
-                        f"write bus: {SENSOR_BUSES[name]}")
+            bus = SENSOR_BUSES[name]
+            raise _fail(board, f"sensors.{name}.bus", f"{name} sits on the {bus} bus",
+                        f"write bus: {bus}")
         if SENSOR_BUSES[name] == "i2c" and not isinstance(spec.get("address"), int):
             raise _fail(board, f"sensors.{name}.address", "missing I2C address",
                         "write the 7-bit address, e.g. 0x23")
@@ -147,7 +149,8 @@ def load_catalogue(path: Path = CATALOGUE) -> dict[str, Board]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise BoardCatalogueError(f"cannot read the board catalogue {path}: {exc.strerror}") from exc
+        raise BoardCatalogueError(
+            f"cannot read the board catalogue {path}: {exc.strerror}") from exc
     return parse_catalogue(text)
 
 

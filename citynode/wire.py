@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,12 +72,21 @@ class Payload:
     time: int | None = None
 
 
+def _loads_exact(data: bytes) -> Any:
+    """cbor2.loads, but trailing bytes after the item are an error (cbor2 ignores them)."""
+    stream = io.BytesIO(data)
+    item = cbor2.CBORDecoder(stream).decode()
+    if stream.tell() != len(data):
+        raise ValueError(f"{len(data) - stream.tell()} trailing bytes")
+    return item
+
+
 def decode_envelope(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
     """Parse a COSE_Sign1 / COSE_Mac0 envelope without verifying it."""
     if len(data) > max_bytes:
         raise EnvelopeError("oversized", f"{len(data)} bytes > {max_bytes}")
     try:
-        item = cbor2.loads(data)
+        item = _loads_exact(data)
     except Exception as exc:  # cbor2 raises many types on garbage
         raise EnvelopeError("malformed", f"not CBOR ({exc.__class__.__name__})") from None
     if not isinstance(item, cbor2.CBORTag) or item.tag not in (TAG_SIGN1, TAG_MAC0):
@@ -90,7 +100,7 @@ def decode_envelope(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelop
     if not isinstance(unprotected, dict):
         raise EnvelopeError("malformed", "unprotected header must be a map")
     try:
-        headers = cbor2.loads(protected) if protected else {}
+        headers = _loads_exact(protected) if protected else {}
     except Exception:
         raise EnvelopeError("malformed", "protected header is not CBOR") from None
     alg = headers.get(HDR_ALG) if isinstance(headers, dict) else None
@@ -128,7 +138,7 @@ def verify_hmac(envelope: Envelope, secret: bytes) -> None:
 
 def decode_payload(envelope: Envelope) -> Payload:
     try:
-        body = cbor2.loads(envelope.payload)
+        body = _loads_exact(envelope.payload)
     except Exception:
         raise EnvelopeError("malformed", "payload is not CBOR") from None
     if not isinstance(body, dict):
@@ -136,20 +146,27 @@ def decode_payload(envelope: Envelope) -> Payload:
     device, seq = body.get(K_DEVICE), body.get(K_SEQ)
     if not isinstance(device, str) or device != envelope.kid:
         raise EnvelopeError("malformed", "payload device does not match the kid")
-    if not isinstance(seq, int) or seq < 0:
+    if not _is_uint(seq):
         raise EnvelopeError("malformed", "missing or negative sequence number")
     records = body.get(K_RECORDS, [])
     if not isinstance(records, list):
         raise EnvelopeError("malformed", "records must be an array")
     time = body.get(K_TIME)
+    if time is not None and not _is_uint(time):
+        raise EnvelopeError("malformed", f"payload key {K_TIME} (time) must be an unsigned integer")
     return Payload(
         device=device, seq=seq, boot=_uint(body, K_BOOT), uptime_ms=_uint(body, K_UPTIME),
-        kind=_uint(body, K_KIND), records=records, time=time if isinstance(time, int) else None)
+        kind=_uint(body, K_KIND), records=records, time=time)
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _uint(body: dict, key: int) -> int:
-    value = body.get(key, 0)
-    if not isinstance(value, int) or value < 0:
+    """A required unsigned key (boot, uptime, kind are always present per the doc)."""
+    value = body.get(key)
+    if not _is_uint(value):
         raise EnvelopeError("malformed", f"payload key {key} must be an unsigned integer")
     return value
 
@@ -157,9 +174,11 @@ def _uint(body: dict, key: int) -> int:
 # --- signing: for the operator's downlink commands and for tests ---------------
 
 def sign_es256(payload: bytes, kid: str, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """COSE_Sign1 with a deterministic nonce (RFC 6979), as the wire format requires."""
     protected = cbor2.dumps({HDR_ALG: ALG_ES256})
     tbs = cbor2.dumps(["Signature1", protected, b"", payload])
-    r, s = decode_dss_signature(private_key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    r, s = decode_dss_signature(private_key.sign(
+        tbs, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
     signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     body = [protected, {HDR_KID: kid.encode()}, payload, signature]
     return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, body))

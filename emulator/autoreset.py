@@ -6,9 +6,12 @@
      0   1  | 0   1      chip held in reset
      1   0  | 1   0      IO0 low: download mode if EN rises now
 
-EN has an RC delay (10 kΩ, 1 µF on the board), so the chip leaves reset a few
-milliseconds after EN goes high and samples IO0 then. That is why esptool's
-sequential DTR/RTS writes land in download mode on a real board, and here.
+On the board an RC on EN delays the chip's start by a few milliseconds after EN
+rises, and the chip samples IO0 then. Over RFC 2217 each line change is a network
+round trip (pyserial's client takes ~50 ms per change), so esptool's sequence
+arrives stretched: the emulated RC window is widened to RELEASE_WINDOW_S, and IO0
+counts as low if it was low at any moment in it. (esptool's own rfc2217 server
+solves the same problem by replaying the sequence locally.)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-EN_RC_DELAY_S = 0.01
+RELEASE_WINDOW_S = 0.12
 
 
 class AutoReset:
@@ -25,14 +28,15 @@ class AutoReset:
         self._hold = hold
         self._release = release
         self._en = True
-        self._io0 = True
+        self._io0_low_in_window = False
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
 
     def lines(self, dtr: bool, rts: bool) -> None:
         en = not (rts and not dtr)
+        io0_low = dtr and not rts
         with self._lock:
-            self._io0 = not (dtr and not rts)
+            self._io0_low_in_window |= io0_low
             if en == self._en:
                 return
             self._en = en
@@ -42,7 +46,8 @@ class AutoReset:
             if not en:
                 self._hold()
                 return
-            self._timer = threading.Timer(EN_RC_DELAY_S, self._out_of_reset)
+            self._io0_low_in_window = io0_low
+            self._timer = threading.Timer(RELEASE_WINDOW_S, self._out_of_reset)
             self._timer.daemon = True
             self._timer.start()
 
@@ -50,5 +55,6 @@ class AutoReset:
         with self._lock:
             if not self._en:
                 return
-            download = not self._io0
+            download = self._io0_low_in_window
+            self._timer = None
         self._release(download)

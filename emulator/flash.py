@@ -23,6 +23,9 @@ from .image import NVS_OFFSET, NVS_SIZE, VFS_OFFSET, AppInfo, read_app_info, rea
 # none, it formats the filesystem. We keep the files in a folder and the
 # superblock in flash, so an erased flash means an empty filesystem.
 _LFS_MAGIC = b"littlefs"
+# what MicroPython's ESP32 port writes into a freshly formatted filesystem
+_DEFAULT_BOOT_PY = ("# This file is executed on every boot (including wake-boot from deepsleep)\n"
+                    "#import esp\n#esp.osdebug(None)\n#import webrepl\n#webrepl.start()\n")
 
 
 class BoardFlash(FlashImage):
@@ -64,14 +67,22 @@ class BoardStorage:
     def _vfs_offset(self) -> int:
         return read_partitions(self.flash.read(0, VFS_OFFSET)).get("vfs", (VFS_OFFSET, 0))[0]
 
+    def _has_filesystem(self) -> bool:
+        return self.flash.read(self._vfs_offset() + 8, len(_LFS_MAGIC)) == _LFS_MAGIC
+
+    def drop_erased_filesystem(self) -> None:
+        """After flash writes or an erase: files whose superblock is gone are gone."""
+        if not self._has_filesystem():
+            shutil.rmtree(self.fs_dir, ignore_errors=True)
+            self.fs_dir.mkdir()
+
     def mount_filesystem(self) -> bool:
         """As MicroPython does at boot: format when no filesystem is found. True if formatted."""
-        offset = self._vfs_offset()
-        if self.flash.read(offset + 8, len(_LFS_MAGIC)) == _LFS_MAGIC:
+        if self._has_filesystem():
             return False
-        shutil.rmtree(self.fs_dir, ignore_errors=True)
-        self.fs_dir.mkdir()
-        self.flash.write(offset, b"\x00" * 8 + _LFS_MAGIC)
+        self.drop_erased_filesystem()
+        (self.fs_dir / "boot.py").write_text(_DEFAULT_BOOT_PY)
+        self.flash.write(self._vfs_offset(), b"\x00" * 8 + _LFS_MAGIC)
         return True
 
     # NVS: a small JSON blob at the start of the nvs partition (length-prefixed).

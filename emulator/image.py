@@ -14,9 +14,9 @@ import struct
 from dataclasses import dataclass
 
 from esptool.bin_image import ELFSection, LoadFirmwareImage
+from esptool.bin_image import ESP32C3FirmwareImage as _ESP32C3Image
 from esptool.bin_image import ESP32FirmwareImage as _ESP32Image
 from esptool.bin_image import ESP32S3FirmwareImage as _ESP32S3Image
-from esptool.bin_image import ESP32C3FirmwareImage as _ESP32C3Image
 from esptool.targets import CHIP_DEFS
 
 from citynode.boards import Board

@@ -5,9 +5,7 @@ download mode, which esp32-mock-bootloader serves with this board's flash and MA
 from __future__ import annotations
 
 import queue
-import socket
 import threading
-import time
 from collections.abc import Callable
 
 from esp32_mock_bootloader import registers, server
@@ -72,7 +70,7 @@ class _UartConnection:
         try:
             return self._rx.get(timeout=self._timeout)
         except queue.Empty:
-            raise socket.timeout() from None
+            raise TimeoutError() from None
 
     def sendall(self, data: bytes) -> None:
         self._tx(data)

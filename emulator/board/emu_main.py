@@ -24,9 +24,9 @@ def write(s):
 
 
 def _install_board_modules():
-    import emu_machine, emu_network, emu_esp32, emu_socket, emu_time, emu_micropython
+    import emu_machine, emu_network, emu_esp32, emu_socket, emu_time, emu_micropython, emu_os
     for name, mod in (("machine", emu_machine), ("network", emu_network), ("esp32", emu_esp32),
-                      ("socket", emu_socket), ("time", emu_time),
+                      ("socket", emu_socket), ("time", emu_time), ("os", emu_os),
                       ("micropython", emu_micropython)):
         sys.modules[name] = mod
     sys.modules["usocket"] = emu_socket

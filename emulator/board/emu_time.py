@@ -19,12 +19,12 @@ def _rtc_offset():
 def set_time(seconds):
     global _offset
     import emu_link, struct
-    _offset = int(seconds) - _real.time()
+    _offset = int(seconds) - int(_real.time())
     emu_link.call(emu_link.NVS, 7, struct.pack("<q", _offset))
 
 
 def time():
-    return _real.time() + _rtc_offset()
+    return int(_real.time()) + _rtc_offset()
 
 
 def time_ns():

@@ -1,0 +1,418 @@
+"""One emulated ESP32 board: the chip's life cycle around the real MicroPython VM.
+
+Power, the EN/IO0 reset logic, the ROM (download mode or boot), the VM, the
+watchdog and the radio meet here; the buses and the parts on them live in
+peripherals.py. Everything a board remembers across restarts of citynode-emu
+(MAC, flash, filesystem, NVS) lives under its state directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+from citynode.boards import Board
+
+from . import bus, rom
+from .autoreset import AutoReset
+from .flash import BoardStorage, atomic_write_json
+from .radio import Radio
+from .serial_link import PtyLink, Rfc2217Link, Uart
+from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM
+
+log = logging.getLogger(__name__)
+
+# machine.reset_cause() values of the ESP32 port
+PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
+_ROM_RST = {PWRON_RESET: rom.POWERON, HARD_RESET: rom.POWERON, WDT_RESET: rom.WDT_SYS_RESET,
+            DEEPSLEEP_RESET: rom.DEEPSLEEP, SOFT_RESET: rom.SW_CPU_RESET}
+_EPOCH_2000 = 946684800
+
+
+def _new_mac() -> str:
+    # Espressif OUI, random NIC part; kept in the board's state from then on
+    return "240ac4" + os.urandom(3).hex()
+
+
+class EmulatedBoard:
+    def __init__(self, board: Board, state: Path, *, link: Path | None = None,
+                 rfc2217_port: int | None = None, blank: bool = False,
+                 peripherals=None, radio: Radio | None = None):
+        self.board = board
+        self.state = state
+        state.mkdir(parents=True, exist_ok=True)
+        self.identity = self._load_identity()
+        self.mac = bytes.fromhex(self.identity["mac"])
+        self.storage = BoardStorage(board, state)
+        if self.identity.pop("new") and not blank:
+            from .image import build_image  # a dev board ships with MicroPython flashed
+            self.storage.flash.write(board.firmware_offset, build_image(board))
+        self.peripherals = peripherals
+        self.radio = radio or Radio()
+        self.bus = bus.BusServer(self._bus_call)
+        self._lock = threading.RLock()
+        self.mode = "off"
+        self.reset_cause = PWRON_RESET
+        self.boots = 0
+        self._rom: rom.DownloadMode | rom.BootErrorLoop | None = None
+        self._vm: VM | None = None
+        self._rx_read, self._rx_write = os.pipe()
+        os.set_blocking(self._rx_write, False)
+        self._wdt_timeout: float | None = None
+        self._wdt_fed = 0.0
+        self._hang = threading.Event()
+        self._unhang = threading.Event()
+        self._rtc_offset = _EPOCH_2000 - int(time.time())
+        self._rtc_memory = b""
+        self._nvs = self.storage.nvs_load()
+        self.uart = Uart(self._receive, self._lines)
+        self.autoreset = AutoReset(self.hold_in_reset, self._out_of_reset)
+        self.pty = PtyLink(self.uart, link) if link else None
+        self.rfc2217 = Rfc2217Link(self.uart, rfc2217_port) if rfc2217_port is not None else None
+        threading.Thread(target=self._watchdog, name="wdt", daemon=True).start()
+
+    # --- identity and state -----------------------------------------------------
+    def _load_identity(self) -> dict:
+        path = self.state / "board.json"
+        if path.exists():
+            identity = json.loads(path.read_text())
+            if identity.get("board") != self.board.name:
+                raise ValueError(
+                    f"state dir {self.state} belongs to a {identity.get('board')} board, not "
+                    f"{self.board.name}: use another --state or the matching --board")
+            identity["new"] = False
+            return identity
+        identity = {"board": self.board.name, "mac": _new_mac()}
+        atomic_write_json(path, identity)
+        identity["new"] = True
+        return identity
+
+    @property
+    def mac_text(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.mac)
+
+    # --- power and reset ----------------------------------------------------------
+    def power_on(self) -> None:
+        self._rtc_offset = _EPOCH_2000 - int(time.time())
+        self._rtc_memory = b""
+        self._boot(download=False, cause=PWRON_RESET)
+
+    def power_cut(self) -> None:
+        """Brown-out or pulled plug: everything stops where it is."""
+        with self._lock:
+            self._stop_cpu()
+            self.mode = "off"
+
+    def hold_in_reset(self) -> None:
+        with self._lock:
+            self._stop_cpu()
+            self.mode = "reset"
+
+    def _out_of_reset(self, download: bool) -> None:
+        self._boot(download=download, cause=PWRON_RESET)
+
+    def reset(self, cause: int, download: bool = False) -> None:
+        self._boot(download=download, cause=cause)
+
+    def _stop_cpu(self) -> None:
+        if self._vm is not None:
+            self._vm.kill()
+            self._vm = None
+        if self._rom is not None:
+            self._rom.stop()
+            if isinstance(self._rom, rom.DownloadMode):
+                self.storage.drop_erased_filesystem()
+            self._rom = None
+        self._wdt_timeout = None
+        self._unhang.set()
+        if self.peripherals is not None:
+            self.peripherals.reset()
+        self._drain_rx()
+
+    def _drain_rx(self) -> None:
+        os.set_blocking(self._rx_read, False)
+        try:
+            while os.read(self._rx_read, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        os.set_blocking(self._rx_read, True)
+
+    def _boot(self, download: bool, cause: int) -> None:
+        with self._lock:
+            self._stop_cpu()
+            self.reset_cause = cause
+            self._unhang.clear()
+            self._send(rom.boot_banner(self.board.chip, _ROM_RST[cause], download))
+            if download:
+                self.mode = "download"
+                self._rom = rom.DownloadMode(self.board.chip, self.mac, self.storage.flash,
+                                             self.uart.transmit)
+                return
+            app = self.storage.app_info()
+            if app is None:
+                self.mode = "error-loop"
+                self._rom = rom.BootErrorLoop(self.board.chip, self.board.firmware_offset,
+                                              self.uart.transmit)
+                return
+            self._send(rom.SECOND_STAGE_LOG)
+            if app.project != "micropython":
+                self.mode = "other-firmware"
+                self._send(f"I (31) boot: running '{app.project}' {app.version}\r\n")
+                return
+            self.app = app
+            self.storage.mount_filesystem()
+            self._start_vm("hard")
+
+    def _start_vm(self, boot: str) -> None:
+        self.mode = "running"
+        self.boots += 1
+        env = {
+            "CITYNODE_EMU_BUS": str(self.bus.port),
+            "CITYNODE_EMU_FS": str(self.storage.fs_dir),
+            "CITYNODE_EMU_BOOT": boot,
+            "CITYNODE_EMU_VERSION": f"{self.app.version} on {self.app.date}",
+            "CITYNODE_EMU_MACHINE": f"{self.board.description} with {self.board.chip.upper()}",
+        }
+        self._vm = VM(self.board.heap_kb, self._rx_read, env, self.uart.transmit,
+                      self._vm_exited, self.state / "vm.log")
+
+    def _vm_exited(self, code: int) -> None:
+        with self._lock:
+            if self.mode != "running":
+                return
+            self._vm = None
+            self._wdt_timeout = None
+            if code in (EXIT_SOFT, EXIT_SOFT_RAW, 0):
+                self._start_vm("soft-raw" if code == EXIT_SOFT_RAW else "soft")
+                return
+        log.warning("%s: MicroPython VM died with exit code %s; rebooting", self.board.name, code)
+        self._send(f"\r\nGuru Meditation Error: VM exited with {code}. Rebooting...\r\n")
+        self.reset(HARD_RESET)
+
+    # --- the UART ------------------------------------------------------------------
+    def _send(self, text: str) -> None:
+        self.uart.transmit(text.encode())
+
+    def _receive(self, data: bytes) -> None:
+        with self._lock:
+            if self.mode == "download" and isinstance(self._rom, rom.DownloadMode):
+                self._rom.rx.put(data)
+            elif self.mode == "running" and self._vm is not None:
+                if b"\x03" in data:
+                    self._vm.interrupt()
+                try:
+                    os.write(self._rx_write, data)
+                except BlockingIOError:
+                    pass  # RX FIFO overflow: the chip drops bytes too
+
+    def _lines(self, dtr: bool, rts: bool) -> None:
+        self.autoreset.lines(dtr, rts)
+
+    # --- the watchdog ----------------------------------------------------------------
+    def _watchdog(self) -> None:
+        while True:
+            time.sleep(0.05)
+            timeout = self._wdt_timeout
+            if timeout is not None and time.monotonic() - self._wdt_fed > timeout:
+                log.warning("%s: watchdog expired; resetting", self.board.name)
+                self._send("E (0) task_wdt: Task watchdog got triggered.\r\n")
+                self.reset(WDT_RESET)
+
+    def hang(self) -> None:
+        """Fault injection: the next bus transaction never completes (a stuck part)."""
+        self._unhang.clear()
+        self._hang.set()
+
+    # --- the bus: what the board-side modules ask of the silicon ---------------------
+    def _bus_call(self, op: int, sub: int, payload: bytes) -> bytes:
+        if op in _PERIPHERAL_OPS and self._hang.is_set():
+            self._hang.clear()
+            self._unhang.wait()
+            raise OSError(errno.EIO, "reset while hung")
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            raise OSError(errno.ENOSYS, f"bus op {op}")
+        return handler(self, sub, payload)
+
+    def _op_hello(self, sub: int, payload: bytes) -> bytes:
+        return json.dumps({"mac": self.mac.hex(), "board": self.board.name,
+                           "reset_cause": self.reset_cause,
+                           "wake_reason": 0}).encode()
+
+    def _op_state(self, sub: int, payload: bytes) -> bytes:
+        vm = self._vm
+        if vm is not None:
+            if sub in (0, 1):
+                vm.running_user_code = sub == 1
+            else:
+                vm.kbd_intr_enabled = sub == 3
+        return b""
+
+    def _op_reset(self, sub: int, payload: bytes) -> bytes:
+        if sub == 0:
+            threading.Thread(target=self.reset, args=(SOFT_RESET,), daemon=True).start()
+        elif sub == 1:
+            ms = struct.unpack("<I", payload)[0]
+            threading.Thread(target=self._deepsleep, args=(ms,), daemon=True).start()
+        else:
+            threading.Thread(target=self.reset, args=(SOFT_RESET, True), daemon=True).start()
+        return b""
+
+    def _deepsleep(self, ms: int) -> None:
+        self.hold_in_reset()
+        time.sleep(ms / 1000)
+        self.reset(DEEPSLEEP_RESET)
+
+    def _op_wdt_init(self, sub: int, payload: bytes) -> bytes:
+        self._wdt_fed = time.monotonic()
+        self._wdt_timeout = struct.unpack("<I", payload)[0] / 1000
+        return b""
+
+    def _op_wdt_feed(self, sub: int, payload: bytes) -> bytes:
+        self._wdt_fed = time.monotonic()
+        return b""
+
+    def _op_wlan(self, sub: int, payload: bytes) -> bytes:
+        radio = self.radio
+        if sub == 0:
+            if payload != b"?":
+                radio.active = payload == b"\x01"
+                if not radio.active:
+                    radio.disconnect()
+            return b"\x01" if radio.active else b"\x00"
+        if sub == 1:
+            n = payload[0]
+            radio.connect(payload[1:1 + n].decode(), payload[1 + n:].decode())
+            return b""
+        if sub == 2:
+            radio.disconnect()
+            return b""
+        if sub == 3:
+            return struct.pack("<H", radio.status())
+        if sub == 4:
+            return struct.pack("<b", radio.signal_dbm())
+        if sub == 5:
+            up = radio.connected()
+            return (b"192.168.4.23,255.255.255.0,192.168.4.1,192.168.4.1" if up
+                    else b"0.0.0.0,0.0.0.0,0.0.0.0,0.0.0.0")
+        if sub == 6:
+            return f"{radio.ap_ssid or 'citynode'},{radio.rssi}\n".encode() if radio.ap_up else b""
+        raise OSError(errno.EINVAL, "wlan op")
+
+    def _op_resolve(self, sub: int, payload: bytes) -> bytes:
+        port = struct.unpack_from("<H", payload)[0]
+        return struct.pack("<H", self.radio.resolve(payload[2:].decode(), port))
+
+    def _op_nvs(self, sub: int, payload: bytes) -> bytes:
+        if sub == 4:
+            return self._rtc_memory
+        if sub == 5:
+            self._rtc_memory = payload[:2048]
+            return b""
+        if sub == 6:
+            return struct.pack("<q", self._rtc_offset)
+        if sub == 7:
+            self._rtc_offset = struct.unpack("<q", payload)[0]
+            return b""
+        if sub == 3:
+            self.storage.nvs_store(self._nvs)
+            return b""
+        n = payload[0]
+        key = payload[1:1 + n].decode()
+        rest = payload[1 + n:]
+        if sub == 0:
+            entry = self._nvs.get(key)
+            if entry is None or entry[0] != rest[0]:
+                raise OSError(errno.ENOENT, "ESP_ERR_NVS_NOT_FOUND")
+            return bytes.fromhex(entry[1])
+        if sub == 1:
+            self._nvs[key] = [rest[0], rest[1:].hex()]
+            return b""
+        if sub == 2:
+            if self._nvs.pop(key, None) is None:
+                raise OSError(errno.ENOENT, "ESP_ERR_NVS_NOT_FOUND")
+            return b""
+        raise OSError(errno.EINVAL, "nvs op")
+
+    def _parts(self):
+        if self.peripherals is None:
+            raise OSError(errno.ENODEV, "no parts attached")
+        return self.peripherals
+
+    def _op_i2c_scan(self, sub: int, payload: bytes) -> bytes:
+        return bytes(self._parts().i2c_scan(sub))
+
+    def _op_i2c_write(self, sub: int, payload: bytes) -> bytes:
+        return bytes((self._parts().i2c_write(sub, payload[0], payload[1:]) & 0xFF,))
+
+    def _op_i2c_read(self, sub: int, payload: bytes) -> bytes:
+        addr, n = struct.unpack("<BH", payload)
+        return self._parts().i2c_read(sub, addr, n)
+
+    def _op_uart_init(self, sub: int, payload: bytes) -> bytes:
+        baud, rxbuf = struct.unpack("<IH", payload)
+        self._parts().uart_init(sub, baud, rxbuf)
+        return b""
+
+    def _op_uart_write(self, sub: int, payload: bytes) -> bytes:
+        self._parts().uart_write(sub, payload)
+        return b""
+
+    def _op_uart_read(self, sub: int, payload: bytes) -> bytes:
+        n, timeout_ms = struct.unpack("<HH", payload)
+        available, data = self._parts().uart_read(sub, n, timeout_ms)
+        return struct.pack("<H", min(available, 0xFFFF)) + data
+
+    def _op_i2s_init(self, sub: int, payload: bytes) -> bytes:
+        mode, bits, fmt, rate, ibuf = struct.unpack("<BBBIi", payload)
+        return struct.pack("<H", self._parts().i2s_open(sub, mode, bits, fmt, rate, ibuf))
+
+    def _op_adc(self, sub: int, payload: bytes) -> bytes:
+        return struct.pack("<H", self._parts().adc_read(payload[0]))
+
+    def _op_pin(self, sub: int, payload: bytes) -> bytes:
+        if sub == 1:
+            self._parts().pin_write(payload[0], payload[1])
+            return b""
+        return bytes((self._parts().pin_read(payload[0]) & 1,))
+
+    def _op_pwm(self, sub: int, payload: bytes) -> bytes:
+        pin, freq, duty = struct.unpack("<BIH", payload)
+        self._parts().pwm(pin, freq, duty)
+        return b""
+
+    # --- shutdown ---------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._stop_cpu()
+            self.mode = "off"
+        for link in (self.pty, self.rfc2217):
+            if link is not None:
+                link.close()
+        self.bus.close()
+        self.radio.close()
+        if self.peripherals is not None:
+            self.peripherals.close()
+        self.storage.close()
+
+
+_HANDLERS = {
+    bus.HELLO: EmulatedBoard._op_hello, bus.STATE: EmulatedBoard._op_state,
+    bus.RESET: EmulatedBoard._op_reset, bus.WDT_INIT: EmulatedBoard._op_wdt_init,
+    bus.WDT_FEED: EmulatedBoard._op_wdt_feed, bus.WLAN: EmulatedBoard._op_wlan,
+    bus.RESOLVE: EmulatedBoard._op_resolve, bus.NVS: EmulatedBoard._op_nvs,
+    bus.I2C_SCAN: EmulatedBoard._op_i2c_scan, bus.I2C_WRITE: EmulatedBoard._op_i2c_write,
+    bus.I2C_READ: EmulatedBoard._op_i2c_read, bus.UART_INIT: EmulatedBoard._op_uart_init,
+    bus.UART_WRITE: EmulatedBoard._op_uart_write, bus.UART_READ: EmulatedBoard._op_uart_read,
+    bus.I2S_INIT: EmulatedBoard._op_i2s_init, bus.ADC: EmulatedBoard._op_adc,
+    bus.PIN: EmulatedBoard._op_pin, bus.PWM: EmulatedBoard._op_pwm,
+}
+_PERIPHERAL_OPS = {bus.I2C_WRITE, bus.I2C_READ, bus.I2C_SCAN, bus.UART_READ, bus.UART_WRITE,
+                   bus.ADC, bus.PIN}

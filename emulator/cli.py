@@ -1,0 +1,140 @@
+"""citynode-emu: emulated ESP32 boards behind real serial links.
+
+    citynode-emu run --board esp32-devkitc --link /tmp/cn/node0 --rfc2217 4020 --state /tmp/cn/state
+    citynode-emu image --board esp32-devkitc -o micropython.bin
+    citynode-emu ctl /tmp/cn/state/node0 wifi up=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from citynode.boards import BoardCatalogueError, get_board
+
+from .board import EmulatedBoard
+from .control import ControlError, ControlServer, control
+from .image import build_image
+from .radio import Radio
+from .vm import MicroPythonNotFound, micropython_binary
+
+log = logging.getLogger("citynode-emu")
+
+
+def _link_names(link: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [link]
+    stem = re.sub(r"\d+$", "", link.name)
+    return [link.with_name(f"{stem}{i}") for i in range(count)]
+
+
+def _read_secret(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return Path(path).read_text().strip()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    board = get_board(args.board)
+    micropython_binary()  # fail now, with the fix, rather than at first boot
+    links = _link_names(Path(args.link), args.count)
+    boards: list[EmulatedBoard] = []
+    controls: list[ControlServer] = []
+    password = _read_secret(args.wifi_password_file)
+    try:
+        for i, link in enumerate(links):
+            emu = EmulatedBoard(board, Path(args.state) / link.name, link=link,
+                                rfc2217_port=args.rfc2217 + i, blank=args.blank,
+                                radio=Radio(args.wifi_ssid, password))
+            boards.append(emu)
+            controls.append(ControlServer(emu))
+            emu.power_on()
+            print(json.dumps({"board": board.name, "mac": emu.mac_text, "link": str(link),
+                              "rfc2217": emu.rfc2217.url if emu.rfc2217 else None,
+                              "state": str(emu.state)}), flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        for c in controls:
+            c.close()
+        for emu in boards:
+            emu.close()
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    board = get_board(args.board)
+    data = build_image(board)
+    Path(args.output).write_bytes(data)
+    print(f"{args.output}: MicroPython stand-in image for {board.name} ({board.chip}), "
+          f"{len(data)} bytes, write it at {board.firmware_offset:#x}")
+    return 0
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    kwargs = {}
+    for item in args.args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ControlError(f"argument {item!r} must be key=value, e.g. up=false")
+        kwargs[key] = _parse_value(value)
+    result = control(Path(args.state), args.command, **kwargs)
+    if result is not None:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="citynode-emu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run emulated boards until SIGINT/SIGTERM")
+    run.add_argument("--board", default="esp32-devkitc", help="a board from boards.yaml")
+    run.add_argument("--link", required=True, help="pty symlink path, e.g. /tmp/cn/node0")
+    run.add_argument("--rfc2217", type=int, default=4020, help="first RFC 2217 TCP port")
+    run.add_argument("--state", required=True, help="state dir (flash, filesystem, MAC)")
+    run.add_argument("--count", type=int, default=1, help="number of boards")
+    run.add_argument("--blank", action="store_true", help="new boards start with erased flash")
+    run.add_argument("--wifi-ssid", help="the access point's SSID (default: accept any)")
+    run.add_argument("--wifi-password-file", help="file holding the access point's password")
+    run.set_defaults(func=cmd_run)
+    image = sub.add_parser("image", help="write a stand-in MicroPython image for a board")
+    image.add_argument("--board", default="esp32-devkitc")
+    image.add_argument("-o", "--output", required=True)
+    image.set_defaults(func=cmd_image)
+    ctl = sub.add_parser("ctl", help="inspect a running board or inject a fault")
+    ctl.add_argument("state", help="the board's state dir, e.g. /tmp/cn/state/node0")
+    ctl.add_argument("command", help="status, wifi, rssi, power, press, hang, unplug, plug, "
+                                     "corrupt")
+    ctl.add_argument("args", nargs="*", help="key=value arguments, e.g. up=false")
+    ctl.set_defaults(func=cmd_ctl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BoardCatalogueError, ControlError, MicroPythonNotFound, ValueError, OSError) as exc:
+        print(f"citynode-emu: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Fault injection and inspection: a JSON-lines Unix socket per board (state/control.sock).
+
+Tests and `citynode-emu ctl` use it to do to a board what happens on a pole:
+Wi-Fi loss, a sensor unplugged, corrupted frames, a power cut, a hung part, and
+the two buttons (EN, BOOT).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from .board import PWRON_RESET, EmulatedBoard
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "control.sock"
+
+
+class ControlError(RuntimeError):
+    pass
+
+
+def _status(board: EmulatedBoard) -> dict[str, Any]:
+    status = {"board": board.board.name, "mac": board.mac_text, "mode": board.mode,
+              "reset_cause": board.reset_cause, "boots": board.boots,
+              "wifi": {"ap_up": board.radio.ap_up, "status": board.radio.status()},
+              "link": str(board.pty.path) if board.pty else None,
+              "rfc2217": board.rfc2217.url if board.rfc2217 else None}
+    if board.peripherals is not None:
+        status["peripherals"] = board.peripherals.state()
+    return status
+
+
+def _power(board: EmulatedBoard, on: bool = True) -> None:
+    if on:
+        board.power_on()
+    else:
+        board.power_cut()
+
+
+def _press(board: EmulatedBoard, button: str = "en") -> None:
+    """EN alone resets; BOOT held while EN is pressed enters download mode."""
+    board.reset(PWRON_RESET, download=button == "boot")
+
+
+def _fault(board: EmulatedBoard, name: str, **kw: Any) -> None:
+    if board.peripherals is None:
+        raise ControlError("this board has no simulated parts attached")
+    board.peripherals.fault(name, **kw)
+
+
+COMMANDS = {
+    "status": lambda b: _status(b),
+    "wifi": lambda b, up: b.radio.set_ap(bool(up)),
+    "rssi": lambda b, dbm: setattr(b.radio, "rssi", int(dbm)),
+    "power": _power,
+    "press": _press,
+    "hang": lambda b: b.hang(),
+    "unplug": lambda b, sensor: _fault(b, "unplug", sensor=sensor),
+    "plug": lambda b, sensor: _fault(b, "plug", sensor=sensor),
+    "corrupt": lambda b, sensor, count=1: _fault(b, "corrupt", sensor=sensor, count=count),
+}
+
+
+class ControlServer:
+    def __init__(self, board: EmulatedBoard):
+        self.board = board
+        self.path = board.state / SOCKET_NAME
+        if self.path.exists():
+            self.path.unlink()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        self._server.listen()
+        threading.Thread(target=self._accept, name="control", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as stream:
+            for line in stream:
+                stream.write(json.dumps(self._handle(line)).encode() + b"\n")
+                stream.flush()
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            command = COMMANDS[request.pop("cmd")]
+            return {"ok": True, "result": command(self.board, **request)}
+        except KeyError as exc:
+            return {"ok": False, "error": f"unknown command or argument {exc}"}
+        except Exception as exc:  # the reply is the error report
+            return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
+
+    def close(self) -> None:
+        self._server.close()
+        if self.path.exists():
+            self.path.unlink()
+
+
+def control(state: Path, cmd: str, **args: Any) -> Any:
+    """Send one command to the board whose state dir is `state`; returns its result."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(Path(state) / SOCKET_NAME))
+    except OSError as exc:
+        raise ControlError(f"no emulated board is running with state {state}: {exc}") from None
+    with sock, sock.makefile("rwb") as stream:
+        stream.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        stream.flush()
+        reply = json.loads(stream.readline())
+    if not reply["ok"]:
+        raise ControlError(reply["error"])
+    return reply["result"]

@@ -1,0 +1,96 @@
+"""The uplink payload map (docs/wire-format.md): keys 1..7, SenML records with CBOR labels.
+
+Records are tuples (name, unit, value) or (name, unit, value, t), or dicts with
+SenML names ("n", "u", "v", "vs", "vb", "s", "t", "bn", "bt", "bu") or their
+integer labels. The value's type picks the field (tuple value, or dict "v"):
+str -> vs, bool -> vb, number -> v. A unit of None is left out. Output is deterministic: the payload's
+keys ascend, a tuple record is written n, u, v, t, and a dict record's labels are
+sorted by their encoded bytes (non-negative labels first, then bn, bt, bu).
+"""
+
+from node import cbor
+
+KIND_READINGS = 0
+KIND_EVENT = 1
+KIND_STATUS = 2
+KIND_SELFTEST = 3
+
+BN = -2
+BT = -3
+BU = -4
+N = 0
+U = 1
+V = 2
+VS = 3
+VB = 4
+S = 5
+T = 6
+
+LABELS = {"bn": BN, "bt": BT, "bu": BU, "n": N, "u": U, "v": V, "vs": VS, "vb": VB,
+          "s": S, "t": T}
+
+
+def _value_label(value):
+    if isinstance(value, str):
+        return VS
+    if value is True or value is False:
+        return VB
+    if isinstance(value, (int, float)):
+        return V
+    raise TypeError("SenML value must be a number, str or bool")
+
+
+def record(rec):
+    """One SenML record as a cbor.Map with integer labels, in a fixed order."""
+    if isinstance(rec, dict):
+        pairs = []
+        for key in rec:
+            label = LABELS.get(key, key)
+            if not isinstance(label, int):
+                raise ValueError("unknown SenML field %r" % key)
+            value = rec[key]
+            if label == V:
+                label = _value_label(value)
+            if value is not None:
+                pairs.append((cbor.encode(label), label, value))
+        pairs.sort(key=lambda p: p[0])
+        return cbor.Map([(label, value) for _, label, value in pairs])
+    name, unit, value = rec[0], rec[1], rec[2]
+    pairs = [(N, name)]
+    if unit is not None:
+        pairs.append((U, unit))
+    pairs.append((_value_label(value), value))
+    if len(rec) > 3 and rec[3] is not None:
+        pairs.append((T, rec[3]))
+    return cbor.Map(pairs)
+
+
+def unix_time():
+    """Unix seconds from the RTC for key 4 (time), whatever the port's epoch.
+
+    MicroPython ports have counted from 2000-01-01 (ESP32) or 1970 (unix); the
+    wire format wants Unix time. Only call it once the clock is synced (NTP).
+    """
+    import time
+    t = int(time.time())
+    if time.gmtime(0)[0] == 2000:
+        t += 946684800
+    return t
+
+
+def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
+    """The payload bytes: {1: device, 2: seq, 3: boot, [4: time], 5: uptime_ms, 6: kind, 7: records}."""
+    if not isinstance(device, str):
+        raise ValueError("device must be a str")
+    for n in (seq, boot, uptime_ms, kind):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError("seq, boot, uptime_ms and kind must be unsigned integers")
+    if time is not None and time < 0:
+        raise ValueError("time must be Unix seconds (>= 0) or None")
+    pairs = [(1, device), (2, seq), (3, boot)]
+    if time is not None:
+        pairs.append((4, int(time)))
+    pairs.append((5, uptime_ms))
+    pairs.append((6, kind))
+    pairs.append((7, [record(r) for r in records]))
+    return cbor.encode(cbor.Map(pairs))

@@ -1,0 +1,168 @@
+"""Start emulated boards for tests through the real `citynode-emu run` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from citynode.emulator.control import control
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class BoardHandle:
+    link: str
+    url: str
+    state: Path
+    mac: str
+
+    def control(self, cmd: str, **args):
+        return control(self.state, cmd, **args)
+
+
+@dataclass
+class Emulator:
+    """A running `citynode-emu run` process and its boards."""
+
+    proc: subprocess.Popen
+    boards: list[BoardHandle] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
+                   blank: bool = False, extra: list[str] | None = None,
+                   timeout: float = 30) -> Emulator:
+    port = free_port() if count == 1 else _free_port_range(count)
+    cmd = [str(VENV_BIN / "citynode-emu"), "run", "--board", board,
+           "--link", str(tmp / "node0"), "--rfc2217", str(port), "--state", str(tmp / "state"),
+           "--count", str(count)] + (["--blank"] if blank else []) + (extra or [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp / "emu.log", "ab"),
+                            text=True)
+    emu = Emulator(proc)
+    deadline = time.monotonic() + timeout
+    while len(emu.boards) < count:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            emu.stop()
+            raise RuntimeError(f"citynode-emu exited early: {(tmp / 'emu.log').read_text()}")
+        info = json.loads(line)
+        emu.boards.append(BoardHandle(info["link"], info["rfc2217"], Path(info["state"]),
+                                      info["mac"].replace(":", "")))
+        if time.monotonic() > deadline:
+            emu.stop()
+            raise RuntimeError("citynode-emu did not report its boards in time")
+    return emu
+
+
+def _free_port_range(count: int) -> int:
+    for _ in range(50):
+        base = free_port()
+        try:
+            socks = []
+            for i in range(count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + i))
+                socks.append(s)
+            for s in socks:
+                s.close()
+            return base
+        except OSError:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def mpremote(port: str, *args: str, timeout: float = 60, check: bool = True) -> str:
+    """Run the unmodified mpremote CLI against a board; returns its stdout."""
+    proc = subprocess.run([str(VENV_BIN / "mpremote"), "connect", port, *args],
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mpremote {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def esptool(port: str, *args: str, timeout: float = 240, check: bool = True) -> str:
+    """Run the unmodified esptool CLI against a board; returns stdout and stderr."""
+    proc = subprocess.run([str(VENV_BIN / "esptool"), "--port", port, *args],
+                          capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"esptool {' '.join(args)} failed ({proc.returncode}):\n{out}")
+    return out
+
+
+def wait_for(predicate, timeout: float = 10, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def emu_board(tmp_path):
+    """One emulated esp32-devkitc with MicroPython in flash."""
+    emu = start_emulator(tmp_path)
+    yield emu.boards[0]
+    emu.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_board(tmp_path_factory):
+    """One board shared by a module's tests that leave it as they found it."""
+    emu = start_emulator(tmp_path_factory.mktemp("emu"))
+    yield emu.boards[0]
+    emu.stop()
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+FIRMWARE = ROOT / "firmware"
+
+
+def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) -> None:
+    """Put firmware/ (and extra files, path -> text) on a board's filesystem directly.
+
+    The provisioning tests deploy through mpremote as a technician would; tests of
+    the firmware itself copy the files into the board's filesystem folder, which is
+    what the flash holds, to keep them fast.
+    """
+    import shutil
+
+    fs = board.state / "fs"
+    for src in FIRMWARE.rglob("*.py"):
+        dest = fs / src.relative_to(FIRMWARE)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    for path, text in (files or {}).items():
+        dest = fs / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)

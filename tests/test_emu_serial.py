@@ -1,0 +1,95 @@
+"""The emulated board's serial link, driven only by unmodified mpremote and pyserial."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import serial
+
+from tests.emu import mpremote, wait_for
+
+
+@pytest.mark.parametrize("via", ["pty", "rfc2217"])
+def test_exec_prints_the_board_mac(shared_board, via):
+    port = shared_board.link if via == "pty" else shared_board.url
+    out = mpremote(port, "exec", "import machine; print(machine.unique_id().hex())")
+    assert out.strip() == shared_board.mac
+
+
+@pytest.mark.parametrize("via", ["pty", "rfc2217"])
+def test_file_round_trip(shared_board, tmp_path, via):
+    port = shared_board.link if via == "pty" else shared_board.url
+    payload = bytes(range(256)) * 12 + b"\r\n\n\x03\x04 end"
+    src = tmp_path / "blob.bin"
+    src.write_bytes(payload)
+    mpremote(port, "fs", "cp", str(src), ":blob.bin")
+    listing = mpremote(port, "fs", "ls")
+    assert f"{len(payload)} blob.bin" in " ".join(listing.split())
+    back = tmp_path / "back.bin"
+    mpremote(port, "fs", "cp", ":blob.bin", str(back))
+    assert back.read_bytes() == payload
+    assert (shared_board.state / "fs" / "blob.bin").read_bytes() == payload
+    assert "hello" in mpremote(port, "exec", "open('t.txt','w').write('hello')",
+                               "+", "fs", "cat", "t.txt")
+    mpremote(port, "fs", "rm", ":blob.bin", "+", "fs", "rm", ":t.txt")
+    assert "blob.bin" not in mpremote(port, "fs", "ls")
+
+
+def test_exception_in_raw_repl_is_reported(shared_board):
+    out = mpremote(shared_board.link, "exec", "1/0", check=False)
+    assert "ZeroDivisionError" in out
+
+
+def test_soft_reset_clears_the_heap_and_keeps_files(shared_board):
+    mpremote(shared_board.link, "exec", "import builtins; builtins.marker = 42",
+             "+", "exec", "open('keep.txt','w').write('x')")
+    out = mpremote(shared_board.link, "soft-reset", "+", "exec",
+                   "import builtins, os; "
+                   "print(hasattr(builtins, 'marker'), 'keep.txt' in os.listdir())")
+    assert out.split()[-2:] == ["False", "True"]
+    mpremote(shared_board.link, "fs", "rm", ":keep.txt")
+
+
+def test_main_py_runs_at_boot_and_ctrl_c_interrupts_it(emu_board):
+    main = "import time\nopen('ran.txt','w').write('yes')\nwhile True:\n    time.sleep_ms(10)\n"
+    mpremote(emu_board.link, "exec", f"open('main.py','w').write({main!r})")
+    # a soft reset in the friendly REPL runs main.py, which never returns ...
+    with serial.Serial(emu_board.link, timeout=0.2) as port:
+        port.write(b"\x04")
+        wait_for(lambda: (emu_board.state / "fs" / "ran.txt").exists(), what="main.py to run")
+        # ... until Ctrl-C, after which the friendly REPL prompt comes back
+        port.write(b"\x03")
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b">>> " not in seen and time.monotonic() < deadline:
+            seen += port.read(256)
+        assert b"KeyboardInterrupt" in seen
+        assert b">>> " in seen
+    # mpremote interrupts the same loop on its own when it connects
+    mpremote(emu_board.link, "soft-reset")
+    assert "ran" in mpremote(emu_board.link, "exec", "import os; print(os.listdir())")
+
+
+def test_friendly_repl_evaluates_expressions(shared_board):
+    with serial.Serial(shared_board.link, timeout=0.2) as port:
+        port.write(b"\x03\x02")  # interrupt, then show the banner
+        time.sleep(0.3)
+        port.reset_input_buffer()
+        port.write(b"6*7\r")
+        seen = b""
+        deadline = time.monotonic() + 5
+        while b"42\r\n>>> " not in seen and time.monotonic() < deadline:
+            seen += port.read(64)
+        assert b"42\r\n>>> " in seen
+
+
+def test_hard_reset_reboots_with_the_matching_cause(emu_board):
+    mpremote(emu_board.link, "exec", "import builtins; builtins.marker = 1")
+    mpremote(emu_board.link, "reset")
+    out = wait_for(lambda: mpremote(emu_board.link, "exec",
+                                    "import machine, builtins; print(machine.reset_cause(), "
+                                    "hasattr(builtins, 'marker'))", check=False),
+                   timeout=20, what="the board to come back")
+    assert out.split()[-2:] == ["5", "False"]  # SOFT_RESET, as the ESP32 port reports it
+    assert emu_board.control("status")["boots"] >= 2

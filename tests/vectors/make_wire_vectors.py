@@ -1,0 +1,194 @@
+"""Regenerate tests/vectors/wire.json from the HOST implementation.
+
+    .venv/bin/python -m tests.vectors.make_wire_vectors
+
+Expected bytes come from cbor2, citynode/wire.py and cryptography (deterministic
+ECDSA, RFC 6979), never from the firmware, so the firmware tests compare two
+independent implementations. The payload rules written out here (float32 for
+non-integral numbers, field order) are those of docs/wire-format.md and
+firmware/node/payload.py; change all three together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import cbor2
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from citynode import wire
+
+OUT = Path(__file__).with_name("wire.json")
+
+# Test keys only: fixed so the vectors are reproducible. Never use them on a pole.
+NODE_PRIVATE = 0x2F6B3A1C8E5D4F7091A2B3C4D5E6F708192A3B4C5D6E7F8091A2B3C4D5E6F701
+OPERATOR_PRIVATE = 0x6A1D0E9F8C7B6A5948372615F4E3D2C1B0A99887766554433221100FFEEDDCC1
+HMAC_SECRET = bytes(range(0x40, 0x60))
+DEVICE = "cn-240ac4e29526"
+
+LABELS = {"bn": -2, "bt": -3, "bu": -4, "n": 0, "u": 1, "v": 2, "vs": 3, "vb": 4, "s": 5, "t": 6}
+
+PAYLOADS = [
+    {
+        "name": "window readings, clock synced",
+        "input": {
+            "device": DEVICE, "seq": 4711, "boot": 3, "uptime_ms": 3_600_125, "kind": 0,
+            "time": 1_763_900_000,
+            "records": [
+                ["light/lux", "lx", 412.5],
+                ["noise/laeq", "dBA", 61.3],
+                ["noise/lamax", "dBA", 78.25],
+                ["air/pm2_5", "ug/m3", 12.0],
+                ["air/temp", "Cel", -3.75],
+                ["air/rh", "%RH", 81.1],
+                ["air/pressure", "Pa", 101325],
+            ],
+        },
+    },
+    {
+        "name": "impulse event before clock sync, large seq",
+        "input": {
+            "device": DEVICE, "seq": 4_294_967_301, "boot": 70_000, "uptime_ms": 12_345,
+            "kind": 1,
+            "records": [["noise/impulse", "dBA", 104.5, -0.125]],
+        },
+    },
+    {
+        "name": "status with base name and dict records",
+        "input": {
+            "device": DEVICE, "seq": 0, "boot": 1, "uptime_ms": 0, "kind": 2,
+            "time": 1_763_900_060,
+            "records": [
+                {"bn": "status/", "n": "wifi", "u": "dBm", "v": -67},
+                {"n": "pms5003", "vs": "missing"},
+                {"n": "lamp", "vb": True},
+                {"n": "heap", "u": "B", "v": 48213, "t": -1.5},
+            ],
+        },
+    },
+]
+
+COMMAND = {"device": DEVICE, "seq": 7, "command": "set_interval", "args": {"seconds": 60},
+           "time": 1_763_900_100}
+
+
+class F32:
+    """A float that the node writes as CBOR float32 (0xfa)."""
+
+    def __init__(self, x: float):
+        self.x = x
+
+
+def _default(encoder, value):
+    if isinstance(value, F32):
+        encoder.write(b"\xfa" + struct.pack(">f", value.x))
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _number(x):
+    if isinstance(x, float):
+        if math.isfinite(x) and x == int(x):
+            return int(x)
+        return F32(x)
+    return x
+
+
+def _value_label(v) -> int:
+    if isinstance(v, bool):
+        return LABELS["vb"]
+    if isinstance(v, str):
+        return LABELS["vs"]
+    return LABELS["v"]
+
+
+def _record(rec) -> dict:
+    if isinstance(rec, dict):
+        labelled = []
+        for key, value in rec.items():
+            label = LABELS[key]
+            if label == LABELS["v"]:
+                label = _value_label(value)
+            labelled.append((cbor2.dumps(label), label, _number(value)))
+        return {label: value for _, label, value in sorted(labelled, key=lambda p: p[0])}
+    name, unit, value, *rest = rec
+    out = {LABELS["n"]: name, LABELS["u"]: unit, _value_label(value): _number(value)}
+    if rest:
+        out[LABELS["t"]] = _number(rest[0])
+    return out
+
+
+def payload_bytes(inp: dict) -> bytes:
+    body = {wire.K_DEVICE: inp["device"], wire.K_SEQ: inp["seq"], wire.K_BOOT: inp["boot"]}
+    if inp.get("time") is not None:
+        body[wire.K_TIME] = inp["time"]
+    body[wire.K_UPTIME] = inp["uptime_ms"]
+    body[wire.K_KIND] = inp["kind"]
+    body[wire.K_RECORDS] = [_record(r) for r in inp["records"]]
+    return cbor2.dumps(body, default=_default)
+
+
+def _pub_hex(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.X962,
+                                         serialization.PublicFormat.UncompressedPoint).hex()
+
+
+def _sign1_with_protected(protected: bytes, payload: bytes, kid: str, key) -> bytes:
+    """A COSE_Sign1 with any protected header, validly signed (for the wrong-alg vector)."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    tbs = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(key.sign(tbs, ec.ECDSA(hashes.SHA256(),
+                                                       deterministic_signing=True)))
+    body = [protected, {wire.HDR_KID: kid.encode()}, payload,
+            r.to_bytes(32, "big") + s.to_bytes(32, "big")]
+    return cbor2.dumps(cbor2.CBORTag(wire.TAG_SIGN1, body))
+
+
+def build() -> dict:
+    node = ec.derive_private_key(NODE_PRIVATE, ec.SECP256R1())
+    operator = ec.derive_private_key(OPERATOR_PRIVATE, ec.SECP256R1())
+    payloads = []
+    for vec in PAYLOADS:
+        raw = payload_bytes(vec["input"])
+        payloads.append({
+            **vec,
+            "payload": raw.hex(),
+            "sign1": wire.sign_es256(raw, DEVICE, node).hex(),
+            "mac0": wire.mac_hmac(raw, DEVICE, HMAC_SECRET).hex(),
+        })
+    cmd = wire.encode_command(COMMAND["device"], COMMAND["seq"], COMMAND["command"],
+                              COMMAND["args"], COMMAND["time"])
+    return {
+        "about": "citynode wire-format vectors (docs/wire-format.md); regenerate with "
+                 "tests/vectors/make_wire_vectors.py. TEST KEYS ONLY.",
+        "node": {
+            "device": DEVICE,
+            "private_key": f"{NODE_PRIVATE:064x}",
+            "public_key": _pub_hex(node),
+            "hmac_secret": HMAC_SECRET.hex(),
+        },
+        "payloads": payloads,
+        "command": {
+            "input": COMMAND,
+            "operator_private_key": f"{OPERATOR_PRIVATE:064x}",
+            "operator_public_key": _pub_hex(operator),
+            "payload": cmd.hex(),
+            "sign1": wire.sign_es256(cmd, wire.OPERATOR_KID, operator).hex(),
+            "wrong_alg_sign1": _sign1_with_protected(cbor2.dumps({wire.HDR_ALG: -35}), cmd,
+                                                     wire.OPERATOR_KID, operator).hex(),
+        },
+    }
+
+
+def main() -> None:
+    OUT.write_text(json.dumps(build(), indent=2) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
