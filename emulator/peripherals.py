@@ -47,6 +47,7 @@ SUPPLY_DIVIDER = 0.5
 ADC_FULL_SCALE_V = 3.3           # what board/emu_machine.py's read_uv assumes at 65535
 I2S_TICK = 0.005                 # how often the DMA pump wakes
 I2S_SNDBUF = 4096                # keep the kernel's share of the DMA buffer small
+UART_LOOKAHEAD = 0.05           # a waiting read looks this far ahead on the line
 I2S_BLOCK = 2048                 # samples generated per numpy call (FFT-friendly)
 
 
@@ -311,11 +312,11 @@ class Peripherals:
                 wake = deadline
                 if (uart_id == self.pms_uart and self.pms is not None
                         and "pms5003" not in self.unplugged):
-                    times = self.pms.arrivals(deadline)
+                    times = self.pms.arrivals(min(deadline, now + UART_LOOKAHEAD))
                     need = n - have
                     if len(times) >= need:
                         wake = min(deadline, times[need - 1])
-            clock.sleep(max(0.0, min(wake - now, 0.05)) or 0.0005)
+            clock.sleep(max(0.0, min(wake - now, UART_LOOKAHEAD)) or 0.0005)
 
     # -- I2S ---------------------------------------------------------------------------------
     def i2s_open(self, i2s_id: int, mode: int, bits: int, fmt: int, rate: int, ibuf: int) -> int:

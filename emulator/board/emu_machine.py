@@ -315,10 +315,15 @@ class I2S:
 
     def __init__(self, id, sck=None, ws=None, sd=None, mode=0, bits=32, format=0, rate=16000,
                  ibuf=20000):
-        import socket as _s
+        import emu_socket
+        _s = emu_socket._real  # the I2S wires are not Wi-Fi: never resolve through the radio
         port = struct.unpack("<H", _link.call(
             _link.I2S_INIT, id, struct.pack("<BBBIi", mode, bits, format, rate, ibuf)))[0]
         self._sock = _s.socket()
+        try:  # SOL_SOCKET, SO_RCVBUF: the DMA buffer is `ibuf` on the host, not a kernel queue
+            self._sock.setsockopt(1, 8, 2048)
+        except OSError:
+            pass
         self._sock.connect(_s.getaddrinfo("127.0.0.1", port)[0][-1])
         self._rate = rate
 
