@@ -209,6 +209,7 @@ class Peripherals:
         self.pms_uart: int | None = None
         if "pms5003" in sensors:
             self.pms = PMS5003(self._air, wall, seed=seed + 3, warm=True)
+            self.pms.listening = False  # until the firmware opens its UART
             self.pms_uart = int(sensors["pms5003"].get("uart", 2))
             self.pms_baud = int(sensors["pms5003"].get("baud", PMS_BAUD))
         self.mic_i2s = int(sensors["mic"].get("i2s", 0)) if "mic" in sensors else None
@@ -268,6 +269,7 @@ class Peripherals:
             self.uarts[uart_id] = UartPort(baudrate, max(1, rxbuf))
             if uart_id == self.pms_uart and self.pms is not None:
                 self.pms.take(self.scenario.wall())  # an uninitialised UART heard nothing
+                self.pms.listening = True
 
     def _pump(self, uart_id: int, until: float | None = None) -> None:
         """Move the bytes that reached the RX pin by `until` into the driver's buffer."""
@@ -434,6 +436,8 @@ class Peripherals:
             for uart_id in list(self.uarts):
                 self._pump(uart_id)
             self.uarts.clear()
+            if self.pms is not None:
+                self.pms.listening = False
             self.pwm_state.clear()
             self.pins = {p: v for p, v in self.pins.items() if p == 0}
 

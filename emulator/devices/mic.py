@@ -132,7 +132,7 @@ class Microphone:
 
     def _add_events(self, signal: np.ndarray, k0: int) -> None:
         n = len(signal)
-        longest = max(max(s[2] for s in IMPULSES.values()),
+        longest = max(max(shape[2] for shape in IMPULSES.values()),
                       max((e.duration for e in self.scenario.events), default=0.0))
         t0 = self.scenario_time(k0 - longest * self.rate)
         t1 = self.scenario_time(k0 + n)
@@ -140,6 +140,13 @@ class Microphone:
             if not t0 <= event.time < t1:
                 continue
             onset = self.sample_of(event.time)
+            if event.kind == "tone":  # computed in place: a calibrator may run for hours
+                length = int((event.duration or 1.0) * self.rate)
+                a, b = max(onset, k0), min(onset + length, k0 + n)
+                if a < b:
+                    t = (np.arange(a, b) - onset) / self.rate
+                    signal[a - k0:b - k0] += tone(event, t)
+                continue
             wave = self._waveform(index, event)
             a, b = max(onset, k0), min(onset + len(wave), k0 + n)
             if a < b:
@@ -151,13 +158,15 @@ class Microphone:
         return self._waveforms[index]
 
 
+def tone(event: Event, t: np.ndarray) -> np.ndarray:
+    """A sine at the event's RMS SPL, t in seconds from its onset."""
+    return math.sqrt(2) * spl_to_rms_counts(event.level_db) * np.sin(2 * math.pi * event.freq * t)
+
+
 def event_waveform(event: Event, rate: int, seed: int) -> np.ndarray:
     """The event's samples in counts (float), from its onset."""
     if event.kind == "tone":
-        duration = event.duration or 1.0
-        t = np.arange(int(duration * rate)) / rate
-        return (math.sqrt(2) * spl_to_rms_counts(event.level_db)
-                * np.sin(2 * math.pi * event.freq * t))
+        return tone(event, np.arange(int((event.duration or 1.0) * rate)) / rate)
     rise, tau, length = IMPULSES[event.kind]
     if event.duration:
         length = event.duration

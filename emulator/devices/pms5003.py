@@ -88,6 +88,7 @@ class PMS5003:
         self._bad_frames = 0
         self._garbage_frames = 0
         self.powered = False
+        self.listening = True       # a UART driver is there to receive (faults wait for one)
         self.power_on(warm=warm)
 
     # -- power, mode, fan ---------------------------------------------------------------
@@ -136,7 +137,8 @@ class PMS5003:
 
     # -- faults ---------------------------------------------------------------------------
     def corrupt(self, count: int = 1, kind: str = "checksum") -> None:
-        """The next `count` frames carry a bad checksum, or are preceded by line garbage."""
+        """The next `count` frames carry a bad checksum, or are preceded by line garbage
+        (the next ones sent while `listening`, so a fault is not lost on an idle line)."""
         if kind == "checksum":
             self._bad_frames += count
         elif kind == "garbage":
@@ -155,10 +157,11 @@ class PMS5003:
         return data_words(pm1, pm25, pm10)
 
     def _queue_frame(self, at: float) -> None:
-        frame = build_frame(self._reading(at), bad_checksum=self._bad_frames > 0)
-        if self._bad_frames:
+        bad = self._bad_frames > 0 and self.listening
+        frame = build_frame(self._reading(at), bad_checksum=bad)
+        if bad:
             self._bad_frames -= 1
-        if self._garbage_frames:
+        if self._garbage_frames and self.listening:
             self._garbage_frames -= 1
             noise = bytes(self._rng.getrandbits(8) for _ in range(self._rng.randint(3, 12)))
             frame = noise + b"\x42" + frame  # a stray header byte makes resync non-trivial
