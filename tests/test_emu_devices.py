@@ -20,6 +20,8 @@ from citynode.emulator.devices import bme280 as bme280_mod
 from citynode.emulator.devices.mic import FULL_SCALE, Microphone
 from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Event, ManualClock, Scenario
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import signal
 
 from citynode.boards import get_board
@@ -546,3 +548,38 @@ def test_adc_supply_and_pins(periph) -> None:
     assert set(state["scenario"]) >= {"lux", "noise_dba", "pm25", "temperature"}
     with pytest.raises(ValueError):
         periph.fault("unplug", sensor="scd40")
+
+
+# -- properties ---------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(temp=st.floats(-40, 85), press=st.floats(30_000, 110_000), rh=st.floats(0, 100),
+       t_code=st.integers(1, 5), p_code=st.integers(1, 5))
+def test_bme280_raw_words_invert_the_datasheet(temp, press, rh, t_code, p_code) -> None:
+    """Over the part's whole operating range and every oversampling setting."""
+    steps = {1: 16, 2: 8, 3: 4, 4: 2, 5: 1}
+    trim = bme280_mod.TRIM
+    adc_t, adc_p, adc_h = bme280_mod.raw_words(temp, press, rh, trim, steps[t_code],
+                                               steps[p_code])
+    assert adc_t % steps[t_code] == 0 and adc_p % steps[p_code] == 0
+    t, p, h = datasheet_compensate(adc_t, adc_p, adc_h, trim)
+    assert t == pytest.approx(temp, abs=0.006 * steps[t_code] + 0.006)
+    assert p == pytest.approx(press, abs=0.2 * steps[p_code] + 0.2)
+    assert h == pytest.approx(rh, abs=0.02)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lux=st.floats(0, 60_000), mt=st.integers(31, 254), op=st.sampled_from([0x20, 0x21]))
+def test_bh1750_count_inverts_the_datasheet_formula(lux, mt, op) -> None:
+    clock = ManualClock()
+    s = Scenario(clock=clock)
+    s.override(lux=lux)
+    p = Peripherals(get_board("esp32-devkitc"), s)
+    p.i2c_write(0, BH, bytes((0x01, 0x40 | mt >> 5, 0x60 | (mt & 0x1F), op)))
+    clock.advance(0.120 * mt / 69 + 0.001)
+    raw = p.i2c_read(0, BH, 2)
+    count = raw[0] << 8 | raw[1]
+    got = bh_lux(raw, mtreg=mt, h2=op == 0x21)
+    if count < 0xFFFF:
+        assert got == pytest.approx(lux, abs=1 / 1.2 * 69 / mt)  # one count
+    else:
+        assert lux * 1.2 * mt / 69 * (2 if op == 0x21 else 1) >= 0xFFFF - 1
