@@ -9,6 +9,17 @@ step through a day deterministically.
 
 Everything is a pure function of (seed, parameters, scenario time): the same seed
 gives the same day, on every run and every host.
+
+A scenario file (`citynode-emu run --scenario FILE`) is a JSON object; every key is
+optional (times are scenario seconds after `start`):
+
+    {"seed": 1, "time_scale": 720, "start": "2026-04-15T00:00:00+02:00",
+     "events": [{"time": 29700, "kind": "crash", "level_db": 115},
+                {"time": 84600, "kind": "gunshot", "level_db": 122},
+                {"time": 600, "kind": "tone", "level_db": 94, "duration": 10}],
+     "episodes": [{"start": 64800, "duration": 10800, "pm25": 35}],
+     "latitude": 48.2, "longitude": 16.37, "cloudiness": 0.3, "pm25_base": 8,
+     "temp_mean": 14, "noise_offset_db": 0}
 """
 
 from __future__ import annotations

@@ -583,3 +583,23 @@ def test_bh1750_count_inverts_the_datasheet_formula(lux, mt, op) -> None:
         assert got == pytest.approx(lux, abs=1 / 1.2 * 69 / mt)  # one count
     else:
         assert lux * 1.2 * mt / 69 * (2 if op == 0x21 else 1) >= 0xFFFF - 1
+
+
+def test_bme280_iir_filter_step_response(periph, scenario, clock) -> None:
+    """config.filter = 16: x[n] = (x[n-1] * 15 + adc) / 16 per conversion (datasheet 3.4.4)."""
+    scenario.override(temperature=10.0, pressure=100_000.0, humidity=50.0)
+    trim = read_trim(periph)
+    periph.i2c_write(0, BME, b"\xf5\x10\xf2\x01\xf4\x27")  # filter 16, standby 0.5 ms, normal
+    t_meas = (1 + 2 + 2.5 + 2.5 + 0.5) / 1000                # x1/x1/x1, typical
+    period = t_meas + 0.0005
+    clock.advance(t_meas + 0.0001)
+    assert datasheet_compensate(*read_raw(periph), trim)[0] == pytest.approx(10.0, abs=0.011)
+    scenario.override(temperature=20.0)
+    clock.advance(period)                                   # one more conversion
+    first = datasheet_compensate(*read_raw(periph), trim)[0]
+    assert first == pytest.approx(10.0 + 10.0 / 16, abs=0.02)
+    clock.advance(9 * period)                               # nine more, read once
+    tenth = datasheet_compensate(*read_raw(periph), trim)[0]
+    assert tenth == pytest.approx(20.0 - 10.0 * (15 / 16) ** 10, abs=0.02)
+    clock.advance(2.0)                                      # settled
+    assert datasheet_compensate(*read_raw(periph), trim)[0] == pytest.approx(20.0, abs=0.011)

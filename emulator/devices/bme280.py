@@ -172,10 +172,8 @@ class BME280:
         elif self.mode == 3:
             period = t_meas + STANDBY_MS[self.config >> 5] / 1000.0
             k = int((now - self._started - t_meas) // period)
-            if k >= 0 and k != self._updated:
-                if k > self._updated + 1 and self._filtered is not None:
-                    self._store(self._started + t_meas + (k - 1) * period)  # settle the IIR
-                self._store(self._started + t_meas + k * period)
+            if k > self._updated:
+                self._store(self._started + t_meas + k * period, samples=k - self._updated)
                 self._updated = k
 
     def _measuring(self) -> bool:
@@ -188,7 +186,9 @@ class BME280:
             return (now - self._started) % period < t_meas
         return False
 
-    def _store(self, at: float) -> None:
+    def _store(self, at: float, samples: int = 1) -> None:
+        """Latch a conversion finished at `at`; `samples` conversions went through the IIR
+        since the last one stored (the input is taken as steady over them)."""
         temp_c, press_pa, rh = self._weather(at)
         osrs_t = OVERSAMPLING[self.ctrl_meas >> 5]
         osrs_p = OVERSAMPLING[(self.ctrl_meas >> 2) & 0x07]
@@ -202,9 +202,11 @@ class BME280:
         adc_t, adc_p, adc_h = raw_words(temp_c, press_pa, rh, self.trim,
                                         step(osrs_t or 1), step(osrs_p or 1))
         if coeff:
+            # x[n] = (x[n-1] * (c - 1) + adc) / c, applied `samples` times
             prev = self._filtered or (adc_t, adc_p)
-            ft = prev[0] + (adc_t - prev[0]) / coeff
-            fp = prev[1] + (adc_p - prev[1]) / coeff
+            keep = (1 - 1 / coeff) ** samples
+            ft = adc_t + (prev[0] - adc_t) * keep
+            fp = adc_p + (prev[1] - adc_p) * keep
             self._filtered = (ft, fp)
             adc_t, adc_p = int(round(ft)), int(round(fp))
         if not osrs_t:
