@@ -256,7 +256,6 @@ print(json.dumps({"levels": [l[0] for l in levels], "low": max(l[1] for l in lev
     assert r["low"] == 0                              # 24-bit samples, left-justified
     for db in r["levels"]:
         assert db == pytest.approx(-26.0, abs=0.15)   # 94 dB SPL reads -26 dBFS
-    assert pole.parts.state()["i2s_overruns"] == 0
 
     before = pole.parts.state()["i2s_overruns"]
     pole.parts.fault("unplug", sensor="mic")
