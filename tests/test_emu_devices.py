@@ -603,3 +603,35 @@ def test_bme280_iir_filter_step_response(periph, scenario, clock) -> None:
     assert tenth == pytest.approx(20.0 - 10.0 * (15 / 16) ** 10, abs=0.02)
     clock.advance(2.0)                                      # settled
     assert datasheet_compensate(*read_raw(periph), trim)[0] == pytest.approx(20.0, abs=0.011)
+
+
+def test_scenario_sunrise_and_sunset_vienna(clock) -> None:
+    """Vienna, 2026-04-15 (CEST): sunrise ~06:11, sunset ~19:44 (almanac values)."""
+    s = Scenario(clock=clock, start="2026-04-15T00:00:00+02:00")
+
+    def crossing(lo: float, hi: float) -> float:  # upper limb on the refracted horizon
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if (s.sun_elevation(lo) + 0.833) * (s.sun_elevation(mid) + 0.833) <= 0:
+                hi = mid
+            else:
+                lo = mid
+        return lo / 3600
+
+    assert crossing(4 * 3600, 9 * 3600) == pytest.approx(6 + 11 / 60, abs=6 / 60)
+    assert crossing(17 * 3600, 22 * 3600) == pytest.approx(19 + 44 / 60, abs=6 / 60)
+
+
+def test_a_day_in_two_minutes_through_the_light_sensor() -> None:
+    clock = ManualClock()
+    s = Scenario(seed=1, time_scale=720, clock=clock, start="2026-06-21T00:00:00+02:00",
+                 cloudiness=0.0)
+    p = Peripherals(get_board("esp32-devkitc"), s)
+    p.i2c_write(0, BH, b"\x01\x10")
+    readings = []
+    for _ in range(24):                                # one reading per scenario hour
+        clock.advance(5.0)
+        readings.append(bh_lux(p.i2c_read(0, BH, 2)))
+    assert max(readings[:3]) < 1 and max(readings[22:]) < 1   # night, no lamp
+    assert max(readings[11:15]) > 20_000                       # summer noon
+    assert readings.index(max(readings)) in range(11, 15)
