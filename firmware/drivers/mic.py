@@ -51,8 +51,11 @@ class Mic:
         self._clock = clock_us or time.ticks_us
         self._r100 = rate // 100
         self._chunk_us = chunk * 1000000 // rate
-        # samples the driver can hold before it drops: its ring plus our chunk
-        self._cap = ibuf // 4 + chunk
+        # samples the driver ring holds before it drops (its DMA descriptors add a
+        # little more, so the count errs low, never high)
+        self._cap = ibuf // 4
+        if chunk > self._cap:
+            raise ValueError('chunk larger than the driver ring (ibuf / 4)')
         self.received = 0           # samples delivered (wraps past 2**30 only after 6 h at 48 kHz)
         self.overruns = 0           # samples lost, total
         self._taken = 0

@@ -342,11 +342,14 @@ class SoundMeter:
         bg = self.background
         if bg is None:
             self.background = lvl
+            self._prev = lvl
             return
         rise = lvl - bg
+        jump = lvl - self._prev         # sudden: most of the rise happened in this block
+        self._prev = lvl
         if self._warm < 8:              # first second: filter settling, background forming
             self._warm += 1
-        elif self._armed and rise > self.event_rise_db:
+        elif self._armed and rise > self.event_rise_db and jump > 0.5 * self.event_rise_db:
             self._armed = False
             # stamp the start of the block: now, minus the samples after it in this chunk
             back = (pending + self.block_len) * 1000 // self.rate
