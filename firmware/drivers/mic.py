@@ -46,7 +46,6 @@ class Mic:
         self.rate = rate
         self.chunk = chunk
         self._raw = bytearray(4 * chunk)
-        self._mv = memoryview(self._raw)
         self.samples = array('i', [0] * chunk)
         self._clock = clock_us or time.ticks_us
         self._r100 = rate // 100

@@ -217,9 +217,8 @@ def design(rate):
     tt = (1.0 + p * p - 2.0 * p * c) / (1.0 + (0.28 * rate / F4) ** 2)
     a = (1.0 - p) ** 2 - tt
     b = c * (1.0 - p) ** 2 - tt
-    q = (-b - math.sqrt(b * b - a * a)) / a     # roots q, 1/q: take |q| < 1
-    if abs(q) > 1.0:
-        q = 1.0 / q
+    r = math.sqrt(b * b - a * a)
+    q = -a / (b + (r if b >= 0.0 else -r))     # roots q and 1/q: the one inside, no cancellation
     fl = min(_qformat(p)[1], _qformat(q)[1])   # one shift for both products
     pq = int(p * (1 << fl) + 0.5)
     qq = int(q * (1 << fl) + (0.5 if q >= 0 else -0.5))
