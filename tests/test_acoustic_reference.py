@@ -200,6 +200,27 @@ def test_worst_case_summary(batch48, batch16, capsys):
                   + " ".join(f"{k}:{g - r:+.2f}" for k, (r, g) in b.items()))
 
 
+def test_quiet_tones_keep_accuracy(tmp_path):
+    """Near the microphone's noise floor the fixed-point filter adds no error of its own:
+    63 Hz at 45 dB SPL is about 100 LSB after A-weighting (error feedback, no dead band)."""
+    fs = 48000
+    pre, meas = int(PRE_S * fs), int(MEAS_S * fs)
+    cases = [(63, 45.0), (31.5, 50.0), (1000, 30.0), (8000, 30.0)]
+    segs = [quantized(tone(f, fs, PRE_S + MEAS_S, db)) for f, db in cases]
+    out = run_meter(tmp_path, fs, segs, [[pre, meas]] * len(segs))
+    for (f, db), x, rows in zip(cases, segs, out["windows"], strict=True):
+        ref = laeq_reference(x[pre:], fs)
+        assert abs(rows[1]["laeq"] - ref) <= 0.2, (f, db, rows[1]["laeq"], ref)
+
+
+def test_calibration_offset_shifts_every_level(tmp_path):
+    fs = 16000
+    x = tone(1000, fs, 1.0, 94.0)
+    w = run_meter(tmp_path, fs, [x], [[len(x)]], cal_db=-2.5)["windows"][0][0]
+    for key in ("laeq", "lamax", "lamin"):
+        assert abs(w[key] - 91.5) < 0.05, (key, w)
+
+
 # ---------------------------------------------------------------- window statistics
 
 def test_level_steps_give_max_min_percentiles(tmp_path):
