@@ -1,8 +1,9 @@
 """I2S MEMS microphone (INMP441 / ICS-43434): 24-bit samples, left-justified in 32-bit slots.
 
-read() fills one preallocated DMA-sized chunk and converts it: the raw bytes go to a preallocated array('i') of signed 24-bit values, so the
-hot path allocates nothing. Lost samples (the app fell behind and the I2S ring
-overflowed) are counted by comparing samples received with ticks_us elapsed.
+read() fills one preallocated DMA-sized chunk and converts it into a preallocated
+array('i') of signed 24-bit values, so the hot path allocates nothing. Lost
+samples (the app fell behind and the I2S ring overflowed) are counted by
+comparing samples received with ticks_us elapsed.
 """
 
 import time
@@ -55,7 +56,7 @@ class Mic:
         self._cap = ibuf // 4
         if chunk > self._cap:
             raise ValueError('chunk larger than the driver ring (ibuf / 4)')
-        self.received = 0           # samples delivered (wraps past 2**30 only after 6 h at 48 kHz)
+        self.received = 0           # samples delivered, modulo 2**30 (a long int would allocate)
         self.overruns = 0           # samples lost, total
         self._taken = 0
         self._last = None
@@ -74,9 +75,8 @@ class Mic:
         if self._stream is None:
             import asyncio
             self._stream = asyncio.StreamReader(self.i2s)
-        t_call = self._clock()
         nb = await self._stream.readinto(self._raw)
-        return self._took(nb, t_call)
+        return self._took(nb, None)     # time in await includes other tasks: not evidence
 
     def _took(self, nb, t_call):
         if not nb:
@@ -84,11 +84,12 @@ class Mic:
         n = nb >> 2
         convert(self._raw, n, self.samples)
         now = self._clock()
-        self.received += n
+        self.received = (self.received + n) & 0x3FFFFFFF
         if self._last is None:
             self._last = now
             return n
-        self._account(time.ticks_diff(now, self._last), time.ticks_diff(now, t_call), n, nb)
+        waited = 0 if t_call is None else time.ticks_diff(now, t_call)
+        self._account(time.ticks_diff(now, self._last), waited, n, nb)
         self._last = now
         return n
 
@@ -102,7 +103,8 @@ class Mic:
             due = (gap // 10000) * self._r100
             self._frac = 0
         if nb < len(self._raw) or waited > self._chunk_us // 4:
-            # partial read or we had to wait: the driver was empty, nothing was lost
+            # partial read, or a blocking read had to wait: the driver was empty,
+            # so nothing was lost since the last read
             self._backlog = 0
             return
         b = self._backlog + due - n

@@ -193,7 +193,7 @@ def design(rate):
     (K = 2 fs, w' = K tan(w / K)), as high-passes y = y1 + x - x1 - d*y1 with
     d = 1 - pole computed directly, so d keeps its precision (0.0027 at 48 kHz).
     The 12.2 kHz double pole is not bilinear: bilinear puts a double zero at
-    Nyquist (0.7 dB low at 8 kHz at 48 kHz, and the pole is above Nyquist at
+    Nyquist (0.7 dB off at 8 kHz at 48 kHz, and the pole is above Nyquist at
     16 kHz). It is matched instead: pole exp(-w4/fs), zero q chosen so the section
     magnitude equals the analog one at 0.28 fs (within 0.1 dB up to 12.5 kHz at
     48 kHz and up to 5 kHz at 16 kHz). Gains are left out of the integer path and
