@@ -1,0 +1,125 @@
+"""I2S MEMS microphone (INMP441 / ICS-43434): 24-bit samples, left-justified in 32-bit slots.
+
+read() fills one preallocated DMA-sized chunk and converts it into a preallocated
+array('i') of signed 24-bit values, so the hot path allocates nothing. Lost
+samples (the app fell behind and the I2S ring overflowed) are counted by
+comparing samples received with ticks_us elapsed.
+"""
+
+import time
+from array import array
+
+import micropython
+
+FULL_SCALE = 1 << 23        # 24-bit full scale
+SENSITIVITY_DBFS = -26.0    # a 94 dB SPL 1 kHz sine reads -26 dBFS (INMP441, ICS-43434)
+FS_DB_SPL = 94.0 - SENSITIVITY_DBFS   # SPL of a full-scale sine: 120 dB
+
+
+@micropython.viper
+def convert(raw: ptr32, nwords: int, out: ptr32):
+    """out[i] = signed 24-bit sample of 32-bit little-endian slot raw[i]."""
+    i = 0
+    while i < nwords:
+        s = (raw[i] >> 8) & 0xFFFFFF    # 24 significant bits (loads are unsigned on 64-bit ports)
+        out[i] = (s ^ 0x800000) - 0x800000
+        i += 1
+
+
+class Mic:
+    """Mono I2S microphone reader.
+
+    Pass pins to open machine.I2S (RX, 32-bit slots, mono), or `i2s` to read any
+    object with readinto() (a test stream, an emulated board). `chunk` samples per
+    read (256 = 5.3 ms at 48 kHz); `ibuf` bytes of driver ring buffer.
+    After read() or aread(): self.samples[0:n] holds the samples.
+    """
+
+    def __init__(self, i2s=None, *, i2s_id=0, sck=None, ws=None, sd=None, rate=48000,
+                 chunk=256, ibuf=16384, clock_us=None):
+        if rate % 100:
+            raise ValueError('rate must be a multiple of 100 Hz')
+        if i2s is None:
+            from machine import I2S, Pin
+            i2s = I2S(i2s_id, sck=Pin(sck), ws=Pin(ws), sd=Pin(sd), mode=I2S.RX, bits=32,
+                      format=I2S.MONO, rate=rate, ibuf=ibuf)
+        self.i2s = i2s
+        self.rate = rate
+        self.chunk = chunk
+        self._raw = bytearray(4 * chunk)
+        self.samples = array('i', [0] * chunk)
+        self._clock = clock_us or time.ticks_us
+        self._r100 = rate // 100
+        self._chunk_us = chunk * 1000000 // rate
+        # samples the driver ring holds before it drops (its DMA descriptors add a
+        # little more, so the count errs low, never high)
+        self._cap = ibuf // 4
+        if chunk > self._cap:
+            raise ValueError('chunk larger than the driver ring (ibuf / 4)')
+        self.received = 0           # samples delivered, modulo 2**30 (a long int would allocate)
+        self.overruns = 0           # samples lost, total
+        self._taken = 0
+        self._last = None
+        self._frac = 0              # 1e-4 sample units
+        self._backlog = 0           # estimated samples waiting in the driver after our last read
+        self._stream = None
+
+    def read(self):
+        """Blocking read of one chunk: number of samples in self.samples."""
+        t_call = self._clock()
+        nb = self.i2s.readinto(self._raw)
+        return self._took(nb, t_call)
+
+    async def aread(self):
+        """asyncio read (I2S via StreamReader): number of samples, may be a partial chunk."""
+        if self._stream is None:
+            import asyncio
+            self._stream = asyncio.StreamReader(self.i2s)
+        nb = await self._stream.readinto(self._raw)
+        return self._took(nb, None)     # time in await includes other tasks: not evidence
+
+    def _took(self, nb, t_call):
+        if not nb:
+            return 0
+        n = nb >> 2
+        convert(self._raw, n, self.samples)
+        now = self._clock()
+        self.received = (self.received + n) & 0x3FFFFFFF
+        if self._last is None:
+            self._last = now
+            return n
+        waited = 0 if t_call is None else time.ticks_diff(now, t_call)
+        self._account(time.ticks_diff(now, self._last), waited, n, nb)
+        self._last = now
+        return n
+
+    def _account(self, gap, waited, n, nb):
+        """Overrun check: samples due by the clock since the last read versus samples got."""
+        if gap < 2000000:
+            a = gap * self._r100 + self._frac     # < 2**30: no long int
+            due = a // 10000
+            self._frac = a - due * 10000
+        else:
+            due = (gap // 10000) * self._r100
+            self._frac = 0
+        if nb < len(self._raw) or waited > self._chunk_us // 4:
+            # partial read, or a blocking read had to wait: the driver was empty,
+            # so nothing was lost since the last read
+            self._backlog = 0
+            return
+        b = self._backlog + due - n
+        room = self._cap - n
+        if b > room:
+            self.overruns += b - room
+            b = room
+        self._backlog = b if b > 0 else 0
+
+    def take_overruns(self):
+        """Samples lost since the last call (for SoundMeter.add_overruns)."""
+        k = self.overruns - self._taken
+        self._taken = self.overruns
+        return k
+
+    def deinit(self):
+        if hasattr(self.i2s, 'deinit'):
+            self.i2s.deinit()

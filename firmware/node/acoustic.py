@@ -1,0 +1,404 @@
+"""Sound level meter: A-weighting, 125 ms energy blocks, window statistics, impulse events.
+
+Input is 24-bit integer samples (drivers.mic). Raw audio never leaves this module:
+only levels, statistics and events come out.
+
+The per-sample path is one viper function on integers only. Floats on an ESP32 are
+boxed heap objects (and float32), so a float filter would allocate on every sample
+and lose the 20 Hz poles; 32-bit fixed point with error feedback does neither.
+"""
+
+import math
+import time
+from array import array
+
+import micropython
+
+# IEC 61672-1 analog A-weighting pole frequencies (Hz).
+F1 = 20.598997
+F2 = 107.65265
+F3 = 737.86223
+F4 = 12194.217
+
+BLOCK_MS = 125              # "fast" block length
+HIST_LO_DB = 20.0           # histogram range [HIST_LO_DB, HIST_LO_DB + HIST_BINS / 10) dB
+HIST_BINS = 1200            # 0.1 dB bins: 2.4 KB, any window length up to 65535 blocks
+MS_FULL_SCALE_SINE = 35184372088832.0   # 2**45: mean square of a sine peaking at 2**23
+_OFF = 1 << 29              # states are stored offset-positive (see _filter_energy)
+
+# co[] layout: per high-pass section k (0..3): D, F at 2k, 2k+1; LP: P, Q, F at 8, 9, 10.
+# st[] layout: 0 start, 1 count, 2..9 section states, 10..13 HP error feedback,
+#              14..15 LP error feedback, 16..18 energy words (base 2**24).
+
+
+@micropython.viper
+def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
+    """A-weight xb[start:start+count] and add the squares to the block energy.
+
+    Six first-order steps (four bilinear high-passes, two matched low-passes);
+    every product is a 16x15-bit split so no intermediate exceeds 31 bits on a
+    32-bit ESP32. High-pass decay terms keep their rounding remainder (error
+    feedback), so there is no dead band at the 20 Hz poles.
+    """
+    off = 1 << 29
+    i = st[0]
+    end = i + st[1]
+    s0 = st[2] - off
+    s1 = st[3] - off
+    s2 = st[4] - off
+    s3 = st[5] - off
+    s4 = st[6] - off
+    s5 = st[7] - off
+    s6 = st[8] - off
+    s7 = st[9] - off
+    e1 = st[10]
+    e2 = st[11]
+    e3 = st[12]
+    e4 = st[13]
+    e5 = st[14]
+    e6 = st[15]
+    w0 = st[16]
+    w1 = st[17]
+    w2 = st[18]
+    d1 = co[0]
+    f1 = co[1]
+    k1 = f1 - 12
+    m1 = (1 << k1) - 1
+    n1 = (1 << f1) - 1
+    d2 = co[2]
+    f2 = co[3]
+    k2 = f2 - 12
+    m2 = (1 << k2) - 1
+    n2 = (1 << f2) - 1
+    d3 = co[4]
+    f3 = co[5]
+    k3 = f3 - 12
+    m3 = (1 << k3) - 1
+    n3 = (1 << f3) - 1
+    d4 = co[6]
+    f4 = co[7]
+    k4 = f4 - 12
+    m4 = (1 << k4) - 1
+    n4 = (1 << f4) - 1
+    lp = co[8]
+    lq = co[9]
+    lf = co[10]
+    lk = lf - 12
+    lm = (1 << lk) - 1
+    ln = (1 << lf) - 1
+    lim = 1 << 26
+    while i < end:
+        j = i + 64                      # 64 squares of < 2**24 each fit in 31 bits
+        if j > end:
+            j = end
+        sa = 0
+        sb = 0
+        sc = 0
+        while i < j:
+            x = ((xb[i] + 0x800000) & 0xFFFFFF) - 0x800000   # sign-extend on 64-bit ports too
+            i += 1
+            # high-pass: y = y1 + x - x1 - d*y1   (pole 1 - d, zero at z = 1)
+            t = (s1 >> 12) * d1
+            a = ((t & m1) << 12) + (s1 & 0xFFF) * d1 + e1
+            y = s1 + x - s0 - (t >> k1) - (a >> f1)
+            e1 = a & n1
+            s0 = x
+            x = y
+            t = (s2 >> 12) * d2
+            a = ((t & m2) << 12) + (s2 & 0xFFF) * d2 + e2
+            y = s2 + x - s1 - (t >> k2) - (a >> f2)
+            e2 = a & n2
+            s1 = x
+            x = y
+            t = (s3 >> 12) * d3
+            a = ((t & m3) << 12) + (s3 & 0xFFF) * d3 + e3
+            y = s3 + x - s2 - (t >> k3) - (a >> f3)
+            e3 = a & n3
+            s2 = x
+            x = y
+            t = (s4 >> 12) * d4
+            a = ((t & m4) << 12) + (s4 & 0xFFF) * d4 + e4
+            y = s4 + x - s3 - (t >> k4) - (a >> f4)
+            e4 = a & n4
+            s3 = x
+            s4 = y
+            if y > lim:                 # only adversarial input gets here
+                y = lim
+            elif y < -lim:
+                y = -lim
+            x = y
+            # low-pass: y = x + q*x1 + p*y1
+            t = (s5 >> 12) * lq
+            u = (s6 >> 12) * lp
+            a = ((t & lm) << 12) + (s5 & 0xFFF) * lq + ((u & lm) << 12) + (s6 & 0xFFF) * lp + e5
+            y = x + (t >> lk) + (u >> lk) + (a >> lf)
+            e5 = a & ln
+            s5 = x
+            x = y
+            t = (s6 >> 12) * lq
+            u = (s7 >> 12) * lp
+            a = ((t & lm) << 12) + (s6 & 0xFFF) * lq + ((u & lm) << 12) + (s7 & 0xFFF) * lp + e6
+            y = x + (t >> lk) + (u >> lk) + (a >> lf)
+            e6 = a & ln
+            s6 = x
+            s7 = y
+            # energy: y*y = h*h*2**24 + 2*h*l*2**12 + l*l with 12-bit halves
+            if y < 0:
+                y = -y
+            if y > 0xFFFFFF:
+                y = 0xFFFFFF
+            h = y >> 12
+            y = y & 0xFFF
+            sa += h * h
+            sb += h * y
+            sc += y * y
+        w0 += (sc & 0xFFFFFF) + ((sb & 0x7FF) << 13)
+        w1 += (sc >> 24) + (sb >> 11) + (sa & 0xFFFFFF)
+        w2 += sa >> 24
+        w1 += w0 >> 24
+        w0 = w0 & 0xFFFFFF
+        w2 += w1 >> 24
+        w1 = w1 & 0xFFFFFF
+    st[2] = s0 + off
+    st[3] = s1 + off
+    st[4] = s2 + off
+    st[5] = s3 + off
+    st[6] = s4 + off
+    st[7] = s5 + off
+    st[8] = s6 + off
+    st[9] = s7 + off
+    st[10] = e1
+    st[11] = e2
+    st[12] = e3
+    st[13] = e4
+    st[14] = e5
+    st[15] = e6
+    st[16] = w0
+    st[17] = w1
+    st[18] = w2
+
+
+def _qformat(c):
+    """(integer, fraction bits) for |c| < 1 with 14-15 significant bits, F in 15..28."""
+    f = 15
+    while f < 28 and abs(c) * (1 << (f + 1)) < 32767:
+        f += 1
+    return int(c * (1 << f) + (0.5 if c >= 0 else -0.5)), f
+
+
+def design(rate):
+    """Fixed-point A-weighting coefficients for `rate`: (co array, gain at 1 kHz).
+
+    The four low poles are bilinear transforms, each pre-warped to its own corner
+    (K = 2 fs, w' = K tan(w / K)), as high-passes y = y1 + x - x1 - d*y1 with
+    d = 1 - pole computed directly, so d keeps its precision (0.0027 at 48 kHz).
+    The 12.2 kHz double pole is not bilinear: bilinear puts a double zero at
+    Nyquist (0.7 dB off at 8 kHz at 48 kHz, and the pole is above Nyquist at
+    16 kHz). It is matched instead: pole exp(-w4/fs), zero q chosen so the section
+    magnitude equals the analog one at 0.28 fs (within 0.1 dB up to 12.5 kHz at
+    48 kHz and up to 5 kHz at 16 kHz). Gains are left out of the integer path and
+    taken back in the level offset.
+    """
+    co = array('i', [0] * 11)
+    sw = math.sin(math.pi * 1000.0 / rate)
+    sw2 = 4.0 * sw * sw                 # |1 - e^-jw|^2 at 1 kHz
+    g2 = 1.0                            # |H(1 kHz)|^2 of the integer filter
+    for k, fc in enumerate((F1, F1, F2, F3)):
+        tw = math.tan(math.pi * fc / rate)
+        dq, f = _qformat(2.0 * tw / (1.0 + tw))
+        co[2 * k] = dq
+        co[2 * k + 1] = f
+        d = dq / (1 << f)               # as quantized
+        p = 1.0 - d
+        g2 *= sw2 / (d * d + p * sw2)   # |1 - z^-1|^2 / |1 - p z^-1|^2, cancellation-free
+    p = math.exp(-2.0 * math.pi * F4 / rate)
+    wm = 2.0 * math.pi * 0.28
+    c = math.cos(wm)
+    tt = (1.0 + p * p - 2.0 * p * c) / (1.0 + (0.28 * rate / F4) ** 2)
+    a = (1.0 - p) ** 2 - tt
+    b = c * (1.0 - p) ** 2 - tt
+    r = math.sqrt(b * b - a * a)
+    q = -a / (b + (r if b >= 0.0 else -r))     # roots q and 1/q: the one inside, no cancellation
+    fl = min(_qformat(p)[1], _qformat(q)[1])   # one shift for both products
+    pq = int(p * (1 << fl) + 0.5)
+    qq = int(q * (1 << fl) + (0.5 if q >= 0 else -0.5))
+    co[8] = pq
+    co[9] = qq
+    co[10] = fl
+    p = pq / (1 << fl)
+    q = qq / (1 << fl)
+    g = ((1.0 + q) ** 2 - q * sw2) / ((1.0 - p) ** 2 + p * sw2)
+    g2 *= g * g                         # two identical low-pass steps
+    return co, math.sqrt(g2)
+
+
+class SoundMeter:
+    """Continuous A-weighted level meter for one microphone.
+
+    Feed every sample, in order, with process(); call add_overruns() with the
+    samples the driver lost. Levels are dB(A) re 20 uPa: fs_db_spl is the SPL of
+    a full-scale (2**23 peak) sine, 120 dB for a -26 dBFS @ 94 dB microphone,
+    cal_db the per-microphone correction from config.
+    """
+
+    def __init__(self, rate=48000, window_s=60, cal_db=0.0, fs_db_spl=120.0,
+                 event_rise_db=15.0, background_s=10.0, on_event=None, on_window=None,
+                 clock_ms=None, max_events=8):
+        if rate % 8:
+            raise ValueError('rate must be a multiple of 8 Hz (125 ms blocks)')
+        self.rate = rate
+        self.block_len = rate // 8
+        self.window_blocks = int(window_s * 8) if window_s else 0
+        self._co, gain = design(rate)
+        self.cal_db = cal_db
+        self._base = fs_db_spl - 10.0 * math.log10(MS_FULL_SCALE_SINE * gain * gain)
+        self.event_rise_db = event_rise_db
+        self._alpha = 1.0 / (8.0 * background_s)
+        self.on_event = on_event
+        self.on_window = on_window
+        self._clock = clock_ms or time.ticks_ms
+        self._st = array('i', [0] * 19)
+        self._hist = array('H', [0] * HIST_BINS)
+        self._events = []
+        self._max_events = max_events
+        self.events_dropped = 0
+        self.last_window = None
+        self.reset()
+
+    def reset(self):
+        """Start from silence: filter state, block, window and background."""
+        st = self._st
+        for k in range(19):
+            st[k] = 0
+        for k in range(2, 10):
+            st[k] = _OFF
+        self._left = self.block_len
+        self.background = None
+        self._armed = True
+        self._warm = 0
+        self.level = None               # last fast (125 ms) level, dB(A)
+        self._new_window()
+
+    def _new_window(self):
+        h = self._hist
+        for k in range(HIST_BINS):
+            h[k] = 0
+        self._nb = 0
+        self._sum = 0.0
+        self._max = -1e9
+        self._min = 1e9
+        self._over = 0
+        self._t0 = self._clock()
+
+    def add_overruns(self, samples):
+        """Count samples the driver lost (they are in no block)."""
+        self._over += samples
+
+    def process(self, buf, n):
+        """Consume buf[0:n] (array('i') of 24-bit samples). Allocation-free between blocks."""
+        st = self._st
+        i = 0
+        while i < n:
+            m = n - i
+            if m > self._left:
+                m = self._left
+            st[0] = i
+            st[1] = m
+            _filter_energy(buf, st, self._co)
+            i += m
+            self._left -= m
+            if self._left == 0:
+                self._left = self.block_len
+                self._close_block(n - i)
+
+    def _close_block(self, pending):
+        st = self._st
+        e = (st[18] * 16777216.0 + st[17]) * 16777216.0 + st[16]
+        st[16] = 0
+        st[17] = 0
+        st[18] = 0
+        ms = e / self.block_len
+        lvl = 10.0 * math.log10(ms) + self._base + self.cal_db if ms > 0.0 else 0.0
+        self.level = lvl
+        self._sum += ms
+        self._nb += 1
+        if lvl > self._max:
+            self._max = lvl
+        if lvl < self._min:
+            self._min = lvl
+        k = int((lvl - HIST_LO_DB) * 10.0)
+        if k < 0:
+            k = 0
+        elif k >= HIST_BINS:
+            k = HIST_BINS - 1
+        if self._hist[k] < 65535:
+            self._hist[k] += 1
+        self._detect(lvl, pending)
+        if self.window_blocks and self._nb >= self.window_blocks:
+            self.close_window()
+
+    def _detect(self, lvl, pending):
+        bg = self.background
+        if bg is None:
+            self.background = lvl
+            self._prev = lvl
+            return
+        rise = lvl - bg
+        jump = lvl - self._prev         # sudden: most of the rise happened in this block
+        self._prev = lvl
+        if self._warm < 8:              # first second: filter settling, background forming
+            self._warm += 1
+        elif self._armed and rise > self.event_rise_db and jump > 0.5 * self.event_rise_db:
+            self._armed = False
+            # stamp the start of the block: now, minus the samples after it in this chunk
+            back = (pending + self.block_len) * 1000 // self.rate
+            ev = (time.ticks_add(self._clock(), -back), round(lvl, 1), round(rise, 1))
+            if self.on_event:
+                self.on_event(*ev)
+            else:
+                if len(self._events) >= self._max_events:
+                    self._events.pop(0)
+                    self.events_dropped += 1
+                self._events.append(ev)
+        elif not self._armed and rise < 0.5 * self.event_rise_db:
+            self._armed = True
+        self.background = bg + (lvl - bg) * self._alpha
+
+    def pop_event(self):
+        """Oldest queued event (t_ms, level_dBA, rise_dB) or None (when no on_event)."""
+        return self._events.pop(0) if self._events else None
+
+    def _percentile(self, pct):
+        """Level exceeded in pct % of the blocks (L10: pct=10), bin centre."""
+        need = self._nb * pct
+        cum = 0
+        h = self._hist
+        for k in range(HIST_BINS - 1, -1, -1):
+            cum += h[k]
+            if cum * 100 >= need:
+                return round(HIST_LO_DB + (k + 0.5) / 10.0, 2)
+        return None
+
+    def close_window(self):
+        """Finish the current window and start the next one: dict of its statistics.
+
+        laeq / lamax / lamin / l10 / l90 in dB(A) (None when no block), blocks
+        (125 ms each), overruns (samples lost), t0_ms (clock at window start).
+        """
+        nb = self._nb
+        r = {
+            'laeq': round(10.0 * math.log10(self._sum / nb) + self._base + self.cal_db, 2)
+            if nb and self._sum > 0.0 else None,
+            'lamax': round(self._max, 2) if nb else None,
+            'lamin': round(self._min, 2) if nb else None,
+            'l10': self._percentile(10) if nb else None,
+            'l90': self._percentile(90) if nb else None,
+            'blocks': nb,
+            'overruns': self._over,
+            't0_ms': self._t0,
+        }
+        self._new_window()
+        self.last_window = r
+        if self.on_window:
+            self.on_window(r)
+        return r

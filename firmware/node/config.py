@@ -1,0 +1,95 @@
+"""The node's configuration: /config.json (written by citynode-provision) plus the
+Wi-Fi secret in /secret/wifi.json. Validated once at boot; a bad value stops the
+app with one console line that says which key is wrong and what to write.
+"""
+
+import json
+
+CONFIG_PATH = "/config.json"
+WIFI_SECRET_PATH = "/secret/wifi.json"
+
+DEFAULTS = {
+    "window_s": 60,
+    "alg": "ES256",
+    "broker": {"host": "192.168.4.1", "port": 1883},
+    "lamp_pin": None,
+    "impulse_db": 15.0,
+    "sensors": {},
+}
+SENSOR_KEYS = ("bh1750", "bme280", "pms5003", "mic")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _need(cond, key, fix):
+    if not cond:
+        raise ConfigError("config.json: '%s' %s" % (key, fix))
+
+
+def _number(value, low, high):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def validate(cfg):
+    """Fill defaults and check every key; returns the dict or raises ConfigError."""
+    _need(isinstance(cfg, dict), "(file)", "must hold a JSON object")
+    for key, value in DEFAULTS.items():
+        cfg.setdefault(key, value)
+    device = cfg.get("device")
+    _need(isinstance(device, str) and device.startswith("cn-") and len(device) == 15,
+          "device", "must be cn- and the 12 hex digits of the MAC (re-run citynode-provision)")
+    _need(_number(cfg["window_s"], 5, 3600), "window_s", "must be seconds between 5 and 3600")
+    _need(cfg["alg"] in ("ES256", "HMAC256"), "alg", "must be ES256 or HMAC256")
+    broker = cfg["broker"]
+    _need(isinstance(broker, dict) and isinstance(broker.get("host"), str), "broker.host",
+          "must name the gateway's MQTT broker, e.g. 192.168.4.1")
+    _need(_number(broker.get("port", 1883), 1, 65535), "broker.port", "must be a TCP port")
+    wifi = cfg.get("wifi")
+    _need(isinstance(wifi, dict) and isinstance(wifi.get("ssid"), str) and wifi["ssid"],
+          "wifi.ssid", "must name the pole's Wi-Fi network")
+    sensors = cfg["sensors"]
+    _need(isinstance(sensors, dict), "sensors", "must be an object of sensor settings")
+    for name in sensors:
+        _need(name in SENSOR_KEYS, "sensors." + name, "is not a sensor we drive")
+        spec = sensors[name]
+        _need(isinstance(spec, dict), "sensors." + name, "must be an object")
+        interval = spec.get("interval_s", 10)
+        _need(_number(interval, 0.1, 3600), "sensors.%s.interval_s" % name,
+              "must be seconds between 0.1 and 3600")
+    mic = sensors.get("mic")
+    if mic is not None:
+        _need(mic.get("rate", 48000) in (16000, 48000), "sensors.mic.rate",
+              "must be 16000 or 48000")
+        _need(_number(mic.get("calibration_db", 0.0), -20, 20), "sensors.mic.calibration_db",
+              "must be a dB offset between -20 and 20")
+    return cfg
+
+
+def load(path=CONFIG_PATH, secret_path=WIFI_SECRET_PATH):
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError:
+        raise ConfigError("config.json: missing; provision this node with citynode-provision")
+    except ValueError:
+        raise ConfigError("config.json: not valid JSON; re-run citynode-provision deploy")
+    cfg = validate(cfg)
+    try:
+        with open(secret_path) as f:
+            cfg["wifi"]["password"] = json.load(f).get("password", "")
+    except (OSError, ValueError):
+        cfg["wifi"]["password"] = ""
+    return cfg
+
+
+def public_view(cfg):
+    """The configuration without secrets, for the report_config command."""
+    view = {}
+    for key in cfg:
+        if key == "wifi":
+            view[key] = {"ssid": cfg[key].get("ssid")}
+        else:
+            view[key] = cfg[key]
+    return view
