@@ -287,3 +287,32 @@ print(json.dumps({"vbus": adc.read_u16() * 3.3 / 65535 * 2, "boot": machine.Pin(
     assert state["lamp_pwm"] == {"pin": 4, "freq": 1000, "duty_u16": 16384}
     assert state["pins"][2] == 1
     assert math.isclose(state["lamp"], 0.25, abs_tol=1e-3)
+
+
+def test_microphone_through_asyncio(pole: Pole) -> None:
+    """asyncio.StreamReader on the I2S, as the node's acoustic task reads it."""
+    code = I2S_SETUP + """
+import asyncio
+
+async def main():
+    reader = asyncio.StreamReader(mic)
+    chunk = bytearray(1024)
+    sizes, acc, n = [], 0, 0
+    t0 = time.ticks_ms()
+    while n < 8000:                                # half a second at 16 kHz
+        k = await reader.readinto(chunk)
+        sizes.append(k)
+        for i in range(0, k, 4):
+            v = struct.unpack_from("<i", chunk, i)[0] >> 8
+            acc += v * v
+        n += k // 4
+    ms = time.ticks_diff(time.ticks_ms(), t0)
+    return sizes, 10 * math.log10(acc / n * 2 / (1 << 23) ** 2), ms
+
+sizes, db, ms = asyncio.run(main())
+print(json.dumps({"aligned": all(k % 4 == 0 and k > 0 for k in sizes), "db": db, "ms": ms}))
+"""
+    r = pole.run(code)
+    assert r["aligned"]
+    assert r["db"] == pytest.approx(-26.0, abs=0.15)
+    assert 150 < r["ms"] < 2000                       # paced by the sample clock

@@ -1,5 +1,6 @@
 # `machine` for the emulated ESP32. Every peripheral is a thin front for the
 # emulator host, which holds the simulated parts at bus level.
+import io as _io
 import struct
 import time as _t
 import emu_link as _link
@@ -304,9 +305,16 @@ class UART:
         pass
 
 
-class I2S:
-    """I2S receiver: samples arrive on a socket the host paces at the
-    configured rate, as DMA would fill the buffer on the chip."""
+_STREAM_POLL = 3        # py/stream.h ioctl requests
+_STREAM_GET_FILENO = 10
+
+
+class I2S(_io.IOBase):
+    """I2S receiver: samples arrive on a socket the host paces at the configured
+    rate, as DMA fills the ring on the chip. A blocking readinto() fills the whole
+    buffer. Once asyncio polls the object (asyncio.StreamReader), readinto()
+    returns what the ring holds, in whole frames, as the ESP32 port's asyncio
+    mode does; polling uses the socket's descriptor."""
 
     RX = 0
     TX = 1
@@ -320,33 +328,60 @@ class I2S:
         port = struct.unpack("<H", _link.call(
             _link.I2S_INIT, id, struct.pack("<BBBIi", mode, bits, format, rate, ibuf)))[0]
         self._sock = _s.socket()
-        try:  # SOL_SOCKET, SO_RCVBUF: the DMA buffer is `ibuf` on the host, not a kernel queue
+        try:  # SOL_SOCKET, SO_RCVBUF: the DMA ring is `ibuf` on the host, not a kernel queue
             self._sock.setsockopt(1, 8, 2048)
         except OSError:
             pass
         self._sock.connect(_s.getaddrinfo("127.0.0.1", port)[0][-1])
         self._rate = rate
+        self._frame = (bits // 8) * (2 if format == I2S.STEREO else 1)
+        self._async = False
 
-    def readinto(self, buf):
-        mv = memoryview(buf)
-        got = 0
-        n = len(buf)
-        while got < n:
-            k = self._sock.readinto(mv[got:])
+    def _fill(self, mv, got, want):
+        while got < want:
+            k = self._sock.readinto(mv[got:want])
             if not k:
                 raise OSError(5)
             got += k
         return got
 
+    def readinto(self, buf):
+        mv = memoryview(buf)
+        n = len(buf) - len(buf) % self._frame
+        if not self._async:
+            return self._fill(mv, 0, n)
+        got = self._fill(mv, 0, 1 if n else 0)  # poll said readable: this does not wait
+        got += self._sock.readinto(mv[got:n]) if got < n else 0
+        return self._fill(mv, got, got + (-got) % self._frame)  # finish the last frame
+
+    def ioctl(self, req, arg):
+        if req == _STREAM_GET_FILENO:
+            self._async = True
+            return self._sock.fileno()
+        if req == _STREAM_POLL:
+            self._async = True
+            import select
+            p = select.poll()
+            p.register(self._sock, select.POLLIN)
+            return arg & select.POLLIN if p.poll(0) else 0
+        return 0
+
     def deinit(self):
         self._sock.close()
 
     def irq(self, handler):
-        raise NotImplementedError("use blocking readinto on the emulated board")
+        raise NotImplementedError("use readinto or asyncio.StreamReader on the emulated board")
 
     @staticmethod
     def shift(buf, bits, shift):
-        raise NotImplementedError
+        """Scale samples in place by 2**shift (volume), as machine.I2S.shift does."""
+        fmt = "<h" if bits == 16 else "<i"
+        size = 2 if bits == 16 else 4
+        for i in range(0, len(buf) - size + 1, size):
+            v = struct.unpack_from(fmt, buf, i)[0]
+            v = v << shift if shift >= 0 else v >> -shift
+            lim = 1 << (bits - 1)
+            struct.pack_into(fmt, buf, i, max(-lim, min(lim - 1, v)))
 
 
 class WDT:
