@@ -95,11 +95,12 @@ class Row:
 
 class Store:
     def __init__(self, path: str | Path, limits: StoreLimits,
-                 on_drop: Callable[[str, str, int], None] | None = None,
+                 on_drop: Callable[[str, str, int, bool], None] | None = None,
                  clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.limits = limits
-        self.on_drop = on_drop or (lambda device, reason, n: None)
+        # on_drop(device, reason, count, was_buffered): every loss, as it is committed
+        self.on_drop = on_drop or (lambda device, reason, n, stored: None)
         self.clock = clock
         self.quarantined: list[Path] = []
         self.protected: set[int] = set()  # ids in flight upstream: not evicted, gaps not merged
@@ -256,11 +257,11 @@ class Store:
     _delta_bytes = 0
 
     def _report(self, gaps: list[Gap]) -> None:
-        tally: Counter[tuple[str, str]] = Counter()
+        tally: Counter[tuple[str, str, bool]] = Counter()
         for gap in gaps:
-            tally[gap.device, gap.reason] += 1
-        for (device, reason), n in tally.items():
-            self.on_drop(device, reason, n)
+            tally[gap.device, gap.reason, gap.stored] += 1
+        for (device, reason, stored), n in tally.items():
+            self.on_drop(device, reason, n, stored)
 
     def _make_room(self, fresh: list[Incoming], gaps: list[Gap], counts: Counter[int]
                    ) -> list[Incoming]:
@@ -284,7 +285,7 @@ class Store:
                 if row_id in self.protected:
                     continue
                 victims.append(row_id)
-                gaps.append(Gap(device, "quota", seq, received_at))
+                gaps.append(Gap(device, "quota", seq, received_at, stored=True))
                 need_rows -= 1
                 need_bytes -= size
                 self._delta_bytes -= size
@@ -402,7 +403,7 @@ class Store:
                     db.executemany("DELETE FROM messages WHERE id = ?", ((r[0],) for r in rows))
                     counts[prio] -= len(rows)
                     for _, device, seq, received_at, size in rows:
-                        gaps.append(Gap(device, "ttl", seq, received_at))
+                        gaps.append(Gap(device, "ttl", seq, received_at, stored=True))
                         self._delta_bytes -= size
                 self._write_gaps(gaps, counts)
                 total = self._sum_bytes(counts, self._bytes, [])
@@ -440,6 +441,7 @@ class Gap:
     reason: str
     seq: int | None
     received_at: float
+    stored: bool = False
 
 
 def _merge_gap(old: dict, new: dict) -> dict:

@@ -26,8 +26,11 @@ def item(device, seq, event=False, data=b"x" * 36, received_at=NOW, node_time=No
 
 def open_store(tmp_path, drops=None, **limits):
     base = dict(min_free_bytes=0, replay_window=64)
-    return Store(tmp_path / "gateway.db", StoreLimits(**{**base, **limits}),
-                 on_drop=(lambda d, r, n: drops.append((d, r, n))) if drops is not None else None,
+    def on_drop(device, reason, n, stored):
+        if drops is not None:
+            drops.append((device, reason, n))
+
+    return Store(tmp_path / "gateway.db", StoreLimits(**{**base, **limits}), on_drop=on_drop,
                  clock=lambda: NOW)
 
 
