@@ -8,8 +8,10 @@ record that is forwarded like a message, so loss is never silent.
 Quota policy, when a batch does not fit (bytes, rows, or the disk's minimum free
 space): victims are taken by class - backfill first, then live readings, events
 last - and oldest first within a class; incoming rows are the newest of their class.
-Gap records are never evicted. When the disk is below its free minimum, each batch
-frees at least as many bytes as it adds, so the file stops growing.
+Gap records are never evicted and do not count against the row quota (they merge into
+one open record per device and reason, so there are few of them). When the disk is
+below its free minimum, each batch frees at least as many bytes as it adds, so the
+file stops growing.
 
 The replay window (per device: highest sequence number seen and a bitmap of the
 `replay_window` numbers below it) is committed in the same transaction as the rows,
@@ -268,7 +270,7 @@ class Store:
         """Evict (inside the open transaction) until `fresh` fits; returns the rows kept."""
         limits = self.limits
         new_bytes = sum(len(i.data) + ROW_OVERHEAD for i in fresh)
-        need_rows = sum(counts.values()) + len(fresh) - limits.max_rows
+        need_rows = sum(counts.values()) - counts[PRIO_GAP] + len(fresh) - limits.max_rows
         need_bytes = self._bytes + new_bytes - limits.max_bytes
         if fresh and limits.min_free_bytes and self.free_disk() < limits.min_free_bytes:
             need_bytes = max(need_bytes, new_bytes)
