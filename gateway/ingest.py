@@ -184,7 +184,7 @@ class Ingest:
             return None
         except Exception as exc:  # a decoder bug must not take the ingest down
             log.exception("unexpected error verifying a message on %r", topic)
-            self.reject("malformed", f"{exc.__class__.__name__}")
+            self.reject("internal_error", f"{exc.__class__.__name__}")
             return None
         self.metrics.inc("verified_total")
         return item
