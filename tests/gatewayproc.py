@@ -63,14 +63,15 @@ class GatewayProcess:
         self.log_path = self.workdir / "gateway.log"
         self.starts = 0
 
-    def start(self, wait: bool = True, timeout: float = 15.0) -> GatewayProcess:
+    def start(self, wait: bool = True, timeout: float = 15.0,
+              env: dict[str, str] | None = None) -> GatewayProcess:
         self.starts += 1
         with self.log_path.open("a") as log:
             log.write(f"--- start {self.starts}\n")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "citynode.gateway.cli", "run", "--config",
                  str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         if wait:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
