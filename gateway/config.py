@@ -26,7 +26,6 @@ class LocalBroker:
     client_id: str = ""
     username: str | None = None
     password_file: Path | None = None
-    receive_maximum: int = 500
     down_exit_s: float = 300.0
 
 
@@ -45,7 +44,6 @@ class Upstream:
     keepalive: int = 30
     inflight: int = 32
     backlog_max_per_s: float = 5000.0
-    live_max_age_s: float = 60.0
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
 
@@ -57,6 +55,7 @@ class StoreLimits:
     min_free_bytes: int = 200_000_000
     commit_rows: int = 100
     commit_ms: int = 200
+    commit_idle_ms: int = 10
     replay_window: int = 4096
     backfill_age_s: float = 300.0
     ttl_event_s: float = 30 * DAY
@@ -182,7 +181,6 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         keepalive=up.number("keepalive", 30, 5, 3600, True),
         inflight=up.number("inflight", 32, 1, 65535, True),
         backlog_max_per_s=up.number("backlog_max_per_s", 5000.0, 1),
-        live_max_age_s=up.number("live_max_age_s", 60.0, 0),
         backoff_min_s=up.number("backoff_min_s", 1.0, 0.01, 3600),
         backoff_max_s=up.number("backoff_max_s", 60.0, 0.01, 86400))
     if upstream.backoff_max_s < upstream.backoff_min_s:
@@ -199,7 +197,6 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         host=lo.text("host", "127.0.0.1"), port=lo.number("port", 1883, 1, 65535, True),
         client_id=lo.text("client_id", f"citynode-gateway-{gateway_id}"),
         username=lo.text("username"), password_file=lo.path("password_file"),
-        receive_maximum=lo.number("receive_maximum", 500, 1, 65535, True),
         down_exit_s=lo.number("down_exit_s", 300.0, 1))
 
     store = StoreLimits(
@@ -208,6 +205,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         min_free_bytes=st.number("min_free_bytes", StoreLimits.min_free_bytes, 0, integer=True),
         commit_rows=st.number("commit_rows", 100, 1, 10000, True),
         commit_ms=st.number("commit_ms", 200, 1, 10000, True),
+        commit_idle_ms=st.number("commit_idle_ms", 10, 1, 10000, True),
         replay_window=st.number("replay_window", 4096, 64, 1 << 20, True),
         backfill_age_s=st.number("backfill_age_s", 300.0, 0),
         ttl_event_s=st.number("ttl_event_s", StoreLimits.ttl_event_s, 1),

@@ -229,11 +229,11 @@ class Gateway:
         self.write_status()
         if self.http:
             self.http.stop()
+        buffered = self.store.stats()["rows"]
         self.store.close()
-        stats = self.metrics.snapshot()
-        log.info("stopped; received %d, forwarded %d", sum(stats.get("received_total", {})
-                                                           .values()),
-                 sum(stats.get("forwarded_total", {}).values()))
+        log.info("stopped; received %d, forwarded %d, %d buffered",
+                 self.metrics.total("received_total"), self.metrics.total("forwarded_total"),
+                 buffered)
 
 
 def read_status(state_dir: Path) -> dict | None:

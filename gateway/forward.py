@@ -4,8 +4,9 @@ One thread owns the upstream client and runs its network loop itself, so connect
 state, the in-flight table and the dispatch never race. Rows are keyed by the store's
 row id (paho's mid restarts on every connection); on a reconnect everything that was
 in flight is sent again, oldest first (the upstream may see a duplicate: the same
-device and seq). Two lanes share a small in-flight window: live rows (gap records,
-events, fresh readings) first, then the backlog, rate limited and marked
+device and seq). Two lanes share a small in-flight window: live rows (stored since the
+connection came up) first, then the backlog (what was buffered before, and backfill
+from nodes' spools), rate limited, leaving slots free for live data, and marked
 `historical=1`; each lane keeps per-device order (row id order). Reconnects back off
 exponentially with jitter. The retained `<prefix>/<gateway>/status` says online, and
 the broker publishes the last will (offline) if the gateway vanishes.
@@ -60,6 +61,41 @@ def load_operator_key(path: Path) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise ForwardError(f"gateway.operator_key {path}: must be a P-256 public key")
     return key
+
+
+class UserProperties(Properties):
+    """PUBLISH properties made of user properties only, encoded once here.
+
+    paho's generic Properties encoder costs more than the rest of a publish; paho only
+    calls `pack()` on what it is given, so this packs the MQTT 5 property block itself
+    (identifier 0x26, two length-prefixed UTF-8 strings per pair).
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "pairs", pairs)
+        body = b"".join(b"\x26" + _utf8(k) + _utf8(v) for k, v in pairs)
+        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return f"UserProperties({self.pairs})"
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def iso(ts: float) -> str:
@@ -161,6 +197,8 @@ class Forwarder:
 
     _next_attempt = 0.0
     _last_query = 0.0
+    _boundary = _live_cursor = _hist_cursor = 0
+    _retry: list[int] = []
 
     def _backoff(self) -> float:
         self._attempt += 1
@@ -200,6 +238,13 @@ class Forwarder:
         self.metrics.set("uplink_up", 1)
         self.metrics.inc("uplink_connects_total")
         self._reset_inflight()
+        self._flush_deletes(force=True)
+        # What is buffered now is the backlog (sent as historical, in its own lane);
+        # what arrives from now on is live. Both lanes start over: anything that was in
+        # flight on the last connection goes out again.
+        self._boundary = self.store.max_id()
+        self._live_cursor = self._hist_cursor = 0
+        self._retry = []
         client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         if self.operator_key is not None and self.relay_down is not None:
             client.subscribe(self.down_topic + "+", qos=1)
@@ -226,7 +271,7 @@ class Forwarder:
         row_id, historical = entry
         self._inflight.discard(row_id)
         if reason_code.is_failure:
-            self.held.discard(row_id)
+            self._retry.append(row_id)
             self.metrics.inc("forward_failed_total")
             self.rlog.warning("puback", "upstream refused row %d: %s; will retry", row_id,
                               reason_code)
@@ -268,32 +313,36 @@ class Forwarder:
         if free <= 0:
             return
         self.wake.clear()
-        now, mono = time.time(), time.monotonic()
-        since = now - self.up.live_max_age_s
-        rows = self.store.live_rows(since, free, self.held)
+        if self._retry:
+            retry, self._retry = self._retry[:free], self._retry[free:]
+            free -= self._publish(self.store.rows(retry), historical=True)
+        rows = self.store.live_rows(self._live_cursor, self._boundary, free)
         sent = self._publish(rows, historical=False)
+        if sent:
+            self._live_cursor = rows[sent - 1].id
         free -= sent
+        if sent < len(rows) or free <= 0:
+            return
+        mono = time.monotonic()
         reserve = max(1, self.up.inflight // 4)  # slots the backlog leaves for live data
         rate = self.up.backlog_max_per_s
         self._tokens = min(rate, self._tokens + (mono - self._tokens_at) * rate)
         self._tokens_at = mono
         budget = min(free - (reserve if len(self._inflight) >= reserve else 0), int(self._tokens))
-        if budget > 0 and sent == len(rows):
-            backlog = self.store.backlog_rows(since, budget, self.held)
-            self._tokens -= self._publish(backlog, historical=True)
+        if budget > 0:
+            backlog = self.store.backlog_rows(self._hist_cursor, self._boundary, budget)
+            sent = self._publish(backlog, historical=True)
+            if sent:
+                self._hist_cursor = backlog[sent - 1].id
+            self._tokens -= sent
 
     def _publish(self, rows: list[Row], historical: bool) -> int:
         sent = 0
         for row in rows:
-            props = Properties(PacketTypes.PUBLISH)
-            props.UserProperty = [("gateway", self.config.gateway_id),
-                                  ("received_at", iso(row.received_at)),
-                                  ("historical", "1" if historical else "0")]
-            if row.is_gap:
-                props.ContentType = "application/json"
-                topic = self.gap_topic + row.device
-            else:
-                topic = self.up_topic + row.device
+            props = UserProperties([("gateway", self.config.gateway_id),
+                                    ("received_at", iso(row.received_at)),
+                                    ("historical", "1" if historical else "0")])
+            topic = (self.gap_topic if row.is_gap else self.up_topic) + row.device
             info = self.client.publish(topic, row.data, qos=1, properties=props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break  # connection went away; the rows stay buffered

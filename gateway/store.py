@@ -230,11 +230,11 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             kept = self._make_room(fresh, gaps, counts)
-            for item in kept:
-                size = len(item.data) + ROW_OVERHEAD
-                db.execute("INSERT INTO messages (device, seq, prio, received_at, size, data) "
+            db.executemany("INSERT INTO messages (device, seq, prio, received_at, size, data) "
                            "VALUES (?, ?, ?, ?, ?, ?)",
-                           (item.device, item.seq, item.prio, item.received_at, size, item.data))
+                           [(i.device, i.seq, i.prio, i.received_at, len(i.data) + ROW_OVERHEAD,
+                             i.data) for i in kept])
+            for item in kept:
                 counts[item.prio] += 1
             for device in dirty:
                 top, bits = windows[device]
@@ -342,24 +342,41 @@ class Store:
 
     # --- forwarding ------------------------------------------------------------------------
 
-    def live_rows(self, since: float, limit: int, skip: set[int]) -> list[Row]:
-        """Gap records, events and live readings received after `since`, oldest first."""
+    def max_id(self) -> int:
         with self._lock:
-            rows = self._select("WHERE prio = 3 ORDER BY id LIMIT ?", (limit + len(skip),), skip)
+            return self.db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+
+    def live_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
+        """The live lane: rows stored after `boundary` (the last id when the uplink came
+        up), except backfill, in id order from `after`."""
+        with self._lock:
+            return self._select("WHERE id > ? AND prio != 0 ORDER BY id LIMIT ?",
+                                (max(after, boundary), limit))
+
+    def backlog_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
+        """The backlog lane: everything up to `boundary`, then backfill, in id order."""
+        with self._lock:
+            rows = self._select("WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                                (after, boundary, limit))
             if len(rows) < limit:
-                rows += self._select("WHERE received_at >= ? AND prio IN (1, 2) ORDER BY id "
-                                     "LIMIT ?", (since, limit - len(rows) + len(skip)), skip)
-            return rows[:limit]
+                rows += self._select("WHERE prio = 0 AND id > ? ORDER BY id LIMIT ?",
+                                     (max(after, boundary), limit - len(rows)))
+            return rows
 
-    def backlog_rows(self, before: float, limit: int, skip: set[int]) -> list[Row]:
-        """Backfill, and everything received before `before`, oldest first."""
+    def rows(self, ids: Iterable[int]) -> list[Row]:
+        ids = list(ids)
         with self._lock:
-            return self._select("WHERE prio != 3 AND (prio = 0 OR received_at < ?) ORDER BY id "
-                                "LIMIT ?", (before, limit + len(skip)), skip)[:limit]
+            return self._select(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
+                                tuple(ids)) if ids else []
 
-    def _select(self, where: str, args: tuple, skip: set[int]) -> list[Row]:
+    def scan(self, limit: int = 1000) -> list[Row]:
+        """The oldest rows, every class (for tests and the status command)."""
+        with self._lock:
+            return self._select("ORDER BY id LIMIT ?", (limit,))
+
+    def _select(self, where: str, args: tuple) -> list[Row]:
         query = f"SELECT id, device, seq, prio, received_at, data FROM messages {where}"
-        return [Row(*r) for r in self.db.execute(query, args) if r[0] not in skip]
+        return [Row(*r) for r in self.db.execute(query, args)]
 
     def delete(self, ids: Iterable[int]) -> int:
         """Delete rows the upstream broker acknowledged; returns how many existed."""

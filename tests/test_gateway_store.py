@@ -62,11 +62,15 @@ def test_classes_and_lanes(tmp_path):
                         item("b", 1, node_time=int(NOW) - 3600),
                         item("c", 1, received_at=NOW - 500)])
     assert [i.prio for i in res] == [PRIO_EVENT, PRIO_LIVE, PRIO_BACKFILL, PRIO_LIVE]
-    live = store.live_rows(NOW - 60, 10, set())
-    assert [(r.device, r.seq) for r in live] == [("a", 1), ("a", 2)]
-    backlog = store.backlog_rows(NOW - 60, 10, set())
-    assert [(r.device, r.seq) for r in backlog] == [("b", 1), ("c", 1)]
-    assert store.backlog_rows(NOW - 60, 10, {backlog[0].id}) == backlog[1:]
+    ids = [r.id for r in store.scan()]
+    # uplink came up after the first row: row 1 is backlog, backfill always is
+    live = store.live_rows(0, ids[0], 10)
+    assert [(r.device, r.seq) for r in live] == [("a", 2), ("c", 1)]
+    backlog = store.backlog_rows(0, ids[0], 10)
+    assert [(r.device, r.seq) for r in backlog] == [("a", 1), ("b", 1)]
+    assert store.backlog_rows(backlog[0].id, ids[0], 10) == backlog[1:]
+    assert store.live_rows(live[0].id, ids[0], 10) == live[1:]
+    assert store.rows([ids[3], ids[1]]) == [live[0], live[1]]
     assert store.delete([r.id for r in live]) == 2
     assert store.stats()["rows"] == 2
 
@@ -84,7 +88,7 @@ def test_quota_evicts_backfill_then_live_then_events_and_writes_gaps(tmp_path):
                                replay_window=64)
     res = store.insert([item("l", 4), item("l", 5)])
     assert outcomes(res) == [STORED, STORED]
-    rows = store.backlog_rows(NOW + 1, 100, set()) + store.live_rows(NOW + 1, 100, set())
+    rows = store.scan()
     kept = {(r.device, r.seq) for r in rows if r.prio != PRIO_GAP}
     assert ("b", 1) not in kept and ("l", 1) not in kept  # backfill first, then oldest live
     assert {("e", 1), ("e", 2)} <= kept
@@ -92,8 +96,8 @@ def test_quota_evicts_backfill_then_live_then_events_and_writes_gaps(tmp_path):
     # never an event
     store.limits = StoreLimits(max_rows=4, max_bytes=10**9, min_free_bytes=0, replay_window=64)
     store.insert([item("l", 6)])
-    gaps = [json.loads(r.data) for r in store.live_rows(0, 100, set()) if r.prio == PRIO_GAP]
-    assert {("e", 1), ("e", 2)} <= {(r.device, r.seq) for r in store.live_rows(0, 100, set())}
+    gaps = [json.loads(r.data) for r in store.scan() if r.prio == PRIO_GAP]
+    assert {("e", 1), ("e", 2)} <= {(r.device, r.seq) for r in store.scan()}
     by_device = {g["device"]: g for g in gaps}
     assert by_device["b"]["count"] == 1 and by_device["b"]["reason"] == "quota"
     assert by_device["l"]["count"] >= 2 and by_device["l"]["first_seq"] == 1
@@ -108,7 +112,7 @@ def test_incoming_is_dropped_when_only_events_remain(tmp_path):
     res = store.insert([item("l", 1)])
     assert outcomes(res) == [DROPPED]
     assert drops == [("l", "quota", 1)]
-    rows = store.live_rows(0, 10, set())
+    rows = store.scan()
     assert sorted(r.prio for r in rows) == [PRIO_EVENT, PRIO_EVENT, PRIO_GAP]
 
 
@@ -120,7 +124,7 @@ def test_ttl_sweep_counts_and_reports(tmp_path):
                   item("a", 3)])
     assert store.sweep_ttl() == 1
     assert drops == [("a", "ttl", 1)]
-    prios = sorted(r.prio for r in store.live_rows(0, 10, set()))
+    prios = sorted(r.prio for r in store.scan())
     assert prios == [PRIO_LIVE, PRIO_EVENT, PRIO_GAP]
 
 
