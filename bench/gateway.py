@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import struct
 import subprocess
 import sys
@@ -49,9 +50,14 @@ def publisher_main(port: int, path: str, inflight: int = 100) -> None:
     client.max_inflight_messages_set(inflight)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    infos = [client.publish(f"citynode/up/{device}", data, qos=1) for device, data in
-             read_envelopes(Path(path))]
-    for info in infos:
+    window: list = []  # paho's message ids wrap at 65535: keep fewer outstanding
+    for device, data in read_envelopes(Path(path)):
+        window.append(client.publish(f"citynode/up/{device}", data, qos=1))
+        if len(window) >= 20000:
+            for info in window[:10000]:
+                info.wait_for_publish(600)
+            del window[:10000]
+    for info in window:
         info.wait_for_publish(600)
     client.loop_stop()
     client.disconnect()
@@ -277,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["relay"]:
         relay_main(int(argv[1]), int(argv[2]))
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the brokers' cleanup
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__)
     parser.add_argument("--out", default="bench/results", help="directory for gateway.json")
     parser.add_argument("--messages", type=int, default=20000, help="e2e and relay runs")

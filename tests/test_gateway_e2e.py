@@ -75,9 +75,38 @@ def test_upstream_outage_loses_nothing_and_drains_in_order(rig, devices, upstrea
     keys = collector.keys()
     assert set(keys) == {seq_of(e) for _, e in batch}
     historical = [seq_of(p) for _, p, u in collector.envelopes() if u["historical"] == "1"]
-    live = [seq_of(p) for _, p, u in collector.envelopes() if u["historical"] == "0"]
+    assert set(historical) == set(keys)  # buffered during the outage: the backlog lane
     assert_per_device_order(historical)
-    assert_per_device_order(live)
+
+
+def test_live_readings_overtake_a_rate_limited_backlog(tmp_path, local_broker, upstream_broker,
+                                                      devices):
+    collector, node = Collector(upstream_broker), Node(local_broker)
+    gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker, devices,
+                        upstream_extra={"backlog_max_per_s": 50})
+    try:
+        gw.start()
+        upstream_broker.stop()
+        gw.wait_for(lambda: gw.health()["uplink"] == "down", what="uplink down")
+        backlog = [(d.device_id, d.envelope()) for _ in range(50) for d in devices]
+        node.publish_all(backlog)
+        gw.wait_for(lambda: gw.metric("buffered_messages") == len(backlog), what="buffered")
+        upstream_broker.start()
+        gw.wait_for(lambda: gw.health()["uplink"] == "up", what="uplink up")
+        live = [(d.device_id, d.envelope()) for d in devices]
+        node.publish_all(live)
+        gw.wait_for(lambda: set(collector.keys()) >= {seq_of(e) for _, e in backlog + live},
+                    what="everything delivered")
+        arrival = collector.envelopes()
+        live_keys = {seq_of(e) for _, e in live}
+        positions = [i for i, (_, p, _) in enumerate(arrival) if seq_of(p) in live_keys]
+        assert max(positions) < len(backlog) / 2  # well before the backlog finished
+        assert all(arrival[i][2]["historical"] == "0" for i in positions)
+        assert_per_device_order([seq_of(p) for _, p, u in arrival if u["historical"] == "1"])
+    finally:
+        gw.kill()
+        node.close()
+        collector.close()
 
 
 def test_sighup_reloads_the_registry(rig, devices):
