@@ -6,6 +6,7 @@ One run, this machine, real Mosquitto brokers (tests/brokers.py), one load gener
 - es256_verify_per_s     the raw ES256 verify rate of `cryptography`
 - bare_relay_msgs_per_s  a bare paho relay: subscribe QoS 1 -> publish QoS 1 upstream
 - e2e_msgs_per_s         local broker -> verify -> commit -> upstream PUBACK -> delete
+                         (both: median of --repeat alternating runs, runs listed too)
 - ratio_vs_bare_relay    e2e / bare relay
 - rss_mb_backlog_200k    peak RSS of the gateway while the backlog is buffered (uplink
                          down); rss_mb_samples shows it along the way (flat is good)
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -291,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-messages", type=int, default=1000,
                         help="messages in the SIGKILL runs (Mosquitto queues 1000 by default)")
     parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="alternating relay/e2e runs; the medians are reported")
     args = parser.parse_args(argv)
 
     devices = [TestDevice.random() for _ in range(args.devices)]
     results: dict = {"params": {"messages": args.messages, "backlog": args.backlog,
+                                "repeat": args.repeat,
                                 "kill_messages": args.kill_messages, "devices": args.devices,
                                 "machine": platform.machine(), "cpus": os.cpu_count(),
                                 "python": platform.python_version(),
@@ -310,11 +315,16 @@ def main(argv: list[str] | None = None) -> int:
             write_envelopes(sets[key], sign(devices, count))
         results["es256_verify_per_s"] = round(verify_rate())
         print("verify", results["es256_verify_per_s"], flush=True)
-        results["bare_relay_msgs_per_s"] = round(bare_relay_rate(tmp, sets["e2e"],
-                                                                 args.messages), 1)
-        print("bare relay", results["bare_relay_msgs_per_s"], flush=True)
-        results["e2e_msgs_per_s"] = round(e2e_rate(tmp, sets["e2e"], args.messages, devices), 1)
-        print("e2e", results["e2e_msgs_per_s"], flush=True)
+        relay_runs, e2e_runs = [], []
+        for run in range(args.repeat):  # alternate, so load on the machine hits both alike
+            relay_runs.append(round(bare_relay_rate(tmp / f"r{run}", sets["e2e"],
+                                                    args.messages), 1))
+            e2e_runs.append(round(e2e_rate(tmp / f"e{run}", sets["e2e"], args.messages,
+                                           devices), 1))
+            print("bare relay", relay_runs[-1], "e2e", e2e_runs[-1], flush=True)
+        results["bare_relay_msgs_per_s"] = statistics.median(relay_runs)
+        results["e2e_msgs_per_s"] = statistics.median(e2e_runs)
+        results["bare_relay_runs"], results["e2e_runs"] = relay_runs, e2e_runs
         results["ratio_vs_bare_relay"] = round(
             results["e2e_msgs_per_s"] / results["bare_relay_msgs_per_s"], 3)
         bl = backlog(tmp, sets["backlog"], args.backlog, devices)

@@ -39,7 +39,7 @@ log = logging.getLogger("citynode.gateway.store")
 # Priority classes, in eviction order (lowest first). Gap records are never evicted.
 PRIO_BACKFILL, PRIO_LIVE, PRIO_EVENT, PRIO_GAP = 0, 1, 2, 3
 PRIO_NAMES = {PRIO_BACKFILL: "backfill", PRIO_LIVE: "live", PRIO_EVENT: "event", PRIO_GAP: "gap"}
-ROW_OVERHEAD = 64  # bytes a row costs beyond its payload (row header, two index entries)
+ROW_OVERHEAD = 48  # bytes a row costs beyond its payload (row header, index entry)
 
 STORED, DUPLICATE, REPLAYED, DROPPED = "stored", "duplicate", "replayed", "dropped"
 
@@ -54,7 +54,6 @@ CREATE TABLE IF NOT EXISTS messages (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_prio ON messages (prio, id);
-CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
 CREATE TABLE IF NOT EXISTS replay (
     device TEXT PRIMARY KEY,
     max_seq INTEGER NOT NULL,
