@@ -173,3 +173,22 @@ def test_local_broker_gone_for_too_long_exits_non_zero(tmp_path, local_broker, u
         assert "unreachable" in gw.log()
     finally:
         gw.kill()
+
+
+def test_a_hung_upstream_connect_makes_the_daemon_exit_for_a_restart(
+        tmp_path, local_broker, upstream_broker):
+    import socket
+
+    silent = socket.socket()  # accepts TCP, never answers the TLS handshake
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker, [],
+                        upstream_extra={"port": silent.getsockname()[1], "tls": True},
+                        gateway_extra={"stall_exit_s": 1.5})
+    try:
+        gw.start()
+        assert gw.proc.wait(20) == 4
+        assert "stuck" in gw.log()
+    finally:
+        gw.kill()
+        silent.close()

@@ -151,3 +151,24 @@ def test_truncated_database_is_quarantined(tmp_path):
     db.write_bytes(bytes(data))
     store = open_store(tmp_path)
     assert store.quarantined and store.stats()["rows"] == 0
+
+
+class NearlyFullDisk(Store):
+    """A disk below its free minimum: a fault a test machine's disk cannot make on cue."""
+
+    def free_disk(self) -> int:
+        return 1
+
+
+def test_below_min_free_disk_each_batch_frees_what_it_adds(tmp_path):
+    drops = []
+    store = open_store(tmp_path, drops)
+    store.insert([item("a", s) for s in range(1, 11)])
+    full = NearlyFullDisk(tmp_path / "gateway.db", StoreLimits(min_free_bytes=10**6,
+                                                               replay_window=64),
+                          on_drop=lambda d, r, n, stored: drops.append((d, r, n)))
+    store.close()
+    full.insert([item("a", 11), item("a", 12)])
+    rows = [r for r in full.scan() if r.prio != PRIO_GAP]
+    assert [r.seq for r in rows] == list(range(3, 13))  # the two oldest made room
+    assert drops == [("a", "quota", 2)]
