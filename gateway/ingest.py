@@ -192,13 +192,11 @@ class Ingest:
 
     def _write_loop(self) -> None:
         limits = self.config.store
-        while True:
+        while not self._stop.is_set():  # stop(): the rest is committed by drain()
             self.heartbeat = time.monotonic()
             try:
                 first = self.queue.get(timeout=0.5)
             except queue.Empty:
-                if self._stop.is_set():
-                    return
                 continue
             # Group commit: up to commit_rows, at most commit_ms after the first row, or
             # sooner when nothing arrived for commit_idle_ms (the broker is waiting for

@@ -390,8 +390,9 @@ class Store:
                 for chunk in range(0, len(ids), 500):
                     part = ids[chunk:chunk + 500]
                     marks = ",".join("?" * len(part))
-                    gone += db.execute(f"DELETE FROM messages WHERE id IN ({marks}) "
-                                       "RETURNING prio, size", part).fetchall()
+                    gone += db.execute(f"SELECT prio, size FROM messages WHERE id IN ({marks})",
+                                       part).fetchall()
+                    db.execute(f"DELETE FROM messages WHERE id IN ({marks})", part)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
