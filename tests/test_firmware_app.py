@@ -14,11 +14,11 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from citynode.provisioning.deploy import build_config
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode import wire
 from citynode.boards import get_board
-from citynode.provisioning.deploy import build_config
 from tests.emu import install_firmware, mpremote, start_emulator, wait_for
 
 WINDOW_S = 5
