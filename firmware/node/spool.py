@@ -141,8 +141,7 @@ class Spool:
                     f.write(data)
             self.writes += 1
         except OSError as e:
-            self.flash_errors += 1
-            self.last_error = "spool flash write failed: %r" % (e,)
+            self._flash_error(e)
             self._open()  # whatever reached the file: keep the valid part, drop a torn tail
             return False
         self._end += self._ram_used
@@ -295,21 +294,34 @@ class Spool:
         """Load the flash head record into ._cache; False if it went bad (flash is cut)."""
         c = self._cache
         if c is None or c[0] != self._head:
-            with open(self._dat, "rb") as f:
-                rec = self._check(f, self._head)
-                if rec is None:  # changed in flash since it was checked: drop from here
-                    self.torn += 1
-                    self.dropped += self._count
-                    self._delete_flash()
-                    return False
-                f.seek(self._head + HDR)
-                self._cache = (self._head, rec[1], f.read(rec[1] - HDR))
+            try:
+                with open(self._dat, "rb") as f:
+                    rec = self._check(f, self._head)
+                    if rec is not None:
+                        f.seek(self._head + HDR)
+                        self._cache = (self._head, rec[1], f.read(rec[1] - HDR))
+            except OSError as e:  # the file is gone or unreadable
+                self._flash_error(e)
+                rec = None
+            if rec is None:  # damaged since it was checked: drop from here, never loop on it
+                self.torn += 1
+                self.dropped += self._count
+                self._delete_flash()
+                return False
         return True
 
     def _save_head(self):
-        write_atomic(self._hd, b"%d\n" % self._head)
+        try:
+            write_atomic(self._hd, b"%d\n" % self._head)
+        except OSError as e:  # only costs re-sends after a reset: go on, try next time
+            self._flash_error(e)
+            return
         self.writes += 1
         self._unsaved = 0
+
+    def _flash_error(self, e):
+        self.flash_errors += 1
+        self.last_error = "spool flash: %r" % (e,)
 
     def _delete_flash(self):
         if exists(self._hd) or exists(self._dat):
