@@ -198,3 +198,34 @@ except ValueError as e:
 """)
     assert got == {"error": "record of 4097 bytes is over max_record (4096)", "n": 0}
     assert os.listdir(tmp_path / "spool") == []
+
+
+def test_flash_errors_are_counted_and_never_stop_the_queue(tmp_path):
+    got = mpy(tmp_path, """
+import os
+s = Spool(BASE, ram_count=4, head_every=2)
+for i in range(10):
+    s.put(rec(i))
+s.flush()
+def broken(*a):
+    raise OSError(28)  # ENOSPC
+_sp.write_atomic = broken
+first = [s.pop().decode()[:6] for _ in range(5)]   # head saves fail: popping goes on
+head_errors = s.flash_errors
+_sp.open = broken                                   # now appends fail too
+for i in range(10, 20):
+    s.put(rec(i))
+ram = s.ram_len()
+_sp.open = counting_open
+os.remove(BASE + '/spool.dat')                      # and the file vanishes under it
+rest = drain(s)
+report(first=first, head_errors=head_errors, ram=ram, errors=s.flash_errors, rest=rest,
+       dropped=s.dropped, torn=s.torn)
+""")
+    assert got["first"] == names(*range(5))
+    assert got["head_errors"] >= 2
+    assert got["ram"] == 4  # RAM stays bounded when flash refuses the spill ...
+    # ... by dropping its oldest routine records, counted with the 5 lost with the file
+    assert got["rest"] == names(16, 17, 18, 19)
+    assert got["dropped"] == 6 + 5
+    assert got["torn"] == 1 and got["errors"] > got["head_errors"]

@@ -36,6 +36,11 @@ boot = 2 if exists('booted') else 1
 open('booted', 'w').close()
 first, count = cfg['batches'][boot - 1]
 sent = 0
+downlinks = []
+
+
+async def on_downlink(payload):  # a coroutine: the uplink runs it as a task
+    downlinks.append(payload.decode())
 
 
 def envelopes():
@@ -51,7 +56,8 @@ def envelopes():
 async def report(up, w):
     while True:
         st = up.stats()
-        st.update(boot=boot, sent=sent, ram=up.spool.ram_len(), wifi_drops=w.drops)
+        st.update(boot=boot, sent=sent, ram=up.spool.ram_len(), wifi_drops=w.drops,
+                  downlink=downlinks)
         write_atomic('status.json', json.dumps(st).encode())
         await asyncio.sleep_ms(100)
 
@@ -60,7 +66,8 @@ async def main():
     global sent
     w = WiFi('city', 'pw', backoff_min_ms=200, backoff_max_ms=1000)
     w.start()
-    up = Uplink(cfg['device'], cfg['host'], cfg['port'], cfg['uplink'], wifi=w)
+    up = Uplink(cfg['device'], cfg['host'], cfg['port'], cfg['uplink'], wifi=w,
+                on_downlink=on_downlink)
     up.start()
     asyncio.create_task(report(up, w))
     for env in envelopes():
@@ -133,12 +140,12 @@ def pole(emu_board, local_broker):
         (emu_board.state / "fs" / "envs.bin").write_bytes(
             b"".join(struct.pack("<H", len(e)) + e for e in envs))
     sub = Subscriber(local_broker.host, local_broker.port, f"citynode/up/{device}")
-    yield emu_board, setup, envs, sub
+    yield emu_board, setup, envs, sub, device
     sub.close()
 
 
 def test_wifi_outage_loses_nothing_and_keeps_order(pole):
-    board, setup, envs, sub = pole
+    board, setup, envs, sub, device = pole
     setup([[0, COUNT]], period_ms=80)
     started = time.monotonic()
     board.control("power", on=True)
@@ -150,9 +157,14 @@ def test_wifi_outage_loses_nothing_and_keeps_order(pole):
         during = status(board)
         assert len(sub.payloads()) == before  # the link is really gone
         assert not during["connected"] and during["spooled"] > 0 and during["depth"] > 0
+        # a command sent while the node is away waits in its broker session (clean=False)
+        sub.publish(f"citynode/down/{device}", b"while-offline")
     finally:
         board.control("wifi", up=True)
     got = sub.wait_count(COUNT, timeout=30)
+    sub.publish(f"citynode/down/{device}", b"online")
+    wait_status(board, lambda s: s["downlink"] == ["while-offline", "online"],
+                what="both downlink commands, in order")
     final = wait_status(board, lambda s: s["depth"] == 0 and s["sent"] == COUNT)
     elapsed = time.monotonic() - started
     check_in_order(got, envs)
@@ -164,7 +176,7 @@ def test_wifi_outage_loses_nothing_and_keeps_order(pole):
 
 
 def test_power_cut_with_envelopes_in_flash_sends_them_after_power_on(pole):
-    board, setup, envs, sub = pole
+    board, setup, envs, sub, _ = pole
     setup([[0, 20], [20, 10]], period_ms=30)
     board.control("wifi", up=False)  # the pole's access point is down from the start
     board.control("power", on=True)

@@ -132,6 +132,10 @@ class Spool:
         if max_age_ms is not None and time.ticks_diff(time.ticks_ms(), self._since) < max_age_ms:
             return False
         try:
+            if self._size() != self._end:  # a failed append left bytes behind: repair first
+                before = self._count
+                self._open()
+                self.dropped += max(0, before - self._count)
             self._make_room(self._ram_used)
             if not self._ram:
                 return False
@@ -140,9 +144,8 @@ class Spool:
                     f.write(self._header(prio, data))
                     f.write(data)
             self.writes += 1
-        except OSError as e:
+        except OSError as e:  # records stay in RAM (bounded); the file is checked next time
             self._flash_error(e)
-            self._open()  # whatever reached the file: keep the valid part, drop a torn tail
             return False
         self._end += self._ram_used
         self._count += len(self._ram)
@@ -157,6 +160,12 @@ class Spool:
         self._count = 0
         self._unsaved = 0
         self._cache = None
+
+    def _size(self):
+        try:
+            return os.stat(self._dat)[6]
+        except OSError:
+            return 0
 
     @staticmethod
     def _header(prio, data):

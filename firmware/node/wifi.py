@@ -26,7 +26,7 @@ STATUS_TEXT = {IDLE: "idle", CONNECTING: "connecting", GOT_IP: "connected",
 
 
 class WiFi:
-    """The STA link. Counters: .connects, .drops; .last_status (code of the last failure)."""
+    """The STA link. Counters: .connects, .drops; .last_status (last failure: code or error)."""
 
     def __init__(self, ssid, password=None, *, timeout_ms=15000, backoff_min_ms=1000,
                  backoff_max_ms=60000, poll_ms=500, wlan=None):
@@ -95,14 +95,20 @@ class WiFi:
         """Keep the link up forever (run it as a task)."""
         while True:
             if self.wlan.isconnected():
+                if not self._up:  # up already (earlier boot stage, or the driver's retry)
+                    self._up = True
+                    self.connects += 1
                 self.backoff.reset()
                 await asyncio.sleep_ms(self.poll_ms)
                 continue
             if self._up:
                 self._up = False
                 self.drops += 1
-            if await self.connect():
-                continue
+            try:
+                if await self.connect():
+                    continue
+            except OSError as e:  # e.g. the ESP32's "Wifi Internal Error": retry later
+                self.last_status = e
             await self.wait_connected(self.backoff.next_ms())
 
     def start(self):
