@@ -177,7 +177,8 @@ class Client:
                 raise ConnectRefused(body[1])
         except MQTTError as e:
             self._fail(e)
-            raise self.error
+            self.error = e  # e.g. the refusal, not the close that follows it
+            raise
         self.connected = True
         if self.keepalive:
             self._tasks.append(asyncio.create_task(self._ping_loop()))
