@@ -17,7 +17,7 @@ import pytest
 
 from tests.brokers import Mosquitto
 from tests.emu import mpremote
-from tests.fwboard import Subscriber, install_compiled, run_async, wait_file
+from tests.fwboard import Subscriber, install_compiled, run_async, signal_board, wait_file
 from tests.mpy import run_micropython
 
 WIFI = ("import asyncio, gc, os, time\nfrom node.wifi import WiFi\n"
@@ -168,13 +168,19 @@ await c.connect()
 await asyncio.sleep_ms(5000)  # Mosquitto drops a silent client after 1.5 x keepalive
 print('idle', c.connected, c.pings)
 mark('idle-done')
+await wait_mark('stopped')
 t = time.ticks_ms()
+try:
+    await c.publish('citynode/up/cn-ka-test', b'unanswered', qos=1, timeout_ms=800)
+except Timeout as e:
+    print('publish', e, time.ticks_diff(time.ticks_ms(), t))
 while c.connected and time.ticks_diff(time.ticks_ms(), t) < 10000:
     await asyncio.sleep_ms(50)
 print('detected_ms', time.ticks_diff(time.ticks_ms(), t), 'error', c.error)
 """))
     wait_file(board, "idle-done", timeout=30)
     local_broker.proc.send_signal(signal.SIGSTOP)  # alive TCP, no answers: a half-open link
+    signal_board(board, "stopped")
     try:
         out = run.result(60)
     finally:
@@ -183,6 +189,9 @@ print('detected_ms', time.ticks_diff(time.ticks_ms(), t), 'error', c.error)
     connected, pings = re.search(r"idle (\w+) (\d+)", out).groups()
     assert connected == "True" and int(pings) >= 2
     assert "exceeded timeout" not in local_broker.log()
+    waited = int(re.search(r"publish no PUBACK for packet 1 from the broker within 800 ms (\d+)",
+                           out).group(1))
+    assert 800 <= waited < 1500  # the caller gets the error in time to spool and retry
     detected = int(re.search(r"detected_ms (\d+)", out).group(1))
     assert detected <= 3500
     assert "no answer from the broker for 2 s (keepalive)" in out

@@ -26,7 +26,7 @@ SECRET = bytes(range(32))
 COUNT = 60
 
 MAIN = """
-import asyncio, json, struct
+import asyncio, gc, json, struct
 from node.fsutil import exists, write_atomic
 from node.wifi import WiFi
 from node.uplink import Uplink
@@ -54,10 +54,13 @@ def envelopes():
 
 
 async def report(up, w):
+    low = 1 << 30
     while True:
+        gc.collect()
+        low = min(low, gc.mem_free())  # live data only: the uplink's real footprint
         st = up.stats()
         st.update(boot=boot, sent=sent, ram=up.spool.ram_len(), wifi_drops=w.drops,
-                  downlink=downlinks)
+                  downlink=downlinks, min_free=low, heap=gc.mem_free() + gc.mem_alloc())
         write_atomic('status.json', json.dumps(st).encode())
         await asyncio.sleep_ms(100)
 
@@ -172,7 +175,9 @@ def test_wifi_outage_loses_nothing_and_keeps_order(pole):
     assert final["reconnects"] >= 1 and final["wifi_drops"] >= 1
     print(f"\noutage: {COUNT} envelopes, {during['depth']} spooled during 4 s without Wi-Fi, "
           f"{len(got) - COUNT} duplicates, {final['flash_writes']} flash writes, "
-          f"{elapsed:.1f} s; last error: {final['last_error']}")
+          f"{elapsed:.1f} s; last error: {final['last_error']}; lowest free heap "
+          f"{final['min_free']} of {final['heap']} B")
+    assert final["min_free"] > 8 * 1024  # the transport leaves the app room on a devkitc
 
 
 def test_power_cut_with_envelopes_in_flash_sends_them_after_power_on(pole):
