@@ -250,6 +250,27 @@ await c.disconnect()
     assert got == [b"after"]
 
 
+def test_last_will_only_when_the_node_vanishes(board, local_broker):
+    sub = Subscriber(local_broker.host, local_broker.port, "citynode/status/#")
+    try:
+        mpremote(board.link, "exec", board_code(local_broker, """
+will = ('citynode/status/cn-will-test', b'offline', 1, True)
+c = Client('cn-will-test', HOST, PORT, will=will)
+await c.connect()
+await c.disconnect()          # a goodbye: no will
+c = Client('cn-will-test', HOST, PORT, will=will)
+await c.connect()
+await c.publish('citynode/status/cn-will-test', b'online', qos=1, retain=True)
+c.close()                     # gone without DISCONNECT: the broker publishes the will
+"""), timeout=60)
+        sub.wait_count(2)
+        time.sleep(0.5)
+    finally:
+        sub.close()
+    assert sub.messages == [("citynode/status/cn-will-test", b"online"),
+                            ("citynode/status/cn-will-test", b"offline")]
+
+
 def test_connack_refusal_is_a_clear_exception(board, tmp_path):
     # Mosquitto closes right after a refusing CONNACK (the relay turns that close into a
     # reset): the refusal must win over the connection loss that follows it.

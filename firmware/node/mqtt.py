@@ -215,8 +215,8 @@ class Client:
                 task.cancel()
         self._tasks = []
         writer, self._writer, self._reader = self._writer, None, None
-        try:
-            writer.close()
+        try:  # MicroPython's Stream.close() is a no-op (wait_closed() closes): close the socket
+            getattr(writer, "s", writer).close()
         except OSError:
             pass
         waiting, self._waiting = self._waiting, {}
