@@ -44,7 +44,8 @@ __all__ = ("Uplink", "DEFAULTS", "ROUTINE", "EVENT")
 
 
 class Uplink:
-    """Counters: published, spooled, failed, reconnects, downlinks; .last_error; stats()."""
+    """Counters: published, spooled, failed, rejected, reconnects, downlinks; .last_error;
+    dropped (by the full spool); stats() has them all for node health."""
 
     def __init__(self, device_id, host, port=1883, config=None, *, on_downlink=None, wifi=None,
                  spool=None):
@@ -73,6 +74,7 @@ class Uplink:
         self.failed = 0
         self.reconnects = 0
         self.downlinks = 0
+        self.rejected = 0
         self.last_error = None
         self._connects = 0
         self._wake = asyncio.Event()
@@ -100,6 +102,7 @@ class Uplink:
         return {"connected": self.client.connected, "published": self.published,
                 "spooled": self.spooled, "failed": self.failed, "dropped": s.dropped,
                 "reconnects": self.reconnects, "downlinks": self.downlinks,
+                "rejected": self.rejected,
                 "depth": len(s), "depth_bytes": s.bytes_used(), "flash_writes": s.writes,
                 "torn": s.torn, "last_error": self.last_error}
 
@@ -167,8 +170,16 @@ class Uplink:
                 self._error(e)
                 client.close()  # a fresh connection, then the same record again
                 return
-            spool.pop()
-            self.published += 1
+            except ValueError as e:  # can never go (too big for max_packet): not forever
+                self._error(e)
+                self.rejected += 1
+                data = None
+            # a full spool may have dropped this record while it was in flight: pop it
+            # only if it is still the oldest, never the next one (unsent)
+            if data is None or spool.peek() == data:
+                spool.pop()
+            if data is not None:
+                self.published += 1
 
     async def _offline(self, ms):
         """Wait ms (less if Wi-Fi comes back), flushing old RAM records to flash."""
