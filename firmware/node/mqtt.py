@@ -52,6 +52,10 @@ class Timeout(MQTTError):
     """The broker did not answer in time (the connection may still be up)."""
 
 
+class SubscribeRefused(MQTTError):
+    """SUBACK 0x80: the broker (e.g. its ACL) does not let us subscribe to that filter."""
+
+
 class ProtocolError(MQTTError):
     """The broker sent something MQTT 3.1.1 does not allow here."""
 
@@ -310,7 +314,7 @@ class Client:
             raise
         ack = await self._wait(SUBACK, pid, slot, "SUBACK")
         if len(ack) < 3 or ack[2] == 0x80:
-            raise MQTTError("broker refused the subscription to %s" % topic)
+            raise SubscribeRefused("broker refused the subscription to %s" % topic)
         return ack[2]
 
     # --- receiving ------------------------------------------------------------------

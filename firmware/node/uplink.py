@@ -18,7 +18,7 @@ import sys
 import time
 
 from node.backoff import Backoff
-from node.mqtt import Client, MQTTError
+from node.mqtt import Client, MQTTError, SubscribeRefused
 from node.spool import EVENT, ROUTINE, Spool
 
 DEFAULTS = {
@@ -138,7 +138,10 @@ class Uplink:
             return False
         try:
             await self.client.connect()
-            await self.client.subscribe(self.down_topic, 1)
+            try:
+                await self.client.subscribe(self.down_topic, 1)
+            except SubscribeRefused as e:  # no downlink is no reason to stop the uplink
+                self._error(e)
         except (MQTTError, OSError) as e:
             self._error(e)
             self.client.close()
