@@ -73,11 +73,15 @@ class Session:
         self.t = None
 
     # --- raw REPL ------------------------------------------------------------------
-    def _read_until(self, ending: bytes, timeout: float) -> bytes:
+    def _read_until(self, ending: bytes, timeout: float, bail: bool = False) -> bytes:
+        """Read up to `ending`; with bail, stop early on a ROM boot loop or download mode."""
         s = self.t.serial
         data = b""
         deadline = time.monotonic() + timeout
         while not data.endswith(ending) and time.monotonic() < deadline:
+            if bail and len(data) > 40 and any(sign in data for sign in
+                                               ROM_LOOP_SIGNS + DOWNLOAD_SIGNS):
+                break
             try:
                 waiting = s.in_waiting
                 chunk = s.read(1) if waiting or self.t.is_pty else b""  # never past `ending`
@@ -99,7 +103,7 @@ class Session:
             s.write(b"\r\x01")
         except (OSError, serial.SerialException) as exc:
             raise ports.open_error(self.port, exc) from None
-        seen += self._read_until(RAW_PROMPT + b">", self.timeout)
+        seen += self._read_until(RAW_PROMPT + b">", self.timeout, bail=True)
         if not seen.endswith(RAW_PROMPT + b">"):
             raise self._not_a_repl(seen)
         if soft_reset:
