@@ -157,7 +157,7 @@ class Session:
     def exec(self, code: str, timeout: float | None = None, what: str = "command") -> str:
         """Run code in the raw REPL and return its stdout; errors raise with the board's message."""
         try:
-            out, err = self.t.exec_raw(code, timeout=timeout or self.timeout)
+            out, err = self._exec_raw(code.encode(), timeout or self.timeout)
         except (TransportError, serial.SerialException, OSError, struct.error) as exc:
             raise PortError(f"the board on {self.port} stopped answering during {what} ({exc})",
                             "check cable and power, then run the same command again: it "
@@ -168,6 +168,17 @@ class Session:
                               "see the message above; re-deploy the firmware if a module is "
                               "missing") from None
         return out.decode(errors="replace")
+
+    def _exec_raw(self, code: bytes, timeout: float) -> tuple[bytes, bytes]:
+        """mpremote's exec_raw with our timeout on every wait (its prompt wait is fixed at 10 s)."""
+        t = self.t
+        if not t.read_until(1, b">", timeout=timeout).endswith(b">"):
+            raise TransportError("no raw REPL prompt")
+        t.serial.write(b"\x05A\x01")  # raw-paste: flow-controlled, MicroPython >= 1.14
+        if t.serial.read(2) != b"R\x01":
+            raise TransportError("the board does not accept raw-paste (MicroPython too old?)")
+        t.raw_paste_write(code)
+        return t.follow(timeout)
 
     def exec_json(self, code: str, timeout: float | None = None, what: str = "command") -> Any:
         out = self.exec(code, timeout, what)
