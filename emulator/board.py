@@ -21,7 +21,7 @@ from citynode.boards import Board
 
 from . import bus, rom
 from .autoreset import AutoReset
-from .flash import BoardStorage, atomic_write_json
+from .flash import ROMFS_BLOCK, BoardStorage, atomic_write_json
 from .radio import Radio
 from .serial_link import PtyLink, Rfc2217Link, Uart
 from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM
@@ -180,8 +180,12 @@ class EmulatedBoard:
             "CITYNODE_EMU_VERSION": f"{self.app.version} on {self.app.date}",
             "CITYNODE_EMU_MACHINE": f"{self.board.description} with {self.board.chip.upper()}",
         }
+        # the ROMFS image is mapped flash on the chip; here the VM holds a copy
+        romfs = self.storage.romfs_image_size()
+        if romfs:
+            env["CITYNODE_EMU_ROMFS"] = str(romfs)
         self._vm = VM(self.board.heap_kb, self._rx_read, env, self.uart.transmit,
-                      self._vm_exited, self.state / "vm.log")
+                      self._vm_exited, self.state / "vm.log", extra_heap_kb=romfs // 1024 + 1)
 
     def _vm_exited(self, code: int) -> None:
         with self._lock:
@@ -341,6 +345,31 @@ class EmulatedBoard:
             return b""
         raise OSError(errno.EINVAL, "nvs op")
 
+    def _op_romfs(self, sub: int, payload: bytes) -> bytes:
+        """The ROMFS partition as a block device (mpremote romfs deploy) and its image."""
+        part = self.storage.romfs_partition()
+        if part is None:
+            raise OSError(errno.ENODEV, "no romfs partition")
+        offset, size = part
+        flash = self.storage.flash
+        if sub == 0:
+            return struct.pack("<III", size, ROMFS_BLOCK, self.storage.romfs_image_size())
+        if sub == 1:
+            at, n = struct.unpack("<II", payload)
+            return flash.read(offset + at, min(n, size - at))
+        if sub == 2:
+            block = struct.unpack("<I", payload)[0]
+            flash.erase_region(offset + block * ROMFS_BLOCK, ROMFS_BLOCK)
+            return b""
+        if sub == 3:
+            at = struct.unpack_from("<I", payload)[0]
+            data = payload[4:]
+            if at + len(data) > size:
+                raise OSError(errno.EFBIG, "write past the romfs partition")
+            flash.write(offset + at, data)
+            return b""
+        raise OSError(errno.EINVAL, "romfs op")
+
     def _parts(self):
         if self.peripherals is None:
             raise OSError(errno.ENODEV, "no parts attached")
@@ -413,6 +442,7 @@ _HANDLERS = {
     bus.UART_WRITE: EmulatedBoard._op_uart_write, bus.UART_READ: EmulatedBoard._op_uart_read,
     bus.I2S_INIT: EmulatedBoard._op_i2s_init, bus.ADC: EmulatedBoard._op_adc,
     bus.PIN: EmulatedBoard._op_pin, bus.PWM: EmulatedBoard._op_pwm,
+    bus.ROMFS: EmulatedBoard._op_romfs,
 }
 _PERIPHERAL_OPS = {bus.I2C_WRITE, bus.I2C_READ, bus.I2C_SCAN, bus.UART_READ, bus.UART_WRITE,
                    bus.ADC, bus.PIN}

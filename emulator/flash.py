@@ -19,6 +19,9 @@ from citynode.boards import Board
 
 from .image import NVS_OFFSET, NVS_SIZE, VFS_OFFSET, AppInfo, read_app_info, read_partitions
 
+ROMFS_MAGIC = b"\xd2\xcd\x31"
+ROMFS_BLOCK = 4096
+
 # littlefs keeps its magic at byte 8 of the superblock: where MicroPython finds
 # none, it formats the filesystem. We keep the files in a folder and the
 # superblock in flash, so an erased flash means an empty filesystem.
@@ -66,6 +69,27 @@ class BoardStorage:
 
     def _vfs_offset(self) -> int:
         return read_partitions(self.flash.read(0, VFS_OFFSET)).get("vfs", (VFS_OFFSET, 0))[0]
+
+    def romfs_partition(self) -> tuple[int, int] | None:
+        """(offset, size) of the ROMFS partition, if the partition table has one."""
+        return read_partitions(self.flash.read(0, VFS_OFFSET)).get("romfs")
+
+    def romfs_image_size(self) -> int:
+        """Bytes of the ROMFS image in its partition (0: none, or not a valid image)."""
+        part = self.romfs_partition()
+        if part is None:
+            return 0
+        head = self.flash.read(part[0], 16)
+        if not head.startswith(ROMFS_MAGIC):
+            return 0
+        size, shift_bytes = 0, head[3:]
+        for value in shift_bytes:
+            size = (size << 7) | (value & 0x7F)
+            if not value & 0x80:
+                break
+        header = 3 + next(i for i, v in enumerate(shift_bytes) if not v & 0x80) + 1
+        total = header + size
+        return total if total <= part[1] else 0
 
     def _has_filesystem(self) -> bool:
         return self.flash.read(self._vfs_offset() + 8, len(_LFS_MAGIC)) == _LFS_MAGIC

@@ -28,7 +28,9 @@ IDF_VERSION = "v5.4.2"
 PARTITION_TABLE_OFFSET = 0x8000
 NVS_OFFSET, NVS_SIZE = 0x9000, 0x6000
 APP_OFFSET = 0x10000
+ROMFS_OFFSET, ROMFS_SIZE = 0x1E0000, 0x20000   # bytecode run in place from flash
 VFS_OFFSET = 0x200000
+ROMFS_SUBTYPE = 0x8F
 
 _APP_DESC_MAGIC = 0xABCD5432
 _APP_DESC = struct.Struct("<II8s32s32s16s16s32s32sHHB3s72s")
@@ -110,7 +112,8 @@ def _partition_table(board: Board) -> bytes:
     entries = [
         (b"nvs", 1, 0x02, NVS_OFFSET, NVS_SIZE),
         (b"phy_init", 1, 0x01, 0xF000, 0x1000),
-        (b"factory", 0, 0x00, APP_OFFSET, VFS_OFFSET - APP_OFFSET),
+        (b"factory", 0, 0x00, APP_OFFSET, ROMFS_OFFSET - APP_OFFSET),
+        (b"romfs", 1, ROMFS_SUBTYPE, ROMFS_OFFSET, ROMFS_SIZE),
         (b"vfs", 1, 0x81, VFS_OFFSET, flash - VFS_OFFSET),
     ]
     table = b"".join(_PART_ENTRY.pack(_PART_MAGIC, kind, sub, off, size, label, 0)

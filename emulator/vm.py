@@ -18,6 +18,14 @@ from pathlib import Path
 
 BOARD_DIR = Path(__file__).resolve().parent / "board"
 EXIT_SOFT, EXIT_SOFT_RAW = 80, 81
+# The heap the firmware gets is the board's heap in the chip's terms. MicroPython
+# counts objects in machine words and its GC block is four words: 16 bytes on the
+# 32-bit ESP32, 32 bytes on this 64-bit VM, so the same objects take twice the
+# bytes here (measured: the node's modules take 61 KB of x86-64 heap). The VM gets
+# WORD_SCALE times the board's heap, plus what the emulator's own Python keeps
+# resident (machine, network, the REPL: C in flash on the chip, ~38 KB here).
+WORD_SCALE = 2
+EMULATOR_RESIDENT_KB = 38
 
 
 class MicroPythonNotFound(RuntimeError):
@@ -52,8 +60,9 @@ class StdoutCooker:
 class VM:
     def __init__(self, heap_kb: int, stdin_fd: int, env: dict[str, str],
                  on_output: Callable[[bytes], None], on_exit: Callable[[int], None],
-                 log_path: Path):
-        cmd = [micropython_binary(), "-X", f"heapsize={heap_kb}k", str(BOARD_DIR / "emu_main.py")]
+                 log_path: Path, extra_heap_kb: int = 0):
+        heap = heap_kb * WORD_SCALE + EMULATOR_RESIDENT_KB + extra_heap_kb
+        cmd = [micropython_binary(), "-X", f"heapsize={heap}k", str(BOARD_DIR / "emu_main.py")]
         full_env = dict(os.environ, MICROPYPATH=f"{BOARD_DIR}:.frozen", **env)
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE,

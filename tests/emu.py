@@ -148,21 +148,34 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 FIRMWARE = ROOT / "firmware"
 
 
+def _board_mpy() -> int:
+    """sys.implementation._mpy of the emulated boards' VM (the unix port)."""
+    from citynode.emulator.vm import micropython_binary
+
+    out = subprocess.run([micropython_binary(), "-c",
+                          "import sys; print(sys.implementation._mpy)"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
 def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) -> None:
-    """Put firmware/ (and extra files, path -> text) on a board's filesystem directly.
+    """Put firmware/ on a board as provisioning deploys it, plus extra files.
 
-    The provisioning tests deploy through mpremote as a technician would; tests of
-    the firmware itself copy the files into the board's filesystem folder, which is
-    what the flash holds, to keep them fast.
+    The modules go into the ROMFS partition through the unmodified `mpremote romfs
+    deploy` (bytecode run in place from flash, as on a devkitc); main.py, boot.py
+    and `files` (path -> text: config, secrets) are written into the board's
+    filesystem folder, which is what the flash holds. A soft reset mounts the image.
     """
-    import shutil
+    from citynode.provisioning.deploy import KEEP_AS_SOURCE, board_mpy, build_romfs
 
+    image = board.state / "firmware.romfs"
+    image.write_bytes(build_romfs(FIRMWARE, board_mpy(_board_mpy())[2]))
+    mpremote(board.link, "romfs", "deploy", str(image))
     fs = board.state / "fs"
-    for src in FIRMWARE.rglob("*.py"):
-        dest = fs / src.relative_to(FIRMWARE)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-    for path, text in (files or {}).items():
+    extra = {name: (FIRMWARE / name).read_text() for name in KEEP_AS_SOURCE
+             if (FIRMWARE / name).exists()}
+    for path, text in {**extra, **(files or {})}.items():
         dest = fs / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(text)
+    mpremote(board.link, "soft-reset")

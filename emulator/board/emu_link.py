@@ -24,6 +24,7 @@ I2S_INIT = 17
 WLAN = 20
 RESOLVE = 21
 NVS = 22
+ROMFS = 23
 
 _sock = None
 _hdr = bytearray(3)
@@ -50,9 +51,8 @@ def _read_exact(n):
 
 
 def call(op, sub=0, payload=b""):
-    _sock.write(struct.pack("<BBH", op, sub, len(payload)))
-    if payload:
-        _sock.write(payload)
+    # one write per request: two small writes would wait out TCP's delayed ACK (~40 ms)
+    _sock.write(struct.pack("<BBH", op, sub, len(payload)) + payload)
     got = 0
     mv = memoryview(_hdr)
     while got < 3:

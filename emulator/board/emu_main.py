@@ -25,9 +25,10 @@ def write(s):
 
 def _install_board_modules():
     import emu_machine, emu_network, emu_esp32, emu_socket, emu_time, emu_micropython, emu_os
+    import emu_vfs
     for name, mod in (("machine", emu_machine), ("network", emu_network), ("esp32", emu_esp32),
                       ("socket", emu_socket), ("time", emu_time), ("os", emu_os),
-                      ("micropython", emu_micropython)):
+                      ("micropython", emu_micropython), ("vfs", emu_vfs)):
         sys.modules[name] = mod
     sys.modules["usocket"] = emu_socket
     sys.modules["utime"] = emu_time
@@ -38,6 +39,13 @@ def _mount_board_fs():
     os.mount(os.VfsPosix(os.getenv("CITYNODE_EMU_FS")), "/")
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]
+    if os.getenv("CITYNODE_EMU_ROMFS"):
+        # as the ESP32 port does at boot: a valid ROMFS image is mounted at /rom
+        import emu_vfs
+        image = emu_vfs.load_image()
+        if image is not None:
+            os.mount(emu_vfs.VfsRom(image), "/rom")
+            sys.path[:] = ["", ".frozen", "/rom", "/rom/lib", "/lib"]
 
 
 def banner():

@@ -1,5 +1,6 @@
 # `os` for the emulated board: the unix port's VfsPosix, made to look like the
-# ESP32's littlefs: ilistdir gives sizes and statvfs the vfs partition's blocks.
+# ESP32's littlefs: ilistdir gives sizes, statvfs the vfs partition's blocks, and
+# rename works between absolute paths.
 from os import *  # noqa
 import os as _real
 
@@ -29,3 +30,22 @@ def statvfs(path="/"):
     blocks = _VFS_BYTES // _BLOCK
     free = max(0, blocks - _used("/"))
     return (_BLOCK, _BLOCK, blocks, free, free, 0, 0, 0, 0, 255)
+
+
+def _absolute(path):
+    if path.startswith("/"):
+        return path
+    cwd = _real.getcwd()
+    return (cwd.rstrip("/") + "/" + path) if cwd != "/" else "/" + path
+
+
+def rename(old, new):
+    # The unix port's VfsPosix mounted at / fails to rename between absolute paths
+    # (ENOENT); littlefs on the chip does not. Rename from the root, relatively.
+    old, new = _absolute(old), _absolute(new)
+    cwd = _real.getcwd()
+    _real.chdir("/")
+    try:
+        _real.rename(old[1:], new[1:])
+    finally:
+        _real.chdir(cwd)

@@ -73,7 +73,7 @@ class Node:
         self.supervisor.register(name)
         while True:
             try:
-                for quantity, unit, value in sensor.sample():
+                for quantity, unit, value in await sensor.sample():
                     self.window.add(quantity, unit, value, trimmed=quantity.startswith("air/pm"))
                 self.window.flags.pop(sensor.name + "/status", None)
             except MemoryError as exc:
