@@ -224,6 +224,36 @@ print(json.dumps(light.lux))
     assert abs(value - 1500.0) <= 0.5
 
 
+def test_bh1750_saturation_flagged(pole: Pole) -> None:
+    pole.scenario.override(lux=70_000.0)              # bright sun on the sensor
+    r = pole.run(f"""
+from drivers import bh1750
+light = bh1750.BH1750(i2c, address={BH_ADDR})
+full = [light.lux, light.saturated]
+light.mtreg = 31                                  # the widest range: up to 121 klx
+print(json.dumps(full + [light.lux, light.saturated]))
+""")
+    top, saturated, wide, wide_saturated = r
+    assert saturated and top == pytest.approx(65535 / 1.2)
+    assert not wide_saturated and abs(wide - 70_000.0) <= _lux_step("HRES", 31) / 2 + 1e-9
+
+
+def test_wrong_address_or_wrong_part(pole: Pole) -> None:
+    pole.scenario.override(lux=100.0)
+    r = pole.run("""
+from drivers.bh1750 import BH1750
+from drivers.bme280 import BME280
+print(json.dumps([error(lambda: BH1750(i2c, address=0x5C)),
+                  error(lambda: BME280(i2c, address=0x77)),
+                  error(lambda: BME280(i2c, address=0x23))]))
+""")
+    bh, bme, wrong = r
+    assert bh[0] == "SensorMissing" and "0x5c" in bh[1] and "ADDR" in bh[1]
+    assert bme[0] == "SensorMissing" and "0x77" in bme[1] and "SDO" in bme[1]
+    # a part answers at 0x23, but it is no BME280 (it is the BH1750)
+    assert wrong[0] == "SensorFault" and "not 0x60" in wrong[1] and "0x23" in wrong[1]
+
+
 # -- BME280 -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("osrs, t_tol, p_tol, h_tol", [
     # datasheet resolution at x1 (16-bit words): 0.005 degC, 2.62 Pa, 0.008 %RH; at x16
@@ -501,6 +531,26 @@ print(json.dumps(pm.read()))
     assert frames == 2
     state = pole.control("status")["peripherals"]["pms5003"]
     assert state["active"] is False                   # the driver set passive mode again
+
+
+def test_pms5003_wrong_baud_rate(pole: Pole) -> None:
+    """At the wrong baud rate the bytes are framing garbage: a fault that names 9600."""
+    r = pole.run(f"""
+from drivers.pms5003 import PMS5003
+pm = PMS5003(uart(), set_pin=SET, passive=False, warm=True)   # the part sends every second
+assert pm.read() is not None
+slow = UART({PMS_UART}, baudrate=4800, tx={PINS['uart_tx']}, rx={PINS['uart_rx']}, timeout=0)
+wrong = PMS5003(slow, set_pin=SET, passive=False, warm=True)
+print(json.dumps([error(lambda: wrong.read(timeout_ms=2500)), wrong.bytes_received]))
+""")
+    err, heard = r
+    assert heard > 0
+    assert err[0] == "SensorFault" and "no valid frame" in err[1] and "9600" in err[1]
+    pole.run("""
+from drivers.pms5003 import PMS5003
+PMS5003(uart(), set_pin=SET, warm=True).read()    # back to passive for the other tests
+print(json.dumps(1))
+""")
 
 
 # -- the board as `citynode-emu run` starts it -----------------------------------------------

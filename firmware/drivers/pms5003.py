@@ -278,7 +278,8 @@ class PMS5003:
             raise SensorMissing(
                 'PMS5003', 'PMS5003 particulate sensor sent nothing on %s: check its 5 V '
                            'supply (the fan should be audible), sensor TX to ESP32 RX, '
-                           'sensor RX to ESP32 TX, and SET (pin 3) high or open' % where)
+                           'sensor RX to ESP32 TX, SET (pin 3) high or open, and the UART '
+                           'at 9600 baud' % where)
         raise SensorFault(
             'PMS5003', 'PMS5003 on %s: %d bytes but no valid frame (%d checksum errors, %d '
                        'bytes skipped): check the baud rate (9600), loose contacts and '
