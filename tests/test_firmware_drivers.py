@@ -7,10 +7,9 @@ board is started in-process (EmulatedBoard + Peripherals + its control socket), 
 test can pin the scenario's values and inject faults; unplug/plug/corrupt/status go
 through the board's control channel, as `citynode-emu ctl` does.
 
-One test at the end (`test_drivers_on_a_citynode_emu_board`) starts the board through
-the `citynode-emu run` command instead (tests/emu.py), and compares the drivers'
-readings with the scenario values that `status` reports: it needs the emulator CLI
-to attach the simulated parts to its boards.
+One test (`test_drivers_on_a_citynode_emu_board`) starts the board through the
+`citynode-emu run --scenario` command instead (tests/emu.py), and compares the
+drivers' readings with the scenario values that `status` reports.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Scenario
 
 from citynode.boards import get_board
-from tests.emu import BoardHandle, install_firmware, mpremote, wait_for
+from tests.emu import BoardHandle, install_firmware, mpremote, start_emulator, wait_for
 
 BOARD = get_board("esp32-devkitc")
 PINS = BOARD.pins
@@ -554,19 +553,29 @@ print(json.dumps(1))
 
 
 # -- the board as `citynode-emu run` starts it -----------------------------------------------
-def test_drivers_on_a_citynode_emu_board(emu_board) -> None:
-    """Through the CLI and the control socket only: readings agree with `status`."""
+def test_drivers_on_a_citynode_emu_board(tmp_path: Path) -> None:
+    """Through `citynode-emu run --scenario` and the control socket only, at noon:
+    readings agree with the scenario values that `status` reports."""
+    scenario = tmp_path / "noon.json"
+    scenario.write_text(json.dumps({"seed": 3, "start": "2026-06-21T12:30:00+02:00"}))
+    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario)])
+    try:
+        _drivers_on_cli_board(emu.boards[0])
+    finally:
+        emu.stop()
+
+
+def _drivers_on_cli_board(emu_board: BoardHandle) -> None:
     status = emu_board.control("status")
-    if "peripherals" not in status:
-        pytest.fail("citynode-emu run does not attach the simulated parts to its boards yet "
-                    "(emulator/cli.py: EmulatedBoard(..., peripherals=Peripherals(...)))")
+    assert "peripherals" in status, "citynode-emu run attaches no simulated parts"
     install_firmware(emu_board)
     before = emu_board.control("status")["peripherals"]["scenario"]
+    assert before["lux"] > 10_000                     # daylight: the scenario file was used
     out = mpremote(emu_board.link, "exec", PRELUDE + f"""
 from drivers.bh1750 import BH1750
 from drivers.bme280 import BME280
 from drivers.pms5003 import PMS5003
-light = BH1750(i2c, address={BH_ADDR}, mode=0x11)
+light = BH1750(i2c, address={BH_ADDR}, mtreg=31)  # up to 121 klx
 air = BME280(i2c, address={BME_ADDR}, osrs_t=16, osrs_p=16, osrs_h=16)
 pm = PMS5003(uart(), set_pin=SET, warm=True)
 print(json.dumps([light.lux, air.read(), pm.read()]))
@@ -578,7 +587,7 @@ print(json.dumps([light.lux, air.read(), pm.read()]))
         lo, hi = sorted((before[key], after[key]))
         assert lo - tol <= value <= hi + tol, (key, value, before[key], after[key])
 
-    near(lux, "lux", 0.5 * 69 / 1.2 / 69 / 2 + 1e-9)
+    near(lux, "lux", _lux_step("HRES", 31) / 2 + 1e-9)
     near(t, "temperature", 0.01)
     near(h, "humidity", 0.01)
     near(p, "pressure", 0.2)
