@@ -54,7 +54,7 @@ class PMS5003:
         self._n = 0
         self._chunk = bytearray(FRAME)
         self._cmd = bytearray(7)
-        self.data = array('H', [0] * 13)     # the words of the last good frame
+        self.data = array('H', [0] * 13)     # the words of the last frame (see `warm`)
         self.frames = 0             # good data frames
         self.checksum_errors = 0    # data frames rejected for their check word
         self.garbage = 0            # bytes skipped to find a frame start (resync)
@@ -307,7 +307,7 @@ class PMS5003:
             await asyncio.sleep_ms(POLL_MS)
         return self._result()
 
-    # -- the last good frame ------------------------------------------------------------
+    # -- the last frame (a warm-up frame too: `warm` says whether it counts) -------------
     @property
     def pm1_0(self):
         """PM1.0, atmospheric environment, ug/m3."""
