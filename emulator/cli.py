@@ -21,7 +21,9 @@ from citynode.boards import BoardCatalogueError, get_board
 from .board import EmulatedBoard
 from .control import ControlError, ControlServer, control
 from .image import build_image
+from .peripherals import Peripherals
 from .radio import Radio
+from .scenario import Scenario
 from .vm import MicroPythonNotFound, micropython_binary
 
 log = logging.getLogger("citynode-emu")
@@ -47,11 +49,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     boards: list[EmulatedBoard] = []
     controls: list[ControlServer] = []
     password = _read_secret(args.wifi_password_file)
+    scenario_doc = json.loads(Path(args.scenario).read_text()) if args.scenario else {}
+    if args.time_scale is not None:
+        scenario_doc["time_scale"] = args.time_scale
     try:
         for i, link in enumerate(links):
+            # one world for all boards of a run, each its own seed for sensor noise
+            scenario = Scenario.from_dict(dict(scenario_doc, seed=scenario_doc.get("seed", 0) + i))
             emu = EmulatedBoard(board, Path(args.state) / link.name, link=link,
                                 rfc2217_port=args.rfc2217 + i, blank=args.blank,
-                                radio=Radio(args.wifi_ssid, password))
+                                radio=Radio(args.wifi_ssid, password),
+                                peripherals=Peripherals(board, scenario))
             boards.append(emu)
             controls.append(ControlServer(emu))
             emu.power_on()
@@ -112,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--blank", action="store_true", help="new boards start with erased flash")
     run.add_argument("--wifi-ssid", help="the access point's SSID (default: accept any)")
     run.add_argument("--wifi-password-file", help="file holding the access point's password")
+    run.add_argument("--scenario", help="JSON scenario: start, time_scale, events, episodes, "
+                                        "levels (see emulator/scenario.py)")
+    run.add_argument("--time-scale", type=float, help="scenario seconds per wall second "
+                                                      "(720: a day in two minutes)")
     run.set_defaults(func=cmd_run)
     image = sub.add_parser("image", help="write a stand-in MicroPython image for a board")
     image.add_argument("--board", default="esp32-devkitc")
