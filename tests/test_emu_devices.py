@@ -635,3 +635,13 @@ def test_a_day_in_two_minutes_through_the_light_sensor() -> None:
     assert max(readings[:3]) < 1 and max(readings[22:]) < 1   # night, no lamp
     assert max(readings[11:15]) > 20_000                       # summer noon
     assert readings.index(max(readings)) in range(11, 15)
+
+
+def test_boards_sharing_a_world_have_their_own_noise(clock) -> None:
+    s = Scenario(seed=1, clock=clock, events=[])
+    s.override(noise_dba=60.0)
+    a = Peripherals(get_board("esp32-devkitc"), s, seed=0)
+    b = Peripherals(get_board("esp32-devkitc"), s, seed=1)
+    x, y = a.microphone(16000).block(16000), b.microphone(16000).block(16000)
+    assert not np.array_equal(x, y)
+    assert dbfs(x) == pytest.approx(dbfs(y), abs=0.3)  # same world, same level
