@@ -79,6 +79,11 @@ def test_scenario_from_json(tmp_path, clock: ManualClock) -> None:
     assert s.time_scale == 60 and s.events[0].kind == "gunshot"
     assert s.events_between(0, 60) == [Event(30, "gunshot", 125)]
     assert Scenario.from_dict(s.to_dict(), clock=clock).values(100.0) == s.values(100.0)
+    pinned = Scenario.from_dict({"pinned": {"pm25": 40, "lux": 5}}, clock=clock)
+    assert pinned.pm(50_000.0)[1] == 40 and pinned.lux(43_200.0) == 5
+    assert Scenario.from_dict(pinned.to_dict(), clock=clock).pm25(0) == 40
+    with pytest.raises(ValueError, match="unknown quantity"):
+        Scenario.from_dict({"pinned": {"pm2.5": 40}}, clock=clock)
     with pytest.raises(ValueError, match="unknown scenario parameter"):
         Scenario.from_dict({"luxx": 3}, clock=clock)
 

@@ -22,7 +22,7 @@ from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Event, Scenario
 
 from citynode.boards import get_board
-from tests.emu import mpremote, wait_for
+from tests.emu import mpremote, start_emulator, wait_for
 
 PINNED = {"lux": 1234.0, "temperature": 22.5, "pressure": 100_512.0, "humidity": 41.5,
           "pm25": 17.0, "pm1": 11.0, "pm10": 26.0, "noise_dba": 35.0}
@@ -81,7 +81,7 @@ def level():
 
 
 class Pole:
-    def __init__(self, link: str, parts: Peripherals, scenario: Scenario) -> None:
+    def __init__(self, link: str, parts: Peripherals | None, scenario: Scenario | None) -> None:
         self.link, self.parts, self.scenario = link, parts, scenario
 
     def run(self, code: str) -> dict:
@@ -356,3 +356,32 @@ print(json.dumps({"aligned": all(k % 4 == 0 and k > 0 for k in sizes), "db": db,
     assert r["db"] == pytest.approx(-26.0, abs=0.15)
     assert 150 < r["ms"] < 2000                       # paced by the sample clock
 
+
+
+def test_parts_on_a_citynode_emu_board(tmp_path) -> None:
+    """The same parts behind `citynode-emu run --scenario FILE`, faults over its control
+    channel (what `citynode-emu ctl` sends)."""
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps({"seed": 3, "time_scale": 60, "events": [],
+                                    "pinned": {"lux": 321.0, "temperature": -5.25}}))
+    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario)])
+    try:
+        board = emu.boards[0]
+        pole = Pole(board.link, None, None)
+        wait_for(lambda: _alive(pole), timeout=30, interval=0.5, what="the board's REPL")
+        code = I2C_SETUP + """
+i2c.writeto(0x23, b"\\x01\\x10")
+time.sleep_ms(200)
+d = i2c.readfrom(0x23, 2)
+print(json.dumps({"scan": i2c.scan(), "lux": (d[0] << 8 | d[1]) / 1.2}))
+"""
+        r = pole.run(code)
+        assert r == {"scan": [0x23, 0x76], "lux": pytest.approx(321.0, abs=1)}
+        status = board.control("status")["peripherals"]
+        assert status["scenario"]["lux"] == 321.0
+        assert status["scenario"]["temperature"] == -5.25
+        board.control("unplug", sensor="bme280")
+        assert pole.run(code)["scan"] == [0x23]
+        assert board.control("status")["peripherals"]["unplugged"] == ["bme280"]
+    finally:
+        emu.stop()
