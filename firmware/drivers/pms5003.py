@@ -133,7 +133,9 @@ class PMS5003:
 
     @property
     def warmup_left_ms(self):
-        left = self.warmup_ms - time.ticks_diff(time.ticks_ms(), self._woke)
+        """ms until a frame asked for now counts (the warm-up, plus one frame's time on
+        the wire, as frames are judged by the earliest time they can have been sent)."""
+        left = self.warmup_ms + FRAME_MS - time.ticks_diff(time.ticks_ms(), self._woke)
         return left if left > 0 else 0
 
     @property
