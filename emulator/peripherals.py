@@ -179,11 +179,14 @@ def _unsent(conn: socket.socket) -> int:
 class Peripherals:
     """Every simulated part on one board, addressed as the board's firmware sees them."""
 
-    def __init__(self, board: Board, scenario: Scenario) -> None:
+    def __init__(self, board: Board, scenario: Scenario, seed: int | None = None) -> None:
+        """seed: the parts' own noise (warm-up, mic self-noise, bus garbage); by default
+        derived from the scenario's seed. Boards sharing one Scenario (one world) can
+        pass their index here so that their parts do not hiss in unison."""
         self.board = board
         self.scenario = scenario
         self._lock = threading.RLock()
-        seed = zlib.crc32(board.name.encode()) ^ scenario.seed
+        seed = zlib.crc32(board.name.encode()) ^ (scenario.seed if seed is None else seed)
         self._seed = seed
         sensors = board.sensors
         wall = scenario.wall
@@ -328,13 +331,15 @@ class Peripherals:
             raise OSError(errno.EINVAL, "I2S: bits 16 or 32, rate 8000..96000")
         with self._lock:
             self._close_stream(i2s_id)
-            mic = None
-            if i2s_id == self.mic_i2s:
-                mic = Microphone(self.scenario, rate, seed=self._seed + 4)
+            mic = self.microphone(rate) if i2s_id == self.mic_i2s else None
             stream = I2SStream(mic, self.scenario.wall, rate, bits, fmt == I2S_STEREO, ibuf,
                                silent=lambda: "mic" in self.unplugged)
             self.streams[i2s_id] = stream
             return stream.port
+
+    def microphone(self, rate: int) -> Microphone:
+        """A fresh sample stream from this board's microphone, starting now."""
+        return Microphone(self.scenario, rate, seed=self._seed + 4)
 
     def _close_stream(self, i2s_id: int) -> None:
         stream = self.streams.pop(i2s_id, None)

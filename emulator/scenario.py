@@ -19,7 +19,10 @@ optional (times are scenario seconds after `start`):
                 {"time": 600, "kind": "tone", "level_db": 94, "duration": 10}],
      "episodes": [{"start": 64800, "duration": 10800, "pm25": 35}],
      "latitude": 48.2, "longitude": 16.37, "cloudiness": 0.3, "pm25_base": 8,
-     "temp_mean": 14, "noise_offset_db": 0}
+     "temp_mean": 14, "noise_offset_db": 0, "pinned": {"pm25": 40}}
+
+`pinned` holds quantities at a fixed value (lux, noise_dba, pm1, pm25, pm10,
+temperature, humidity, pressure, supply_volts), as Scenario.override does at run time.
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ class Scenario:
                  start: datetime | str | None = None,
                  events: list[Event | dict] | tuple = DEFAULT_EVENTS,
                  episodes: list[Episode | dict] | tuple = DEFAULT_EPISODES,
-                 clock: Clock | None = None, **params: Any) -> None:
+                 clock: Clock | None = None, pinned: dict[str, float] | None = None,
+                 **params: Any) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         self.seed = seed
@@ -158,6 +162,7 @@ class Scenario:
         self.clock: Clock = clock or WallClock()
         self._wall0 = self.clock.monotonic()
         self._overrides: dict[str, float] = {}
+        self.override(**(pinned or {}))
         rng = random.Random(seed)
         # Smooth pseudo-random wiggles: a few sinusoids per quantity, phases from the seed.
         self._wiggle = {key: [(rng.uniform(0, 2 * math.pi), period) for period in periods]
@@ -335,7 +340,7 @@ class Scenario:
                 "start": self.start.isoformat(),
                 "events": [asdict(e) for e in self.events],
                 "episodes": [asdict(e) for e in self.episodes],
-                **asdict(self.params)}
+                "pinned": dict(self._overrides), **asdict(self.params)}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], clock: Clock | None = None) -> Scenario:

@@ -79,6 +79,11 @@ def test_scenario_from_json(tmp_path, clock: ManualClock) -> None:
     assert s.time_scale == 60 and s.events[0].kind == "gunshot"
     assert s.events_between(0, 60) == [Event(30, "gunshot", 125)]
     assert Scenario.from_dict(s.to_dict(), clock=clock).values(100.0) == s.values(100.0)
+    pinned = Scenario.from_dict({"pinned": {"pm25": 40, "lux": 5}}, clock=clock)
+    assert pinned.pm(50_000.0)[1] == 40 and pinned.lux(43_200.0) == 5
+    assert Scenario.from_dict(pinned.to_dict(), clock=clock).pm25(0) == 40
+    with pytest.raises(ValueError, match="unknown quantity"):
+        Scenario.from_dict({"pinned": {"pm2.5": 40}}, clock=clock)
     with pytest.raises(ValueError, match="unknown scenario parameter"):
         Scenario.from_dict({"luxx": 3}, clock=clock)
 
@@ -635,3 +640,13 @@ def test_a_day_in_two_minutes_through_the_light_sensor() -> None:
     assert max(readings[:3]) < 1 and max(readings[22:]) < 1   # night, no lamp
     assert max(readings[11:15]) > 20_000                       # summer noon
     assert readings.index(max(readings)) in range(11, 15)
+
+
+def test_boards_sharing_a_world_have_their_own_noise(clock) -> None:
+    s = Scenario(seed=1, clock=clock, events=[])
+    s.override(noise_dba=60.0)
+    a = Peripherals(get_board("esp32-devkitc"), s, seed=0)
+    b = Peripherals(get_board("esp32-devkitc"), s, seed=1)
+    x, y = a.microphone(16000).block(16000), b.microphone(16000).block(16000)
+    assert not np.array_equal(x, y)
+    assert dbfs(x) == pytest.approx(dbfs(y), abs=0.3)  # same world, same level

@@ -22,7 +22,7 @@ from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Event, Scenario
 
 from citynode.boards import get_board
-from tests.emu import mpremote, wait_for
+from tests.emu import mpremote, start_emulator, wait_for
 
 PINNED = {"lux": 1234.0, "temperature": 22.5, "pressure": 100_512.0, "humidity": 41.5,
           "pm25": 17.0, "pm1": 11.0, "pm10": 26.0, "noise_dba": 35.0}
@@ -81,7 +81,7 @@ def level():
 
 
 class Pole:
-    def __init__(self, link: str, parts: Peripherals, scenario: Scenario) -> None:
+    def __init__(self, link: str, parts: Peripherals | None, scenario: Scenario | None) -> None:
         self.link, self.parts, self.scenario = link, parts, scenario
 
     def run(self, code: str) -> dict:
@@ -219,6 +219,45 @@ print(json.dumps({"frames": [[ok, list(w)] for ok, w in frames]}))
     assert words[12] >> 8 == 0x97                     # version byte
 
 
+def test_pms5003_through_asyncio(pole: Pole) -> None:
+    """asyncio.StreamReader / StreamWriter on the UART, as an async driver uses it."""
+    code = PMS_SETUP + """
+import asyncio
+
+uart.init(timeout=0)                              # asyncio: read what is there
+
+async def main():
+    reader = asyncio.StreamReader(uart)
+    writer = asyncio.StreamWriter(uart, {})
+    buf = b""
+    while True:
+        buf += await reader.read(64)
+        i = buf.find(b"\\x42\\x4d\\x00\\x1c")
+        if i >= 0 and len(buf) >= i + 32:
+            f = buf[i:i + 32]
+            break
+    writer.write(pms_cmd(0xE1, 0))                # passive mode: acknowledged
+    await writer.drain()
+    ack = b""
+    t0 = time.ticks_ms()
+    while not ack.endswith(bytes.fromhex("424d0004e1000174")):
+        ack += await asyncio.wait_for(reader.read(64), 2)
+    ack_ms = time.ticks_diff(time.ticks_ms(), t0)
+    writer.write(pms_cmd(0xE1, 1))                # active again
+    await writer.drain()
+    ok = sum(f[:30]) & 0xFFFF == (f[30] << 8 | f[31])
+    return ok, struct.unpack(">13H", f[4:30])[4], ack_ms
+
+ok, pm25, ack_ms = asyncio.run(main())
+print(json.dumps({"ok": ok, "pm25": pm25, "ack_ms": ack_ms}))
+"""
+    warming = pole.parts.state()["pms5003"]["warming_up"]  # (after a SET-pin wake-up)
+    r = pole.run(code)
+    assert r["ok"]
+    assert r["pm25"] < PINNED["pm25"] if warming else r["pm25"] == PINNED["pm25"]
+    assert 10 <= r["ack_ms"] < 1000                    # 7 + 8 bytes at 9600 baud and then some
+
+
 def test_pms5003_passive_mode_and_set_pin(pole: Pole) -> None:
     code = PMS_SETUP + """
 uart.write(pms_cmd(0xE1, 0))                      # passive mode
@@ -316,3 +355,33 @@ print(json.dumps({"aligned": all(k % 4 == 0 and k > 0 for k in sizes), "db": db,
     assert r["aligned"]
     assert r["db"] == pytest.approx(-26.0, abs=0.15)
     assert 150 < r["ms"] < 2000                       # paced by the sample clock
+
+
+
+def test_parts_on_a_citynode_emu_board(tmp_path) -> None:
+    """The same parts behind `citynode-emu run --scenario FILE`, faults over its control
+    channel (what `citynode-emu ctl` sends)."""
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps({"seed": 3, "time_scale": 60, "events": [],
+                                    "pinned": {"lux": 321.0, "temperature": -5.25}}))
+    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario)])
+    try:
+        board = emu.boards[0]
+        pole = Pole(board.link, None, None)
+        wait_for(lambda: _alive(pole), timeout=30, interval=0.5, what="the board's REPL")
+        code = I2C_SETUP + """
+i2c.writeto(0x23, b"\\x01\\x10")
+time.sleep_ms(200)
+d = i2c.readfrom(0x23, 2)
+print(json.dumps({"scan": i2c.scan(), "lux": (d[0] << 8 | d[1]) / 1.2}))
+"""
+        r = pole.run(code)
+        assert r == {"scan": [0x23, 0x76], "lux": pytest.approx(321.0, abs=1)}
+        status = board.control("status")["peripherals"]
+        assert status["scenario"]["lux"] == 321.0
+        assert status["scenario"]["temperature"] == -5.25
+        board.control("unplug", sensor="bme280")
+        assert pole.run(code)["scan"] == [0x23]
+        assert board.control("status")["peripherals"]["unplugged"] == ["bme280"]
+    finally:
+        emu.stop()

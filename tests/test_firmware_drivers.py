@@ -7,10 +7,9 @@ board is started in-process (EmulatedBoard + Peripherals + its control socket), 
 test can pin the scenario's values and inject faults; unplug/plug/corrupt/status go
 through the board's control channel, as `citynode-emu ctl` does.
 
-One test at the end (`test_drivers_on_a_citynode_emu_board`) starts the board through
-the `citynode-emu run` command instead (tests/emu.py), and compares the drivers'
-readings with the scenario values that `status` reports: it needs the emulator CLI
-to attach the simulated parts to its boards.
+One test (`test_drivers_on_a_citynode_emu_board`) starts the board through the
+`citynode-emu run --scenario` command instead (tests/emu.py), and compares the
+drivers' readings with the scenario values that `status` reports.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Scenario
 
 from citynode.boards import get_board
-from tests.emu import BoardHandle, install_firmware, mpremote, wait_for
+from tests.emu import BoardHandle, install_firmware, mpremote, start_emulator, wait_for
 
 BOARD = get_board("esp32-devkitc")
 PINS = BOARD.pins
@@ -224,6 +223,36 @@ print(json.dumps(light.lux))
     assert abs(value - 1500.0) <= 0.5
 
 
+def test_bh1750_saturation_flagged(pole: Pole) -> None:
+    pole.scenario.override(lux=70_000.0)              # bright sun on the sensor
+    r = pole.run(f"""
+from drivers import bh1750
+light = bh1750.BH1750(i2c, address={BH_ADDR})
+full = [light.lux, light.saturated]
+light.mtreg = 31                                  # the widest range: up to 121 klx
+print(json.dumps(full + [light.lux, light.saturated]))
+""")
+    top, saturated, wide, wide_saturated = r
+    assert saturated and top == pytest.approx(65535 / 1.2)
+    assert not wide_saturated and abs(wide - 70_000.0) <= _lux_step("HRES", 31) / 2 + 1e-9
+
+
+def test_wrong_address_or_wrong_part(pole: Pole) -> None:
+    pole.scenario.override(lux=100.0)
+    r = pole.run("""
+from drivers.bh1750 import BH1750
+from drivers.bme280 import BME280
+print(json.dumps([error(lambda: BH1750(i2c, address=0x5C)),
+                  error(lambda: BME280(i2c, address=0x77)),
+                  error(lambda: BME280(i2c, address=0x23))]))
+""")
+    bh, bme, wrong = r
+    assert bh[0] == "SensorMissing" and "0x5c" in bh[1] and "ADDR" in bh[1]
+    assert bme[0] == "SensorMissing" and "0x77" in bme[1] and "SDO" in bme[1]
+    # a part answers at 0x23, but it is no BME280 (it is the BH1750)
+    assert wrong[0] == "SensorFault" and "not 0x60" in wrong[1] and "0x23" in wrong[1]
+
+
 # -- BME280 -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("osrs, t_tol, p_tol, h_tol", [
     # datasheet resolution at x1 (16-bit words): 0.005 degC, 2.62 Pa, 0.008 %RH; at x16
@@ -375,7 +404,7 @@ print(json.dumps(asyncio.run(main())))
     assert value == [AIR["pm1"], AIR["pm25"], AIR["pm10"]]
     assert ticks >= 2
     # each step is a few bus transactions (~45 ms each on the emulated bus), never a wait
-    assert worst_gap < 400
+    assert worst_gap < 500
 
 
 def test_pms5003_rejects_and_counts_corrupt_frames(pole: Pole) -> None:
@@ -446,20 +475,21 @@ print(json.dumps(error(pm.read)))
 pm.wake()
 t0 = time.ticks_ms()
 log = []
-while time.ticks_diff(time.ticks_ms(), t0) < 33000:
+while pm.warming_up:
+    start = time.ticks_diff(time.ticks_ms(), t0)
     value = pm.read()
-    log.append([time.ticks_diff(time.ticks_ms(), t0), value, pm.warming_up])
+    log.append([start, time.ticks_diff(time.ticks_ms(), t0), value])
     time.sleep_ms(1500)
-print(json.dumps([log, pm.discarded]))
+ready = time.ticks_diff(time.ticks_ms(), t0)
+after = [pm.read() for _ in range(3)]            # warming_up said no: these count
+print(json.dumps([log, ready, after, pm.discarded]))
 """, resume=True, timeout=120)
-    log, discarded = r
-    early = [v for ms, v, _ in log if ms < 29_900]
-    late = [v for ms, v, _ in log if ms > 30_500]
-    assert early and all(v is None for v in early)     # discarded, not reported
-    assert all(w for ms, _, w in log if ms < 29_900)
-    assert late and all(v == [AIR["pm1"], AIR["pm25"], AIR["pm10"]] for v in late)
-    assert discarded == len(early) + sum(1 for ms, v, _ in log if 29_900 <= ms <= 30_500
-                                         and v is None)
+    log, ready, after, discarded = r
+    early = [v for _, end, v in log if end < 29_900]        # asked and answered in warm-up
+    assert len(early) >= 10 and all(v is None for v in early)   # discarded, not reported
+    assert 30_000 <= ready <= 32_000
+    assert after == [[AIR["pm1"], AIR["pm25"], AIR["pm10"]]] * 3
+    assert discarded == sum(1 for _, _, v in log if v is None)
 
 
 def test_pms5003_sleep_and_wake_by_command(pole: Pole) -> None:
@@ -503,20 +533,50 @@ print(json.dumps(pm.read()))
     assert state["active"] is False                   # the driver set passive mode again
 
 
+def test_pms5003_wrong_baud_rate(pole: Pole) -> None:
+    """At the wrong baud rate the bytes are framing garbage: a fault that names 9600."""
+    r = pole.run(f"""
+from drivers.pms5003 import PMS5003
+pm = PMS5003(uart(), set_pin=SET, passive=False, warm=True)   # the part sends every second
+assert pm.read() is not None
+slow = UART({PMS_UART}, baudrate=4800, tx={PINS['uart_tx']}, rx={PINS['uart_rx']}, timeout=0)
+wrong = PMS5003(slow, set_pin=SET, passive=False, warm=True)
+print(json.dumps([error(lambda: wrong.read(timeout_ms=2500)), wrong.bytes_received]))
+""")
+    err, heard = r
+    assert heard > 0
+    assert err[0] == "SensorFault" and "no valid frame" in err[1] and "9600" in err[1]
+    pole.run("""
+from drivers.pms5003 import PMS5003
+PMS5003(uart(), set_pin=SET, warm=True).read()    # back to passive for the other tests
+print(json.dumps(1))
+""")
+
+
 # -- the board as `citynode-emu run` starts it -----------------------------------------------
-def test_drivers_on_a_citynode_emu_board(emu_board) -> None:
-    """Through the CLI and the control socket only: readings agree with `status`."""
+def test_drivers_on_a_citynode_emu_board(tmp_path: Path) -> None:
+    """Through `citynode-emu run --scenario` and the control socket only, at noon:
+    readings agree with the scenario values that `status` reports."""
+    scenario = tmp_path / "noon.json"
+    scenario.write_text(json.dumps({"seed": 3, "start": "2026-06-21T12:30:00+02:00"}))
+    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario)])
+    try:
+        _drivers_on_cli_board(emu.boards[0])
+    finally:
+        emu.stop()
+
+
+def _drivers_on_cli_board(emu_board: BoardHandle) -> None:
     status = emu_board.control("status")
-    if "peripherals" not in status:
-        pytest.fail("citynode-emu run does not attach the simulated parts to its boards yet "
-                    "(emulator/cli.py: EmulatedBoard(..., peripherals=Peripherals(...)))")
+    assert "peripherals" in status, "citynode-emu run attaches no simulated parts"
     install_firmware(emu_board)
     before = emu_board.control("status")["peripherals"]["scenario"]
+    assert before["lux"] > 10_000                     # daylight: the scenario file was used
     out = mpremote(emu_board.link, "exec", PRELUDE + f"""
 from drivers.bh1750 import BH1750
 from drivers.bme280 import BME280
 from drivers.pms5003 import PMS5003
-light = BH1750(i2c, address={BH_ADDR}, mode=0x11)
+light = BH1750(i2c, address={BH_ADDR}, mtreg=31)  # up to 121 klx
 air = BME280(i2c, address={BME_ADDR}, osrs_t=16, osrs_p=16, osrs_h=16)
 pm = PMS5003(uart(), set_pin=SET, warm=True)
 print(json.dumps([light.lux, air.read(), pm.read()]))
@@ -528,7 +588,7 @@ print(json.dumps([light.lux, air.read(), pm.read()]))
         lo, hi = sorted((before[key], after[key]))
         assert lo - tol <= value <= hi + tol, (key, value, before[key], after[key])
 
-    near(lux, "lux", 0.5 * 69 / 1.2 / 69 / 2 + 1e-9)
+    near(lux, "lux", _lux_step("HRES", 31) / 2 + 1e-9)
     near(t, "temperature", 0.01)
     near(h, "humidity", 0.01)
     near(p, "pressure", 0.2)
@@ -704,4 +764,69 @@ print(json.dumps([used, issubclass(sensor.SensorMissing, OSError),
 """)
     used, missing_is_oserror, fault_is_oserror = json.loads(out.strip().splitlines()[-1])
     assert missing_is_oserror and fault_is_oserror
-    assert used < 24 * 1024, f"the drivers take {used} bytes of heap to import"
+    # ~23 KB here on the 64-bit unix port (8-byte words); about half that on the ESP32
+    assert used < 32 * 1024, f"the drivers take {used} bytes of heap to import"
+
+
+HEAP_LOCKED = r'''
+import json, micropython, time
+from drivers.pms5003 import PMS5003
+from drivers.bh1750 import BH1750
+def frame(words):
+    b = bytearray(32)
+    b[0], b[1], b[3] = 0x42, 0x4D, 28
+    for i, w in enumerate(words):
+        b[4 + 2 * i] = w >> 8
+        b[5 + 2 * i] = w & 0xFF
+    s = sum(b[:30])
+    b[30], b[31] = s >> 8, s & 0xFF
+    return b
+STREAM = (bytearray(b'\x00\x42\x13') + frame([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0x9700])
+          + bytearray(b'\x42\x4d\x00\x04\xe1\x00\x01\x74'))   # garbage, frame, ack
+class Line:
+    def __init__(self):
+        self.pos = 0
+    def any(self):
+        return len(STREAM) - self.pos if self.pos < len(STREAM) else 0
+    def readinto(self, buf, n):
+        for i in range(n):
+            buf[i] = STREAM[self.pos + i]
+        self.pos += n
+        return n
+    def write(self, data):
+        return 7
+class Bus:
+    def writeto(self, addr, buf, stop=True):
+        return 1
+    def readfrom_into(self, addr, buf, stop=True):
+        buf[0] = 0x12
+        buf[1] = 0x34
+line = Line()
+pm = PMS5003(line, passive=False, warm=True)
+light = BH1750(Bus())
+light.read_count()
+pm.poll()
+got = 0
+micropython.heap_lock()
+try:
+    for k in range(50):
+        line.pos = 0
+        got += pm.poll()
+        c = light.read_count()
+finally:
+    micropython.heap_unlock()
+print(json.dumps([got, pm.frames, pm.acks, pm.garbage, c]))
+'''
+
+
+def test_read_paths_allocate_nothing_on_the_unix_port() -> None:
+    """PMS5003 frame parsing and the BH1750 count read run with the heap locked
+    (micropython.heap_lock: any allocation raises MemoryError). The emulated board's
+    `machine` allocates per bus call, so the bus here is a minimal non-allocating
+    stand-in; BME280 compensation needs ints above 31 bits and is not in this check."""
+    from tests.mpy import run_micropython
+
+    got, frames, acks, garbage, count = json.loads(
+        run_micropython(HEAP_LOCKED).strip().splitlines()[-1])
+    assert got == 50 and frames == 51 and acks == 51 and garbage == 153
+    assert count == 0x1234

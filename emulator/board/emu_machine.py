@@ -12,6 +12,8 @@ DEEPSLEEP_RESET = 4
 SOFT_RESET = 5
 
 _info = None
+_STREAM_POLL = 3        # py/stream.h ioctl requests
+_STREAM_GET_FILENO = 10
 
 
 def _board():
@@ -255,19 +257,30 @@ class I2C:
 SoftI2C = I2C
 
 
-class UART:
+class UART(_io.IOBase):
     """UART with the driver's RX buffer on the host side; read() never blocks
-    longer than `timeout` ms, as on the chip."""
+    longer than `timeout` ms, as on the chip. Pollable for asyncio.StreamReader:
+    an empty buffer is asked about again only after a byte time or so."""
 
     def __init__(self, id, baudrate=115200, bits=8, parity=None, stop=1, tx=None, rx=None,
                  timeout=0, rxbuf=256, **kw):
         self._id = id
+        self._line = None
+        self._timeout = 0
         self.init(baudrate, bits, parity, stop, tx=tx, rx=rx, timeout=timeout, rxbuf=rxbuf)
 
-    def init(self, baudrate=115200, bits=8, parity=None, stop=1, tx=None, rx=None, timeout=0,
-             rxbuf=256, **kw):
-        self._timeout = timeout
-        _link.call(_link.UART_INIT, self._id, struct.pack("<IH", baudrate, rxbuf))
+    def init(self, baudrate=None, bits=8, parity=None, stop=1, tx=None, rx=None, timeout=None,
+             rxbuf=None, **kw):
+        """Unspecified settings stay as they are; the driver (and its RX buffer) is
+        installed again only when the baud rate or the buffer size changes."""
+        old = self._line or (115200, 256)
+        line = (baudrate or old[0], rxbuf or old[1])
+        if timeout is not None:
+            self._timeout = timeout
+        self._empty_at = None
+        if line != self._line:
+            _link.call(_link.UART_INIT, self._id, struct.pack("<IH", line[0], line[1]))
+            self._line = line
 
     def deinit(self):
         pass
@@ -304,9 +317,19 @@ class UART:
     def flush(self):
         pass
 
-
-_STREAM_POLL = 3        # py/stream.h ioctl requests
-_STREAM_GET_FILENO = 10
+    def ioctl(self, req, arg):
+        if req != _STREAM_POLL:
+            return -1  # no descriptor (GET_FILENO): select polls through this method
+        ready = arg & 4  # POLLOUT: the TX FIFO is never full here
+        if arg & 1:
+            now = _t.ticks_ms()
+            if self._empty_at is None or _t.ticks_diff(now, self._empty_at) >= 2:
+                if self.any():
+                    self._empty_at = None
+                    ready |= 1
+                else:
+                    self._empty_at = now
+        return ready
 
 
 class I2S(_io.IOBase):

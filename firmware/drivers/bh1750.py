@@ -51,6 +51,7 @@ class BH1750:
         self._ready = time.ticks_ms()   # when the running conversion will have finished
         self._lost = False
         self.bus_errors = 0             # reads that disagreed (bus noise), recovered or not
+        self.saturated = False          # the last count was 0xFFFF: the light is at least lux
         self._setup()
 
     # -- bus ------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class BH1750:
                               'for bus noise, cable length and the SDA/SCL pull-ups'
                               % (self.address, a, b, c))
             a = c
+        self.saturated = a == 0xFFFF    # more light than the range: lower MTreg (31: 121 klx)
         return a
 
     def read_count(self):

@@ -195,8 +195,9 @@ class BME280:
         chip = ident[0]
         if chip != CHIP_ID:
             name = KNOWN_IDS.get(chip)
-            raise SensorFault('BME280', 'the chip at 0x%02x on %s has id 0x%02x%s, not 0x60: '
-                                        'fit a BME280 (a BMP280 has no humidity sensor)'
+            raise SensorFault('BME280', 'BME280 expected at 0x%02x on %s, but the chip there '
+                                        'has id 0x%02x%s, not 0x60: check the address, or fit '
+                                        'a BME280 (a BMP280 has no humidity sensor)'
                               % (self.address, bus_name(self.i2c, 'the I2C bus'), chip,
                                  ' (%s)' % name if name else ''))
         self.reset()

@@ -54,7 +54,7 @@ class PMS5003:
         self._n = 0
         self._chunk = bytearray(FRAME)
         self._cmd = bytearray(7)
-        self.data = array('H', [0] * 13)     # the words of the last good frame
+        self.data = array('H', [0] * 13)     # the words of the last frame (see `warm`)
         self.frames = 0             # good data frames
         self.checksum_errors = 0    # data frames rejected for their check word
         self.garbage = 0            # bytes skipped to find a frame start (resync)
@@ -133,7 +133,9 @@ class PMS5003:
 
     @property
     def warmup_left_ms(self):
-        left = self.warmup_ms - time.ticks_diff(time.ticks_ms(), self._woke)
+        """ms until a frame asked for now counts (the warm-up, plus one frame's time on
+        the wire, as frames are judged by the earliest time they can have been sent)."""
+        left = self.warmup_ms + FRAME_MS - time.ticks_diff(time.ticks_ms(), self._woke)
         return left if left > 0 else 0
 
     @property
@@ -278,7 +280,8 @@ class PMS5003:
             raise SensorMissing(
                 'PMS5003', 'PMS5003 particulate sensor sent nothing on %s: check its 5 V '
                            'supply (the fan should be audible), sensor TX to ESP32 RX, '
-                           'sensor RX to ESP32 TX, and SET (pin 3) high or open' % where)
+                           'sensor RX to ESP32 TX, SET (pin 3) high or open, and the UART '
+                           'at 9600 baud' % where)
         raise SensorFault(
             'PMS5003', 'PMS5003 on %s: %d bytes but no valid frame (%d checksum errors, %d '
                        'bytes skipped): check the baud rate (9600), loose contacts and '
@@ -306,7 +309,7 @@ class PMS5003:
             await asyncio.sleep_ms(POLL_MS)
         return self._result()
 
-    # -- the last good frame ------------------------------------------------------------
+    # -- the last frame (a warm-up frame too: `warm` says whether it counts) -------------
     @property
     def pm1_0(self):
         """PM1.0, atmospheric environment, ug/m3."""
