@@ -36,7 +36,7 @@ class Light(Sensor):
         self.part = BH1750(i2c, spec.get("address", 0x23))
 
     async def sample(self):
-        return [("light/lux", "lx", self.part.lux)]
+        return [("light/lux", "lx", await self.part.alux())]
 
 
 class Weather(Sensor):
@@ -45,7 +45,7 @@ class Weather(Sensor):
         self.part = BME280(i2c, spec.get("address", 0x76))
 
     async def sample(self):
-        t, h, p = self.part.read()
+        t, h, p = await self.part.aread()
         return [("env/temperature", "Cel", t), ("env/humidity", "%RH", h),
                 ("env/pressure", "Pa", p)]
 
