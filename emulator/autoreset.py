@@ -16,6 +16,7 @@ solves the same problem by replaying the sequence locally.)
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 
@@ -24,13 +25,23 @@ RELEASE_WINDOW_S = 0.12
 
 class AutoReset:
     def __init__(self, hold: Callable[[], None], release: Callable[[bool], None]):
-        """hold(): EN went low. release(download): the chip starts, IO0 sampled."""
+        """hold(): EN went low. release(download): the chip starts, IO0 sampled.
+
+        Both run in order on a worker thread, so a line change returns at once
+        (the RFC 2217 client waits for its acknowledgement only 3 s).
+        """
         self._hold = hold
         self._release = release
         self._en = True
         self._io0_low_in_window = False
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        self._work: queue.Queue[Callable[[], None]] = queue.Queue()
+        threading.Thread(target=self._worker, name="en-io0", daemon=True).start()
+
+    def _worker(self) -> None:
+        while True:
+            self._work.get()()
 
     def lines(self, dtr: bool, rts: bool) -> None:
         en = not (rts and not dtr)
@@ -44,7 +55,7 @@ class AutoReset:
                 self._timer.cancel()
                 self._timer = None
             if not en:
-                self._hold()
+                self._work.put(self._hold)
                 return
             self._io0_low_in_window = io0_low
             self._timer = threading.Timer(RELEASE_WINDOW_S, self._out_of_reset)
@@ -57,4 +68,4 @@ class AutoReset:
                 return
             download = self._io0_low_in_window
             self._timer = None
-        self._release(download)
+        self._work.put(lambda: self._release(download))

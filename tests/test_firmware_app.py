@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from citynode.provisioning.deploy import build_config
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from citynode import wire
 from citynode.boards import get_board
@@ -129,3 +130,73 @@ def test_nothing_lost_across_a_wifi_outage(node):
     unique = sorted(set(seqs))
     assert seqs == sorted(seqs), "per-device order kept"
     assert unique == list(range(unique[0], unique[0] + len(unique))), f"gap in {unique}"
+
+
+def _records(body: wire.Payload) -> dict:
+    return {r[0]: r.get(2, r.get(3)) for r in body.records}
+
+
+def _command(device: str, seq: int, name: str, args: dict, key) -> bytes:
+    return wire.sign_es256(wire.encode_command(device, seq, name, args, int(time.time())),
+                           wire.OPERATOR_KID, key)
+
+
+def test_downlink_commands_need_the_operator_key_and_are_not_replayed(node, local_broker):
+    board, device, key, sub = node
+    operator = ec.generate_private_key(ec.SECP256R1())
+    point = operator.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    mpremote(board.link, "exec", "from node.keys import NodeKeys\n"
+             f"NodeKeys().install_operator_key(bytes.fromhex({point.hex()!r}))")
+    _boot_app(board)
+    assert sub.take(1, timeout=3 * WINDOW_S + 20), "the node is not publishing"
+
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="operator")
+    sender.connect(local_broker.host, local_broker.port)
+    sender.loop_start()
+    topic = f"citynode/down/{device}"
+
+    def answers(timeout=15) -> list[object]:
+        found, deadline = [], time.monotonic() + timeout
+        while not found and time.monotonic() < deadline:
+            for _, envelope in sub.take(1, timeout=1):
+                recs = _records(_open(envelope, key))
+                found += [v for n, v in recs.items() if n.startswith("cmd/")]
+        return found
+
+    lamp = _command(device, 1, "lamp", {"level": 40}, operator)
+    sender.publish(topic, lamp, qos=1).wait_for_publish()
+    assert answers() == ["ok"]
+    lamp_level = board.control("status")["peripherals"]["lamp"]
+    assert lamp_level == pytest.approx(0.40, abs=0.01)
+
+    sender.publish(topic, lamp, qos=1).wait_for_publish()           # the same bytes again
+    assert answers() == ["replayed"]
+    forged = _command(device, 2, "lamp", {"level": 100},
+                      ec.generate_private_key(ec.SECP256R1()))
+    sender.publish(topic, forged, qos=1).wait_for_publish()
+    assert answers() == ["bad_signature"]
+    assert board.control("status")["peripherals"]["lamp"] == pytest.approx(0.40, abs=0.01)
+    sender.loop_stop()
+    sender.disconnect()
+
+
+def test_an_impulse_arrives_at_once_with_its_time(tmp_path, local_broker):
+    # a gunshot 12 scenario seconds after the emulator starts
+    scenario = {"events": [{"time": 12.0, "kind": "gunshot", "level_db": 118.0}]}
+    emu, board, device, key = _start_node(tmp_path, local_broker, scenario=scenario,
+                                          extra={"window_s": 600})
+    sub = Subscriber(local_broker)
+    try:
+        _boot_app(board)
+        got = sub.take(1, timeout=30)
+        assert got, "no event envelope arrived"
+        lag = board.control("status")["peripherals"]["scenario"]["t"] - 12.0
+        assert lag < 2.5, f"the event took {lag:.1f} s to arrive"
+        body = _open(got[0][1], key)
+        assert body.kind == wire.KIND_EVENT
+        recs = _records(body)
+        assert recs["noise/impulse"] > 80   # a 125 ms energy average of a 118 dB peak
+        assert recs["noise/rise"] >= 15
+    finally:
+        sub.close()
+        emu.stop()

@@ -14,7 +14,7 @@ REFUSED_REASONS = ("oversized", "malformed", "alg", "kid", "bad_signature", "wro
 
 class CommandRefused(ValueError):
     def __init__(self, reason, detail):
-        ValueError.__init__(self, reason + ": " + detail)
+        super().__init__(reason + ": " + detail)
         self.reason = reason
 
 

@@ -6,6 +6,7 @@ and a signed self-test envelope (hex) that the host verifies against the registr
     import node.selftest; node.selftest.main()
 """
 
+import asyncio
 import json
 import sys
 import time
@@ -21,7 +22,7 @@ def run(cfg=None, node_keys=None, seq=None):
     records = []
     for sensor in sensors.build(cfg):
         try:
-            readings = sensor.sample()
+            readings = asyncio.run(sensor.sample())
             report[sensor.name] = {"status": "ok", "readings": {n: v for n, u, v in readings}}
             records.extend(readings)
         except Exception as exc:  # a failing part is the finding, not a crash
