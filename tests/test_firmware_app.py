@@ -8,21 +8,16 @@ across a Wi-Fi outage or a power cut.
 
 from __future__ import annotations
 
-import json
 import queue
 import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from citynode.provisioning.deploy import build_config
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from citynode import wire
-from citynode.boards import get_board
-from tests.emu import install_firmware, mpremote, start_emulator, wait_for
-
-WINDOW_S = 5
+from tests.emu import WINDOW_S, mpremote, start_node, wait_for
 
 
 class Subscriber:
@@ -50,26 +45,6 @@ class Subscriber:
         self.client.disconnect()
 
 
-def _start_node(tmp_path, broker, scenario: dict | None = None, extra: dict | None = None):
-    scenario_file = tmp_path / "scenario.json"
-    scenario_file.write_text(json.dumps(scenario or {}))
-    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario_file)])
-    board = emu.boards[0]
-    device = "cn-" + board.mac
-    cfg = build_config(get_board("esp32-devkitc"), device, "test", "P-1", 52.0, 4.3,
-                       f"{broker.host}:{broker.port}", "city", window_s=WINDOW_S)
-    for spec in cfg["sensors"].values():
-        if "interval_s" in spec:
-            spec["interval_s"] = 1
-    cfg.update(extra or {})
-    install_firmware(board, {"config.json": json.dumps(cfg),
-                             "secret/wifi.json": json.dumps({"password": "pw"})})
-    public = mpremote(board.link, "exec",
-                      "from node.keys import NodeKeys; print(NodeKeys().public_key_hex())").strip()
-    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes.fromhex(public))
-    return emu, board, device, key
-
-
 def _boot_app(board):
     """A soft reset in the friendly REPL runs main.py, as at power-on."""
     import serial
@@ -87,7 +62,7 @@ def _open(envelope: bytes, key) -> wire.Payload:
 
 @pytest.fixture
 def node(tmp_path, local_broker):
-    emu, board, device, key = _start_node(tmp_path, local_broker)
+    emu, board, device, key = start_node(tmp_path, local_broker)
     sub = Subscriber(local_broker)
     yield board, device, key, sub
     sub.close()
@@ -183,7 +158,7 @@ def test_downlink_commands_need_the_operator_key_and_are_not_replayed(node, loca
 def test_an_impulse_arrives_at_once_with_its_time(tmp_path, local_broker):
     # a gunshot 12 scenario seconds after the emulator starts
     scenario = {"events": [{"time": 12.0, "kind": "gunshot", "level_db": 118.0}]}
-    emu, board, device, key = _start_node(tmp_path, local_broker, scenario=scenario,
+    emu, board, device, key = start_node(tmp_path, local_broker, scenario=scenario,
                                           extra={"window_s": 600})
     sub = Subscriber(local_broker)
     try:

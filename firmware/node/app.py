@@ -19,6 +19,7 @@ from node import sensors, supervisor, uplink, version, wifi
 from node.spool import EVENT, ROUTINE
 
 HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
+HUMID_RH = 80  # above this a PMS5003 over-reads (droplets count as particles): flagged, not fixed
 
 
 class Node:
@@ -124,12 +125,19 @@ class Node:
             if time.ticks_diff(time.ticks_ms(), self.window_started) < self.cfg["window_s"] * 1000:
                 continue
             self.window_started = time.ticks_ms()
-            records = self.window.records() + self._sound_records() + self._health_records()
-            self.window = aggregate.Window()
-            await self.send(payload.KIND_READINGS, records)
+            await self.uplink.send(self.close_window(), ROUTINE)
             if time.ticks_ms() > HEALTHY_AFTER_MS and not self.healthy_marked:
                 safemode.mark_healthy()
                 self.healthy_marked = True
+
+    def close_window(self):
+        """The signed envelope of the window that ends now; a new window starts."""
+        rh = self.window.stats.get("env/humidity")
+        if rh is not None and rh.mean() > HUMID_RH and "air/pm2_5" in self.window.stats:
+            self.window.flag("air/pm_quality", "humid")
+        records = self.window.records() + self._sound_records() + self._health_records()
+        self.window = aggregate.Window()
+        return self.envelope(payload.KIND_READINGS, records)
 
     def _sound_records(self):
         if self.meter is None:
@@ -236,6 +244,7 @@ def main():
         print("citynode: SAFE MODE after %d crash-reboots; the app is stopped, the shell and the "
               "key are kept. Last crash:\n%s" % (safemode.MAX_CRASHES, safemode.last_crash()))
         return
+    print("citynode: node %s, firmware %s, starting" % (cfg["device"], version.VERSION))
     try:
         asyncio.run(Node(cfg).run())
     except KeyboardInterrupt:
