@@ -8,7 +8,8 @@
     broker.restart()        # stop (or after kill) and start again, same port and data
     broker.log()            # mosquitto's log, for assertion messages
 
-`extra_config` is appended to the generated mosquitto.conf (e.g. a bridge). The
+`extra_config` is appended to the generated mosquitto.conf (e.g. a bridge);
+`unlimited_queues=False` keeps Mosquitto's default queue limits (1000 queued). The
 conftest fixtures `local_broker` and `upstream_broker` start one each, stopped after
 the test. The binary is /usr/sbin/mosquitto, or $CITYNODE_MOSQUITTO.
 """
@@ -36,7 +37,8 @@ def free_port() -> int:
 
 class Mosquitto:
     def __init__(self, workdir: Path, *, persistence: bool = False, port: int | None = None,
-                 extra_config: str = "", autosave_interval: int | None = None):
+                 extra_config: str = "", autosave_interval: int | None = None,
+                 unlimited_queues: bool = True):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -44,6 +46,7 @@ class Mosquitto:
         self.persistence = persistence
         self.extra_config = extra_config
         self.autosave_interval = autosave_interval
+        self.unlimited_queues = unlimited_queues
         self.proc: subprocess.Popen | None = None
         self.conf = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
@@ -55,11 +58,11 @@ class Mosquitto:
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
-            "max_queued_messages 0",  # unlimited: tests count every message
-            "max_inflight_messages 100",
             "log_type error", "log_type warning", "log_type notice",
             f"log_dest file {self.log_path}",
         ]
+        if self.unlimited_queues:  # tests count every message; False keeps the defaults
+            lines += ["max_queued_messages 0", "max_inflight_messages 100"]
         if self.autosave_interval is not None:
             lines.append(f"autosave_interval {self.autosave_interval}")
         self.conf.write_text("\n".join(lines) + "\n" + self.extra_config + "\n")

