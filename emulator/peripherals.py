@@ -17,11 +17,9 @@ board's pins name `vbus_adc`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import socket
 import struct
-import termios
 import threading
 import zlib
 from collections.abc import Callable
@@ -45,8 +43,9 @@ I2S_STEREO = 1
 SUPPLY_ADC_PIN = 35
 SUPPLY_DIVIDER = 0.5
 ADC_FULL_SCALE_V = 3.3           # what board/emu_machine.py's read_uv assumes at 65535
-I2S_TICK = 0.005                 # how often the DMA pump wakes
-I2S_SNDBUF = 4096                # keep the kernel's share of the DMA buffer small
+I2S_TICK = 0.003                 # how often the DMA pump wakes (in flight lasts 21+ ms)
+I2S_SNDBUF = 4096                # keep the kernel's share of the DMA ring small
+I2S_IN_FLIGHT = 4096             # ring bytes handed to the socket ahead of the board's reads
 UART_LOOKAHEAD = 0.05           # a waiting read looks this far ahead on the line
 I2S_BLOCK = 2048                 # samples generated per numpy call (FFT-friendly)
 
@@ -62,7 +61,14 @@ class UartPort:
 
 
 class I2SStream:
-    """Paces samples to the board over a loopback socket, as DMA fills the buffer."""
+    """Paces samples to the board over a loopback socket, as DMA fills the ring.
+
+    Wire: raw slots host -> board; board -> host, after every socket read, the number
+    of bytes it took (<I, little-endian). So the host knows exactly what the ring
+    holds (handed over but unread, plus not yet handed over), drops the oldest
+    samples when it would exceed `ibuf`, and keeps at most I2S_IN_FLIGHT bytes in
+    the kernel, where they could no longer be dropped.
+    """
 
     def __init__(self, mic: Microphone | None, wall: Callable[[], float], rate: int, bits: int,
                  stereo: bool, ibuf: int, silent: Callable[[], bool]) -> None:
@@ -107,11 +113,17 @@ class I2SStream:
             return
         self._conn = conn
         wall, start = self._wall, self.start
-        produced = 0            # samples released to the DMA buffer so far
-        pending = bytearray()   # released, not yet taken by the board's socket
+        produced = 0            # samples released into the DMA ring so far
+        pending = bytearray()   # in the ring, not yet handed to the socket
         ahead = bytearray()     # generated in efficient blocks, not yet due
+        sent = consumed = 0     # bytes handed to the socket / acknowledged read by the board
+        acks = bytearray()
         try:
             while not self._closed.is_set():
+                acks += _drain(conn)
+                while len(acks) >= 4:
+                    consumed += struct.unpack_from("<I", acks)[0]
+                    del acks[:4]
                 due = int((wall() - start) * self.rate)
                 backlog = due - produced
                 capacity = self.ibuf // self.frame_bytes
@@ -134,19 +146,23 @@ class I2SStream:
                         pending += ahead[:need]
                     del ahead[:need]
                     produced = due
-                excess = len(pending) + _unsent(conn) - self.ibuf
-                if excess > 0:
+                # The ring holds what the board has not read yet: in flight plus pending.
+                in_flight = sent - consumed
+                excess = in_flight + len(pending) - self.ibuf
+                if excess > 0:  # full: the oldest samples still in our hands go
                     excess = min(len(pending), -(-excess // self.frame_bytes) * self.frame_bytes)
                     del pending[:excess]
                     self._overrun(excess)
-                if pending:
+                room = min(self.ibuf, I2S_IN_FLIGHT) - in_flight
+                if pending and room > 0:
                     try:
-                        sent = conn.send(pending)
-                        del pending[:sent]
+                        n = conn.send(pending[:room])
+                        del pending[:n]
+                        sent += n
                     except BlockingIOError:
                         pass
                 self._closed.wait(I2S_TICK)
-        except OSError:
+        except (OSError, EOFError):
             pass  # the board closed its end (deinit, reset, power cut)
         finally:
             conn.close()
@@ -167,13 +183,17 @@ class I2SStream:
         self._thread.join(timeout=2)
 
 
-def _unsent(conn: socket.socket) -> int:
-    """Bytes still in our socket's send queue (they count against the DMA buffer)."""
-    try:
-        buf = fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        return struct.unpack("i", buf)[0]
-    except OSError:
-        return 0
+def _drain(conn: socket.socket) -> bytes:
+    """Whatever the board sent back (its read acknowledgements); EOF when it closed."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = conn.recv(4096)
+        except BlockingIOError:
+            return bytes(data)
+        if not chunk:
+            raise EOFError
+        data += chunk
 
 
 class Peripherals:

@@ -352,29 +352,41 @@ class I2S(_io.IOBase):
             _link.I2S_INIT, id, struct.pack("<BBBIi", mode, bits, format, rate, ibuf)))[0]
         self._sock = _s.socket()
         try:  # SOL_SOCKET, SO_RCVBUF: the DMA ring is `ibuf` on the host, not a kernel queue
-            self._sock.setsockopt(1, 8, 2048)
+            self._sock.setsockopt(1, 8, 4096)
         except OSError:
             pass
         self._sock.connect(_s.getaddrinfo("127.0.0.1", port)[0][-1])
         self._rate = rate
         self._frame = (bits // 8) * (2 if format == I2S.STEREO else 1)
+        self._step = max(self._frame, min(1024, ibuf - ibuf % self._frame))
         self._async = False
+
+    def _recv(self, mv, wait=True):
+        """One socket read; the host then hears how much left its DMA ring. A blocking
+        read asks for at most one step: socket readinto waits for all it asks for, and
+        the host keeps only a few steps in flight until it hears back."""
+        if wait:
+            k = self._sock.readinto(mv[:self._step])
+        else:
+            data = self._sock.recv(len(mv), 0x40)  # MSG_DONTWAIT: what is there
+            k = len(data)
+            mv[:k] = data
+        if not k:
+            raise OSError(5)
+        self._sock.write(struct.pack("<I", k))
+        return k
 
     def _fill(self, mv, got, want):
         while got < want:
-            k = self._sock.readinto(mv[got:want])
-            if not k:
-                raise OSError(5)
-            got += k
+            got += self._recv(mv[got:want])
         return got
 
     def readinto(self, buf):
         mv = memoryview(buf)
         n = len(buf) - len(buf) % self._frame
-        if not self._async:
+        if not self._async or not n:
             return self._fill(mv, 0, n)
-        got = self._fill(mv, 0, 1 if n else 0)  # poll said readable: this does not wait
-        got += self._sock.readinto(mv[got:n]) if got < n else 0
+        got = self._recv(mv[:n], False)  # poll said readable: this does not wait
         return self._fill(mv, got, got + (-got) % self._frame)  # finish the last frame
 
     def ioctl(self, req, arg):
