@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import firmware_crypto, firmware_dsp  # noqa: E402
 from citynode.emulator.vm import WORD_SCALE  # noqa: E402
+
+from bench import firmware_crypto, firmware_dsp  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 from tests.emu import mpremote, start_node  # noqa: E402
 

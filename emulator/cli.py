@@ -54,12 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario_doc["time_scale"] = args.time_scale
     try:
         for i, link in enumerate(links):
-            # one world for all boards of a run, each its own seed for sensor noise
-            scenario = Scenario.from_dict(dict(scenario_doc, seed=scenario_doc.get("seed", 0) + i))
+            # one world for all boards of a run; each board's parts have their own noise
+            scenario = Scenario.from_dict(scenario_doc)
             emu = EmulatedBoard(board, Path(args.state) / link.name, link=link,
                                 rfc2217_port=args.rfc2217 + i, blank=args.blank,
                                 radio=Radio(args.wifi_ssid, password),
-                                peripherals=Peripherals(board, scenario))
+                                peripherals=Peripherals(board, scenario, seed=i))
             boards.append(emu)
             controls.append(ControlServer(emu))
             emu.power_on()

@@ -54,6 +54,12 @@ def _fault(board: EmulatedBoard, name: str, **kw: Any) -> None:
     board.peripherals.fault(name, **kw)
 
 
+def _scenario(board: EmulatedBoard):
+    if board.peripherals is None:
+        raise ControlError("this board has no simulated parts attached")
+    return board.peripherals.scenario
+
+
 COMMANDS = {
     "status": lambda b: _status(b),
     "wifi": lambda b, up: b.radio.set_ap(bool(up)),
@@ -63,7 +69,9 @@ COMMANDS = {
     "hang": lambda b: b.hang(),
     "unplug": lambda b, sensor: _fault(b, "unplug", sensor=sensor),
     "plug": lambda b, sensor: _fault(b, "plug", sensor=sensor),
-    "corrupt": lambda b, sensor, count=1: _fault(b, "corrupt", sensor=sensor, count=count),
+    "corrupt": lambda b, sensor, count=1, kind="checksum": _fault(b, "corrupt", sensor=sensor,
+                                                               count=count, kind=kind),
+    "pin": lambda b, **values: _scenario(b).override(**values),
 }
 
 
