@@ -45,6 +45,7 @@ demo: setup
 	$(BIN)/python -m citynode.demo $(DEMO_ARGS)
 
 bench: bench-firmware bench-gateway bench-provision
+	$(BIN)/python -m bench.table
 
 bench-firmware bench-gateway bench-provision: setup
 	$(BIN)/python -m bench.$(subst -,_,$(subst bench-,,$@)) --out bench/results
