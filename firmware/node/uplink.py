@@ -126,6 +126,7 @@ class Uplink:
             try:
                 if await self._connect():
                     await self._pump()
+                    self.spool.flush()  # link lost: RAM to flash now, head saved
             except Exception as e:  # nothing (MemoryError included) may end the uplink
                 sys.print_exception(e)
                 self._error(e)
