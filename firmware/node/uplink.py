@@ -8,9 +8,9 @@ again (the gateway dedupes on seq) instead of a gap. One message in flight is
 plenty for one window a minute and keeps that reasoning simple.
 
 RAM records older than flush_ms go to flash (while offline, or behind a
-backlog), so a power cut loses at most the last flush_ms of envelopes. Downlink payloads on
-`citynode/down/<device>` go to on_downlink(payload); a coroutine it returns is
-run as a task. MQTT reconnects use backoff with jitter (node.backoff).
+backlog), so a power cut loses at most the last flush_ms of envelopes.
+Downlink payloads on `citynode/down/<device>` go to on_downlink(payload); a
+coroutine it returns is run as a task. Reconnects back off with jitter.
 """
 
 import asyncio
