@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 import paho.mqtt.client as paho
 
-from tests.emu import FIRMWARE, VENV_BIN, BoardHandle, install_firmware, mpremote
+from tests.emu import FIRMWARE, VENV_BIN, BoardHandle, install_firmware
 
 
 def install_compiled(board: BoardHandle, files: dict[str, str] | None = None) -> None:
@@ -31,29 +31,61 @@ def install_compiled(board: BoardHandle, files: dict[str, str] | None = None) ->
         (fs / rel).unlink()
 
 
+_RUNNING: list[subprocess.Popen] = []
+
+
 def run_async(board: BoardHandle, code: str, timeout: float = 90) -> Future:
-    """Run `code` on the board through `mpremote exec` in a thread; the future gives stdout."""
+    """Run `code` on the board through `mpremote exec` in the background; the future gives
+    its stdout (or an AssertionError with what it printed). stop_leftovers() ends it."""
     fut: Future = Future()
+    proc = subprocess.Popen([str(VENV_BIN / "mpremote"), "connect", board.link, "exec", code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _RUNNING.append(proc)
 
     def work():
         try:
-            fut.set_result(mpremote(board.link, "exec", code, timeout=timeout))
-        except BaseException as exc:  # handed to the test through the future
-            fut.set_exception(exc)
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode == 0:
+            fut.set_result(out)
+        else:
+            fut.set_exception(AssertionError(f"mpremote exec failed ({proc.returncode}):\n"
+                                             f"{out}\n{err}"))
 
     threading.Thread(target=work, daemon=True).start()
     return fut
 
 
-def wait_file(board: BoardHandle, name: str, timeout: float = 30) -> str:
-    """Wait until the board wrote `name` in its filesystem; returns its text."""
+def stop_leftovers() -> None:
+    """Kill board scripts a failed test left running (they hold the board's serial port)."""
+    while _RUNNING:
+        proc = _RUNNING.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_file(board: BoardHandle, name: str, timeout: float = 30,
+              run: Future | None = None) -> str:
+    """Wait until the board wrote `name` in its filesystem; returns its text.
+
+    With `run` (the script that should write it), fail at once with its output if
+    it ended first, and say what it printed if it is still running at the timeout.
+    """
     path = board.state / "fs" / name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             return path.read_text()
+        if run is not None and run.done():
+            exc = run.exception()
+            raise AssertionError(f"the board script ended before writing {name}: "
+                                 f"{exc if exc else run.result()}")
         time.sleep(0.05)
-    raise AssertionError(f"the board did not write {name} within {timeout}s")
+    raise AssertionError(f"the board did not write {name} within {timeout}s"
+                         + (" (its script is still running)" if run is not None else ""))
 
 
 def signal_board(board: BoardHandle, name: str, text: str = "") -> None:

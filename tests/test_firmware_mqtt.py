@@ -17,7 +17,14 @@ import pytest
 
 from tests.brokers import Mosquitto
 from tests.emu import mpremote
-from tests.fwboard import Subscriber, install_compiled, run_async, signal_board, wait_file
+from tests.fwboard import (
+    Subscriber,
+    install_compiled,
+    run_async,
+    signal_board,
+    stop_leftovers,
+    wait_file,
+)
 from tests.mpy import run_micropython
 
 WIFI = ("import asyncio, gc, os, time\nfrom node.wifi import WiFi\n"
@@ -35,6 +42,12 @@ def board_code(broker, body: str) -> str:
             "    os.remove(name)\n"
             f"async def main():\n{lines}\n"
             "asyncio.run(main())\n")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_scripts():
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +159,7 @@ print('oversize', c.oversize, 'received', c.received, 'connected', c.connected)
 await c.disconnect()
 """))
     try:
-        wait_file(board, "subscribed")
+        wait_file(board, "subscribed", run=run)
         sub.publish("citynode/down/cn-dl-test", b"cmd-1")
         sub.publish("citynode/down/cn-dl-test", b"z" * 5000)  # over max_packet
         sub.publish("citynode/down/cn-dl-test", b"cmd-2", qos=0)
@@ -178,7 +191,7 @@ while c.connected and time.ticks_diff(time.ticks_ms(), t) < 10000:
     await asyncio.sleep_ms(50)
 print('detected_ms', time.ticks_diff(time.ticks_ms(), t), 'error', c.error)
 """))
-    wait_file(board, "idle-done", timeout=30)
+    wait_file(board, "idle-done", timeout=30, run=run)
     local_broker.proc.send_signal(signal.SIGSTOP)  # alive TCP, no answers: a half-open link
     signal_board(board, "stopped")
     try:
@@ -229,9 +242,9 @@ await c.publish('citynode/up/cn-rc-test', b'after', qos=1)
 print('published again')
 await c.disconnect()
 """))
-    wait_file(board, "published")
+    wait_file(board, "published", run=run)
     local_broker.stop()
-    wait_file(board, "refused")
+    wait_file(board, "refused", run=run)
     local_broker.start()
     sub = Subscriber(local_broker.host, local_broker.port)
     try:

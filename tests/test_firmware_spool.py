@@ -229,3 +229,33 @@ report(first=first, head_errors=head_errors, ram=ram, errors=s.flash_errors, res
     assert got["rest"] == names(16, 17, 18, 19)
     assert got["dropped"] == 6 + 5
     assert got["torn"] == 1 and got["errors"] > got["head_errors"]
+
+
+def test_a_full_64k_spool_stays_small_on_the_heap(tmp_path):
+    got = mpy(tmp_path, """
+import gc
+_sp.open = node.fsutil.open = _open  # no counting here: its list would grow
+gc.collect()
+before = gc.mem_alloc()
+s = Spool(BASE, ram_count=16, flash_bytes=65536)
+worst = 0
+for i in range(1200):
+    s.put(rec(i, 120))
+    if i % 50 == 0:
+        gc.collect()
+        worst = max(worst, gc.mem_alloc() - before)
+n = len(s)
+ok = True
+prev = None
+while len(s):
+    k = int(s.pop()[1:6])
+    ok = ok and (prev is None or k == prev + 1)  # what is kept is one unbroken run
+    prev = k
+report(n=n, dropped=s.dropped, worst=worst, last=prev, ok=ok, writes=s.writes)
+""")
+    assert got["n"] + got["dropped"] == 1200
+    assert got["n"] * 127 <= 65536 + 16 * 127 and got["dropped"] > 600
+    assert got["last"] == 1199 and got["ok"]  # the newest kept, oldest dropped, in a row
+    assert got["worst"] < 8 * 1024  # RAM ring + buffers; the file is never listed on the heap
+    print(f"\nfull 64 KB spool: {got['n']} kept, {got['dropped']} dropped, heap <= "
+          f"{got['worst']} B, {got['writes']} flash writes for 1200 puts")

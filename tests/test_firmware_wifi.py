@@ -58,7 +58,7 @@ def test_connect_status_rssi_and_reconnect_after_the_ap_returns(tmp_path):
             "    await asyncio.sleep_ms(700)\n"
             "    print('back', w.connects, w.drops, w.isconnected())\n"
             "asyncio.run(main())\n"))
-        wait_file(board, "up")
+        wait_file(board, "up", run=run)
         board.control("wifi", up=False)
         time.sleep(2)
         board.control("wifi", up=True)

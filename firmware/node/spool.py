@@ -123,13 +123,17 @@ class Spool:
         return data
 
     def flush(self, max_age_ms=None):
-        """Write the RAM ring to flash in one append (only if its oldest record is at least
-        max_age_ms old, when given). True if written; also saves a moved head."""
-        if self.flash_bytes and self._unsaved and self._count:
-            self._save_head()
-        if not self._ram or not self.flash_bytes:
+        """Write the RAM ring to flash in one append (with max_age_ms: only once its oldest
+        record is that old). True if written. Also saves a moved head, so call it without
+        max_age_ms before a planned reset."""
+        if not self.flash_bytes:
             return False
-        if max_age_ms is not None and time.ticks_diff(time.ticks_ms(), self._since) < max_age_ms:
+        if max_age_ms is not None and (not self._ram or time.ticks_diff(
+                time.ticks_ms(), self._since) < max_age_ms):
+            return False
+        if self._unsaved and self._count:
+            self._save_head()
+        if not self._ram:
             return False
         try:
             if self._size() != self._end:  # a failed append left bytes behind: repair first
@@ -221,38 +225,37 @@ class Spool:
         elif not self._count:
             self._delete_flash()
 
-    def _records(self):
-        """(offset, prio, size) of each live record, read from the headers only."""
-        out = []
+    def _scan(self, f):
+        """(offset, prio, size) of each live record, from the headers, one at a time:
+        a full 64 KB file holds hundreds of records, too many to list on the heap."""
         off = self._head
-        if self._count:
-            with open(self._dat, "rb") as f:
-                while off < self._end:
-                    f.seek(off)
-                    n, prio = struct.unpack("<HB", f.read(3))
-                    out.append((off, prio, HDR + n))
-                    off += HDR + n
-        return out
+        while off < self._end:
+            f.seek(off)
+            n, prio = struct.unpack("<HB", f.read(3))
+            yield off, prio, HDR + n
+            off += HDR + n
 
     def _make_room(self, incoming):
         """Before appending `incoming` bytes: reclaim the sent prefix, drop if still full."""
         if self._end + incoming <= self.flash_bytes:
             return
         need = self._end - self._head + incoming - self.flash_bytes
-        drop = set()
-        if need > 0:
-            recs = self._records()
-            for want in (ROUTINE, EVENT):  # oldest routine first, events last
-                for off, prio, size in recs:
-                    if need > 0 and prio == want and off not in drop:
-                        drop.add(off)
-                        need -= size
-                i = 0
-                while need > 0 and i < len(self._ram):
-                    if self._ram[i][0] == want:
-                        need -= self._drop_ram(i)
-                    else:
-                        i += 1
+        drop = set()  # offsets of the (few) flash records to drop
+        for want in (ROUTINE, EVENT):  # oldest routine first, events last
+            if need > 0 and self._count:
+                with open(self._dat, "rb") as f:
+                    for off, prio, size in self._scan(f):
+                        if need <= 0:
+                            break
+                        if prio == want and off not in drop:
+                            drop.add(off)
+                            need -= size
+            i = 0
+            while need > 0 and i < len(self._ram):
+                if self._ram[i][0] == want:
+                    need -= self._drop_ram(i)
+                else:
+                    i += 1
         if self._count:
             self._rewrite(drop)
 
@@ -276,9 +279,8 @@ class Spool:
         count = 0
         end = 0
         mv = memoryview(self._buf)
-        recs = self._records()
         with open(self._dat, "rb") as src, open(tmp, "wb") as dst:
-            for off, prio, size in recs:
+            for off, prio, size in self._scan(src):
                 if off in drop:
                     self.dropped += 1
                     continue

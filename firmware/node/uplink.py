@@ -7,10 +7,10 @@ was spooled before anything newer, and a lost PUBACK means the same bytes go
 again (the gateway dedupes on seq) instead of a gap. One message in flight is
 plenty for one window a minute and keeps that reasoning simple.
 
-While offline the RAM part of the spool is flushed to flash every flush_ms, so
-a power cut during an outage loses at most that much. Downlink payloads on
-`citynode/down/<device>` go to on_downlink(payload); a coroutine it returns is
-run as a task. MQTT reconnects use backoff with jitter (node.backoff).
+RAM records older than flush_ms go to flash (while offline, or behind a
+backlog), so a power cut loses at most the last flush_ms of envelopes.
+Downlink payloads on `citynode/down/<device>` go to on_downlink(payload); a
+coroutine it returns is run as a task. Reconnects back off with jitter.
 """
 
 import asyncio
@@ -126,6 +126,7 @@ class Uplink:
             try:
                 if await self._connect():
                     await self._pump()
+                    self.spool.flush()  # link lost: RAM to flash now, head saved
             except Exception as e:  # nothing (MemoryError included) may end the uplink
                 sys.print_exception(e)
                 self._error(e)
@@ -158,6 +159,7 @@ class Uplink:
         client = self.client
         spool = self.spool
         while client.connected:
+            spool.flush(self.flush_ms)  # a long backlog: new records wait in flash, not RAM
             data = spool.peek()
             if data is None:
                 self._wake.clear()
