@@ -98,6 +98,12 @@ def provision_one(opts: Options, port: str, ev: PortEvents) -> BoardResult:
         result.error = exc.to_dict()
         result.exit_code = exc.exit_code
         ev.failed("error", str(exc), error=exc.kind)
+    except Exception as exc:  # one board's surprise must not sink the other boards' summary
+        result.status = "failed"
+        result.error = {"error": "internal", "message": f"{type(exc).__name__}: {exc}",
+                        "fix": "re-run; if it repeats, report it with this message"}
+        result.exit_code = 1
+        ev.failed("error", result.error["message"], error="internal")
     result.seconds = time.monotonic() - started
     return result
 
