@@ -211,6 +211,10 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
                       "technician": opts.technician or receipts.technician()}
             rec = receipts.sign_on_node(s, list(plan.files), claims)
             signed = receipts.check(rec, opts.registry)
+            if signed.get("device") != device or signed.get("mac") != probe["mac"]:
+                raise DeviceError(f"the receipt names {signed.get('device')} / MAC "
+                                  f"{signed.get('mac')}, not {device}",
+                                  "re-run provision with only this board connected")
             if signed.get("files_sha256") != dep.firmware_hash:
                 raise DeviceError("the node's hash of its files differs from what was deployed",
                                   "re-run provision; the filesystem may be damaged")
