@@ -118,13 +118,18 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
     # 1. what is on the board; flash if it has no MicroPython or another image
     ev.start("detect", "connecting")
     probe: dict[str, Any] | None = None
+    session: Session | None = None
     try:
-        with open_session(port, opts.timeout, usb) as s:
-            probe = s.probe()
+        session = open_session(port, opts.timeout, usb)
+        probe = session.probe()
     except NoMicroPython as exc:
         if opts.image is None:
             raise
         ev.info("detect", exc.message)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
     recorded = (probe or {}).get("image") or {}
     if probe is not None:
         ev.done("detect", f"MicroPython {'.'.join(map(str, probe['micropython']))}, "
@@ -133,6 +138,9 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         probe is None or opts.force_flash or recorded.get("sha256") != opts.image.sha256)
     if need_flash:
         assert opts.image is not None
+        if session is not None:
+            session.close()  # esptool needs the port
+            session = None
         info = flash.flash(port, opts.board, opts.image, ev)
         result.steps["flash"] = "flashed"
         changed = True
@@ -142,7 +150,9 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         ev.skipped("flash", "image already on the board" if opts.image else
                    "no image given; keeping the board's MicroPython")
 
-    with open_session(port, opts.timeout, usb, wait=15 if need_flash else 0) as s:
+    if session is None:  # after flashing: the board boots MicroPython, give it time
+        session = open_session(port, opts.timeout, usb, wait=15)
+    with session as s:
         if need_flash or probe is None:
             probe = s.probe()
         if not probe.get("mac"):
