@@ -8,6 +8,7 @@ exist anywhere on the host afterwards, and neither may the Wi-Fi password.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def test_receipt_is_signed_by_the_node(provisioned):
     assert signed == saved["receipt"]
     assert signed["mac"] == board.mac and signed["device"] == device
     image = provisioned["tmp"] / "mp-esp32-devkitc.bin"
-    import hashlib
-
     assert signed["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     assert len(signed["files_sha256"]) == 64 and signed["technician"]
     labels = registry / "labels"
