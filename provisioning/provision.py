@@ -98,6 +98,12 @@ def provision_one(opts: Options, port: str, ev: PortEvents) -> BoardResult:
         result.error = exc.to_dict()
         result.exit_code = exc.exit_code
         ev.failed("error", str(exc), error=exc.kind)
+    except Exception as exc:  # one board's surprise must not sink the other boards' summary
+        result.status = "failed"
+        result.error = {"error": "internal", "message": f"{type(exc).__name__}: {exc}",
+                        "fix": "re-run; if it repeats, report it with this message"}
+        result.exit_code = 1
+        ev.failed("error", result.error["message"], error="internal")
     result.seconds = time.monotonic() - started
     return result
 
@@ -112,13 +118,18 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
     # 1. what is on the board; flash if it has no MicroPython or another image
     ev.start("detect", "connecting")
     probe: dict[str, Any] | None = None
+    session: Session | None = None
     try:
-        with open_session(port, opts.timeout, usb) as s:
-            probe = s.probe()
+        session = open_session(port, opts.timeout, usb)
+        probe = session.probe()
     except NoMicroPython as exc:
         if opts.image is None:
             raise
         ev.info("detect", exc.message)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
     recorded = (probe or {}).get("image") or {}
     if probe is not None:
         ev.done("detect", f"MicroPython {'.'.join(map(str, probe['micropython']))}, "
@@ -127,6 +138,9 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         probe is None or opts.force_flash or recorded.get("sha256") != opts.image.sha256)
     if need_flash:
         assert opts.image is not None
+        if session is not None:
+            session.close()  # esptool needs the port
+            session = None
         info = flash.flash(port, opts.board, opts.image, ev)
         result.steps["flash"] = "flashed"
         changed = True
@@ -136,7 +150,9 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         ev.skipped("flash", "image already on the board" if opts.image else
                    "no image given; keeping the board's MicroPython")
 
-    with open_session(port, opts.timeout, usb, wait=15 if need_flash else 0) as s:
+    if session is None:  # after flashing: the board boots MicroPython, give it time
+        session = open_session(port, opts.timeout, usb, wait=15)
+    with session as s:
         if need_flash or probe is None:
             probe = s.probe()
         if not probe.get("mac"):
@@ -205,6 +221,10 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
                       "technician": opts.technician or receipts.technician()}
             rec = receipts.sign_on_node(s, list(plan.files), claims)
             signed = receipts.check(rec, opts.registry)
+            if signed.get("device") != device or signed.get("mac") != probe["mac"]:
+                raise DeviceError(f"the receipt names {signed.get('device')} / MAC "
+                                  f"{signed.get('mac')}, not {device}",
+                                  "re-run provision with only this board connected")
             if signed.get("files_sha256") != dep.firmware_hash:
                 raise DeviceError("the node's hash of its files differs from what was deployed",
                                   "re-run provision; the filesystem may be damaged")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from citynode import registry as reg
 from citynode import wire
 
@@ -75,8 +77,6 @@ def check_report(report: dict[str, Any], registry_dir: Path,
                           "(--force-rekey if the board was replaced on purpose)") from None
     if payload.device != got:
         raise VerifyError(f"the envelope names {payload.device}, not {got}", "re-run deploy")
-    from cryptography.hazmat.primitives import serialization
-
     public = key.public_bytes(serialization.Encoding.X962,
                               serialization.PublicFormat.UncompressedPoint)
     return VerifyResult(device=got, firmware=str(report.get("firmware")),
