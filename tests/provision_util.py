@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,36 +12,9 @@ from tests.emu import FIRMWARE, VENV_BIN
 
 PASSWORD = "pole-wifi-Secr3t-7d1f"
 
-# TEMPORARY, until the emulator and the firmware catch up (see the provisioning report):
-# - MicroPython's VfsPosix(root) builds both rename() paths in one buffer, so
-#   os.rename('/data/seq.tmp', '/data/seq') renames a file onto itself: every
-#   firmware write_atomic() is silently lost on the emulated board. A relative
-#   target takes the other code path. The fix belongs in emulator/board/emu_os.py.
-# - firmware/node/sensors.py (imported by node.selftest) is not written yet.
-EMU_RENAME_SHIM = '''# test overlay: emulated-board rename fix (see tests/provision_util.py)
-import os
-_cn_rename = os.rename
-def _cn_rel_rename(a, b):
-    if b.startswith("/") and os.getcwd() == "/":
-        b = b[1:]
-    _cn_rename(a, b)
-os.rename = _cn_rel_rename
-'''
-SENSORS_PLACEHOLDER = "def build(cfg):\n    return []\n"
-
-
 def firmware_tree(tmp: Path) -> Path:
-    """firmware/ plus the temporary overlay above; deployed like the real tree."""
-    fw = tmp / "fw"
-    if fw.exists():
-        return fw
-    shutil.copytree(FIRMWARE, fw, ignore=shutil.ignore_patterns("__pycache__"))
-    boot = fw / "boot.py"
-    boot.write_text(EMU_RENAME_SHIM + (boot.read_text() if boot.exists() else ""))
-    sensors = fw / "node" / "sensors.py"
-    if not sensors.exists():
-        sensors.write_text(SENSORS_PLACEHOLDER)
-    return fw
+    """The firmware tree the provisioning tests deploy: the real one."""
+    return FIRMWARE
 
 
 def make_image(tmp: Path, board: str = "esp32-devkitc") -> Path:

@@ -16,10 +16,9 @@ import time
 import pytest
 
 from tests.brokers import Mosquitto
-from tests.emu import mpremote
+from tests.emu import install_firmware, mpremote
 from tests.fwboard import (
     Subscriber,
-    install_compiled,
     run_async,
     signal_board,
     stop_leftovers,
@@ -52,7 +51,7 @@ def _no_leftover_scripts():
 
 @pytest.fixture(scope="module")
 def board(shared_board):
-    install_compiled(shared_board)
+    install_firmware(shared_board)
     yield shared_board
 
 

@@ -19,8 +19,8 @@ import time
 import pytest
 
 from citynode import wire
-from tests.emu import wait_for
-from tests.fwboard import Subscriber, install_compiled
+from tests.emu import install_firmware, wait_for
+from tests.fwboard import Subscriber
 from tests.mpy import run_micropython
 
 SECRET = bytes(range(32))
@@ -135,13 +135,16 @@ def pole(emu_board, local_broker):
     """The board, powered off with the test main.py, envelopes and config installed."""
     device = "cn-" + emu_board.mac
     envs = make_envelopes(device, COUNT)
+    install_firmware(emu_board)   # the modules go to ROMFS while the board is up
     emu_board.control("power", on=False)
 
     def setup(batches, period_ms, **uplink):
         cfg = {"device": device, "host": local_broker.host, "port": local_broker.port,
                "batches": batches, "period_ms": period_ms, "uplink": {**UPLINK, **uplink}}
-        install_compiled(emu_board, {"main.py": MAIN, "uplink_test.json": json.dumps(cfg)})
-        (emu_board.state / "fs" / "envs.bin").write_bytes(
+        fs = emu_board.state / "fs"
+        (fs / "main.py").write_text(MAIN)
+        (fs / "uplink_test.json").write_text(json.dumps(cfg))
+        (fs / "envs.bin").write_bytes(
             b"".join(struct.pack("<H", len(e)) + e for e in envs))
     sub = Subscriber(local_broker.host, local_broker.port, f"citynode/up/{device}")
     yield emu_board, setup, envs, sub, device

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import time
 
-from tests.emu import mpremote, start_emulator
-from tests.fwboard import install_compiled, run_async, wait_file
+from tests.emu import install_firmware, mpremote, start_emulator
+from tests.fwboard import run_async, wait_file
 from tests.mpy import run_micropython
 
 
@@ -31,7 +31,7 @@ def test_connect_status_rssi_and_reconnect_after_the_ap_returns(tmp_path):
                                           str(tmp_path / "psk")])
     board = emu.boards[0]
     try:
-        install_compiled(board)
+        install_firmware(board)
         out = mpremote(board.link, "exec", (
             "import asyncio\nfrom node.wifi import WiFi\n"
             "bad = WiFi('city', 'wrong', timeout_ms=3000)\n"
