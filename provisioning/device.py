@@ -221,10 +221,40 @@ class Session:
                          f" os.rename({rel_part!r},{rel!r})\n")
             self.exec(code, what=f"writing {path}")
 
+    def write_romfs(self, image: bytes, progress=None) -> None:
+        """Write a ROMFS image into the board's ROMFS partition, as `mpremote romfs
+        deploy` does (vfs.rom_ioctl: erase the blocks, write them); /rom is unmounted
+        first and mounted again by the next boot."""
+        info = self.exec_json("import vfs\ntry:\n vfs.umount('/rom')\nexcept OSError:\n pass\n"
+                              "dev=vfs.rom_ioctl(2,0)\n"
+                              "print([dev.ioctl(4,0),dev.ioctl(5,0)])", what="finding ROMFS")
+        blocks, block = info
+        if len(image) > blocks * block:
+            raise DeviceError(f"the firmware image ({len(image)} bytes) is larger than the "
+                              f"board's ROMFS partition ({blocks * block} bytes)",
+                              "flash a MicroPython image with a larger romfs partition")
+        for n in range((len(image) + block - 1) // block):
+            self.exec(f"dev.ioctl(6,{n})", what="erasing ROMFS")
+        for at in range(0, len(image), CHUNK):
+            chunk = binascii.b2a_base64(image[at:at + CHUNK], newline=False)
+            self.exec(f"import binascii\ndev.writeblocks({at // block},"
+                      f"binascii.a2b_base64({chunk!r}),{at % block})", what="writing ROMFS")
+            if progress is not None:
+                progress(min(at + CHUNK, len(image)), len(image))
+
     def remove(self, paths: list[str]) -> None:
         if paths:
             self.exec(f"import os\nfor p in {json.dumps(paths)}:\n try:\n  os.remove(p)\n"
                       " except OSError:\n  pass\n", what="removing files")
+
+    def remove_empty_dirs(self, paths: list[str]) -> None:
+        """Folders the removed files leave empty (an empty `node/` on the filesystem
+        would shadow the ROMFS package of that name)."""
+        dirs = sorted({p.rsplit("/", 1)[0] for p in paths if p.count("/") > 1},
+                      key=lambda d: -d.count("/"))
+        if dirs:
+            self.exec(f"import os\nfor d in {json.dumps(dirs)}:\n try:\n  os.rmdir(d)\n"
+                      " except OSError:\n  pass\n", what="removing empty folders")
 
     def reset(self) -> None:
         """Hard reset through MicroPython (works where DTR/RTS do not reach EN).
@@ -292,6 +322,11 @@ try:
     r['firmware'] = version.VERSION
 except Exception:
     r['firmware'] = None
+try:
+    import vfs
+    r['romfs'] = hasattr(vfs, 'rom_ioctl') and vfs.rom_ioctl(1) > 0
+except Exception:
+    r['romfs'] = False
 print(json.dumps(r))
 """
 

@@ -219,7 +219,7 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
                       "pole": opts.pole, "image_sha256": state["image_sha256"],
                       "firmware": firmware_version, "time": reg.now_iso(),
                       "technician": opts.technician or receipts.technician()}
-            rec = receipts.sign_on_node(s, list(plan.files), claims)
+            rec = receipts.sign_on_node(s, plan.attested, claims)
             signed = receipts.check(rec, opts.registry)
             if signed.get("device") != device or signed.get("mac") != probe["mac"]:
                 raise DeviceError(f"the receipt names {signed.get('device')} / MAC "

@@ -169,7 +169,7 @@ def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) ->
     from citynode.provisioning.deploy import KEEP_AS_SOURCE, board_mpy, build_romfs
 
     image = board.state / "firmware.romfs"
-    image.write_bytes(build_romfs(FIRMWARE, board_mpy(_board_mpy())[2]))
+    image.write_bytes(build_romfs(FIRMWARE, board_mpy(_board_mpy())[2])[0])
     mpremote(board.link, "romfs", "deploy", str(image))
     fs = board.state / "fs"
     extra = {name: (FIRMWARE / name).read_text() for name in KEEP_AS_SOURCE
