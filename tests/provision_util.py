@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,11 @@ from tests.emu import FIRMWARE, VENV_BIN
 PASSWORD = "pole-wifi-Secr3t-7d1f"
 
 def firmware_tree(tmp: Path) -> Path:
-    """The firmware tree the provisioning tests deploy: the real one."""
-    return FIRMWARE
+    """A copy of firmware/ (some tests change it) that the provisioning tests deploy."""
+    fw = tmp / "fw"
+    if not fw.exists():
+        shutil.copytree(FIRMWARE, fw, ignore=shutil.ignore_patterns("__pycache__"))
+    return fw
 
 
 def make_image(tmp: Path, board: str = "esp32-devkitc") -> Path:

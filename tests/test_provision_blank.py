@@ -64,9 +64,12 @@ def test_blank_board_is_flashed_deployed_keyed_and_registered(provisioned):
     record = load_registry(provisioned["registry"], strict=True).get(device)
     assert record is not None and record.alg == "ES256" and record.active
     assert (record.board, record.site, record.pole) == ("esp32-devkitc", "test", "P-1")
-    # the deployed tree is compiled (.mpy) where the board's ABI matches mpy-cross
+    # the modules are compiled and in the ROMFS partition (run in place from flash),
+    # not on the filesystem; main.py is
     fs = board.state / "fs"
-    assert (fs / "node" / "p256.mpy").exists() and not (fs / "node" / "p256.py").exists()
+    assert not (fs / "node").exists() and (fs / "main.py").exists()
+    assert json.loads((fs / "romfs.json").read_text())["sha256"]
+    assert "/rom" in mpremote(board.link, "exec", "import node.p256; print(node.p256.__file__)")
     config = json.loads((fs / "config.json").read_text())
     assert config["device"] == device and config["wifi"] == {"ssid": "city"}
     assert config["broker"] == {"host": "127.0.0.1", "port": 1883}
