@@ -53,5 +53,9 @@ bench-firmware bench-gateway bench-provision: setup
 lint: setup
 	$(BIN)/ruff check .
 
+ARGS ?=
+flash provision: setup
+	$(BIN)/citynode-provision $@ --port $(PORT) --board $(BOARD) $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
