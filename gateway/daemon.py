@@ -86,6 +86,7 @@ class Gateway:
     def reload_registry(self) -> None:
         try:
             self.registry = self._load_registry()
+            self.ingest.reload()
             self.metrics.inc("registry_reloads_total")
         except RegistryError as exc:
             log.error("registry reload failed, keeping the previous one: %s", exc)
