@@ -62,8 +62,7 @@ class Mosquitto:
             f"log_dest file {self.log_path}",
         ]
         if self.unlimited_queues:  # tests count every message; False keeps the defaults
-            lines += ["max_queued_messages 0",
-                      "max_inflight_messages 1000"]  # as deploy/mosquitto.conf
+            lines += ["max_queued_messages 0", "max_inflight_messages 100"]
         if self.autosave_interval is not None:
             lines.append(f"autosave_interval {self.autosave_interval}")
         self.conf.write_text("\n".join(lines) + "\n" + self.extra_config + "\n")
