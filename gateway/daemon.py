@@ -86,7 +86,6 @@ class Gateway:
     def reload_registry(self) -> None:
         try:
             self.registry = self._load_registry()
-            self.ingest.reload()
             self.metrics.inc("registry_reloads_total")
         except RegistryError as exc:
             log.error("registry reload failed, keeping the previous one: %s", exc)

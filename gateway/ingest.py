@@ -11,14 +11,10 @@ the same commit), counted by reason and logged at most once per interval per rea
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import pickle
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -104,23 +100,6 @@ class Verifier:
                         event=payload.kind == wire.KIND_EVENT, node_time=payload.time)
 
 
-ENVELOPE_FRAME = struct.Struct("<dIBI")  # received_at, mid, qos, generation; then topic NUL data
-
-
-def pack_envelope(topic: str, data: bytes, received_at: float, mid: int, qos: int,
-                  generation: int) -> bytes:
-    """One envelope for the verifier process (anything else it gets is a pickle)."""
-    return (b"E" + ENVELOPE_FRAME.pack(received_at, mid, qos, generation) + topic.encode()
-            + b"\0" + data)
-
-
-def unpack_envelope(frame: bytes) -> tuple[str, bytes, float, tuple[int, int, int]]:
-    received_at, mid, qos, generation = ENVELOPE_FRAME.unpack_from(frame, 1)
-    cut = frame.index(b"\0", 1 + ENVELOPE_FRAME.size)
-    topic = frame[1 + ENVELOPE_FRAME.size:cut].decode(errors="replace")
-    return topic, frame[cut + 1:], received_at, (mid, qos, generation)
-
-
 @dataclass
 class _Pending:
     item: Incoming | None
@@ -150,15 +129,6 @@ class Ingest:
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
                                         daemon=True)
-        # verification runs in a process of its own (verifyproc.py); replies come back
-        # in order to the collector thread, which fills the writer's inbox
-        self._conn: Connection | None = None
-        self._send_lock = threading.Lock()
-        self._proc: multiprocessing.process.BaseProcess | None = None
-        self._collector = threading.Thread(target=self._collect_loop, name="ingest-verified",
-                                           daemon=True)
-        self._synced = threading.Condition()
-        self._sync_seen = 0
         local = config.local
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=local.client_id,
                                   protocol=mqtt.MQTTv311, clean_session=False,
@@ -175,16 +145,6 @@ class Ingest:
     # --- MQTT callbacks (paho's network thread) ---------------------------------------------
 
     def start(self) -> None:
-        from . import verifyproc
-
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._proc = context.Process(
-            target=verifyproc.main, name="citynode-gateway-verify", daemon=True,
-            args=(child, str(self.config.registry_dir), self.verifier.max_bytes))
-        self._proc.start()
-        child.close()
-        self._collector.start()
         self._writer.start()
         self.client.connect_async(self.config.local.host, self.config.local.port, keepalive=30)
         self.client.loop_start()
@@ -208,85 +168,29 @@ class Ingest:
         self.metrics.set("local_up", 0)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        # packed by hand: a pickler per message would cost a tenth of this thread's time
-        self._send_raw(pack_envelope(message.topic, message.payload, time.time(), message.mid,
-                                     message.qos, self._generation))
-
-    def _send(self, request: tuple) -> None:
-        self._send_raw(pickle.dumps(request))
-
-    def _send_raw(self, frame: bytes) -> None:
-        try:
-            with self._send_lock:
-                assert self._conn is not None
-                self._conn.send_bytes(frame)
-        except (OSError, ValueError) as exc:  # the daemon sees `failed` and exits non-zero
-            if not self._stop.is_set():
-                self.failed = self.failed or f"the verifier process is gone ({exc})"
-
-    def reload(self) -> None:
-        """Re-read the registry in the verifier, in order with the envelopes."""
-        if self._conn is not None:
-            self._send(("reload",))
-
-    def _collect_loop(self) -> None:
-        assert self._conn is not None
-        commit_rows = self.config.store.commit_rows
-        while True:
-            try:
-                replies = self._conn.recv()
-            except (EOFError, OSError):
-                if not self._stop.is_set():
-                    self.failed = self.failed or "the verifier process died"
-                return
-            batch: list[_Pending] = []
-            verified = 0
-            for token, fields, reason, detail in replies:
-                if token == "sync":
-                    with self._synced:
-                        self._sync_seen = fields
-                        self._synced.notify_all()
-                    continue
-                if fields is None:
-                    self.reject(reason, detail)
-                    item = None
-                else:
-                    verified += 1
-                    item = Incoming(*fields[:4], event=fields[4], node_time=fields[5])
-                batch.append(_Pending(item, *token))
-            if not batch:
-                continue
-            self.metrics.inc("received_total", len(batch))
-            if verified:
-                self.metrics.inc("verified_total", verified)
-            with self._ready:
-                was = len(self._inbox)
-                self._inbox += batch
-                self._last_arrival = time.monotonic()
-                if was == 0 or (was < commit_rows <= len(self._inbox)):
-                    self._ready.notify()
-
-    def _sync(self, timeout: float) -> None:
-        """Wait until the verifier has answered everything sent before this call."""
-        if self._conn is None or self._proc is None or not self._proc.is_alive():
-            return
-        with self._synced:
-            marker = self._sync_seen + 1
-        self._send(("sync", marker))
-        with self._synced:
-            self._synced.wait_for(lambda: self._sync_seen >= marker, timeout)
+        received_at = time.time()
+        self.metrics.inc("received_total")
+        item = self.handle(message.topic, message.payload, received_at)
+        pending = _Pending(item, message.mid, message.qos, self._generation)
+        with self._ready:
+            self._inbox.append(pending)
+            self._last_arrival = time.monotonic()
+            if len(self._inbox) == 1 or len(self._inbox) == self.config.store.commit_rows:
+                self._ready.notify()
 
     def handle(self, topic: str, data: bytes, received_at: float) -> Incoming | None:
-        """Verify one envelope in this process (what the verifier process does for each);
-        None (counted and logged) when it is rejected. Never raises."""
-        from .verifyproc import verify_one
-
-        fields, reason, detail = verify_one(self.verifier, topic, data, received_at)
-        if fields is None:
-            self.reject(reason, detail)
+        """Verify one envelope; None (counted and logged) when it is rejected. Never raises."""
+        try:
+            item = self.verifier.check(topic, data, received_at)
+        except Rejected as exc:
+            self.reject(exc.reason, str(exc))
+            return None
+        except Exception as exc:  # a decoder bug must not take the ingest down
+            log.exception("unexpected error verifying a message on %r", topic)
+            self.reject("internal_error", f"{exc.__class__.__name__}")
             return None
         self.metrics.inc("verified_total")
-        return Incoming(*fields[:4], event=fields[4], node_time=fields[5])
+        return item
 
     def reject(self, reason: str, detail: str) -> None:
         self.metrics.inc("rejected_total", reason=reason)
@@ -364,7 +268,6 @@ class Ingest:
 
     def stop(self) -> None:
         """Stop taking messages, commit and ack what is queued, then disconnect."""
-        self._sync(timeout=2.0)  # what the verifier holds joins the last commit
         self._stop.set()
         with self._ready:
             self._ready.notify_all()
@@ -373,12 +276,3 @@ class Ingest:
         time.sleep(0.1)  # let the network thread write the last PUBACKs
         self.client.disconnect()
         self.client.loop_stop()
-        if self._proc is not None:
-            self._send(("exit",))  # it closes its end: the collector sees EOF and ends
-            self._proc.join(timeout=2)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=2)
-            self._collector.join(timeout=2)
-        if self._conn is not None:
-            self._conn.close()
