@@ -113,6 +113,11 @@ class Store:
         self._counts: Counter[int] = Counter()
         self._bytes = 0
         self.db = self._open()
+        # The forwarder reads through its own connection: WAL lets it read the last
+        # committed rows while the writer's commit waits for its fsync.
+        self._reader = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=30)
+        self._read_lock = threading.Lock()
 
     # --- opening, quarantine ---------------------------------------------------------------
 
@@ -179,6 +184,8 @@ class Store:
                 self.flush_deletes()
             except sqlite3.Error as exc:  # they are sent again after the restart
                 log.warning("store: acknowledged rows not deleted at close: %s", exc)
+            with self._read_lock:
+                self._reader.close()
             self.db.close()
 
     # --- ingest ----------------------------------------------------------------------------
@@ -355,41 +362,45 @@ class Store:
 
     # --- forwarding ------------------------------------------------------------------------
 
+    # These read committed rows through the reader connection, without the write lock.
+
     def max_id(self) -> int:
-        with self._lock:
-            return self.db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        with self._read_lock:
+            return self._reader.execute(
+                "SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
 
     def live_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
         """The live lane: rows stored after `boundary` (the last id when the uplink came
         up), except backfill, in id order from `after`."""
-        with self._lock:
+        with self._read_lock:
             return self._select("WHERE id > ? AND prio != 0 ORDER BY id LIMIT ?",
-                                (max(after, boundary), limit))
+                                (max(after, boundary), limit), self._reader)
 
     def backlog_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
         """The backlog lane: everything up to `boundary`, then backfill, in id order."""
-        with self._lock:
+        with self._read_lock:
             rows = self._select("WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
-                                (after, boundary, limit))
+                                (after, boundary, limit), self._reader)
             if len(rows) < limit:
                 rows += self._select("WHERE prio = 0 AND id > ? ORDER BY id LIMIT ?",
-                                     (max(after, boundary), limit - len(rows)))
+                                     (max(after, boundary), limit - len(rows)), self._reader)
             return rows
 
     def rows(self, ids: Iterable[int]) -> list[Row]:
         ids = list(ids)
-        with self._lock:
+        with self._read_lock:
             return self._select(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
-                                tuple(ids)) if ids else []
+                                tuple(ids), self._reader) if ids else []
 
     def scan(self, limit: int = 1000) -> list[Row]:
         """The oldest rows, every class (for tests and the status command)."""
         with self._lock:
             return self._select("ORDER BY id LIMIT ?", (limit,))
 
-    def _select(self, where: str, args: tuple) -> list[Row]:
+    def _select(self, where: str, args: tuple, db: sqlite3.Connection | None = None
+                ) -> list[Row]:
         query = f"SELECT id, device, seq, prio, received_at, data FROM messages {where}"
-        return [Row(*r) for r in self.db.execute(query, args)]
+        return [Row(*r) for r in (db or self.db).execute(query, args)]
 
     def delete(self, ids: Iterable[int]) -> int:
         """Delete rows the upstream broker acknowledged, now; returns how many existed."""
