@@ -8,8 +8,9 @@ One run, this machine, real Mosquitto brokers (tests/brokers.py), one load gener
 - e2e_msgs_per_s         local broker -> verify -> commit -> upstream PUBACK -> delete
                          (both: median of --repeat alternating runs, runs listed too)
 - ratio_vs_bare_relay    e2e / bare relay
-- rss_mb_backlog_200k    peak RSS of the gateway while the backlog is buffered (uplink
-                         down); rss_mb_samples shows it along the way (flat is good)
+- rss_mb_backlog_200k    peak RSS of the gateway (with its verifier process) while the
+                         backlog is buffered (uplink down); rss_mb_samples shows it along
+                         the way (flat is good)
 - disk_bytes_per_msg     bytes the gateway wrote to storage (/proc/PID/io) per message
 - drain_200k_s           uplink back -> buffer empty
 - kill9_survived_fraction          uplink down, the gateway AND the local broker SIGKILLed
@@ -170,10 +171,24 @@ def e2e_rate(tmp: Path, path: Path, n: int, devices: list[TestDevice]) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """RSS of a process and its children (the gateway's verifier process counts too)."""
+    total = 0.0
+    for task in [pid, *children(pid)]:
+        try:
+            for line in Path(f"/proc/{task}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in
+                Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def io_written(pid: int) -> int:

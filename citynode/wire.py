@@ -57,8 +57,27 @@ class Envelope:
         return self.alg == ALG_HMAC256
 
     def to_be_signed(self) -> bytes:
-        context = "MAC0" if self.is_hmac else "Signature1"
-        return cbor2.dumps([context, self.protected, b"", self.payload])
+        """Sig_structure / MAC_structure [context, protected, h'', payload], written
+        directly (it is built for every envelope the gateway verifies)."""
+        context = _MAC0_HEAD if self.is_hmac else _SIGN1_HEAD
+        return context + _bstr_head(len(self.protected)) + self.protected + b"\x40" + \
+            _bstr_head(len(self.payload)) + self.payload
+
+
+_SIGN1_HEAD = b"\x84\x6aSignature1"  # array(4), text(10)
+_MAC0_HEAD = b"\x84\x64MAC0"  # array(4), text(4)
+_ES256 = ec.ECDSA(hashes.SHA256())
+
+
+def _bstr_head(n: int) -> bytes:
+    """The CBOR head of a byte string of length n (major type 2, shortest form)."""
+    if n < 24:
+        return bytes([0x40 | n])
+    if n < 0x100:
+        return bytes([0x58, n])
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big")
+    return b"\x5a" + n.to_bytes(4, "big")
 
 
 @dataclass(frozen=True)
@@ -124,8 +143,7 @@ def verify_es256(envelope: Envelope, public_key: ec.EllipticCurvePublicKey) -> N
     r = int.from_bytes(envelope.signature[:32], "big")
     s = int.from_bytes(envelope.signature[32:], "big")
     try:
-        public_key.verify(encode_dss_signature(r, s), envelope.to_be_signed(),
-                          ec.ECDSA(hashes.SHA256()))
+        public_key.verify(encode_dss_signature(r, s), envelope.to_be_signed(), _ES256)
     except InvalidSignature:
         raise EnvelopeError("bad_signature", f"ES256 signature of {envelope.kid} fails") from None
 

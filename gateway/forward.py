@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
 import cbor2
@@ -44,8 +44,8 @@ from .store import Row, Store
 log = logging.getLogger("citynode.gateway.forward")
 
 CONNACK_TIMEOUT_S = 15.0
-DELETE_EVERY_S = 0.1
-DELETE_BATCH = 256
+DELETE_EVERY_S = 0.2  # acked rows wait this long for the ingest's commit to delete them
+DELETE_BATCH = 512
 
 
 class ForwardError(RuntimeError):
@@ -71,10 +71,11 @@ class UserProperties(Properties):
     (identifier 0x26, two length-prefixed UTF-8 strings per pair).
     """
 
-    def __init__(self, pairs: list[tuple[str, str]]):
+    def __init__(self, pairs: list[tuple[str, str]], body: bytes | None = None):
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
         object.__setattr__(self, "pairs", pairs)
-        body = b"".join(b"\x26" + _utf8(k) + _utf8(v) for k, v in pairs)
+        if body is None:
+            body = b"".join(user_property(k, v) for k, v in pairs)
         object.__setattr__(self, "_packed", _varint(len(body)) + body)
 
     def pack(self) -> bytes:
@@ -82,6 +83,10 @@ class UserProperties(Properties):
 
     def __str__(self) -> str:
         return f"UserProperties({self.pairs})"
+
+
+def user_property(key: str, value: str) -> bytes:
+    return b"\x26" + _utf8(key) + _utf8(value)
 
 
 def _utf8(text: str) -> bytes:
@@ -99,8 +104,18 @@ def _varint(n: int) -> bytes:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    """UTC ISO 8601 with milliseconds, as datetime rounds; runs once per forwarded row,
+    so the seconds part is cached."""
+    seconds = int(ts)
+    micros = round((ts - seconds) * 1e6)
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    return _iso_second(seconds) + f".{micros // 1000:03d}Z"
+
+
+@lru_cache(maxsize=256)
+def _iso_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 class Forwarder:
@@ -122,8 +137,7 @@ class Forwarder:
         self._thread = threading.Thread(target=self._run, name="forward", daemon=True)
         self._mids: dict[int, tuple[int, bool]] = {}  # mid -> (row id, historical)
         self._inflight: set[int] = set()
-        self._acked: list[int] = []
-        self._acked_since = 0.0
+        self._acked: list[int] = []  # PUBACKed this loop turn, handed to the store after it
         self.held = store.protected  # row ids in flight or acked-not-yet-deleted
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
@@ -276,8 +290,6 @@ class Forwarder:
             self.rlog.warning("puback", "upstream refused row %d: %s; will retry", row_id,
                               reason_code)
             return
-        if not self._acked:
-            self._acked_since = time.monotonic()
         self._acked.append(row_id)
         self.metrics.inc("forwarded_total", lane="backlog" if historical else "live")
         self.wake.set()
@@ -338,10 +350,14 @@ class Forwarder:
 
     def _publish(self, rows: list[Row], historical: bool) -> int:
         sent = 0
+        flag = "1" if historical else "0"
+        head = user_property("gateway", self.config.gateway_id)
+        tail = user_property("historical", flag)
         for row in rows:
-            props = UserProperties([("gateway", self.config.gateway_id),
-                                    ("received_at", iso(row.received_at)),
-                                    ("historical", "1" if historical else "0")])
+            stamp = iso(row.received_at)
+            props = UserProperties([("gateway", self.config.gateway_id), ("received_at", stamp),
+                                    ("historical", flag)],
+                                   head + user_property("received_at", stamp) + tail)
             topic = (self.gap_topic if row.is_gap else self.up_topic) + row.device
             info = self.client.publish(topic, row.data, qos=1, properties=props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
@@ -354,14 +370,16 @@ class Forwarder:
         return sent
 
     def _flush_deletes(self, force: bool = False) -> None:
-        if not self._acked:
-            return
-        if not force and len(self._acked) < DELETE_BATCH and \
-                time.monotonic() - self._acked_since < DELETE_EVERY_S:
-            return
-        acked, self._acked = self._acked, []
-        self.store.delete(acked)
-        self.held.difference_update(acked)
+        """Hand PUBACKed rows to the store, which deletes them with the next group commit
+        (no fsync of their own); delete them here only when no commit came for a while."""
+        if self._acked:
+            self.store.delete_later(self._acked)
+            self._acked = []
+        pending = self.store.pending_deletes()
+        if pending and (force or pending >= DELETE_BATCH):
+            self.store.flush_deletes()
+        elif pending:
+            self.store.flush_deletes(older_than_s=DELETE_EVERY_S)
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self._drain_timeout

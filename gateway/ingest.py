@@ -11,7 +11,6 @@ the same commit), counted by reason and logged at most once per interval per rea
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -118,7 +117,11 @@ class Ingest:
         self.verifier = Verifier(registry)
         self.on_commit = on_commit
         self.rlog = RateLimitedLog(log)
-        self.queue: queue.Queue[_Pending] = queue.Queue()
+        # The paho thread appends here and wakes the writer only for a batch's first
+        # row or a full batch: a wake-up per message costs more than the verify.
+        self._inbox: list[_Pending] = []
+        self._ready = threading.Condition()
+        self._last_arrival = 0.0
         self.connected = False
         self.down_since: float | None = time.monotonic()
         self.heartbeat = time.monotonic()
@@ -168,7 +171,12 @@ class Ingest:
         received_at = time.time()
         self.metrics.inc("received_total")
         item = self.handle(message.topic, message.payload, received_at)
-        self.queue.put(_Pending(item, message.mid, message.qos, self._generation))
+        pending = _Pending(item, message.mid, message.qos, self._generation)
+        with self._ready:
+            self._inbox.append(pending)
+            self._last_arrival = time.monotonic()
+            if len(self._inbox) == 1 or len(self._inbox) == self.config.store.commit_rows:
+                self._ready.notify()
 
     def handle(self, topic: str, data: bytes, received_at: float) -> Incoming | None:
         """Verify one envelope; None (counted and logged) when it is rejected. Never raises."""
@@ -191,33 +199,37 @@ class Ingest:
     # --- group commit (writer thread) --------------------------------------------------------
 
     def _write_loop(self) -> None:
-        limits = self.config.store
         while not self._stop.is_set():  # stop(): the rest is committed by drain()
             self.heartbeat = time.monotonic()
-            try:
-                first = self.queue.get(timeout=0.5)
-            except queue.Empty:
+            batch = self._next_batch()
+            if not batch:
                 continue
-            # Group commit: up to commit_rows, at most commit_ms after the first row, or
-            # sooner when nothing arrived for commit_idle_ms (the broker is waiting for
-            # our acks: its in-flight window is full, or traffic is light).
-            batch = [first]
-            deadline = time.monotonic() + limits.commit_ms / 1000
-            idle = limits.commit_idle_ms / 1000
-            while len(batch) < limits.commit_rows:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(self.queue.get(timeout=min(remaining, idle)))
-                except queue.Empty:
-                    break
             try:
                 self.commit(batch)
             except Exception as exc:  # the daemon sees `failed` and exits non-zero
                 log.exception("store commit failed; nothing of this batch was acknowledged")
                 self.failed = f"store commit failed: {exc}"
                 return
+
+    def _next_batch(self) -> list[_Pending]:
+        """Group commit: up to commit_rows, at most commit_ms after the first row, or
+        sooner when nothing arrived for commit_idle_ms (the broker is waiting for our
+        acks: its in-flight window is full, or traffic is light)."""
+        limits = self.config.store
+        with self._ready:
+            if not self._inbox and not self._ready.wait(0.5):
+                return []
+            deadline = time.monotonic() + limits.commit_ms / 1000
+            idle = limits.commit_idle_ms / 1000
+            while len(self._inbox) < limits.commit_rows and not self._stop.is_set():
+                now = time.monotonic()
+                wait = min(deadline, self._last_arrival + idle) - now
+                if wait <= 0:
+                    break
+                self._ready.wait(wait)
+            batch = self._inbox[:limits.commit_rows]
+            del self._inbox[:limits.commit_rows]
+            return batch
 
     failed: str | None = None
 
@@ -226,15 +238,17 @@ class Ingest:
         if items:
             self.store.insert(items)  # raises on a store failure: nothing is acked
             self.metrics.inc("commits_total")
+            stored = 0
             for item in items:
                 if item.outcome == STORED:
-                    self.metrics.inc("stored_total")
+                    stored += 1
                 elif item.outcome in (DUPLICATE, REPLAYED):
                     self.reject(item.outcome, f"{item.device} seq {item.seq} "
                                 + ("was already received" if item.outcome == DUPLICATE
                                    else "is older than the replay window"))
                 elif item.outcome == DROPPED:
                     pass  # counted by the store's on_drop, reported as a gap record
+            self.metrics.inc("stored_total", stored)
             self.on_commit()
         for pending in batch:
             if pending.qos > 0 and pending.generation == self._generation and self.connected:
@@ -243,12 +257,8 @@ class Ingest:
 
     def drain(self) -> None:
         """Commit and acknowledge whatever is queued (for shutdown)."""
-        batch: list[_Pending] = []
-        while True:
-            try:
-                batch.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
+        with self._ready:
+            batch, self._inbox = self._inbox, []
         if batch:
             self.commit(batch)
 
@@ -259,6 +269,8 @@ class Ingest:
     def stop(self) -> None:
         """Stop taking messages, commit and ack what is queued, then disconnect."""
         self._stop.set()
+        with self._ready:
+            self._ready.notify_all()
         self._writer.join(timeout=5)
         self.drain()
         time.sleep(0.1)  # let the network thread write the last PUBACKs

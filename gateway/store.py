@@ -107,9 +107,17 @@ class Store:
         self.protected: set[int] = set()  # ids in flight upstream: not evicted, gaps not merged
         self._lock = threading.RLock()
         self._windows: dict[str, tuple[int, int]] = {}
+        self._acked: list[int] = []  # acknowledged upstream, deleted with the next commit
+        self._acked_since = 0.0
+        self._acked_lock = threading.Lock()
         self._counts: Counter[int] = Counter()
         self._bytes = 0
         self.db = self._open()
+        # The forwarder reads through its own connection: WAL lets it read the last
+        # committed rows while the writer's commit waits for its fsync.
+        self._reader = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=30)
+        self._read_lock = threading.Lock()
 
     # --- opening, quarantine ---------------------------------------------------------------
 
@@ -172,6 +180,12 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            try:
+                self.flush_deletes()
+            except sqlite3.Error as exc:  # they are sent again after the restart
+                log.warning("store: acknowledged rows not deleted at close: %s", exc)
+            with self._read_lock:
+                self._reader.close()
             self.db.close()
 
     # --- ingest ----------------------------------------------------------------------------
@@ -193,7 +207,7 @@ class Store:
                 if verdict == STORED:
                     dirty.add(item.device)
                     fresh.append(item)
-            self._write(fresh, windows, dirty)
+            self._write(fresh, windows, dirty, self._take_acked())
             return items
 
     def _window_admit(self, windows: dict[str, tuple[int, int]], item: Incoming
@@ -221,14 +235,19 @@ class Store:
         return STORED, (PRIO_EVENT if item.event else PRIO_BACKFILL)  # late: from a spool
 
     def _write(self, fresh: list[Incoming], windows: dict[str, tuple[int, int]],
-               dirty: set[str]) -> None:
+               dirty: set[str], acked: list[int]) -> None:
         db = self.db
         counts, total = Counter(self._counts), self._bytes
         window_bytes = (self.limits.replay_window + 7) // 8
         gaps: list[Gap] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            kept = self._make_room(fresh, gaps, counts)
+            freed = 0
+            for prio, size in self._delete_rows(acked):
+                counts[prio] -= 1
+                freed += size
+            self._delta_bytes -= freed
+            kept = self._make_room(fresh, gaps, counts, freed)
             db.executemany("INSERT INTO messages (device, seq, prio, received_at, size, data) "
                            "VALUES (?, ?, ?, ?, ?, ?)",
                            [(i.device, i.seq, i.prio, i.received_at, len(i.data) + ROW_OVERHEAD,
@@ -246,8 +265,10 @@ class Store:
             self._delta_bytes = 0
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            self.delete_later(acked)  # still acknowledged: the next commit deletes them
             raise
         self._counts, self._bytes, self._windows = counts, total, windows
+        self.protected.difference_update(acked)
         self._report(gaps)
 
     def _sum_bytes(self, counts: Counter[int], total: int, kept: list[Incoming]) -> int:
@@ -264,13 +285,13 @@ class Store:
         for (device, reason, stored), n in tally.items():
             self.on_drop(device, reason, n, stored)
 
-    def _make_room(self, fresh: list[Incoming], gaps: list[Gap], counts: Counter[int]
-                   ) -> list[Incoming]:
+    def _make_room(self, fresh: list[Incoming], gaps: list[Gap], counts: Counter[int],
+                   freed: int = 0) -> list[Incoming]:
         """Evict (inside the open transaction) until `fresh` fits; returns the rows kept."""
         limits = self.limits
         new_bytes = sum(len(i.data) + ROW_OVERHEAD for i in fresh)
         need_rows = sum(counts.values()) - counts[PRIO_GAP] + len(fresh) - limits.max_rows
-        need_bytes = self._bytes + new_bytes - limits.max_bytes
+        need_bytes = self._bytes - freed + new_bytes - limits.max_bytes
         if fresh and limits.min_free_bytes and self.free_disk() < limits.min_free_bytes:
             need_bytes = max(need_bytes, new_bytes)
         if need_rows <= 0 and need_bytes <= 0:
@@ -341,44 +362,48 @@ class Store:
 
     # --- forwarding ------------------------------------------------------------------------
 
+    # These read committed rows through the reader connection, without the write lock.
+
     def max_id(self) -> int:
-        with self._lock:
-            return self.db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        with self._read_lock:
+            return self._reader.execute(
+                "SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
 
     def live_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
         """The live lane: rows stored after `boundary` (the last id when the uplink came
         up), except backfill, in id order from `after`."""
-        with self._lock:
+        with self._read_lock:
             return self._select("WHERE id > ? AND prio != 0 ORDER BY id LIMIT ?",
-                                (max(after, boundary), limit))
+                                (max(after, boundary), limit), self._reader)
 
     def backlog_rows(self, after: int, boundary: int, limit: int) -> list[Row]:
         """The backlog lane: everything up to `boundary`, then backfill, in id order."""
-        with self._lock:
+        with self._read_lock:
             rows = self._select("WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
-                                (after, boundary, limit))
+                                (after, boundary, limit), self._reader)
             if len(rows) < limit:
                 rows += self._select("WHERE prio = 0 AND id > ? ORDER BY id LIMIT ?",
-                                     (max(after, boundary), limit - len(rows)))
+                                     (max(after, boundary), limit - len(rows)), self._reader)
             return rows
 
     def rows(self, ids: Iterable[int]) -> list[Row]:
         ids = list(ids)
-        with self._lock:
+        with self._read_lock:
             return self._select(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
-                                tuple(ids)) if ids else []
+                                tuple(ids), self._reader) if ids else []
 
     def scan(self, limit: int = 1000) -> list[Row]:
         """The oldest rows, every class (for tests and the status command)."""
         with self._lock:
             return self._select("ORDER BY id LIMIT ?", (limit,))
 
-    def _select(self, where: str, args: tuple) -> list[Row]:
+    def _select(self, where: str, args: tuple, db: sqlite3.Connection | None = None
+                ) -> list[Row]:
         query = f"SELECT id, device, seq, prio, received_at, data FROM messages {where}"
-        return [Row(*r) for r in self.db.execute(query, args)]
+        return [Row(*r) for r in (db or self.db).execute(query, args)]
 
     def delete(self, ids: Iterable[int]) -> int:
-        """Delete rows the upstream broker acknowledged; returns how many existed."""
+        """Delete rows the upstream broker acknowledged, now; returns how many existed."""
         ids = list(ids)
         if not ids:
             return 0
@@ -386,13 +411,7 @@ class Store:
             db = self.db
             db.execute("BEGIN IMMEDIATE")
             try:
-                gone: list[tuple[int, int]] = []
-                for chunk in range(0, len(ids), 500):
-                    part = ids[chunk:chunk + 500]
-                    marks = ",".join("?" * len(part))
-                    gone += db.execute(f"SELECT prio, size FROM messages WHERE id IN ({marks})",
-                                       part).fetchall()
-                    db.execute(f"DELETE FROM messages WHERE id IN ({marks})", part)
+                gone = self._delete_rows(ids)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -401,7 +420,44 @@ class Store:
             for prio, size in gone:
                 self._counts[prio] -= 1
                 self._bytes -= size
+            self.protected.difference_update(ids)
             return len(gone)
+
+    def delete_later(self, ids: Iterable[int]) -> None:
+        """Rows the upstream broker acknowledged: they stay protected, and the next
+        insert deletes them in its own transaction (one fsync for both), or
+        `flush_deletes` does when no insert came. Deleting late is safe: after a crash
+        an acknowledged row is at worst sent again (the same device and seq)."""
+        with self._acked_lock:
+            if not self._acked:
+                self._acked_since = time.monotonic()
+            self._acked.extend(ids)
+
+    def flush_deletes(self, older_than_s: float = 0.0) -> int:
+        """Delete what `delete_later` holds if it has waited `older_than_s`."""
+        with self._acked_lock:
+            if not self._acked or time.monotonic() - self._acked_since < older_than_s:
+                return 0
+        return self.delete(self._take_acked())
+
+    def pending_deletes(self) -> int:
+        return len(self._acked)
+
+    def _take_acked(self) -> list[int]:
+        with self._acked_lock:
+            acked, self._acked = self._acked, []
+            return acked
+
+    def _delete_rows(self, ids: list[int]) -> list[tuple[int, int]]:
+        """DELETE inside the caller's transaction; (prio, size) of the rows that existed."""
+        gone: list[tuple[int, int]] = []
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            marks = ",".join("?" * len(part))
+            gone += self.db.execute(f"SELECT prio, size FROM messages WHERE id IN ({marks})",
+                                    part).fetchall()
+            self.db.execute(f"DELETE FROM messages WHERE id IN ({marks})", part)
+        return gone
 
     def sweep_ttl(self) -> int:
         """Evict rows older than their class's TTL; counted and turned into gap records."""
