@@ -48,6 +48,9 @@ def test_flash_verify_erase_cycle(tmp_path):
         assert "Hash of data verified" in esptool(board.url, "write-flash", "0x1000", str(image))
         assert "Verification successful" in esptool(board.url, "verify-flash", "0x1000",
                                                     str(image))
+        back = tmp_path / "back.bin"
+        esptool(board.url, "read-flash", "0x1000", "0x1000", str(back))
+        assert back.read_bytes() == image.read_bytes()[:0x1000]
         assert "keep.txt" in wait_for(
             lambda: mpremote(board.link, "exec", "import os; print(os.listdir())", check=False),
             timeout=20, what="MicroPython after flashing")

@@ -93,3 +93,18 @@ def test_hard_reset_reboots_with_the_matching_cause(emu_board):
                    timeout=20, what="the board to come back")
     assert out.split()[-2:] == ["5", "False"]  # SOFT_RESET, as the ESP32 port reports it
     assert emu_board.control("status")["boots"] >= 2
+
+
+def test_timer_callbacks_run_periodically_and_stop_on_deinit(shared_board):
+    out = mpremote(shared_board.link, "exec",
+                   "import machine, time\nticks = []\n"
+                   "t = machine.Timer(0)\n"
+                   "t.init(mode=machine.Timer.PERIODIC, period=50, callback=lambda _: "
+                   "ticks.append(1))\n"
+                   "time.sleep_ms(530)\nt.deinit()\nn = len(ticks)\ntime.sleep_ms(200)\n"
+                   "once = []\n"
+                   "machine.Timer(1).init(mode=machine.Timer.ONE_SHOT, period=20, "
+                   "callback=lambda _: once.append(1))\n"
+                   "time.sleep_ms(150)\nprint(n, len(ticks), len(once))")
+    n, after, once = map(int, out.split())
+    assert 8 <= n <= 11 and after == n and once == 1

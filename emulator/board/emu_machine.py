@@ -448,15 +448,40 @@ class RTC:
 
 
 class Timer:
+    """A hardware timer: a thread stands in for the timer peripheral and hands the
+    callback to the VM with micropython.schedule, as the timer ISR does on the chip
+    (so callbacks run between bytecodes, soft-IRQ style)."""
+
     ONE_SHOT = 0
     PERIODIC = 1
 
     def __init__(self, id=-1, **kw):
+        self._gen = 0
         if kw:
             self.init(**kw)
 
     def init(self, mode=PERIODIC, period=-1, freq=-1, callback=None):
-        raise NotImplementedError("hardware timers: use asyncio on the emulated board")
+        import _thread
+        if freq > 0:
+            period = 1000 // freq
+        if period <= 0:
+            raise ValueError("period or freq required")
+        self._gen += 1
+        _thread.start_new_thread(self._run, (self._gen, mode, period, callback))
+
+    def _run(self, gen, mode, period, callback):
+        import micropython
+        while gen == self._gen:
+            _t.sleep_ms(period)
+            if gen != self._gen:
+                return
+            if callback is not None:
+                try:
+                    micropython.schedule(callback, self)
+                except RuntimeError:  # schedule queue full: the tick is lost, as on the chip
+                    pass
+            if mode == Timer.ONE_SHOT:
+                return
 
     def deinit(self):
-        pass
+        self._gen += 1
