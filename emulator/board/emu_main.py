@@ -80,6 +80,9 @@ def _exec_file(name):
     run_user_code(exec, compile(src, name, "exec"), _globals)
 
 
+EXIT_HOST_GONE = 82  # the UART pipe closed: citynode-emu is gone, so is this board
+
+
 def _read_byte():
     while True:
         try:
@@ -88,6 +91,7 @@ def _read_byte():
             return CTRL_C
         if b:
             return b[0]
+        sys.exit(EXIT_HOST_GONE)
 
 
 # --- raw REPL -----------------------------------------------------------------
