@@ -237,6 +237,9 @@ while True:
         await asyncio.sleep_ms(backoff.next_ms())
 print('first', errors[0])
 print('attempts', len(errors))
+import os
+while 'go' not in os.listdir():  # the host subscriber is listening again
+    await asyncio.sleep_ms(20)
 await c.publish('citynode/up/cn-rc-test', b'after', qos=1)
 print('published again')
 await c.disconnect()
@@ -246,12 +249,13 @@ await c.disconnect()
     wait_file(board, "refused", run=run)
     local_broker.start()
     sub = Subscriber(local_broker.host, local_broker.port)
+    (board.state / "fs" / "go").touch()
     try:
         out = run.result(60)
         got = sub.wait_count(1)
     finally:
         sub.close()
-        for name in ("published", "refused"):
+        for name in ("published", "refused", "go"):
             (board.state / "fs" / name).unlink(missing_ok=True)
     assert "lost connection closed by the broker" in out or "lost socket error" in out
     assert "publish connection closed by the broker" in out or "publish socket error" in out
