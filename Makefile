@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 hil: setup
 ifeq ($(PORT),)

@@ -55,6 +55,9 @@ class _BoardChipSession(server.ChipSession):
 server.ChipSession = _BoardChipSession
 
 
+RECV_WAIT_S = 0.5
+
+
 class _UartConnection:
     """The duck-typed connection esp32-mock-bootloader reads and writes."""
 
@@ -67,8 +70,10 @@ class _UartConnection:
         self._timeout = timeout
 
     def recv(self, size: int) -> bytes:
+        # The mock's 50 ms suits a socket; over RFC 2217 a host's reply (e.g. the acks
+        # of a streamed read-flash) takes a few hundred ms, so wait at least RECV_WAIT_S.
         try:
-            return self._rx.get(timeout=self._timeout)
+            return self._rx.get(timeout=max(self._timeout, RECV_WAIT_S))
         except queue.Empty:
             raise TimeoutError() from None
 
