@@ -22,6 +22,7 @@ from . import ports
 from .errors import DeviceError, NoMicroPython, PortError, ProvisionError
 
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
+BOOT_LOG = b"entry 0x"  # the second-stage bootloader's last line before MicroPython
 CHUNK = 3072  # bytes of file data per exec: small enough for a 110 KB heap
 
 # Signs in the console output of what the board is doing instead of running MicroPython
@@ -104,6 +105,11 @@ class Session:
         except (OSError, serial.SerialException) as exc:
             raise ports.open_error(self.port, exc) from None
         seen += self._read_until(RAW_PROMPT + b">", self.timeout, bail=True)
+        if not seen.endswith(RAW_PROMPT + b">") and BOOT_LOG in seen:
+            # the board reset under us (its app, a watchdog): interrupt the fresh boot
+            time.sleep(0.5)
+            s.write(b"\r\x03\x03\r\x01")
+            seen = self._read_until(RAW_PROMPT + b">", self.timeout, bail=True)
         if not seen.endswith(RAW_PROMPT + b">"):
             raise self._not_a_repl(seen)
         if soft_reset:
