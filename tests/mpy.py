@@ -1,29 +1,20 @@
 """Run MicroPython code on the real unix port, with an ESP32-sized heap.
 
 Host tests use this to exercise firmware/ modules where no board is needed
-(wire format, DSP, drivers against fakes of nothing: pure functions).
+(wire format, DSP, spool: code that needs no board).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from citynode.emulator.vm import micropython_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 DEVKITC_HEAP_KB = 110
-
-
-def micropython_binary() -> str:
-    path = os.environ.get("CITYNODE_MICROPYTHON") or shutil.which(
-        "micropython", path=str(Path(sys.executable).parent)) or shutil.which("micropython")
-    if not path:
-        raise RuntimeError("the MicroPython unix port is not installed: run `make setup`, or set "
-                           "CITYNODE_MICROPYTHON to a unix-port binary built from source")
-    return path
 
 
 def run_micropython(code: str, *, heap_kb: int = DEVKITC_HEAP_KB, path: list[Path] | None = None,
