@@ -38,10 +38,11 @@ def free_port() -> int:
 class Mosquitto:
     def __init__(self, workdir: Path, *, persistence: bool = False, port: int | None = None,
                  extra_config: str = "", autosave_interval: int | None = None,
-                 unlimited_queues: bool = True):
+                 unlimited_queues: bool = True, bind: str = "127.0.0.1"):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
+        self.host = "127.0.0.1"       # where clients on this machine connect
+        self.bind = bind              # "0.0.0.0": also a real board on the bench network
         self.port = port or free_port()
         self.persistence = persistence
         self.extra_config = extra_config
@@ -53,7 +54,7 @@ class Mosquitto:
 
     def _write_config(self) -> None:
         lines = [
-            f"listener {self.port} {self.host}",
+            f"listener {self.port} {self.bind}",
             "allow_anonymous true",
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"persistence {'true' if self.persistence else 'false'}",

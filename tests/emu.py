@@ -180,33 +180,3 @@ def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) ->
         dest.write_text(text)
     mpremote(board.link, "soft-reset")
 
-
-WINDOW_S = 5
-
-
-def start_node(tmp_path: Path, broker, scenario: dict | None = None, extra: dict | None = None,
-               window_s: int = WINDOW_S):
-    """An emulated esp32-devkitc with the node firmware configured for `broker`:
-    (emulator, board, device id, the node's public key). Sensors sample every second."""
-    from citynode.provisioning.deploy import build_config
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from citynode.boards import get_board
-
-    scenario_file = tmp_path / "scenario.json"
-    scenario_file.write_text(json.dumps(scenario or {}))
-    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario_file)])
-    board = emu.boards[0]
-    device = "cn-" + board.mac
-    cfg = build_config(get_board("esp32-devkitc"), device, "test", "P-1", 52.0, 4.3,
-                       f"{broker.host}:{broker.port}", "city", window_s=window_s)
-    for spec in cfg["sensors"].values():
-        if "interval_s" in spec:
-            spec["interval_s"] = 1
-    cfg.update(extra or {})
-    install_firmware(board, {"config.json": json.dumps(cfg),
-                             "secret/wifi.json": json.dumps({"password": "pw"})})
-    public = mpremote(board.link, "exec",
-                      "from node.keys import NodeKeys; print(NodeKeys().public_key_hex())").strip()
-    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes.fromhex(public))
-    return emu, board, device, key
