@@ -28,7 +28,7 @@ DELIBERATE = b"from node import safemode; safemode.mark_healthy()\r"
 
 @dataclass
 class Bench:
-    port: str                      # the serial port (an emulated board's pty)
+    port: str                      # /dev/ttyUSB0, or an emulated board's pty
     device: str
     public_key: ec.EllipticCurvePublicKey   # from the fleet registry, not from the node
     operator: ec.EllipticCurvePrivateKey    # the key provisioning installed for downlinks
@@ -71,10 +71,6 @@ class Bench:
         out = self.console(APP_STARTED, 30, send=b"\x03\x03\x02" + DELIBERATE + b"\x04")
         assert APP_STARTED in out, f"the app did not start:\n{out[-2000:]}"
         return out
-
-    def wait_repl(self, timeout: float = 30) -> None:
-        wait_for(lambda: "ok" in self.mpremote("exec", "print('ok')", check=False),
-                 timeout=timeout, interval=0.5, what="the REPL")
 
     def selftest(self, warmup_s: float = 0) -> dict:
         """The report provisioning verifies; warmup_s waits for the PMS5003's fan."""
