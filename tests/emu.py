@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 import pytest
 from citynode.emulator.control import control
 
+from citynode.mosquitto import free_port, free_port_range
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -56,7 +51,7 @@ class Emulator:
 def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
                    blank: bool = False, extra: list[str] | None = None,
                    timeout: float = 30) -> Emulator:
-    port = free_port() if count == 1 else _free_port_range(count)
+    port = free_port() if count == 1 else free_port_range(count)
     cmd = [str(VENV_BIN / "citynode-emu"), "run", "--board", board,
            "--link", str(tmp / "node0"), "--rfc2217", str(port), "--state", str(tmp / "state"),
            "--count", str(count)] + (["--blank"] if blank else []) + (extra or [])
@@ -76,24 +71,6 @@ def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
             emu.stop()
             raise RuntimeError("citynode-emu did not report its boards in time")
     return emu
-
-
-def _free_port_range(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        try:
-            socks = []
-            for i in range(count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
-                socks.append(s)
-            for s in socks:
-                s.close()
-            return base
-        except OSError:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def mpremote(port: str, *args: str, timeout: float = 60, check: bool = True) -> str:
