@@ -168,7 +168,10 @@ class Demo:
             return  # per-file and per-block progress: too many lines for a terminal
         who = names.get(event.get("port", ""), event.get("port", "?"))
         message = event.get("message") or ""
-        self.view.progress(f"{who}: {step} {state}" + (f": {message}" if message else ""))
+        if step == "done":  # the board's last event: "cn-... provisioned"
+            self.view.progress(f"{who}: {message or state}")
+        else:
+            self.view.progress(f"{who}: {step} {state}" + (f": {message}" if message else ""))
         if step == "register" and state in ("done", "skipped") and self.gateway:
             self.gateway.reload_registry()
 

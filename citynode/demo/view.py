@@ -145,6 +145,7 @@ def render(status: Status, events: list[str], logs: str) -> list[str]:
         f"Gateway: uplink {uplink}   buffered {gw.buffered}   forwarded {gw.forwarded}   "
         f"rejected {gw.rejected_total}",
         f"  rejected by reason: {rejected or '-'}",
+        f"  backlog: {_bar(gw.buffered)}",
         f"Readings: produced {status.produced}   verified upstream {status.verified}   "
         f"not upstream yet {status.missing}",
         "",
@@ -153,6 +154,13 @@ def render(status: Status, events: list[str], logs: str) -> list[str]:
     lines += [f"  {e}" for e in events[-EVENTS_SHOWN:]] or ["  -"]
     lines += ["", "Ctrl-C stops everything.", f"Logs: {logs}"]
     return lines
+
+
+def _bar(count: int, width: int = 50) -> str:
+    """The gateway's buffer as a bar, so the growth during the outage and the drain show."""
+    if count <= 0:
+        return "empty"
+    return "#" * min(count, width) + ("+" if count > width else "") + f" {count}"
 
 
 def _node_row(device: str, node: NodeState, now: float) -> str:
