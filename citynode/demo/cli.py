@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as exc:
         view.close()
         print(f"demo: {exc}", file=sys.stderr)
+    except Exception:  # still stop everything and say where the logs are
+        view.close()
+        print("demo: unexpected error (please report it with the logs):", file=sys.stderr)
+        traceback.print_exc()
     finally:
         GUARD.ignore()
         view.close()
