@@ -51,17 +51,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "broker, emulated boards from blank flash provisioned by "
                     "citynode-provision, the gateway, and a live view of what reaches the "
                     "city. Midway the uplink is cut and restored, and a forged envelope is "
-                    "injected. Exit 0 only if every reading arrived upstream verified.")
+                    "injected. Exit 0 only if every reading arrived upstream verified.",
+        epilog="Exit codes: 0 every reading arrived verified and the forged envelope was "
+               "rejected; 1 something was lost or a step failed (the message names it and "
+               "its log); 2 usage or mosquitto missing; 130/143 stopped by SIGINT/SIGTERM. "
+               "Ctrl-C stops every process the demo started.")
     parser.add_argument("--duration", type=float, default=180, metavar="S",
                         help="seconds of the live phase, after setup (default 180; at "
                              f"least {MIN_DURATION_S}); the uplink is cut from 30%% to 60%% "
                              "of it")
     parser.add_argument("--headless", action="store_true",
                         help="no live view: one log line per phase and event (for CI)")
-    parser.add_argument("--nodes", type=int, default=3, help="emulated boards (default 3)")
+    parser.add_argument("--nodes", type=int, default=3, metavar="N",
+                        help="emulated boards (default 3)")
     parser.add_argument("--window-s", type=int, default=5, metavar="S",
                         help="the nodes' reading window in seconds (default 5; min 5)")
-    parser.add_argument("--workdir", type=Path,
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="work directory, new or empty, kept afterwards (default: a "
                              "fresh temporary one, removed after a successful run)")
     parser.add_argument("--keep", action="store_true",
@@ -225,7 +230,9 @@ class Demo:
             self.view.tick(self.status("final drain", self.args.duration))
             time.sleep(TICK_S)
         self.poll()
-        self.view.tick(self.status("done", self.args.duration))
+        final = self.status("done", self.args.duration)
+        self.view.tick(final)
+        self.view.final(final)
         return self.outcome(produced)
 
     # --- the injected events ------------------------------------------------------------

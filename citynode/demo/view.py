@@ -80,6 +80,18 @@ class LogView:
                       f"buffered {gw.buffered} forwarded {gw.forwarded} rejected "
                       f"{gw.rejected_total}, uplink {'up' if gw.uplink_up else 'DOWN'}")
 
+    def final(self, status: Status) -> None:
+        """What the city last saw of each node (the live view has it on screen already)."""
+        now = time.time()
+        for device in sorted(status.nodes):
+            node = status.nodes[device]
+            values = ", ".join(f"{label} {node.values[key]:.1f}" for key, label in
+                               (("lux", "lux"), ("laeq", "LAeq dBA"), ("pm25", "PM2.5 ug/m3"),
+                                ("temp", "temp C")) if key in node.values)
+            seen = f"{now - node.last_seen:.0f} s ago" if node.last_seen else "never"
+            self.line(f"   {device}: {values or 'no readings'}; {node.readings} readings, "
+                      f"{node.events} events, last seen {seen}")
+
     def close(self) -> None:
         pass
 
@@ -113,6 +125,10 @@ class LiveView(LogView):
         lines = [line[:WIDTH] for line in render(status, self.events, self.logs)]
         self.out.write("\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
         self.out.flush()
+
+    def final(self, status: Status) -> None:
+        if not self.live:
+            super().final(status)
 
     def close(self) -> None:
         if self.live:
