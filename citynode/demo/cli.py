@@ -157,7 +157,6 @@ class Demo:
 
     def start_brokers(self) -> None:
         self.view.phase("starting the pole's broker and the city's broker (mosquitto)")
-        mosquitto_binary()
         self.pole = self.procs.broker("pole-broker")
         self.city = self.procs.broker("city-broker")
         for broker in (self.pole, self.city):
@@ -323,6 +322,11 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        mosquitto_binary()
+    except MosquittoMissing as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="citynode-demo-")) if temporary else args.workdir
     workdir = workdir.resolve()
@@ -339,13 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         view.close()
         print(f"demo: {exc} received: stopping everything", flush=True)
         code = 128 + exc.signum
-    except MosquittoMissing as exc:
-        view.close()
-        print(f"demo: {exc}", file=sys.stderr)
-        code = 2
     except StepFailed as exc:
         view.close()
-        print(f"demo: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"demo: {exc}", file=sys.stderr, flush=True)
     except Exception:  # still stop everything and say where the logs are
         view.close()
         print("demo: unexpected error (please report it with the logs):", file=sys.stderr)

@@ -286,7 +286,8 @@ def provision(procs: Processes, workdir: Path, boards: list[Board], broker: Mosq
     code = child.proc.wait(30)
     if code != 0 or result is None:
         raise StepFailed("provisioning", f"citynode-provision exited {code}: "
-                         f"{_failure(result)}", child.log)
+                         f"{_failure(result)}; the boards' side is in "
+                         f"{procs.logs / 'emulator.log'}", child.log)
     return result
 
 
