@@ -95,6 +95,8 @@ def test_headless_demo_accounts_for_every_reading(tmp_path):
     for event in ("uplink cut", "uplink restored", "backlog drained",
                   "rejected the forged envelope"):
         assert event in out, out[-4000:]
+    peak = re.search(r"uplink restored after buffering (\d+)", out)
+    assert peak and int(peak.group(1)) >= 1, out[-4000:]  # the outage did hold readings back
     assert not mentioning(str(workdir))
     wifi = (workdir / "wifi-password").read_text().strip()
     assert wifi not in out

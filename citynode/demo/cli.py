@@ -115,6 +115,8 @@ class Outcome:
 
 
 class Demo:
+    """One run: the phases in order; `stop()` (always called) ends every process."""
+
     def __init__(self, args: argparse.Namespace, workdir: Path, view: LogView):
         self.args, self.workdir, self.view = args, workdir, view
         self.logs = workdir / "logs"
@@ -126,6 +128,7 @@ class Demo:
         self.gateway: Gateway | None = None
         self.emulator: Child | None = None
         self.nodes_stopped = False  # finish() stops the emulator on purpose
+        self.pole: Mosquitto | None = None
         self.city: Mosquitto | None = None
         self.pole_watch: PoleWatch | None = None
         self.counters = GatewayCounters()
@@ -181,6 +184,8 @@ class Demo:
             self.gateway.reload_registry()
 
     def live(self) -> None:
+        """The scripted part: the forged envelope, the uplink cut, its restore and drain,
+        each at a fraction of the duration so that a short CI run shows them too."""
         duration = self.args.duration
         start = time.monotonic()
         cut = restored = drained = False
