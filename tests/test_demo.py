@@ -125,3 +125,43 @@ def test_ctrl_c_during_provisioning_stops_every_process(tmp_path):
     assert not alive(children), [Path(f"/proc/{p}/cmdline").read_bytes() for p in
                                  alive(children)]
     assert not mentioning(str(workdir))
+
+
+def test_ledger_counts_sequence_gaps_as_lost_and_never_counts_a_forgery(tmp_path):
+    """The accounting behind the summary, with real ES256 envelopes and a real registry."""
+    import cbor2
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from citynode import wire
+    from citynode.demo.ledger import Ledger
+    from citynode.registry import DeviceRecord, write_record
+
+    device, key = "cn-0123456789ab", ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    write_record(tmp_path, DeviceRecord(device, "ES256", "esp32-devkitc", "demo", "P-1", 48.2,
+                                        16.4, "0.1.0", public_key_pem=pem.decode()))
+
+    def envelope(seq: int, boot: int) -> bytes:
+        body = {1: device, 2: seq, 3: boot, 5: 1000, 6: wire.KIND_READINGS,
+                7: [{0: "light/lux", 1: "lx", 2: 812.5}, {0: "env/temperature", 2: 11.25}]}
+        return wire.sign_es256(cbor2.dumps(body), device, key)
+
+    ledger = Ledger(tmp_path)
+    for seq in (10, 11, 13):          # 12 never reached the pole's broker
+        ledger.on_pole(envelope(seq, boot=1))
+    ledger.on_pole(envelope(64, boot=2))  # a reset jumps a reserved block: not a gap
+    real = envelope(65, boot=2)
+    ledger.on_pole(real)
+    ledger.on_pole(real[:-1] + bytes([real[-1] ^ 1]))  # forged: not a reading
+    for seq in (10, 11, 13, 64, 65, 65):
+        ledger.on_city(f"city/demo/pole-demo/up/{device}", envelope(seq, 1 if seq < 64 else 2))
+    ledger.on_city(f"city/demo/pole-demo/up/{device}", real[:-1] + bytes([real[-1] ^ 1]))
+
+    assert ledger.produced() == {(device, s) for s in (10, 11, 12, 13, 64, 65)}
+    assert ledger.missing() == {(device, 12)}
+    assert ledger.local_invalid == 1 and ledger.upstream_invalid == 1
+    assert ledger.duplicates == 1
+    node = ledger.nodes[device]
+    assert node.values == {"lux": 812.5, "temp": 11.25} and node.readings == 5

@@ -70,10 +70,15 @@ class Ledger:
             envelope = wire.decode_envelope(data)
             with self._verify_lock:
                 record = self._record(envelope.kid)
-                if record is None or not record.active or envelope.is_hmac:
+                if record is None or not record.active:
                     return None
                 credential = self._registry.credential(record)  # type: ignore[union-attr]
-            wire.verify_es256(envelope, credential.public_key)  # type: ignore[arg-type]
+            if credential.alg != ("HMAC256" if envelope.is_hmac else "ES256"):
+                return None
+            if envelope.is_hmac:
+                wire.verify_hmac(envelope, credential.secret or b"")
+            else:
+                wire.verify_es256(envelope, credential.public_key)  # type: ignore[arg-type]
             return wire.decode_payload(envelope)
         except (wire.EnvelopeError, RegistryError):
             return None

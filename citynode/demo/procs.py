@@ -179,8 +179,11 @@ class Lines:
 
     def _read(self) -> None:
         assert self.child.proc.stdout is not None
-        for line in self.child.proc.stdout:
-            self.queue.put(line)
+        try:
+            for line in self.child.proc.stdout:
+                self.queue.put(line)
+        except (OSError, ValueError):  # the pipe was closed by the cleanup
+            pass
         self.queue.put(None)
 
     def next(self, timeout: float) -> str | None:
