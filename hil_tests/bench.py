@@ -69,7 +69,9 @@ class Bench:
         (node/safemode.py), so the suite's many restarts never look like a crash loop.
         """
         out = self.console(APP_STARTED, 30, send=b"\x03\x03\x02" + DELIBERATE + b"\x04")
-        assert APP_STARTED in out, f"the app did not start:\n{out[-2000:]}"
+        if APP_STARTED not in out:
+            board = self.emulated.control("status") if self.emulated else "a real board"
+            raise AssertionError(f"the app did not start ({board}); its console:\n{out[-2000:]}")
         return out
 
     def selftest(self, warmup_s: float = 0) -> dict:
