@@ -350,6 +350,12 @@ class Forwarder:
             self._tokens -= sent
 
     def _publish(self, rows: list[Row], historical: bool) -> int:
+        with self.client.corked():  # one write for the batch
+            sent = self._publish_rows(rows, historical)
+        self.metrics.set("inflight", len(self._inflight))
+        return sent
+
+    def _publish_rows(self, rows: list[Row], historical: bool) -> int:
         sent = 0
         flag = "1" if historical else "0"
         head = user_property("gateway", self.config.gateway_id)
@@ -367,7 +373,6 @@ class Forwarder:
             self._inflight.add(row.id)
             self.held.add(row.id)
             sent += 1
-        self.metrics.set("inflight", len(self._inflight))
         return sent
 
     def _flush_deletes(self, force: bool = False) -> None:

@@ -11,6 +11,10 @@ kernel holds (up to 64 KiB) and paho's small reads are served from memory; it re
 the buffered bytes through `pending()`, the hook paho already uses for TLS sockets
 (bytes pending: select() does not wait, the read goes ahead). Its `loop_read` reads
 up to `READ_BURST` packets per wake-up, until the socket would block, instead of one.
+Writes the same way: paho sends each queued packet with its own `send` (a group
+commit acknowledges ~100 envelopes: 100 PUBACKs); here they collect in the socket's
+buffer and one `send` at the end of paho's write turn takes them all, and `corked()`
+does the same for a batch of publishes from the polling thread.
 Nothing else changes: the same packets, the same order, the same callbacks.
 
 `poll()` is one turn of the network loop for a client that its own thread drives (the
@@ -24,6 +28,9 @@ paho version lacks them, `BufferedClient` is paho's plain client.
 from __future__ import annotations
 
 import select
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import paho.mqtt.client as mqtt
 
@@ -31,13 +38,43 @@ READ_SIZE = 65536
 READ_BURST = 256
 
 
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
 class BufferedSocket:
-    """A socket whose `recv` is served from a buffer filled by one large `recv`."""
+    """A socket whose `recv` is served from a buffer filled by one large `recv`, and
+    whose `send` only appends to an output buffer that `flush` writes."""
 
     def __init__(self, sock):
         self._sock = sock
         self._buf = b""
         self._pos = 0
+        self._out = bytearray()
+
+    def send(self, data) -> int:
+        self._out += data
+        return len(data)
+
+    def unsent(self) -> int:
+        return len(self._out)
+
+    def flush(self) -> None:
+        """Write what the kernel takes now; the rest waits for the socket to be
+        writable (`want_write`). Raises OSError when the connection is gone."""
+        out = self._out
+        while out:
+            try:
+                sent = self._sock.send(out)
+            except _WOULD_BLOCK:
+                return
+            del out[:sent]
+
+    def close(self) -> None:
+        try:  # paho closes right after queueing a DISCONNECT: write it first
+            self.flush()
+        except OSError:
+            pass
+        self._sock.close()
 
     def recv(self, size: int) -> bytes:
         pos, buf = self._pos, self._buf
@@ -81,6 +118,37 @@ class BufferedClient(mqtt.Client):
                 if rc > 0:
                     return self._loop_rc_handle(rc)
             return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+        def loop_write(self) -> mqtt.MQTTErrorCode:
+            """paho's write turn hands every queued packet to the socket's buffer; one
+            `send` then writes them all (unless corked: the cork's end writes)."""
+            rc = super().loop_write()
+            sock = self._sock
+            if rc or sock is None or self._corked:
+                return rc
+            try:
+                sock.flush()
+            except OSError:
+                return self._loop_rc_handle(mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+        def want_write(self) -> bool:
+            sock = self._sock
+            return super().want_write() or (sock is not None and sock.unsent() > 0)
+
+    _corked = False
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Publishes from the polling thread inside this block go out in one write
+        at its end (paho writes each at once otherwise)."""
+        self._corked = True
+        try:
+            yield
+        finally:
+            self._corked = False
+        if self._sock is not None:
+            self.loop_write()
 
     def poll(self, timeout: float) -> mqtt.MQTTErrorCode:
         """`loop(timeout)` from paho's public pieces, without the wake-up socket pair:
