@@ -118,3 +118,68 @@ def test_paho_round_trip_through_a_broker(local_broker):
     assert pub.poll(0.05) != mqtt.MQTT_ERR_SUCCESS or pub.socket() is None
     sub.disconnect()
     sub.loop_stop()
+
+
+def self_signed(directory) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_round_trip(tmp_path):
+    """The city's broker is reached over TLS: buffered reads (TLS `pending()` too),
+    corked and polled writes, through a real TLS listener."""
+    from tests.brokers import Mosquitto, free_port
+
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    extra = f"listener {port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n"
+    with Mosquitto(tmp_path / "broker", extra_config=extra):
+        got: list[bytes] = []
+        sub = BufferedClient(CallbackAPIVersion.VERSION2, client_id="tls-sub",
+                             protocol=mqtt.MQTTv5)
+        sub.tls_set(ca_certs=cert)
+        sub.on_connect = lambda c, u, f, rc, p: c.subscribe("tls/#", qos=1)
+        sub.on_message = lambda c, u, m: got.append(m.payload)
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        time.sleep(0.5)
+        pub = BufferedClient(CallbackAPIVersion.VERSION2, client_id="tls-pub",
+                             protocol=mqtt.MQTTv5)
+        pub.tls_set(ca_certs=cert)
+        pub.max_inflight_messages_set(32)
+        pub.connect("127.0.0.1", port)
+        n = 2000
+        sent = [b"%d-" % i + b"x" * 300 for i in range(n)]
+        with pub.corked():
+            infos = [pub.publish(f"tls/{i % 5}", data, qos=1) for i, data in enumerate(sent)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (
+                len(got) < n or not all(info.is_published() for info in infos)):
+            assert pub.poll(0.05) == mqtt.MQTT_ERR_SUCCESS
+        assert got == sent
+        pub.disconnect()
+        sub.disconnect()
+        sub.loop_stop()
