@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="inspect a running board or inject a fault")
     ctl.add_argument("state", help="the board's state dir, e.g. /tmp/cn/state/node0")
     ctl.add_argument("command", help="status, wifi, rssi, power, press, hang, unplug, plug, "
-                                     "corrupt")
+                                     "corrupt, pin, impulse")
     ctl.add_argument("args", nargs="*", help="key=value arguments, e.g. up=false")
     ctl.set_defaults(func=cmd_ctl)
     return parser

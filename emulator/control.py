@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ COMMANDS = {
     "corrupt": lambda b, sensor, count=1, kind="checksum": _fault(b, "corrupt", sensor=sensor,
                                                                count=count, kind=kind),
     "pin": lambda b, **values: _scenario(b).override(**values),
+    "impulse": lambda b, kind="gunshot", level_db=120.0, after_s=0.5: asdict(
+        _scenario(b).add_event(kind, float(level_db), float(after_s))),
 }
 
 

@@ -268,6 +268,12 @@ class Scenario:
         base = TRAFFIC_PROFILE_DBA[i] * (1 - frac) + TRAFFIC_PROFILE_DBA[(i + 1) % 24] * frac
         return base + 1.5 * self._smooth("noise", t) + self.params.noise_offset_db
 
+    def add_event(self, kind: str, level_db: float, after_s: float = 0.5, **kw: float) -> Event:
+        """An event `after_s` device seconds from now (a bench test firing a starter pistol)."""
+        event = Event(self.now() + after_s * self.time_scale, kind, float(level_db), **kw)
+        self.events = sorted([*self.events, event], key=lambda e: e.time)  # one atomic swap
+        return event
+
     def events_between(self, t0: float, t1: float) -> list[Event]:
         """Events starting in [t0, t1) scenario seconds."""
         return [e for e in self.events if t0 <= e.time < t1]

@@ -367,8 +367,8 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
              f"registry key ({checked.fingerprint[:16]}), firmware {checked.firmware}, "
              f"MicroPython {checked.micropython}"]
     for name, rep in sorted(checked.sensors.items()):
-        detail = rep.get("readings") if rep.get("status") == "ok" else rep.get("error")
-        lines.append(f"  {name:<8} {rep.get('status'):<6} {detail}")
+        detail = rep.get("error") or rep.get("readings") or "no reading yet"
+        lines.append(f"  {name:<8} {rep.get('status'):<10} {detail}")
     out.result({"ok": True, **checked.to_dict()}, "\n".join(lines))
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 import pytest
 from citynode.emulator.control import control
 
+from citynode.mosquitto import free_port, free_port_range
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -56,7 +51,7 @@ class Emulator:
 def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
                    blank: bool = False, extra: list[str] | None = None,
                    timeout: float = 30) -> Emulator:
-    port = free_port() if count == 1 else _free_port_range(count)
+    port = free_port() if count == 1 else free_port_range(count)
     cmd = [str(VENV_BIN / "citynode-emu"), "run", "--board", board,
            "--link", str(tmp / "node0"), "--rfc2217", str(port), "--state", str(tmp / "state"),
            "--count", str(count)] + (["--blank"] if blank else []) + (extra or [])
@@ -76,24 +71,6 @@ def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
             emu.stop()
             raise RuntimeError("citynode-emu did not report its boards in time")
     return emu
-
-
-def _free_port_range(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        try:
-            socks = []
-            for i in range(count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
-                socks.append(s)
-            for s in socks:
-                s.close()
-            return base
-        except OSError:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def mpremote(port: str, *args: str, timeout: float = 60, check: bool = True) -> str:
@@ -180,33 +157,3 @@ def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) ->
         dest.write_text(text)
     mpremote(board.link, "soft-reset")
 
-
-WINDOW_S = 5
-
-
-def start_node(tmp_path: Path, broker, scenario: dict | None = None, extra: dict | None = None,
-               window_s: int = WINDOW_S):
-    """An emulated esp32-devkitc with the node firmware configured for `broker`:
-    (emulator, board, device id, the node's public key). Sensors sample every second."""
-    from citynode.provisioning.deploy import build_config
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from citynode.boards import get_board
-
-    scenario_file = tmp_path / "scenario.json"
-    scenario_file.write_text(json.dumps(scenario or {}))
-    emu = start_emulator(tmp_path, extra=["--scenario", str(scenario_file)])
-    board = emu.boards[0]
-    device = "cn-" + board.mac
-    cfg = build_config(get_board("esp32-devkitc"), device, "test", "P-1", 52.0, 4.3,
-                       f"{broker.host}:{broker.port}", "city", window_s=window_s)
-    for spec in cfg["sensors"].values():
-        if "interval_s" in spec:
-            spec["interval_s"] = 1
-    cfg.update(extra or {})
-    install_firmware(board, {"config.json": json.dumps(cfg),
-                             "secret/wifi.json": json.dumps({"password": "pw"})})
-    public = mpremote(board.link, "exec",
-                      "from node.keys import NodeKeys; print(NodeKeys().public_key_hex())").strip()
-    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes.fromhex(public))
-    return emu, board, device, key

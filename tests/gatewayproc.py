@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from citynode.gateway.scrape import metric_sum
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -101,16 +102,7 @@ class GatewayProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the series of `name` whose labels include `labels`."""
-        total = 0.0
-        for line in self.metrics_text().splitlines():
-            if not line.startswith(f"citynode_gateway_{name}"):
-                continue
-            series, value = line.rsplit(" ", 1)
-            if series.split("{")[0] != f"citynode_gateway_{name}":
-                continue
-            if all(f'{k}="{v}"' in series for k, v in labels.items()):
-                total += float(value)
-        return total
+        return metric_sum(self.metrics_text(), name, **labels)
 
     def wait_for(self, predicate, timeout: float = 20.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout

@@ -19,6 +19,7 @@ from node import sensors, supervisor, uplink, version, wifi
 from node.spool import EVENT, ROUTINE
 
 HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
+SENSOR_GRACE_MS = 10000
 HUMID_RH = 80  # above this a PMS5003 over-reads (droplets count as particles): flagged, not fixed
 
 
@@ -83,7 +84,8 @@ class Node:
             except Exception as exc:  # a failing part is reported, the node goes on
                 self.window.flag(sensor.name + "/status", "error: %s" % exc)
                 self._count_error(name, exc)
-            self.supervisor.beat(name)
+            # quiet until the next reading, plus a grace for a slow part (the PMS5003's fan)
+            self.supervisor.beat(name, quiet_ms=int(sensor.interval_s * 1000) + SENSOR_GRACE_MS)
             await sensor.wait_next()
 
     async def audio_loop(self):

@@ -3,7 +3,7 @@ the raw REPL. It samples every configured sensor once and prints one JSON line:
 the device id, firmware version, public key, each sensor's readings or error,
 and a signed self-test envelope (hex) that the host verifies against the registry.
 
-    import node.selftest; node.selftest.main()
+    import node.selftest; node.selftest.main()     # main(warmup_s=40): wait for the PMS5003
 """
 
 import asyncio
@@ -14,7 +14,18 @@ import time
 from node import config, keys, payload, seqno, sensors, version
 
 
-def run(cfg=None, node_keys=None, seq=None):
+async def _sample(sensor, warmup_s):
+    """A part with nothing to report yet (the PMS5003's fan spinning up) is asked again
+    for up to warmup_s; the default 0 keeps a provisioning run fast."""
+    deadline = time.ticks_add(time.ticks_ms(), int(warmup_s * 1000))
+    readings = await sensor.sample()
+    while not readings and time.ticks_diff(deadline, time.ticks_ms()) > 0:
+        await asyncio.sleep_ms(500)
+        readings = await sensor.sample()
+    return readings
+
+
+def run(cfg=None, node_keys=None, seq=None, warmup_s=0):
     cfg = cfg or config.load()
     node_keys = node_keys or keys.NodeKeys()
     seq = seq or seqno.Sequence()
@@ -22,8 +33,9 @@ def run(cfg=None, node_keys=None, seq=None):
     records = []
     for sensor in sensors.build(cfg):
         try:
-            readings = asyncio.run(sensor.sample())
-            report[sensor.name] = {"status": "ok", "readings": {n: v for n, u, v in readings}}
+            readings = asyncio.run(_sample(sensor, warmup_s))
+            status = "ok" if readings else "warming up"
+            report[sensor.name] = {"status": status, "readings": {n: v for n, u, v in readings}}
             records.extend(readings)
         except Exception as exc:  # a failing part is the finding, not a crash
             report[sensor.name] = {"status": "error", "error": str(exc)}
@@ -44,5 +56,5 @@ def run(cfg=None, node_keys=None, seq=None):
     }
 
 
-def main():
-    print(json.dumps(run()))
+def main(warmup_s=0):
+    print(json.dumps(run(warmup_s=warmup_s)))

@@ -1,0 +1,5 @@
+import sys
+
+from citynode.demo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""What the nodes produced on the pole, and what reached the city verified.
+
+Two MQTT subscribers feed one Ledger. On the pole's broker, `citynode/up/#` is what
+the nodes published; on the city's broker, `<prefix>/+/up/#` is what the gateway
+forwarded. Both sides verify every envelope against the fleet registry's public key,
+as the city platform would, so a forged envelope is never counted as a reading.
+
+A node's sequence numbers are contiguous within one boot (a reset jumps a reserved
+block, and the boot count in the payload changes), so a seq missing between the
+first and last seen of a (device, boot) is a reading that was produced but never
+seen on the pole: it counts as produced, and as lost unless it arrives upstream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from citynode import wire
+from citynode.mosquitto import Mosquitto
+from citynode.registry import Registry, RegistryError, load_registry
+
+# SenML names (firmware/node) of the quantities the view shows, by column.
+SHOWN = {"light/lux": "lux", "noise/laeq": "laeq", "air/pm2_5": "pm25",
+         "env/temperature": "temp"}
+REGISTRY_RELOAD_S = 1.0
+
+Key = tuple[str, int]  # (device, seq): never repeats for a device
+
+
+@dataclass
+class NodeState:
+    """One node as the city sees it."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    last_seen: float | None = None
+    readings: int = 0
+    events: int = 0
+
+
+class Ledger:
+    """Thread-safe tallies of both brokers' traffic; the paho threads write, the view reads."""
+
+    def __init__(self, registry_dir: Path):
+        self.registry_dir = registry_dir
+        self._registry: Registry | None = None
+        self._loaded_at = 0.0
+        self.lock = threading.Lock()
+        self._verify_lock = threading.Lock()  # the registry cache is shared by two threads
+        self.seen: dict[tuple[str, int], set[int]] = {}  # (device, boot) -> seqs on the pole
+        self.upstream: set[Key] = set()
+        self.duplicates = 0
+        self.local_invalid = 0      # failed verification on the pole (the forged one)
+        self.upstream_invalid = 0   # failed verification at the city: must stay 0
+        self.nodes: dict[str, NodeState] = {}
+        self.last_envelope: tuple[str, bytes] | None = None
+
+    # --- verification -----------------------------------------------------------------
+    def verify(self, data: bytes) -> wire.Payload | None:
+        """The payload if the envelope verifies against the registry, else None."""
+        try:
+            envelope = wire.decode_envelope(data)
+            with self._verify_lock:
+                record = self._record(envelope.kid)
+                if record is None or not record.active:
+                    return None
+                credential = self._registry.credential(record)  # type: ignore[union-attr]
+            if credential.alg != ("HMAC256" if envelope.is_hmac else "ES256"):
+                return None
+            if envelope.is_hmac:
+                wire.verify_hmac(envelope, credential.secret or b"")
+            else:
+                wire.verify_es256(envelope, credential.public_key)  # type: ignore[arg-type]
+            return wire.decode_payload(envelope)
+        except (wire.EnvelopeError, RegistryError):
+            return None
+
+    def _record(self, device: str):
+        """The device's record; the registry is re-read (at most once a second) on a miss,
+        because nodes are registered while the demo runs."""
+        registry = self._registry
+        if registry is not None and registry.get(device) is not None:
+            return registry.get(device)
+        if registry is None or time.monotonic() - self._loaded_at > REGISTRY_RELOAD_S:
+            self._registry = load_registry(self.registry_dir)
+            self._loaded_at = time.monotonic()
+        return self._registry.get(device)
+
+    # --- the two feeds ------------------------------------------------------------------
+    def on_pole(self, data: bytes) -> None:
+        payload = self.verify(data)
+        with self.lock:
+            if payload is None:
+                self.local_invalid += 1
+                return
+            self.seen.setdefault((payload.device, payload.boot), set()).add(payload.seq)
+            self.last_envelope = (payload.device, data)
+
+    def on_city(self, topic: str, data: bytes) -> None:
+        payload = self.verify(data)
+        with self.lock:
+            if payload is None or not topic.endswith("/up/" + payload.device):
+                self.upstream_invalid += 1
+                return
+            key = (payload.device, payload.seq)
+            if key in self.upstream:  # resent after a reconnect: QoS 1 is at least once
+                self.duplicates += 1
+                return
+            self.upstream.add(key)
+            self._show(payload)
+
+    def _show(self, payload: wire.Payload) -> None:
+        node = self.nodes.setdefault(payload.device, NodeState())
+        node.last_seen = time.time()
+        if payload.kind == wire.KIND_EVENT:
+            node.events += 1
+            return
+        node.readings += 1
+        for record in payload.records:
+            column = SHOWN.get(record.get(0))
+            value = record.get(2)
+            if column and isinstance(value, int | float) and not isinstance(value, bool):
+                node.values[column] = float(value)
+
+    # --- counts -------------------------------------------------------------------------
+    def produced(self) -> set[Key]:
+        """Every reading the nodes produced: seen on the pole, plus the gaps in each boot's
+        sequence numbers."""
+        with self.lock:
+            return {(device, seq) for (device, _), seqs in self.seen.items()
+                    for seq in range(min(seqs), max(seqs) + 1)}
+
+    def verified(self) -> set[Key]:
+        with self.lock:
+            return set(self.upstream)
+
+    def missing(self) -> set[Key]:
+        """Produced but not (yet) verified at the city."""
+        return self.produced() - self.verified()
+
+
+class PoleWatch:
+    """Subscribes on the pole's broker to what the nodes publish; also publishes as a
+    node would (the forged envelope)."""
+
+    def __init__(self, broker: Mosquitto, ledger: Ledger):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-pole-watch",
+                                  protocol=mqtt.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("citynode/up/+", qos=1)
+        self.client.on_message = lambda c, u, msg: ledger.on_pole(msg.payload)
+        _connect(self.client, broker)
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self.client.publish(topic, data, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        _close(self.client)
+
+
+class CityWatch:
+    """The city: a persistent MQTT 5 session on the city broker, so what the gateway
+    sends while this subscriber reconnects (after the broker's restart) waits for it."""
+
+    def __init__(self, broker: Mosquitto, prefix: str, ledger: Ledger):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-city",
+                                  protocol=mqtt.MQTTv5)
+        options = SubscribeOptions(qos=1)
+        topic = f"{prefix}/+/up/#"
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, options=options)
+        self.client.on_message = lambda c, u, msg: ledger.on_city(msg.topic, msg.payload)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        _connect(self.client, broker, clean_start=False, properties=props)
+
+    def close(self) -> None:
+        _close(self.client)
+
+
+def _connect(client: mqtt.Client, broker: Mosquitto, timeout: float = 10.0, **kwargs) -> None:
+    client.reconnect_delay_set(0.2, 1.0)
+    client.connect(broker.host, broker.port, **kwargs)
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    while not client.is_connected():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cannot connect to the broker on port {broker.port}")
+        time.sleep(0.02)
+
+
+def _close(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()

@@ -1,0 +1,134 @@
+"""One node for the whole session, provisioned through the real `citynode-provision`
+path: a blank emulated board by default, or the board on `--port`.
+
+    pytest hil_tests                                  # emulated boards, started here
+    pytest hil_tests --port /dev/ttyUSB0 --board esp32-devkitc \\
+        --broker 192.168.4.1:1883 --wifi-ssid pole-lab --wifi-password-file ~/wifi.pw
+
+For a real board the suite starts a Mosquitto on all interfaces and gives the node
+this PC's address (or uses `--broker`); the bench's Wi-Fi comes from --wifi-ssid /
+--wifi-password-file or $CITYNODE_WIFI_SSID / $CITYNODE_WIFI_PASSWORD_FILE. Tests
+that need a fault only the emulator makes skip on hardware and say why (`-ra`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from citynode.registry import load_registry
+from hil_tests.bench import Bench
+from tests.brokers import Mosquitto
+from tests.emu import start_emulator
+from tests.provision_util import cli, make_image, password_file
+
+WINDOW_S = 5
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hil", "hardware-in-the-loop suite (hil_tests/)")
+    group.addoption("--board-kind", choices=("emu", "serial"), default=None,
+                    help="emu (default): start an emulated board; serial: the board on --port")
+    group.addoption("--port", help="a real board's serial port, e.g. /dev/ttyUSB0")
+    group.addoption("--board", default="esp32-devkitc", help="board name from boards.yaml")
+    group.addoption("--broker", help="HOST:PORT of a Mosquitto the real board can reach "
+                    "(default: one started here, on all interfaces)")
+    group.addoption("--wifi-ssid", default=os.environ.get("CITYNODE_WIFI_SSID"),
+                    help="the bench's Wi-Fi (real board; default $CITYNODE_WIFI_SSID)")
+    group.addoption("--wifi-password-file", default=os.environ.get("CITYNODE_WIFI_PASSWORD_FILE"),
+                    help="its password, in a file (default $CITYNODE_WIFI_PASSWORD_FILE)")
+    group.addoption("--image", help="MicroPython image to flash (default: the firmware cache)")
+
+
+def _hardware(config: pytest.Config) -> bool:
+    kind = config.getoption("--board-kind") or ("serial" if config.getoption("--port") else "emu")
+    if kind == "serial" and not (config.getoption("--port") and config.getoption("--wifi-ssid")
+                                 and config.getoption("--wifi-password-file")):
+        raise pytest.UsageError("a real board needs --port and the bench's Wi-Fi: --wifi-ssid "
+                                "and --wifi-password-file (or CITYNODE_WIFI_SSID and "
+                                "CITYNODE_WIFI_PASSWORD_FILE)")
+    return kind == "serial"
+
+
+def _lan_address() -> str:
+    """This PC's address on the network the board joins (the default route's source)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))            # TEST-NET: nothing is sent
+        return probe.getsockname()[0]
+
+
+def _operator_key(tmp: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
+    """The operator's downlink key: the private half stays with the test (the operator)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp / "operator.pub.pem"
+    pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, pem
+
+
+def _provision(tmp: Path, port: str, board: str, broker: str, ssid: str, pwfile: Path,
+               image: Path | None, operator_pem: Path) -> str:
+    args = ["provision", "--port", port, "--board", board, "--registry", str(tmp / "fleet"),
+            "--site", "hil", "--pole", "HIL-1", "--broker", broker, "--wifi-ssid", ssid,
+            "--wifi-password-file", str(pwfile), "--window-s", str(WINDOW_S),
+            "--operator-key", str(operator_pem), "--json"]
+    run = cli(*args, *(["--image", str(image)] if image else []), logs=tmp / "logs")
+    assert run.code == 0, f"provisioning failed ({run.code}):\n{run.stdout}\n{run.stderr}"
+    return run.result["boards"][0]["device"]
+
+
+@pytest.fixture(scope="session")
+def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    config = request.config
+    tmp = tmp_path_factory.mktemp("hil")
+    operator, operator_pem = _operator_key(tmp)
+    board = config.getoption("--board")
+    image = config.getoption("--image")
+    if _hardware(config):
+        port, broker = config.getoption("--port"), config.getoption("--broker")
+        with nullcontext() if broker else Mosquitto(tmp / "broker", bind="0.0.0.0") as mosquitto:
+            if mosquitto is not None:
+                broker = f"{_lan_address()}:{mosquitto.port}"
+            device = _provision(tmp, port, board, broker, config.getoption("--wifi-ssid"),
+                                Path(config.getoption("--wifi-password-file")),
+                                Path(image) if image else None, operator_pem)
+            host, _, broker_port = broker.rpartition(":")
+            yield _bench(tmp, device, port, (host, int(broker_port)), operator)
+        return
+    with Mosquitto(tmp / "broker", persistence=True) as mosquitto:
+        scenario = tmp / "scenario.json"
+        # a spring noon (daylight on the BH1750); impulses only when a test fires one
+        scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
+        emu = start_emulator(tmp, board=board, blank=True, extra=["--scenario", str(scenario)])
+        try:
+            handle = emu.boards[0]
+            device = _provision(tmp, handle.url, board, f"{mosquitto.host}:{mosquitto.port}",
+                                "city", password_file(tmp),
+                                Path(image) if image else make_image(tmp, board), operator_pem)
+            yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
+                         handle)
+        finally:
+            emu.stop()
+
+
+def _bench(tmp: Path, device: str, port: str, broker: tuple[str, int],
+           operator: ec.EllipticCurvePrivateKey, emulated=None) -> Bench:
+    registry = load_registry(tmp / "fleet", strict=True)
+    record = registry.get(device)
+    assert record is not None and record.active, f"{device} is not in the registry"
+    return Bench(port=port, device=device, public_key=registry.credential(record).public_key,
+                 operator=operator, broker=broker, window_s=WINDOW_S, emulated=emulated)
+
+
+@pytest.fixture
+def node(bench: Bench) -> Bench:
+    """The node with its app running, whatever the previous test left."""
+    bench.boot_app()
+    return bench

@@ -1,0 +1,88 @@
+"""What kills field devices: a hung part, a crash loop, a slow leak."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from hil_tests.bench import APP_STARTED, Bench
+from tests.emu import wait_for
+
+WDT_RESET = 3     # machine.WDT_RESET on the ESP32 port
+
+
+def test_the_watchdog_reboots_a_hung_node_and_says_so(node: Bench):
+    node.require_emulator("hangs the I2C bus")
+    cfg = node.config()
+    node.write_config({**cfg, "wdt_ms": 3000})     # a short dog, so the test is short
+    try:
+        node.boot_app()
+        time.sleep(5)             # healthy: the supervisor feeds the dog past its timeout
+        assert node.exec("import machine; print(machine.reset_cause())").strip() != str(WDT_RESET)
+        node.boot_app()
+        node.fault("hang")        # the next bus transaction never completes
+        out = node.console(APP_STARTED, 30)          # the dog bites, the node boots again
+        assert APP_STARTED in out, f"no reboot after the hang:\n{out[-1500:]}"
+        cause = node.exec("import machine; print(machine.reset_cause())").strip()
+        assert cause == str(WDT_RESET), f"reset_cause() is {cause}, not WDT_RESET"
+    finally:
+        node.write_config(cfg)
+
+
+def test_a_crash_loop_ends_in_safe_mode_with_the_key_kept(node: Bench):
+    public = node.exec("from node.keys import NodeKeys; print(NodeKeys().public_key_hex())")
+    cfg = node.config()
+    # a setting the app only trips over once it runs: it crashes at every boot
+    node.write_config({**cfg, "uplink": {"no_such_setting": 1}})
+    try:
+        console = node.console("SAFE MODE", 90, send=b"\x03\x03\x02\x04")
+        assert "SAFE MODE" in console
+        assert console.count("unknown uplink setting") >= 3    # three crash-reboots first
+        assert node.exec("from node.keys import NodeKeys; "
+                         "print(NodeKeys().public_key_hex())") == public
+    finally:
+        node.write_config(cfg)
+
+
+HEAP_RUN = """
+import asyncio, gc, json
+from node import app, config
+cfg = config.load()
+cfg["wdt_ms"] = 3600000         # the loop below never feeds the dog the app would
+n = app.Node(cfg)
+async def sample():
+    out = []
+    for s in n.sensors:
+        out += await s.sample()
+    return out
+readings = asyncio.run(sample())
+marks = {}
+for i in range(%d):
+    if i %% 250 == 0:
+        readings = asyncio.run(sample())
+    for name, unit, value in readings:
+        n.window.add(name, unit, value, trimmed=name.startswith("air/pm"))
+    n.uplink.spool.put(n.close_window())
+    n.uplink.spool.pop()
+    if i in (200, %d):
+        gc.collect()
+        marks[i] = gc.mem_free()
+print(json.dumps(marks))
+"""
+
+
+@pytest.mark.timeout(900)
+def test_heap_stays_flat_over_5000_cycles(bench: Bench):
+    """Sample, aggregate, encode, sign and spool 5,000 times: no creeping heap."""
+    cycles = 5000
+    marks = json.loads(bench.exec(HEAP_RUN % (cycles, cycles - 1), timeout=900)
+                       .strip().splitlines()[-1])
+    assert abs(marks[str(cycles - 1)] - marks["200"]) < 1024, marks
+
+
+def test_the_node_is_back_to_normal(node: Bench):
+    """After the faults above, the app runs and publishes again (no lasting damage)."""
+    with node.listen() as sub:
+        wait_for(lambda: sub.bodies(), timeout=3 * node.window_s + 20, what="an envelope")
