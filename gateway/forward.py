@@ -1,9 +1,9 @@
 """Forward: buffered rows to the city's broker (MQTT 5, QoS 1), deleted on PUBACK.
 
 One thread owns the upstream client and runs its network loop itself (`poll`), so
-connection state, the in-flight table and the dispatch never race. Rows are keyed by the store's
-row id (paho's mid restarts on every connection); on a reconnect everything that was
-in flight is sent again, oldest first (the upstream may see a duplicate: the same
+connection state, the in-flight table and the dispatch never race. Rows are keyed by
+the store's row id (paho's mid restarts on every connection); on a reconnect everything
+that was in flight is sent again, oldest first (the upstream may see a duplicate: the same
 device and seq). Two lanes share a small in-flight window: live rows (stored since the
 connection came up) first, then the backlog (what was buffered before, and backfill
 from nodes' spools), rate limited, leaving slots free for live data, and marked
@@ -149,7 +149,7 @@ class Forwarder:
     def _make_client(self) -> mqtt.Client:
         up = self.up
         client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=up.client_id,
-                             protocol=mqtt.MQTTv5)
+                                protocol=mqtt.MQTTv5)
         if up.tls:
             try:
                 client.tls_set(ca_certs=str(up.ca_file) if up.ca_file else None,

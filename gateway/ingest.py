@@ -132,8 +132,8 @@ class Ingest:
                                         daemon=True)
         local = config.local
         self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=local.client_id,
-                                  protocol=mqtt.MQTTv311, clean_session=False,
-                                  manual_ack=True)
+                                     protocol=mqtt.MQTTv311, clean_session=False,
+                                     manual_ack=True)
         if local.username:
             password = (local.password_file.read_text().strip()
                         if local.password_file else None)

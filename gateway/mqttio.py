@@ -1,4 +1,4 @@
-"""paho's client with buffered socket reads: fewer system calls per message.
+"""paho's client with buffered socket reads and writes: fewer system calls per message.
 
 paho reads every packet with three or more `recv` calls (the command byte, the
 remaining length one byte at a time, then the rest) and one `select` per packet when
@@ -21,8 +21,9 @@ Nothing else changes: the same packets, the same order, the same callbacks.
 forwarder): paho's `loop()` would create its wake-up socket pair, and then every
 publish writes a byte to it and wakes the next select() for nothing.
 
-It uses two of paho's internal methods (`_create_socket`, `_packet_read`); when a
-paho version lacks them, `BufferedClient` is paho's plain client.
+It uses three of paho's internal methods (`_create_socket`, `_packet_read`,
+`_loop_rc_handle`, all in paho 2.x); when a paho version lacks them, `BufferedClient`
+is paho's plain client (with `poll()` and a `corked()` that changes nothing).
 """
 
 from __future__ import annotations
