@@ -1,9 +1,9 @@
 """Forward: buffered rows to the city's broker (MQTT 5, QoS 1), deleted on PUBACK.
 
-One thread owns the upstream client and runs its network loop itself, so connection
-state, the in-flight table and the dispatch never race. Rows are keyed by the store's
-row id (paho's mid restarts on every connection); on a reconnect everything that was
-in flight is sent again, oldest first (the upstream may see a duplicate: the same
+One thread owns the upstream client and runs its network loop itself (`poll`), so
+connection state, the in-flight table and the dispatch never race. Rows are keyed by
+the store's row id (paho's mid restarts on every connection); on a reconnect everything
+that was in flight is sent again, oldest first (the upstream may see a duplicate: the same
 device and seq). Two lanes share a small in-flight window: live rows (stored since the
 connection came up) first, then the backlog (what was buffered before, and backfill
 from nodes' spools), rate limited, leaving slots free for live data, and marked
@@ -39,6 +39,7 @@ from citynode import wire
 from .config import Config
 from .ingest import RateLimitedLog
 from .metrics import Metrics
+from .mqttio import BufferedClient
 from .store import Row, Store
 
 log = logging.getLogger("citynode.gateway.forward")
@@ -147,8 +148,8 @@ class Forwarder:
 
     def _make_client(self) -> mqtt.Client:
         up = self.up
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=up.client_id,
-                             protocol=mqtt.MQTTv5)
+        client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=up.client_id,
+                                protocol=mqtt.MQTTv5)
         if up.tls:
             try:
                 client.tls_set(ca_certs=str(up.ca_file) if up.ca_file else None,
@@ -196,7 +197,7 @@ class Forwarder:
                 if self._connecting_since is None:
                     self._next_attempt = time.monotonic() + self._backoff()
                     continue
-            rc = self.client.loop(timeout=0.01)
+            rc = self.client.poll(0.01)
             if rc != mqtt.MQTT_ERR_SUCCESS and (self.connected or self._connecting_since):
                 self._lost(f"network loop: {mqtt.error_string(rc)}")
             elif (self._connecting_since is not None
@@ -349,6 +350,12 @@ class Forwarder:
             self._tokens -= sent
 
     def _publish(self, rows: list[Row], historical: bool) -> int:
+        with self.client.corked():  # one write for the batch
+            sent = self._publish_rows(rows, historical)
+        self.metrics.set("inflight", len(self._inflight))
+        return sent
+
+    def _publish_rows(self, rows: list[Row], historical: bool) -> int:
         sent = 0
         flag = "1" if historical else "0"
         head = user_property("gateway", self.config.gateway_id)
@@ -366,7 +373,6 @@ class Forwarder:
             self._inflight.add(row.id)
             self.held.add(row.id)
             sent += 1
-        self.metrics.set("inflight", len(self._inflight))
         return sent
 
     def _flush_deletes(self, force: bool = False) -> None:
@@ -384,15 +390,15 @@ class Forwarder:
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self._drain_timeout
         while self.connected and self._inflight and time.monotonic() < deadline:
-            self.client.loop(timeout=0.05)
+            self.client.poll(0.05)
         self._flush_deletes(force=True)
         if self.connected:
             info = self.client.publish(self.status_topic, self._status("offline"), qos=1,
                                        retain=True)
             end = time.monotonic() + 1.0
             while not info.is_published() and time.monotonic() < end and self.connected:
-                self.client.loop(timeout=0.05)
+                self.client.poll(0.05)
             self.client.disconnect()
-            self.client.loop(timeout=0.05)
+            self.client.poll(0.05)
         self.connected = False
         self.metrics.set("uplink_up", 0)

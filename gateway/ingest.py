@@ -24,6 +24,7 @@ from citynode.registry import Registry, RegistryError
 
 from .config import Config
 from .metrics import Metrics
+from .mqttio import BufferedClient
 from .store import DROPPED, DUPLICATE, REPLAYED, STORED, Incoming, Store
 
 log = logging.getLogger("citynode.gateway.ingest")
@@ -130,9 +131,9 @@ class Ingest:
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
                                         daemon=True)
         local = config.local
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=local.client_id,
-                                  protocol=mqtt.MQTTv311, clean_session=False,
-                                  manual_ack=True)
+        self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=local.client_id,
+                                     protocol=mqtt.MQTTv311, clean_session=False,
+                                     manual_ack=True)
         if local.username:
             password = (local.password_file.read_text().strip()
                         if local.password_file else None)

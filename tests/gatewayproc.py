@@ -141,6 +141,7 @@ class Collector:
 
     def __init__(self, broker: Mosquitto, topic: str = f"{PREFIX}/#"):
         self.messages: list[tuple[str, bytes, dict[str, str], bool]] = []
+        self.up_count = 0  # envelopes received: cheap to poll (envelopes() copies)
         self.lock = threading.Lock()
         self.topic = topic
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{id(self)}",
@@ -162,6 +163,8 @@ class Collector:
         props = dict(getattr(message.properties, "UserProperty", []) or [])
         with self.lock:
             self.messages.append((message.topic, message.payload, props, message.retain))
+            if "/up/" in message.topic:
+                self.up_count += 1
 
     def envelopes(self) -> list[tuple[str, bytes, dict[str, str]]]:
         with self.lock:
