@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"four_parallel_le_1_5x_one": four_s <= 1.5 * one_s,
                     "reprovision_le_5_s": again_s <= 5.0},
         "setup": "emulated esp32-devkitc boards (citynode-emu), esptool over rfc2217, "
-                 "firmware deployed as .mpy",
+                 "firmware deployed as a ROMFS image (.mpy run in place)",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
