@@ -1,4 +1,5 @@
-"""ROM download mode of the emulated board, driven only by unmodified esptool."""
+"""ROM download mode of the emulated board, driven only by unmodified esptool (its CLI,
+as a technician types it, and its Python API, as provisioning uses it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import re
 import subprocess
 import time
 
+import pytest
 import serial
+from esptool.cmds import detect_chip, erase_flash, read_flash, reset_chip, run_stub, verify_flash
+from esptool.util import FatalError
 
 from tests.emu import VENV_BIN, esptool, mpremote, start_emulator, wait_for
 
@@ -46,23 +50,23 @@ def test_flash_verify_erase_cycle(tmp_path):
         subprocess.run([str(VENV_BIN / "citynode-emu"), "image", "--board", "esp32-devkitc",
                         "-o", str(image)], check=True, capture_output=True)
         assert "Hash of data verified" in esptool(board.url, "write-flash", "0x1000", str(image))
-        assert "Verification successful" in esptool(board.url, "verify-flash", "0x1000",
-                                                    str(image))
-        back = tmp_path / "back.bin"
-        esptool(board.url, "read-flash", "0x1000", "0x1000", str(back))
-        assert back.read_bytes() == image.read_bytes()[:0x1000]
         assert "keep.txt" in wait_for(
             lambda: mpremote(board.link, "exec", "import os; print(os.listdir())", check=False),
             timeout=20, what="MicroPython after flashing")
 
-        # a different image fails verification
-        other = tmp_path / "other.bin"
-        other.write_bytes(image.read_bytes()[:-64] + bytes(64))
-        assert "Verification failed" in esptool(board.url, "verify-flash", "0x1000", str(other),
-                                                check=False)
+        # verify, read back, a wrong image, erase: one session through esptool's Python
+        # API (each CLI run pays ~10 s of pyserial RFC 2217 option handshakes and stub upload)
+        other = image.read_bytes()[:-64] + bytes(64)
+        esp = run_stub(detect_chip(board.url, connect_attempts=3))
+        verify_flash(esp, [(0x1000, image.read_bytes())])
+        assert read_flash(esp, 0x1000, 0x1000) == image.read_bytes()[:0x1000]
+        with pytest.raises(FatalError, match="Verification failed"):
+            verify_flash(esp, [(0x1000, other)])
+        erase_flash(esp)
+        reset_chip(esp, "hard-reset")
+        esp._port.close()
 
-        # erase: the ROM's boot error loop, no MicroPython, no files
-        esptool(board.url, "erase-flash")
+        # erased: the ROM's boot error loop, no MicroPython, no files
         seen = _read_serial(board.link, 2.5)
         assert b"invalid header: 0xffffffff" in seen
         assert b"MicroPython" not in seen
