@@ -11,13 +11,12 @@ import json
 import logging
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from citynode.registry import RegistryError
 
 from .config import Config, ConfigError, load_config
 from .forward import ForwardError
+from .scrape import fetch_health
 from .store import StoreError
 
 EXIT_UNHEALTHY, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
@@ -65,27 +64,18 @@ def run(config: Config) -> int:
     return gateway.run()
 
 
-def fetch_health(config: Config, timeout: float = 2.0) -> dict | None:
+def live_health(config: Config) -> dict | None:
+    """/health of the gateway this config describes, if it is running."""
     if not config.metrics_address:
         return None
     host, port = config.metrics_address
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:  # 503 still carries the JSON
-        try:
-            return json.loads(exc.read())
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
+    return fetch_health(port, "127.0.0.1" if host in ("0.0.0.0", "") else host, timeout=2.0)
 
 
 def status(config: Config, as_json: bool = False) -> int:
     from .daemon import read_status
 
-    data, source = fetch_health(config), "live"
+    data, source = live_health(config), "live"
     if data is None:
         data, source = read_status(config.state_dir), "file"
     if data is None:
