@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.output import save
 from tests.mpy import DEVKITC_HEAP_KB, run_micropython
 
 SCRIPT = """
@@ -75,11 +76,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write <out>/firmware_crypto.json")
     args = parser.parse_args()
     result = run()
-    text = json.dumps(result, indent=2, sort_keys=True)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "firmware_crypto.json").write_text(text + "\n")
+    save(result, args.out, "firmware_crypto")
 
 
 if __name__ == "__main__":

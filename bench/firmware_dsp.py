@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.output import save
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -112,11 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(run_micropython(code, heap_kb=DEVKITC_HEAP_KB, timeout=600)
                         .strip().splitlines()[-1])
     result["heap_kb"] = DEVKITC_HEAP_KB
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "firmware_dsp.json").write_text(text + "\n")
+    save(result, args.out, "firmware_dsp")
     return result
 
 

@@ -23,7 +23,6 @@ One run, this machine, real Mosquitto brokers (tests/brokers.py), one load gener
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -35,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.output import save
 from citynode import wire
 from tests.brokers import Mosquitto
 from tests.gatewayproc import GATEWAY_ID, PREFIX, Collector, GatewayProcess
@@ -379,13 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             kill9_gateway(tmp, sets["kill"], args.kill_messages, devices), 4)
         results["mosquitto_bridge_kill9_survived_fraction"] = round(
             kill9_bridge(tmp, sets["kill"], args.kill_messages), 4)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "gateway.json"
-    tmp_file = target.with_suffix(".json.tmp")
-    tmp_file.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_file, target)
-    print(json.dumps({k: v for k, v in results.items() if k != "rss_mb_samples"}, indent=2))
+    save(results, args.out, "gateway", hide=("rss_mb_samples",))
     return 0
 
 

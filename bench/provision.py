@@ -14,11 +14,11 @@ client costs ~0.2 s per ROM command, which dominates the flash step here.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from bench.output import save
 from tests.emu import start_emulator
 from tests.provision_util import cli, firmware_tree, make_image, password_file, provision_args
 
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": "emulated esp32-devkitc boards (citynode-emu), esptool over rfc2217, "
                  "firmware deployed as a ROMFS image (.mpy run in place)",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "provision.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    save(results, args.out, "provision")
     return 0
 
 
