@@ -132,10 +132,9 @@ class Listener(Subscriber):
             return [b for _, b in self.arrivals if kind is None or b.kind == kind]
 
     def wait(self, count: int, timeout: float, kind: int | None = None) -> list[wire.Payload]:
-        found = wait_for(lambda: len(self.bodies(kind)) >= count and self.bodies(kind),
-                         timeout=timeout, interval=0.1,
-                         what=f"{count} envelope(s) of kind {kind} from {self.bench.device}")
-        return found
+        return wait_for(lambda: got if len(got := self.bodies(kind)) >= count else None,
+                        timeout=timeout, interval=0.1,
+                        what=f"{count} envelope(s) of kind {kind} from {self.bench.device}")
 
     def __enter__(self) -> Listener:
         return self
