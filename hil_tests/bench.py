@@ -127,9 +127,13 @@ class Listener(Subscriber):
             self.arrivals.append((time.time(), body))
             self.messages.append((msg.topic, bytes(msg.payload)))
 
-    def bodies(self, kind: int | None = None) -> list[wire.Payload]:
+    def timed(self, kind: int | None = None) -> list[tuple[float, wire.Payload]]:
+        """(host arrival time, body) of each verified envelope, optionally of one kind."""
         with self._lock:
-            return [b for _, b in self.arrivals if kind is None or b.kind == kind]
+            return [(at, b) for at, b in self.arrivals if kind is None or b.kind == kind]
+
+    def bodies(self, kind: int | None = None) -> list[wire.Payload]:
+        return [b for _, b in self.timed(kind)]
 
     def wait(self, count: int, timeout: float, kind: int | None = None) -> list[wire.Payload]:
         return wait_for(lambda: got if len(got := self.bodies(kind)) >= count else None,
