@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
+from citynode.emulator.vm import WORD_SCALE
+
+from bench import firmware_crypto, firmware_dsp
 from bench.output import save
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from citynode.emulator.vm import WORD_SCALE  # noqa: E402
-
-from bench import firmware_crypto, firmware_dsp  # noqa: E402
-from tests.brokers import Mosquitto  # noqa: E402
-from tests.emu import mpremote, start_node  # noqa: E402
+from citynode.mosquitto import Mosquitto
+from citynode.testing.emulator import mpremote, start_node
 
 CYCLE = """
 import asyncio, gc, json, time

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from bench.output import save
-from tests.mpy import DEVKITC_HEAP_KB, run_micropython
+from citynode.testing.micropython import DEVKITC_HEAP_KB, run_micropython
 
 SCRIPT = """
 import gc, json, time

@@ -14,15 +14,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import sys
 from pathlib import Path
 
 from bench.output import save
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.mpy import DEVKITC_HEAP_KB, FIRMWARE, run_micropython  # noqa: E402
+from citynode.testing.micropython import DEVKITC_HEAP_KB, FIRMWARE, run_micropython
 
 BENCH = r"""
 import gc, math, sys, time, json

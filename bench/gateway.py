@@ -1,6 +1,6 @@
 """Gateway benchmark: `python -m bench.gateway --out bench/results [--backlog 200000]`.
 
-One run, this machine, real Mosquitto brokers (tests/brokers.py), one load generator
+One run, this machine, real Mosquitto brokers (citynode.mosquitto), one load generator
 (a separate process publishing pre-signed envelopes at QoS 1), one upstream collector:
 
 - es256_verify_per_s     the raw ES256 verify rate of `cryptography`
@@ -36,9 +36,9 @@ from pathlib import Path
 
 from bench.output import save
 from citynode import wire
-from tests.brokers import Mosquitto
-from tests.gatewayproc import GATEWAY_ID, PREFIX, Collector, GatewayProcess
-from tests.keys import TestDevice, seq_of
+from citynode.mosquitto import Mosquitto
+from citynode.testing.gateway import GATEWAY_ID, PREFIX, Collector, GatewayProcess
+from citynode.testing.keys import TestDevice, seq_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def publisher_main(port: int, path: str, inflight: int = 100) -> None:
     client.loop_start()
     window: list = []  # paho's message ids wrap at 65535: keep fewer outstanding
     for device, data in read_envelopes(Path(path)):
-        window.append(client.publish(f"citynode/up/{device}", data, qos=1))
+        window.append(client.publish(wire.up_topic(device), data, qos=1))
         if len(window) >= 20000:
             for info in window[:10000]:
                 info.wait_for_publish(600)
@@ -97,7 +97,7 @@ def relay_main(local_port: int, upstream_port: int, inflight: int = 32) -> None:
                    properties=props)
 
     down = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bare-relay-down")
-    down.on_connect = lambda c, u, f, rc, p: c.subscribe("citynode/up/+", qos=1)
+    down.on_connect = lambda c, u, f, rc, p: c.subscribe(wire.UP_PREFIX + "+", qos=1)
     down.on_message = on_message
     down.connect("127.0.0.1", local_port)
     down.loop_forever()

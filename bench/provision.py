@@ -19,8 +19,14 @@ import time
 from pathlib import Path
 
 from bench.output import save
-from tests.emu import start_emulator
-from tests.provision_util import cli, firmware_tree, make_image, password_file, provision_args
+from citynode.testing.emulator import start_emulator
+from citynode.testing.provisioning import (
+    cli,
+    firmware_tree,
+    make_image,
+    password_file,
+    provision_args,
+)
 
 
 def _timed(args: list[str]) -> tuple[float, dict]:

@@ -7,17 +7,21 @@ the catalogue never surfaces later as a mysterious flashing or wiring fault.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CATALOGUE = Path(__file__).resolve().parent.parent / "boards.yaml"
+from citynode.parts import PARTS
+
+# boards.yaml at the top of the repository, shipped in the package (citynode/boards.yaml
+# links to it), so an installed wheel reads the same catalogue as a checkout.
+CATALOGUE = Path(str(resources.files("citynode") / "boards.yaml"))
 
 CHIPS = ("esp32", "esp32s2", "esp32s3", "esp32c3", "esp32c6", "esp32h2")
 RESET_CIRCUITS = ("devkitc", "usb-serial-jtag")
 REQUIRED_PINS = ("i2c_sda", "i2c_scl", "uart_tx", "uart_rx", "i2s_sck", "i2s_ws", "i2s_sd")
-SENSOR_BUSES = {"bh1750": "i2c", "bme280": "i2c", "pms5003": "uart", "mic": "i2s"}
 
 
 class BoardCatalogueError(ValueError):
@@ -102,14 +106,14 @@ def _validate_sensors(board: str, sensors: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(sensors, dict):
         raise _fail(board, "sensors", "expected a mapping", "write e.g. sensors: {bh1750: {...}}")
     for name, spec in sensors.items():
-        if name not in SENSOR_BUSES:
+        if name not in PARTS:
             raise _fail(board, f"sensors.{name}", "unknown sensor",
-                        f"use one of: {', '.join(SENSOR_BUSES)}")
-        if not isinstance(spec, dict) or spec.get("bus") != SENSOR_BUSES[name]:
-            bus = SENSOR_BUSES[name]
+                        f"use one of: {', '.join(PARTS)} (citynode/parts.py)")
+        bus = PARTS[name].bus
+        if not isinstance(spec, dict) or spec.get("bus") != bus:
             raise _fail(board, f"sensors.{name}.bus", f"{name} sits on the {bus} bus",
                         f"write bus: {bus}")
-        if SENSOR_BUSES[name] == "i2c" and not isinstance(spec.get("address"), int):
+        if bus == "i2c" and not isinstance(spec.get("address"), int):
             raise _fail(board, f"sensors.{name}.address", "missing I2C address",
                         "write the 7-bit address, e.g. 0x23")
     return dict(sensors)
@@ -149,8 +153,11 @@ def load_catalogue(path: Path = CATALOGUE) -> dict[str, Board]:
     try:
         text = path.read_text()
     except OSError as exc:
+        fix = ("reinstall citynode (the catalogue ships inside the package)" if path == CATALOGUE
+               else "check the path, or leave the option out to use the catalogue shipped "
+                    "with citynode")
         raise BoardCatalogueError(
-            f"cannot read the board catalogue {path}: {exc.strerror}") from exc
+            f"cannot read the board catalogue {path}: {exc.strerror}; {fix}") from exc
     return parse_catalogue(text)
 
 

@@ -14,7 +14,6 @@
 terminal reaches only the program that started it (the demo stops its brokers itself).
 The conftest fixtures `local_broker` and `upstream_broker` start one each, stopped
 after the test. The binary is /usr/sbin/mosquitto, or $CITYNODE_MOSQUITTO.
-tests/brokers.py re-exports this module for the tests and benchmarks.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-DEVICE_ID = re.compile(r"^cn-[0-9a-f]{12}$")
+from citynode import wire
+
+DEVICE_ID = re.compile(r"^cn-[0-9a-f]{12}$")  # wire.device_id(mac)
 ALGS = ("ES256", "HMAC256")
 STATUSES = ("active", "revoked")
 FIELDS = ("device_id", "alg", "public_key_pem", "key_ref", "board", "site", "pole", "lat", "lon",
@@ -176,6 +178,22 @@ class Registry:
         self._credentials[record.device_id] = cred
         return cred
 
+    def key_for(self, kid: str, alg: str) -> ec.EllipticCurvePublicKey | bytes:
+        """The key that verifies `kid`'s envelopes (wire.KeyLookup): EnvelopeError if none."""
+        record = self.records.get(kid)
+        if record is None:
+            raise wire.EnvelopeError("unknown_device", f"{kid!r} is not in the fleet registry")
+        if not record.active:
+            raise wire.EnvelopeError("revoked", f"{kid} is revoked")
+        if record.alg != alg:
+            raise wire.EnvelopeError("bad_signature", f"{kid} is registered for {record.alg}, "
+                                     f"the envelope uses {alg}")
+        try:
+            credential = self.credential(record)
+        except RegistryError as exc:
+            raise wire.EnvelopeError("key_unavailable", str(exc)) from None
+        return credential.public_key or credential.secret or b""
+
 
 def read_secret(directory: Path, record: DeviceRecord) -> bytes:
     ref = Path(record.key_ref or "")
@@ -216,6 +234,14 @@ def load_registry(directory: str | Path, strict: bool = False) -> Registry:
             continue
         records[record.device_id] = record
     return Registry(directory, records, errors)
+
+
+def load_device(directory: str | Path, device_id: str) -> Registry:
+    """A registry of one device's record, for checking that device's envelopes outside the
+    gateway; RegistryError when its record is missing or unusable."""
+    directory = Path(directory)
+    record = load_record(directory / f"{device_id}.json")
+    return Registry(directory, {device_id: record}, [])
 
 
 def write_record(directory: str | Path, record: DeviceRecord) -> Path:

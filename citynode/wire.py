@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,41 @@ KIND_READINGS, KIND_EVENT, KIND_STATUS, KIND_SELFTEST = 0, 1, 2, 3
 K_DEVICE, K_SEQ, K_BOOT, K_TIME, K_UPTIME, K_KIND, K_RECORDS = 1, 2, 3, 4, 5, 6, 7
 K_COMMAND, K_ARGS = 10, 11
 OPERATOR_KID = "operator"
+
+UP_PREFIX = "citynode/up/"      # node -> pole broker
+DOWN_PREFIX = "citynode/down/"  # pole broker -> node
+
+# Why an envelope or a command is refused: the words the gateway counts by and the
+# node reports (firmware/node/commands.py), the same on both sides (tests/vectors).
+REASONS = (
+    "oversized",        # longer than the limit
+    "malformed",        # not the structure of docs/wire-format.md
+    "unknown_device",   # the kid is not in the registry
+    "revoked",          # the registry marks the device revoked
+    "key_unavailable",  # the device's key cannot be read
+    "bad_signature",    # not signed by the expected signer with the expected algorithm
+    "wrong_device",     # a command for another device than the one it was sent to
+    "duplicate",        # this (device, seq) was already received
+    "replayed",         # seq at or below what was already accepted
+    "internal_error",   # a bug of ours; counted so that it shows
+    "no_operator_key",  # the node has no operator key to check a command with
+    "unknown_command",  # a command the node does not carry out
+    "bad_args",         # a command's arguments do not fit it
+)
+
+
+def device_id(mac: str | bytes) -> str:
+    """The device id of a node: cn- and its base MAC as 12 lowercase hex digits."""
+    text = mac.hex() if isinstance(mac, bytes) else mac.replace(":", "").lower()
+    return "cn-" + text
+
+
+def up_topic(device: str) -> str:
+    return UP_PREFIX + device
+
+
+def down_topic(device: str) -> str:
+    return DOWN_PREFIX + device
 
 
 class EnvelopeError(ValueError):
@@ -187,6 +223,91 @@ def _uint(body: dict, key: int) -> int:
     if not _is_uint(value):
         raise EnvelopeError("malformed", f"payload key {key} must be an unsigned integer")
     return value
+
+
+# --- opening: decode, find the signer's key, verify, decode the payload ----------
+
+# The key that verifies signer `kid`'s envelopes made with "ES256" or "HMAC256": an EC
+# public key or an HMAC secret (registry.Registry.key_for). EnvelopeError when there is
+# none: unknown_device, revoked, key_unavailable, bad_signature (another algorithm).
+KeyLookup = Callable[[str, str], "ec.EllipticCurvePublicKey | bytes"]
+
+
+def verify(envelope: Envelope, key: ec.EllipticCurvePublicKey | bytes) -> None:
+    if envelope.is_hmac:
+        if not isinstance(key, bytes):
+            raise EnvelopeError("bad_signature", f"{envelope.kid} has no HMAC secret")
+        verify_hmac(envelope, key)
+    else:
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise EnvelopeError("bad_signature", f"{envelope.kid} has no ES256 public key")
+        verify_es256(envelope, key)
+
+
+def open_envelope(data: bytes, key_for: KeyLookup,
+                  max_bytes: int = MAX_ENVELOPE_BYTES) -> Payload:
+    """A node's envelope, verified with its signer's key; EnvelopeError says why not."""
+    envelope = decode_envelope(data, max_bytes)
+    verify(envelope, key_for(envelope.kid, "HMAC256" if envelope.is_hmac else "ES256"))
+    return decode_payload(envelope)
+
+
+@dataclass(frozen=True)
+class Command:
+    device: str
+    seq: int
+    time: int
+    name: str
+    args: dict
+
+
+def open_command(data: bytes, operator_key: ec.EllipticCurvePublicKey,
+                 device: str | None = None) -> Command:
+    """An operator's downlink command, verified; `device` is the one it must be for."""
+    envelope = decode_envelope(data)
+    if envelope.is_hmac:
+        raise EnvelopeError("malformed", "a command is a COSE_Sign1, not a COSE_Mac0")
+    if envelope.kid != OPERATOR_KID:
+        raise EnvelopeError("bad_signature", "not signed with the operator key")
+    verify_es256(envelope, operator_key)
+    try:
+        body = _loads_exact(envelope.payload)
+    except Exception:
+        raise EnvelopeError("malformed", "command payload is not CBOR") from None
+    if not isinstance(body, dict):
+        raise EnvelopeError("malformed", "command payload must be a map")
+    target = body.get(K_DEVICE)
+    if device is not None and target != device:
+        raise EnvelopeError("wrong_device", f"command is for {target!r}, not {device}")
+    name, args = body.get(K_COMMAND), body.get(K_ARGS, {})
+    if not isinstance(target, str) or not _is_uint(body.get(K_SEQ)) or not isinstance(name, str):
+        raise EnvelopeError("malformed", "command needs device, seq and command name")
+    if not isinstance(args, dict):
+        raise EnvelopeError("malformed", "command args must be a map")
+    return Command(target, body[K_SEQ], body.get(K_TIME, 0), name, args)
+
+
+# --- gap records: what the gateway lost, published beside the envelopes ----------
+
+def gap_record(device: str, reason: str, seqs: list[int], received_at: list[float]) -> dict:
+    """The JSON object a gateway publishes for envelopes it had to drop (docs/wire-format.md):
+    `seqs` of the dropped envelopes whose sequence number is known, `received_at` of all."""
+    return {"type": "gap", "device": device, "reason": reason, "count": len(received_at),
+            "first_seq": min(seqs, default=None), "last_seq": max(seqs, default=None),
+            "first_received_at": min(received_at), "last_received_at": max(received_at)}
+
+
+def merge_gap_records(old: dict, new: dict) -> dict:
+    """One record for two runs of drops of the same device and reason."""
+    def pick(f: Callable, a: int | None, b: int | None) -> int | None:
+        values = [v for v in (a, b) if v is not None]
+        return f(values) if values else None
+
+    return {**old, "count": old["count"] + new["count"],
+            "first_seq": pick(min, old.get("first_seq"), new["first_seq"]),
+            "last_seq": pick(max, old.get("last_seq"), new["last_seq"]),
+            "first_received_at": min(old["first_received_at"], new["first_received_at"]),
+            "last_received_at": max(old["last_received_at"], new["last_received_at"])}
 
 
 # --- signing: for the operator's downlink commands and for tests ---------------

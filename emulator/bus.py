@@ -1,7 +1,7 @@
-"""The host end of the board's wires (board/emu_link.py speaks the other end).
+"""The host end of the board's wires (board_side/emu_link.py speaks the other end).
 
 Frames: request <B op><B sub><H len> payload; response <b status><H len> data,
-status 0 or -errno. The op numbers are the same in board/emu_link.py.
+status 0 or -errno. The op numbers are the same in board_side/emu_link.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The simulated parts on an emulated board's buses, and the wires between them.
 
 The board core's bus handler calls one method per bus transaction (emulator/bus.py
-frames, board side in board/emu_machine.py). This module routes each call to the
+frames, board side in board_side/emu_machine.py). This module routes each call to the
 part at that address, UART or I2S port, as the pole is wired in boards.yaml, and
 does what the silicon between them would do: NACK where nothing answers, the UART
 driver's RX ring buffer filled at the line's pace, the I2S DMA buffer that drops
@@ -38,11 +38,11 @@ from .scenario import Scenario
 log = logging.getLogger(__name__)
 
 SENSORS = ("bh1750", "bme280", "pms5003", "mic")
-I2S_RX, I2S_TX = 0, 1            # board/emu_machine.py I2S.RX / I2S.TX
+I2S_RX, I2S_TX = 0, 1            # board_side/emu_machine.py I2S.RX / I2S.TX
 I2S_STEREO = 1
 SUPPLY_ADC_PIN = 35
 SUPPLY_DIVIDER = 0.5
-ADC_FULL_SCALE_V = 3.3           # what board/emu_machine.py's read_uv assumes at 65535
+ADC_FULL_SCALE_V = 3.3           # what board_side/emu_machine.py's read_uv assumes at 65535
 I2S_TICK = 0.003                 # how often the DMA pump wakes (in flight lasts 21+ ms)
 I2S_SNDBUF = 4096                # keep the kernel's share of the DMA ring small
 I2S_IN_FLIGHT = 4096             # ring bytes handed to the socket ahead of the board's reads

@@ -14,9 +14,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
-BOARD_DIR = Path(__file__).resolve().parent / "board"
+# The board side: MicroPython modules the VM imports in front of its built-ins.
+BOARD_DIR = Path(str(resources.files(__package__) / "board_side"))
 EXIT_SOFT, EXIT_SOFT_RAW = 80, 81
 # The heap the firmware gets is the board's heap in the chip's terms. MicroPython
 # counts objects in machine words and its GC block is four words: 16 bytes on the

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-import cbor2
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -307,17 +306,8 @@ class Forwarder:
         self.metrics.inc("downlink_total", result="relayed" if ok else "local_down")
 
     def _check_command(self, device: str, data: bytes) -> None:
-        envelope = wire.decode_envelope(data)
-        if envelope.is_hmac or envelope.kid != wire.OPERATOR_KID:
-            raise wire.EnvelopeError("bad_signature", "not signed with the operator key")
         assert self.operator_key is not None
-        wire.verify_es256(envelope, self.operator_key)
-        try:
-            body = cbor2.loads(envelope.payload)
-        except Exception:
-            raise wire.EnvelopeError("malformed", "command payload is not CBOR") from None
-        if not isinstance(body, dict) or body.get(wire.K_DEVICE) != device:
-            raise wire.EnvelopeError("malformed", "command names another device than its topic")
+        wire.open_command(data, self.operator_key, device)
 
     # --- dispatch ---------------------------------------------------------------------------
 

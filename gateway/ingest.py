@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citynode import wire
-from citynode.registry import Registry, RegistryError
+from citynode.registry import Registry
 
 from .config import Config
 from .metrics import Metrics
@@ -28,16 +28,6 @@ from .mqttio import BufferedClient
 from .store import DROPPED, DUPLICATE, REPLAYED, STORED, Incoming, Store
 
 log = logging.getLogger("citynode.gateway.ingest")
-
-UP_TOPIC = "citynode/up/"
-DOWN_TOPIC = "citynode/down/"
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
 
 class RateLimitedLog:
     """One log line per key per interval; the next line says how many were suppressed."""
@@ -61,42 +51,17 @@ class RateLimitedLog:
 
 
 class Verifier:
-    """Decode and verify one envelope against the registry; raise Rejected with a reason."""
+    """Open one envelope against the registry; raise wire.EnvelopeError with a reason."""
 
     def __init__(self, registry: Callable[[], Registry], max_bytes: int = wire.MAX_ENVELOPE_BYTES):
         self.registry = registry
         self.max_bytes = max_bytes
 
     def check(self, topic: str, data: bytes, received_at: float) -> Incoming:
-        try:
-            envelope = wire.decode_envelope(data, self.max_bytes)
-        except wire.EnvelopeError as exc:
-            raise Rejected(exc.reason, str(exc)) from None
-        registry = self.registry()
-        record = registry.get(envelope.kid)
-        if record is None:
-            raise Rejected("unknown_device", f"{envelope.kid!r} is not in the fleet registry")
-        if not record.active:
-            raise Rejected("revoked", f"{record.device_id} is revoked")
-        expected = "HMAC256" if envelope.is_hmac else "ES256"
-        if record.alg != expected:
-            raise Rejected("bad_signature", f"{record.device_id} is registered for {record.alg}, "
-                           f"the envelope uses {expected}")
-        try:
-            credential = registry.credential(record)
-        except RegistryError as exc:
-            raise Rejected("key_unavailable", str(exc)) from None
-        try:
-            if envelope.is_hmac:
-                wire.verify_hmac(envelope, credential.secret or b"")
-            else:
-                wire.verify_es256(envelope, credential.public_key)  # type: ignore[arg-type]
-            payload = wire.decode_payload(envelope)
-        except wire.EnvelopeError as exc:
-            raise Rejected(exc.reason, str(exc)) from None
-        if topic != UP_TOPIC + payload.device:
-            raise Rejected("malformed", f"{payload.device} published on {topic!r}, expected "
-                           f"{UP_TOPIC}{payload.device}")
+        payload = wire.open_envelope(data, self.registry().key_for, self.max_bytes)
+        if topic != wire.up_topic(payload.device):
+            raise wire.EnvelopeError("malformed", f"{payload.device} published on {topic!r}, "
+                                     f"expected {wire.up_topic(payload.device)}")
         return Incoming(payload.device, payload.seq, data, received_at,
                         event=payload.kind == wire.KIND_EVENT, node_time=payload.time)
 
@@ -157,7 +122,7 @@ class Ingest:
         self._generation += 1
         self.connected, self.down_since = True, None
         self.metrics.set("local_up", 1)
-        client.subscribe(UP_TOPIC + "+", qos=1)
+        client.subscribe(wire.UP_PREFIX + "+", qos=1)
         log.info("connected to the local broker %s:%d (session present: %s)",
                  self.config.local.host, self.config.local.port, flags.session_present)
 
@@ -183,7 +148,7 @@ class Ingest:
         """Verify one envelope; None (counted and logged) when it is rejected. Never raises."""
         try:
             item = self.verifier.check(topic, data, received_at)
-        except Rejected as exc:
+        except wire.EnvelopeError as exc:
             self.reject(exc.reason, str(exc))
             return None
         except Exception as exc:  # a decoder bug must not take the ingest down
@@ -264,7 +229,7 @@ class Ingest:
             self.commit(batch)
 
     def relay_down(self, device: str, data: bytes) -> bool:
-        info = self.client.publish(DOWN_TOPIC + device, data, qos=1)
+        info = self.client.publish(wire.down_topic(device), data, qos=1)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def stop(self) -> None:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from citynode import wire
+
 from .config import StoreLimits
 
 log = logging.getLogger("citynode.gateway.store")
@@ -334,18 +336,16 @@ class Store:
         for gap in gaps:
             groups.setdefault((gap.device, gap.reason), []).append(gap)
         for (device, reason), members in groups.items():
-            seqs = [g.seq for g in members if g.seq is not None]
-            times = [g.received_at for g in members]
-            record = {"type": "gap", "device": device, "reason": reason, "count": len(members),
-                      "first_seq": min(seqs, default=None), "last_seq": max(seqs, default=None),
-                      "first_received_at": min(times), "last_received_at": max(times)}
+            record = wire.gap_record(device, reason,
+                                     [g.seq for g in members if g.seq is not None],
+                                     [g.received_at for g in members])
             row = self.db.execute("SELECT id, size, data FROM messages WHERE prio = ? AND "
                                   "device = ? ORDER BY id DESC LIMIT 1",
                                   (PRIO_GAP, device)).fetchone()
             if row and row[0] not in self.protected:
                 old = json.loads(row[2])
                 if old.get("reason") == reason:
-                    record = _merge_gap(old, record)
+                    record = wire.merge_gap_records(old, record)
                     data = json.dumps(record, sort_keys=True).encode()
                     size = len(data) + ROW_OVERHEAD
                     self.db.execute("UPDATE messages SET data = ?, size = ? WHERE id = ?",
@@ -517,18 +517,6 @@ class Gap:
     seq: int | None
     received_at: float
     stored: bool = False
-
-
-def _merge_gap(old: dict, new: dict) -> dict:
-    def pick(f, a, b):
-        values = [v for v in (a, b) if v is not None]
-        return f(values) if values else None
-
-    return {**old, "count": old["count"] + new["count"],
-            "first_seq": pick(min, old.get("first_seq"), new["first_seq"]),
-            "last_seq": pick(max, old.get("last_seq"), new["last_seq"]),
-            "first_received_at": min(old["first_received_at"], new["first_received_at"]),
-            "last_received_at": max(old["last_received_at"], new["last_received_at"])}
 
 
 def _is_corruption(exc: Exception) -> bool:

@@ -18,8 +18,8 @@ import serial
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode import wire
-from tests.emu import BoardHandle, wait_for
-from tests.fwboard import Subscriber
+from citynode.testing.emulator import BoardHandle, wait_for
+from citynode.testing.firmware import Subscriber
 
 VENV_BIN = Path(sys.executable).parent
 APP_STARTED = "starting"     # the app's console line: "citynode: node X, firmware V, starting"
@@ -92,9 +92,7 @@ class Bench:
 
     def open(self, envelope: bytes) -> wire.Payload:
         """Decode and verify with the registry's key: what the gateway would accept."""
-        env = wire.decode_envelope(envelope)
-        wire.verify_es256(env, self.public_key)
-        return wire.decode_payload(env)
+        return wire.open_envelope(envelope, lambda kid, alg: self.public_key)
 
     # -- faults (emulated board only) -------------------------------------------------
     def fault(self, cmd: str, **args):
@@ -115,7 +113,7 @@ class Listener(Subscriber):
         self.bench = bench
         self.arrivals: list[tuple[float, wire.Payload]] = []
         self.invalid: list[str] = []      # an envelope the registry key does not verify
-        super().__init__(*bench.broker, topic=f"citynode/up/{bench.device}")
+        super().__init__(*bench.broker, topic=wire.up_topic(bench.device))
 
     def _on_message(self, client, userdata, msg) -> None:
         try:

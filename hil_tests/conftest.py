@@ -23,11 +23,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from citynode.mosquitto import Mosquitto
 from citynode.registry import load_registry
+from citynode.testing.emulator import start_emulator
+from citynode.testing.provisioning import cli, make_image, password_file
 from hil_tests.bench import Bench
-from tests.brokers import Mosquitto
-from tests.emu import start_emulator
-from tests.provision_util import cli, make_image, password_file
 
 WINDOW_S = 5
 

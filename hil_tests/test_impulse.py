@@ -7,8 +7,8 @@ import time
 import pytest
 
 from citynode import wire
+from citynode.testing.emulator import wait_for
 from hil_tests.bench import Bench, records
-from tests.emu import wait_for
 
 
 def test_an_impulse_arrives_within_two_seconds_with_its_time(node: Bench):

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from citynode.testing.emulator import wait_for
 from hil_tests.bench import APP_STARTED, Bench
-from tests.emu import wait_for
 
 WDT_RESET = 3     # machine.WDT_RESET on the ESP32 port
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from citynode import wire
 from citynode.boards import BoardCatalogueError, get_board
 
 from . import deploy, flash, fleet, keys, ports, provision, receipts, verify
@@ -252,7 +253,7 @@ def _plan_for(args: argparse.Namespace, board, probe: dict) -> deploy.Plan:
     fw = args.firmware_dir or deploy.firmware_dir()
     deploy.check_micropython(fw, probe)
     plan = deploy.build_plan(fw, probe, False if args.no_mpy else None)
-    device = f"cn-{probe['mac']}"
+    device = wire.device_id(probe["mac"])
     cfg = deploy.build_config(board, device, args.site, args.pole, args.lat, args.lon,
                               args.broker, args.wifi_ssid, window_s=args.window_s)
     plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
@@ -271,7 +272,7 @@ def cmd_deploy(args: argparse.Namespace, out: Output) -> int:
         plan = _plan_for(args, board, probe)
         result = deploy.apply(s, plan, ev)
         s.reset()
-    summary = {"ok": True, "port": port, "device": f"cn-{probe['mac']}",
+    summary = {"ok": True, "port": port, "device": wire.device_id(probe["mac"]),
                "written": result.written, "removed": result.removed,
                "unchanged": result.unchanged, "compiled_mpy": result.compiled,
                "files_sha256": result.firmware_hash}
@@ -290,7 +291,7 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> int:
     with Session(port, timeout=args.timeout) as s:
         probe = s.probe()
         cfg = probe.get("config") or {}
-        device = f"cn-{probe['mac']}"
+        device = wire.device_id(probe["mac"])
         if cfg.get("device") != device:
             raise UsageError(f"{port} has no node config for {device}",
                              "run deploy first (it writes /config.json)")
@@ -334,8 +335,9 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
 
     with Session(port, timeout=args.timeout) as s:
         probe = s.probe()
-        if f"cn-{probe.get('mac')}" != args.device:
-            raise UsageError(f"the board on {port} is cn-{probe.get('mac')}, not {args.device}",
+        found = wire.device_id(probe.get("mac", ""))
+        if found != args.device:
+            raise UsageError(f"the board on {port} is {found}, not {args.device}",
                              "connect the right board")
         key = keys.rotate_key(s)
         record = replace(old, alg="ES256", public_key_pem=key.pem, key_ref=None, status="active")

@@ -17,10 +17,12 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from citynode.boards import Board
+from citynode.parts import PARTS
 
 from .device import Session
 from .errors import DeviceError, ProvisionError, UsageError
@@ -37,12 +39,12 @@ ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp
 
 
 def firmware_dir() -> Path:
-    """firmware/ of this checkout or of the installed package data."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "firmware", here.parent / "firmware_data"):
-        if (candidate / "node").is_dir():
-            return candidate
-    raise UsageError("cannot find the firmware/ folder", "pass --firmware-dir")
+    """The node firmware shipped with citynode (firmware/ in a checkout)."""
+    candidate = Path(str(resources.files("citynode") / "firmware"))
+    if (candidate / "node").is_dir():
+        return candidate
+    raise UsageError(f"the firmware is missing from {candidate}",
+                     "reinstall citynode, or pass --firmware-dir")
 
 
 def min_micropython(fw: Path) -> tuple[int, ...]:
@@ -228,13 +230,13 @@ def build_config(board: Board, device: str, site: str, pole: str, lat: float, lo
     pins = board.pins
     sensors: dict[str, dict[str, Any]] = {}
     for name, spec in board.sensors.items():
+        interval = {"interval_s": PARTS[name].interval_s} if PARTS[name].interval_s else {}
         if spec["bus"] == "i2c":
             sensors[name] = {"sda": pins["i2c_sda"], "scl": pins["i2c_scl"],
-                             "address": spec["address"], "interval_s": 10}
+                             "address": spec["address"], **interval}
         elif spec["bus"] == "uart":
             sensors[name] = {"uart": spec.get("uart", 2), "tx": pins["uart_tx"],
-                             "rx": pins["uart_rx"], "baud": spec.get("baud", 9600),
-                             "interval_s": 30}
+                             "rx": pins["uart_rx"], "baud": spec.get("baud", 9600), **interval}
             if "pms_set" in pins:
                 sensors[name]["set"] = pins["pms_set"]
         elif spec["bus"] == "i2s":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from citynode import registry as reg
+from citynode import wire
 from citynode.boards import Board
 
 from . import deploy, flash, fleet, keys, labels, ports, receipts, verify
@@ -159,7 +160,7 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
             raise DeviceError(f"the board on {port} did not report its MAC "
                               f"({probe.get('mac_error')})", "re-flash MicroPython")
         result.mac = probe["mac"]
-        device = f"cn-{probe['mac']}"
+        device = wire.device_id(probe["mac"])
         result.device = device
         deploy.check_micropython(fw, probe)
         if need_flash:

@@ -63,9 +63,8 @@ def check(receipt: Receipt, registry_dir: Path) -> dict[str, Any]:
     """Verify the node's signature with the registry key; returns the signed claims."""
     try:
         envelope = wire.decode_envelope(bytes.fromhex(receipt.envelope))
-        record = reg.load_record(Path(registry_dir) / f"{envelope.kid}.json")
-        key = reg.Registry(Path(registry_dir), {}, []).credential(record).public_key
-        wire.verify_es256(envelope, key)
+        wire.verify(envelope, reg.load_device(registry_dir, envelope.kid).key_for(envelope.kid,
+                                                                                "ES256"))
         signed = json.loads(envelope.payload)
     except (ValueError, reg.RegistryError) as exc:
         raise VerifyError(f"the receipt does not verify ({exc})",

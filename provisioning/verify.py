@@ -36,6 +36,24 @@ class VerifyResult:
                 "key_fingerprint": self.fingerprint, "verified": True}
 
 
+def _verify_error(device: str, exc: ValueError) -> VerifyError:
+    """What a technician does about a self-test envelope that does not open."""
+    reason = getattr(exc, "reason", "malformed")
+    if reason == "key_unavailable":
+        return VerifyError(f"{device} is not usable in the registry ({exc})",
+                           "register it: citynode-provision keys --port PORT")
+    if reason == "revoked":
+        return VerifyError(f"{device} is revoked in the registry",
+                           "rotate its key (citynode-provision rotate) to bring it back")
+    if "registered for" in str(exc):
+        return VerifyError(f"{device} is registered for another algorithm than the self-test's "
+                           f"ES256 ({exc})", "verify HMAC devices through the gateway")
+    return VerifyError(f"the self-test envelope of {device} does not verify against the "
+                       f"registry key ({exc})",
+                       "the node's key differs from the registered one: re-run keys "
+                       "(--force-rekey if the board was replaced on purpose)")
+
+
 def selftest(session: Session) -> dict[str, Any]:
     session.fresh()
     return session.exec_json("import node.selftest\nnode.selftest.main()", timeout=60,
@@ -53,28 +71,16 @@ def check_report(report: dict[str, Any], registry_dir: Path,
     if device is not None and got != device:
         raise VerifyError(f"the node reports device {got}, expected {device}",
                           "re-run deploy: /config.json does not match this board")
-    path = Path(registry_dir) / f"{got}.json"
     try:
-        record = reg.load_record(path)
+        registry = reg.load_device(registry_dir, got)
     except reg.RegistryError as exc:
         raise VerifyError(f"{got} is not usable in the registry ({exc})",
                           "register it: citynode-provision keys --port PORT") from None
-    if not record.active:
-        raise VerifyError(f"{got} is revoked in the registry",
-                          "rotate its key (citynode-provision rotate) to bring it back")
-    if record.alg != "ES256":
-        raise VerifyError(f"{got} is registered as {record.alg}; the self-test is ES256-signed",
-                          "verify HMAC devices through the gateway")
-    key = reg.Registry(Path(registry_dir), {}, []).credential(record).public_key
     try:
-        envelope = wire.decode_envelope(bytes.fromhex(report.get("envelope", "")))
-        wire.verify_es256(envelope, key)
-        payload = wire.decode_payload(envelope)
-    except (ValueError, wire.EnvelopeError) as exc:
-        raise VerifyError(f"the self-test envelope of {got} does not verify against the "
-                          f"registry key ({exc})",
-                          "the node's key differs from the registered one: re-run keys "
-                          "(--force-rekey if the board was replaced on purpose)") from None
+        key = registry.key_for(got, "ES256")  # the self-test is always ES256-signed
+        payload = wire.open_envelope(bytes.fromhex(report.get("envelope", "")), registry.key_for)
+    except ValueError as exc:  # wire.EnvelopeError, or hex that is not hex
+        raise _verify_error(got, exc) from None
     if payload.device != got:
         raise VerifyError(f"the envelope names {payload.device}, not {got}", "re-run deploy")
     public = key.public_bytes(serialization.Encoding.X962,

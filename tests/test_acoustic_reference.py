@@ -19,7 +19,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.mpy import FIRMWARE, run_micropython
+from citynode.testing.micropython import FIRMWARE, run_micropython
 
 THIRD_OCTAVES = [31.5, 40, 50, 63, 80, 100, 125, 160, 200, 250, 315, 400, 500, 630, 800, 1000,
                  1250, 1600, 2000, 2500, 3150, 4000, 5000, 6300, 8000, 10000, 12500]

@@ -6,7 +6,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.emu import mpremote, start_emulator, wait_for
+from citynode.testing.emulator import mpremote, start_emulator, wait_for
 
 
 def _echo(conn: socket.socket) -> None:

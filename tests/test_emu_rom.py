@@ -12,7 +12,7 @@ import serial
 from esptool.cmds import detect_chip, erase_flash, read_flash, reset_chip, run_stub, verify_flash
 from esptool.util import FatalError
 
-from tests.emu import VENV_BIN, esptool, mpremote, start_emulator, wait_for
+from citynode.testing.emulator import VENV_BIN, esptool, mpremote, start_emulator, wait_for
 
 
 def _read_serial(link: str, seconds: float) -> bytes:

@@ -22,7 +22,7 @@ from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Event, Scenario
 
 from citynode.boards import get_board
-from tests.emu import mpremote, start_emulator, wait_for
+from citynode.testing.emulator import mpremote, start_emulator, wait_for
 
 PINNED = {"lux": 1234.0, "temperature": 22.5, "pressure": 100_512.0, "humidity": 41.5,
           "pm25": 17.0, "pm1": 11.0, "pm10": 26.0, "noise_dba": 35.0}

@@ -7,7 +7,7 @@ import time
 import pytest
 import serial
 
-from tests.emu import mpremote, wait_for
+from citynode.testing.emulator import mpremote, wait_for
 
 
 @pytest.mark.parametrize("via", ["pty", "rfc2217"])

@@ -8,7 +8,7 @@ test can pin the scenario's values and inject faults; unplug/plug/corrupt/status
 through the board's control channel, as `citynode-emu ctl` does.
 
 One test (`test_drivers_on_a_citynode_emu_board`) starts the board through the
-`citynode-emu run --scenario` command instead (tests/emu.py), and compares the
+`citynode-emu run --scenario` command instead (citynode.testing.emulator), and compares the
 drivers' readings with the scenario values that `status` reports.
 """
 
@@ -25,7 +25,13 @@ from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Scenario
 
 from citynode.boards import get_board
-from tests.emu import BoardHandle, install_firmware, mpremote, start_emulator, wait_for
+from citynode.testing.emulator import (
+    BoardHandle,
+    install_firmware,
+    mpremote,
+    start_emulator,
+    wait_for,
+)
 
 BOARD = get_board("esp32-devkitc")
 PINS = BOARD.pins
@@ -614,7 +620,7 @@ def test_bme280_integer_compensation_against_the_datasheet_floating_point(tmp_pa
 
     from citynode.emulator.devices import bme280 as emu_bme
 
-    from tests.mpy import run_micropython
+    from citynode.testing.micropython import run_micropython
 
     trims = [
         # the datasheet's example T/P trim; H from a production part
@@ -702,7 +708,7 @@ def _float_compensation(c: dict, adc_t: int, adc_p: int, adc_h: int) -> tuple:
 def test_pms5003_parser_resync_on_the_unix_port() -> None:
     """Frame parsing from a byte stream cut at every possible place: garbage, stray
     headers, command answers, a bad checksum, a frame split over reads (unix port)."""
-    from tests.mpy import run_micropython
+    from citynode.testing.micropython import run_micropython
 
     def frame(words, bad=False):
         body = bytes((0x42, 0x4D, 0, 28)) + b"".join(w.to_bytes(2, "big") for w in words)
@@ -750,7 +756,7 @@ print(json.dumps(out))
 
 def test_drivers_import_and_footprint_on_the_unix_port() -> None:
     """Each driver imports with a small heap cost, and the shared errors are OSErrors."""
-    from tests.mpy import run_micropython
+    from citynode.testing.micropython import run_micropython
 
     out = run_micropython("""
 import gc, json
@@ -824,7 +830,7 @@ def test_read_paths_allocate_nothing_on_the_unix_port() -> None:
     (micropython.heap_lock: any allocation raises MemoryError). The emulated board's
     `machine` allocates per bus call, so the bus here is a minimal non-allocating
     stand-in; BME280 compensation needs ints above 31 bits and is not in this check."""
-    from tests.mpy import run_micropython
+    from citynode.testing.micropython import run_micropython
 
     got, frames, acks, garbage, count = json.loads(
         run_micropython(HEAP_LOCKED).strip().splitlines()[-1])

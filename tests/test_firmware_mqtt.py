@@ -15,16 +15,16 @@ import time
 
 import pytest
 
-from tests.brokers import Mosquitto
-from tests.emu import install_firmware, mpremote
-from tests.fwboard import (
+from citynode.mosquitto import Mosquitto
+from citynode.testing.emulator import install_firmware, mpremote
+from citynode.testing.firmware import (
     Subscriber,
     run_async,
     signal_board,
     stop_leftovers,
     wait_file,
 )
-from tests.mpy import run_micropython
+from citynode.testing.micropython import run_micropython
 
 WIFI = ("import asyncio, gc, os, time\nfrom node.wifi import WiFi\n"
         "assert asyncio.run(WiFi('city', 'pw').connect())\n")

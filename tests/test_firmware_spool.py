@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.mpy import run_micropython
+from citynode.testing.micropython import run_micropython
 
 PRELUDE = """
 import json

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.mpy import run_micropython
+from citynode.testing.micropython import run_micropython
 
 # The supervisor's logic against a feed counter (the unix port has no machine.WDT;
 # the emulated board's WDT is tested in hil_tests/test_resilience.py).

@@ -19,9 +19,9 @@ import time
 import pytest
 
 from citynode import wire
-from tests.emu import install_firmware, wait_for
-from tests.fwboard import Subscriber
-from tests.mpy import run_micropython
+from citynode.testing.emulator import install_firmware, wait_for
+from citynode.testing.firmware import Subscriber
+from citynode.testing.micropython import run_micropython
 
 SECRET = bytes(range(32))
 COUNT = 60

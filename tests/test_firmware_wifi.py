@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import time
 
-from tests.emu import install_firmware, mpremote, start_emulator
-from tests.fwboard import run_async, wait_file
-from tests.mpy import run_micropython
+from citynode.testing.emulator import install_firmware, mpremote, start_emulator
+from citynode.testing.firmware import run_async, wait_file
+from citynode.testing.micropython import run_micropython
 
 
 def test_backoff_doubles_to_the_cap_with_jitter_and_resets():

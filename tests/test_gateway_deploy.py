@@ -6,7 +6,7 @@ import configparser
 import re
 from pathlib import Path
 
-from tests.brokers import Mosquitto, free_port
+from citynode.mosquitto import Mosquitto, free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -41,7 +41,7 @@ def test_systemd_unit_is_notify_with_watchdog_and_hardening():
 def test_systemd_notify_ready_and_watchdog(tmp_path, local_broker, upstream_broker):
     import socket
 
-    from tests.gatewayproc import GatewayProcess
+    from citynode.testing.gateway import GatewayProcess
 
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citynode import wire
-from tests.gatewayproc import GATEWAY_ID, PREFIX, GatewayProcess
-from tests.keys import TestDevice
+from citynode.testing.gateway import GATEWAY_ID, PREFIX, GatewayProcess
+from citynode.testing.keys import TestDevice
 
 
 def subscriber(broker, topic):
@@ -62,7 +62,8 @@ def test_only_operator_signed_commands_are_relayed(tmp_path, local_broker, upstr
         assert relayed == [(f"citynode/down/{dev.device_id}", good)]  # bytes untouched
         assert gw.metric("downlink_total", result="relayed") == 1
         assert gw.metric("downlink_total", result="bad_signature") == 2
-        assert gw.metric("downlink_total", result="malformed") == 2
+        assert gw.metric("downlink_total", result="malformed") == 1
+        assert gw.metric("downlink_total", result="wrong_device") == 1
     finally:
         gw.kill()
         for client in (node_sub, city):

@@ -7,8 +7,8 @@ import threading
 import time
 
 from citynode import wire
-from tests.gatewayproc import Collector, GatewayProcess, Node
-from tests.keys import TestDevice, seq_of
+from citynode.testing.gateway import Collector, GatewayProcess, Node
+from citynode.testing.keys import TestDevice, seq_of
 
 
 def stream(node: Node, items: list[tuple[str, bytes]], rate: float) -> threading.Thread:

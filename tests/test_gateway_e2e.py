@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from citynode import wire
-from tests.gatewayproc import GATEWAY_ID, PREFIX, Collector, GatewayProcess, Node
-from tests.keys import TestDevice, seq_of
+from citynode.testing.gateway import GATEWAY_ID, PREFIX, Collector, GatewayProcess, Node
+from citynode.testing.keys import TestDevice, seq_of
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from pycose.messages import Mac0Message, Sign1Message
 
 from citynode import wire
 from citynode.registry import DeviceRecord, write_record
-from tests.gatewayproc import GATEWAY_ID, PREFIX, Collector, GatewayProcess, Node
-from tests.keys import seq_of
-from tests.mpy import run_micropython
+from citynode.testing.gateway import GATEWAY_ID, PREFIX, Collector, GatewayProcess, Node
+from citynode.testing.keys import seq_of
+from citynode.testing.micropython import run_micropython
 
 ES256_DEVICE = "cn-f1a0c0de0001"
 HMAC_DEVICE = "cn-f1a0c0de0002"

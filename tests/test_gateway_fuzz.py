@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citynode.registry import load_registry
-from tests.gatewayproc import Collector, GatewayProcess, Node
-from tests.keys import TestDevice
+from citynode.testing.gateway import Collector, GatewayProcess, Node
+from citynode.testing.keys import TestDevice
 
 DEV = TestDevice("cn-0123456789ab")
 HDEV = TestDevice("cn-0123456789ac", "HMAC256")

@@ -151,7 +151,7 @@ def self_signed(directory) -> tuple[str, str]:
 def test_tls_round_trip(tmp_path):
     """The city's broker is reached over TLS: buffered reads (TLS `pending()` too),
     corked and polled writes, through a real TLS listener."""
-    from tests.brokers import Mosquitto, free_port
+    from citynode.mosquitto import Mosquitto, free_port
 
     cert, key = self_signed(tmp_path)
     port = free_port()

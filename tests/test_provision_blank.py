@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from citynode import wire
 from citynode.registry import load_registry
-from tests.emu import mpremote, start_emulator
-from tests.provision_util import (
+from citynode.testing.emulator import mpremote, start_emulator
+from citynode.testing.provisioning import (
     PASSWORD,
     cli,
     firmware_tree,

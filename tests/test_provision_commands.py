@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode.registry import load_registry
-from tests.emu import start_emulator
-from tests.provision_util import PASSWORD, cli, firmware_tree
+from citynode.testing.emulator import start_emulator
+from citynode.testing.provisioning import PASSWORD, cli, firmware_tree
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode.registry import DeviceRecord, load_registry, write_record
-from tests.emu import free_port, start_emulator
-from tests.provision_util import cli, firmware_tree, make_image, password_file, provision_args
+from citynode.testing.emulator import free_port, start_emulator
+from citynode.testing.provisioning import (
+    cli,
+    firmware_tree,
+    make_image,
+    password_file,
+    provision_args,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from citynode.provisioning.events import Event, Events
 
 from citynode.boards import get_board
 from citynode.registry import load_registry
-from tests.emu import start_emulator
-from tests.provision_util import (
+from citynode.testing.emulator import start_emulator
+from citynode.testing.provisioning import (
     PASSWORD,
     cli,
     firmware_tree,

@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from citynode.registry import RegistryError, load_registry, record_from_dict, revoke, write_record
-from tests.keys import TestDevice
+from citynode.testing.keys import TestDevice
 
 
 def test_write_load_roundtrip_is_atomic_and_private(tmp_path):

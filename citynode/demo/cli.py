@@ -20,6 +20,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from citynode import wire
 from citynode.gateway.scrape import metric_by_label, metric_sum
 from citynode.mosquitto import Mosquitto, MosquittoMissing, mosquitto_binary
 
@@ -248,7 +249,7 @@ class Demo:
         device, data = self.ledger.last_envelope
         self.forged = data[:-1] + bytes([data[-1] ^ 0x01])
         self.forged_baseline = self.counters.rejected.get("bad_signature", 0)
-        self.pole_watch.publish(f"citynode/up/{device}", self.forged)
+        self.pole_watch.publish(wire.up_topic(device), self.forged)
         self.view.event(f"forged envelope injected as {device} (signature byte flipped)")
 
     def cut_uplink(self) -> None:

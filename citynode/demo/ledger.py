@@ -67,32 +67,24 @@ class Ledger:
     def verify(self, data: bytes) -> wire.Payload | None:
         """The payload if the envelope verifies against the registry, else None."""
         try:
-            envelope = wire.decode_envelope(data)
-            with self._verify_lock:
-                record = self._record(envelope.kid)
-                if record is None or not record.active:
-                    return None
-                credential = self._registry.credential(record)  # type: ignore[union-attr]
-            if credential.alg != ("HMAC256" if envelope.is_hmac else "ES256"):
-                return None
-            if envelope.is_hmac:
-                wire.verify_hmac(envelope, credential.secret or b"")
-            else:
-                wire.verify_es256(envelope, credential.public_key)  # type: ignore[arg-type]
-            return wire.decode_payload(envelope)
+            return wire.open_envelope(data, self._key_for)
         except (wire.EnvelopeError, RegistryError):
             return None
 
-    def _record(self, device: str):
-        """The device's record; the registry is re-read (at most once a second) on a miss,
-        because nodes are registered while the demo runs."""
+    def _key_for(self, kid: str, alg: str):
+        with self._verify_lock:
+            return self._current_registry(kid).key_for(kid, alg)
+
+    def _current_registry(self, device: str) -> Registry:
+        """The registry, re-read (at most once a second) when it lacks `device`, because
+        nodes are registered while the demo runs."""
         registry = self._registry
         if registry is not None and registry.get(device) is not None:
-            return registry.get(device)
+            return registry
         if registry is None or time.monotonic() - self._loaded_at > REGISTRY_RELOAD_S:
             self._registry = load_registry(self.registry_dir)
             self._loaded_at = time.monotonic()
-        return self._registry.get(device)
+        return self._registry
 
     # --- the two feeds ------------------------------------------------------------------
     def on_pole(self, data: bytes) -> None:
@@ -154,7 +146,7 @@ class PoleWatch:
     def __init__(self, broker: Mosquitto, ledger: Ledger):
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-pole-watch",
                                   protocol=mqtt.MQTTv311)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("citynode/up/+", qos=1)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(wire.UP_PREFIX + "+", qos=1)
         self.client.on_message = lambda c, u, msg: ledger.on_pole(msg.payload)
         _connect(self.client, broker)
 

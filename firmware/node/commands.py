@@ -8,8 +8,9 @@ counted and reported upstream in a status record; nothing is done.
 
 from node import cose, seqno
 
-REFUSED_REASONS = ("oversized", "malformed", "alg", "kid", "bad_signature", "wrong_device",
-                   "replayed", "no_operator_key", "unknown_command", "bad_args")
+# The host's words (citynode/wire.py REASONS, tests/vectors/wire.json "reasons").
+REFUSED_REASONS = ("oversized", "malformed", "bad_signature", "wrong_device", "replayed",
+                   "no_operator_key", "unknown_command", "bad_args")
 
 
 class CommandRefused(ValueError):

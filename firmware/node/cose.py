@@ -81,7 +81,8 @@ def open_command(envelope, operator_key, device):
     The envelope must be a COSE_Sign1 with kid "operator" signed by
     `operator_key`; the payload must be a map with 1 == device, 2 a uint seq,
     10 a command name and 11 (if present) an args map. Raises ValueError with
-    reason oversized, malformed, alg, kid, bad_signature or wrong_device.
+    reason oversized, malformed, bad_signature or wrong_device (citynode/wire.py
+    REASONS: the host says the same).
     Refusing replays (seq not above the last accepted) is the caller's job:
     seqno.Highest keeps that number across resets.
     """
@@ -125,12 +126,12 @@ def _open(envelope, tag, alg, sig_len, kid):
     except ValueError:
         raise ValueError("malformed: protected header is not CBOR")
     if not isinstance(headers, dict) or headers.get(1) != alg:
-        raise ValueError("alg: protected alg must be %d" % alg)
+        raise ValueError("malformed: protected alg must be %d" % alg)
     if kid is not None:
         if isinstance(kid, str):
             kid = kid.encode()
         if unprotected.get(4) != kid:
-            raise ValueError("kid: envelope kid is not %s" % kid.decode())
+            raise ValueError("bad_signature: envelope kid is not %s" % kid.decode())
     if len(sig) != sig_len:
         raise ValueError("malformed: signature must be %d bytes" % sig_len)
     return protected, payload, sig

@@ -172,6 +172,7 @@ def build() -> dict:
             "public_key": _pub_hex(node),
             "hmac_secret": HMAC_SECRET.hex(),
         },
+        "reasons": list(wire.REASONS),
         "payloads": payloads,
         "command": {
             "input": COMMAND,

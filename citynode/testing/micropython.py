@@ -12,8 +12,8 @@ from pathlib import Path
 
 from citynode.emulator.vm import micropython_binary
 
-ROOT = Path(__file__).resolve().parent.parent
-FIRMWARE = ROOT / "firmware"
+from .emulator import FIRMWARE
+
 DEVKITC_HEAP_KB = 110
 
 

@@ -20,16 +20,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from citynode.gateway.scrape import metric_sum
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from tests.brokers import Mosquitto, free_port
-from tests.keys import TestDevice, seq_of
+from citynode import wire
+from citynode.gateway.scrape import metric_sum
+from citynode.mosquitto import Mosquitto, free_port
+from citynode.testing.keys import TestDevice, seq_of
 
-ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "city/test"
 GATEWAY_ID = "pole-t1"
 
@@ -71,7 +71,7 @@ class GatewayProcess:
             log.write(f"--- start {self.starts}\n")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "citynode.gateway.cli", "run", "--config",
-                 str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                 str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         if wait:
             deadline = time.monotonic() + timeout
@@ -193,7 +193,7 @@ class Node:
         self.client.loop_start()
 
     def publish(self, device: str, data: bytes, wait: bool = True):
-        info = self.client.publish(f"citynode/up/{device}", data, qos=1)
+        info = self.client.publish(wire.up_topic(device), data, qos=1)
         if wait:
             info.wait_for_publish(10)
         return info

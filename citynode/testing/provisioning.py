@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.emu import FIRMWARE, VENV_BIN
+from citynode.testing.emulator import FIRMWARE, VENV_BIN
 
 PASSWORD = "pole-wifi-Secr3t-7d1f"
 

@@ -1,6 +1,6 @@
 """Helpers for firmware tests on an emulated board: compiled install, board scripts, subscribers.
 
-The firmware goes on the board with tests/emu.py install_firmware (compiled, in the
+The firmware goes on the board with citynode.testing.emulator.install_firmware (compiled, in the
 ROMFS partition), as it goes on a devkitc.
 """
 
@@ -13,7 +13,8 @@ from concurrent.futures import Future
 
 import paho.mqtt.client as paho
 
-from tests.emu import VENV_BIN, BoardHandle
+from citynode import wire
+from citynode.testing.emulator import VENV_BIN, BoardHandle
 
 _RUNNING: list[subprocess.Popen] = []
 
@@ -80,7 +81,7 @@ def signal_board(board: BoardHandle, name: str, text: str = "") -> None:
 class Subscriber:
     """A host paho-mqtt client subscribed (QoS 1) to `topic`; .messages is (topic, bytes)."""
 
-    def __init__(self, host: str, port: int, topic: str = "citynode/up/#"):
+    def __init__(self, host: str, port: int, topic: str = wire.UP_PREFIX + "#"):
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()

@@ -9,14 +9,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
-import pytest
 from citynode.emulator.control import control
-
 from citynode.mosquitto import free_port, free_port_range
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -103,26 +101,11 @@ def wait_for(predicate, timeout: float = 10, interval: float = 0.1, what: str = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture
-def emu_board(tmp_path):
-    """One emulated esp32-devkitc with MicroPython in flash."""
-    emu = start_emulator(tmp_path)
-    yield emu.boards[0]
-    emu.stop()
-
-
-@pytest.fixture(scope="module")
-def shared_board(tmp_path_factory):
-    """One board shared by a module's tests that leave it as they found it."""
-    emu = start_emulator(tmp_path_factory.mktemp("emu"))
-    yield emu.boards[0]
-    emu.stop()
-
-
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
-FIRMWARE = ROOT / "firmware"
+# The firmware as shipped: firmware/ of this checkout, or the installed package data.
+FIRMWARE = Path(str(resources.files("citynode") / "firmware"))
 
 
 def _board_mpy() -> int:
