@@ -15,11 +15,11 @@ Writes bench/results/firmware.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from citynode.emulator.vm import WORD_SCALE
+from citynode.provisioning.device import last_json
 
 from bench import firmware_crypto, firmware_dsp
 from bench.output import save
@@ -78,24 +78,20 @@ asyncio.run(main())
 """
 
 
-def _last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
-
-
 def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="cn-bench-fw-") as tmp, \
             Mosquitto(Path(tmp) / "broker") as broker:
         emu, board, _device, _key = start_node(Path(tmp), broker, window_s=3600)
         try:
-            crypto = _last_json(mpremote(board.link, "exec", firmware_crypto.SCRIPT.replace(
+            crypto = last_json(mpremote(board.link, "exec", firmware_crypto.SCRIPT.replace(
                 "HEAP", "110"), timeout=600))
             dsp_code = (f"PLAIN_SRC = {firmware_dsp.plain_kernel_source()!r}\n"
                         + firmware_dsp.BENCH)
-            dsp = _last_json(mpremote(board.link, "exec", dsp_code, timeout=900))
-            cycle = _last_json(mpremote(board.link, "exec", CYCLE.replace("RUNS", "20"),
+            dsp = last_json(mpremote(board.link, "exec", dsp_code, timeout=900))
+            cycle = last_json(mpremote(board.link, "exec", CYCLE.replace("RUNS", "20"),
                                         timeout=300))
             mpremote(board.link, "soft-reset")
-            water = _last_json(mpremote(board.link, "exec", HIGH_WATER.replace("SECONDS", "20"),
+            water = last_json(mpremote(board.link, "exec", HIGH_WATER.replace("SECONDS", "20"),
                                         timeout=300))
         finally:
             emu.stop()

@@ -11,11 +11,10 @@ on a PC is far faster than an ESP32 at 240 MHz: read the numbers relatively.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from bench.output import save
-from citynode.testing.micropython import DEVKITC_HEAP_KB, run_micropython
+from citynode.testing.micropython import DEVKITC_HEAP_KB, run_micropython_json
 
 SCRIPT = """
 import gc, json, time
@@ -67,8 +66,8 @@ print(json.dumps(out))
 
 
 def run(heap_kb: int = DEVKITC_HEAP_KB) -> dict:
-    out = run_micropython(SCRIPT.replace("HEAP", str(heap_kb)), heap_kb=heap_kb, timeout=300)
-    return json.loads(out.strip().splitlines()[-1])
+    return run_micropython_json(SCRIPT.replace("HEAP", str(heap_kb)), heap_kb=heap_kb,
+                                timeout=300)
 
 
 def main() -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 from pathlib import Path
 
 from bench.output import save
-from citynode.testing.micropython import DEVKITC_HEAP_KB, FIRMWARE, run_micropython
+from citynode.testing.micropython import DEVKITC_HEAP_KB, FIRMWARE, run_micropython_json
 
 BENCH = r"""
 import gc, math, sys, time, json
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="directory for firmware_dsp.json")
     args = ap.parse_args(argv)
     code = f"PLAIN_SRC = {plain_kernel_source()!r}\n" + BENCH
-    result = json.loads(run_micropython(code, heap_kb=DEVKITC_HEAP_KB, timeout=600)
-                        .strip().splitlines()[-1])
+    result = run_micropython_json(code, heap_kb=DEVKITC_HEAP_KB, timeout=600)
     result["heap_kb"] = DEVKITC_HEAP_KB
     save(result, args.out, "firmware_dsp")
     return result

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import serial
+from citynode.provisioning.device import last_json
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode import wire
+from citynode.subscriber import Message, Subscriber
 from citynode.testing.emulator import BoardHandle, wait_for
-from citynode.testing.firmware import Subscriber
 
 VENV_BIN = Path(sys.executable).parent
 APP_STARTED = "starting"     # the app's console line: "citynode: node X, firmware V, starting"
@@ -50,7 +51,7 @@ class Bench:
         return self.mpremote("exec", code, timeout=timeout)
 
     def exec_json(self, code: str, timeout: float = 60):
-        return json.loads(self.exec(code, timeout).strip().splitlines()[-1])
+        return last_json(self.exec(code, timeout))
 
     def console(self, until: str, seconds: float, send: bytes = b"") -> str:
         """What the board prints on its console until `until` appears (or time runs out)."""
@@ -113,21 +114,22 @@ class Listener(Subscriber):
         self.bench = bench
         self.arrivals: list[tuple[float, wire.Payload]] = []
         self.invalid: list[str] = []      # an envelope the registry key does not verify
-        super().__init__(*bench.broker, topic=wire.up_topic(bench.device))
+        super().__init__(*bench.broker, topic=wire.up_topic(bench.device),
+                         on_message=self._verify)
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _verify(self, message: Message) -> None:
         try:
-            body = self.bench.open(bytes(msg.payload))
+            body = self.bench.open(message.payload)
         except Exception as exc:  # kept for the test's assertion, not raised in paho's thread
             self.invalid.append(f"{exc.__class__.__name__}: {exc}")
             return
-        with self._lock:
+        with self.lock:
             self.arrivals.append((time.time(), body))
-            self.messages.append((msg.topic, bytes(msg.payload)))
+            self.messages.append((message.topic, message.payload))
 
     def timed(self, kind: int | None = None) -> list[tuple[float, wire.Payload]]:
         """(host arrival time, body) of each verified envelope, optionally of one kind."""
-        with self._lock:
+        with self.lock:
             return [(at, b) for at, b in self.arrivals if kind is None or b.kind == kind]
 
     def bodies(self, kind: int | None = None) -> list[wire.Payload]:
@@ -137,9 +139,6 @@ class Listener(Subscriber):
         return wait_for(lambda: got if len(got := self.bodies(kind)) >= count else None,
                         timeout=timeout, interval=0.1,
                         what=f"{count} envelope(s) of kind {kind} from {self.bench.device}")
-
-    def __enter__(self) -> Listener:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -315,7 +315,6 @@ def apply(session: Session, plan: Plan, ev: PortEvents) -> DeployResult:
         ev.progress("deploy", done, total, path if path not in plan.extra or
                     path == CONFIG_PATH else "(secret)")
     session.remove(stale)
-    session.remove_empty_dirs(stale)
     ev.done("deploy", f"{len(todo)} written, {len(stale)} stale removed, "
             f"{len(everything) - len(todo)} unchanged")
     return DeployResult(todo, stale, len(everything) - len(todo), plan.compiled,

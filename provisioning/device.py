@@ -12,10 +12,12 @@ import binascii
 import json
 import struct
 import time
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import serial
-from mpremote.transport import TransportError
+from mpremote.transport import TransportError, TransportExecError
 from mpremote.transport_serial import SerialTransport
 
 from . import ports
@@ -24,6 +26,7 @@ from .errors import DeviceError, NoMicroPython, PortError, ProvisionError
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
 BOOT_LOG = b"entry 0x"  # the second-stage bootloader's last line before MicroPython
 CHUNK = 3072  # bytes of file data per exec: small enough for a 110 KB heap
+ON_BOARD = "on_board"  # the MicroPython scripts this module runs (provisioning/on_board/)
 
 # Signs in the console output of what the board is doing instead of running MicroPython
 ROM_LOOP_SIGNS = (b"invalid header", b"flash read err", b"ets_main.c", b"No bootable app")
@@ -136,7 +139,7 @@ class Session:
         if not seen.endswith(RAW_PROMPT):
             raise self._not_a_repl(seen)
         if crypto:
-            self.exec(PRECOMPUTE, what="preparing the P-256 table")
+            self.run("precompute", what="preparing the P-256 table")
 
     def _not_a_repl(self, seen: bytes) -> Exception:
         if any(sign in seen for sign in ROM_LOOP_SIGNS):
@@ -165,15 +168,18 @@ class Session:
         try:
             out, err = self._exec_raw(code.encode(), timeout or self.timeout)
         except (TransportError, serial.SerialException, OSError, struct.error) as exc:
-            raise PortError(f"the board on {self.port} stopped answering during {what} ({exc})",
-                            "check cable and power, then run the same command again: it "
-                            "resumes where it stopped") from None
+            raise self._link_lost(what, exc) from None
         if err:
             lines = err.decode(errors="replace").strip().splitlines()
             raise DeviceError(f"{what} failed on the board: {lines[-1] if lines else err!r}",
                               "see the message above; re-deploy the firmware if a module is "
                               "missing") from None
         return out.decode(errors="replace")
+
+    def _link_lost(self, what: str, exc: Exception) -> PortError:
+        return PortError(f"the board on {self.port} stopped answering during {what} ({exc})",
+                         "check cable and power, then run the same command again: it "
+                         "resumes where it stopped")
 
     def _exec_raw(self, code: bytes, timeout: float) -> tuple[bytes, bytes]:
         """mpremote's exec_raw with our timeout on every wait (its prompt wait is fixed at 10 s)."""
@@ -187,45 +193,42 @@ class Session:
         return t.follow(timeout)
 
     def exec_json(self, code: str, timeout: float | None = None, what: str = "command") -> Any:
+        """Run code whose last line of output is JSON; that value."""
         out = self.exec(code, timeout, what)
-        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-        if not lines:
-            raise DeviceError(f"{what}: the board printed nothing", "re-run the command")
         try:
-            return json.loads(lines[-1])
-        except ValueError:
-            raise DeviceError(f"{what}: the board printed no JSON ({lines[-1][:120]!r})",
-                              "re-deploy the firmware and re-run") from None
+            return last_json(out)
+        except ValueError as exc:
+            raise DeviceError(f"{what}: {exc}", "re-deploy the firmware and re-run") from None
+
+    def run(self, *scripts: str, what: str, timeout: float | None = None, **args: Any) -> Any:
+        """Run on_board scripts (concatenated, in order) with `ARGS` = args; their JSON."""
+        code = f"import json\nARGS = json.loads({json.dumps(args)!r})\n"
+        return self.exec_json(code + "".join(map(script, scripts)), timeout, what)
 
     # --- what the node is --------------------------------------------------------
     def probe(self) -> dict[str, Any]:
         """MicroPython version, .mpy ABI, MAC-derived identity, config and provisioning state."""
-        return self.exec_json(PROBE, what="probe")
+        return self.run("probe", what="probe")
 
     # --- files ---------------------------------------------------------------------
     def hashes(self, paths: list[str]) -> dict[str, str | None]:
         """sha256 hex of each file on the board (None when missing), in one round trip."""
-        code = HASHES + f"print(json.dumps({{p: _h(p) for p in {json.dumps(paths)}}}))"
-        return self.exec_json(code, timeout=30, what="hashing files")
+        return self.run("file_hash", "hashes", paths=paths, timeout=30, what="hashing files")
 
     def write_file(self, path: str, data: bytes) -> None:
         """Write through `<path>.part` and rename, so a cut never leaves a half file."""
-        part = path + ".part"
         parent = path.rsplit("/", 1)[0]
-        head = (f"import os,binascii\n_mk({parent!r})\n" if parent else
-                "import os,binascii\n") + f"f=open({part!r},'wb')\nw=f.write\n"
-        chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
-        for i, chunk in enumerate(chunks):
-            code = (MKDIRS + head if i == 0 else "")
-            code += f"w(binascii.a2b_base64({binascii.b2a_base64(chunk, newline=False)!r}))\n"
-            if i == len(chunks) - 1:
-                # relative names from '/': MicroPython's VfsPosix mounted at '/' (the
-                # emulated board) fails rename() with an absolute target
-                rel_part, rel = part.lstrip("/"), path.lstrip("/")
-                code += (f"f.close()\nos.chdir('/')\ntry:\n os.rename({rel_part!r},{rel!r})\n"
-                         f"except OSError:\n os.remove({rel!r})\n"
-                         f" os.rename({rel_part!r},{rel!r})\n")
-            self.exec(code, what=f"writing {path}")
+        if parent:
+            self.run("make_dirs", dir=parent, what=f"making {parent}")
+        part = path + ".part"
+        try:
+            self.t.fs_writefile(part, data, chunk_size=CHUNK)
+        except TransportExecError as exc:
+            raise DeviceError(f"writing {path} failed on the board: {exc.error_output.strip()}",
+                              "check the board's free space (a full filesystem)") from None
+        except (TransportError, serial.SerialException, OSError) as exc:
+            raise self._link_lost(f"writing {path}", exc) from None
+        self.run("place_file", part=part, path=path, what=f"writing {path}")
 
     def write_romfs(self, image: bytes) -> None:
         """Write a ROMFS image into the board's ROMFS partition, as `mpremote romfs
@@ -247,18 +250,12 @@ class Session:
                       f"binascii.a2b_base64({chunk!r}),{at % block})", what="writing ROMFS")
 
     def remove(self, paths: list[str]) -> None:
-        if paths:
-            self.exec(f"import os\nfor p in {json.dumps(paths)}:\n try:\n  os.remove(p)\n"
-                      " except OSError:\n  pass\n", what="removing files")
-
-    def remove_empty_dirs(self, paths: list[str]) -> None:
-        """Folders the removed files leave empty (an empty `node/` on the filesystem
-        would shadow the ROMFS package of that name)."""
+        """Remove files, then the folders they leave empty (an empty `node/` on the
+        filesystem would shadow the ROMFS package of that name)."""
         dirs = sorted({p.rsplit("/", 1)[0] for p in paths if p.count("/") > 1},
                       key=lambda d: -d.count("/"))
-        if dirs:
-            self.exec(f"import os\nfor d in {json.dumps(dirs)}:\n try:\n  os.rmdir(d)\n"
-                      " except OSError:\n  pass\n", what="removing empty folders")
+        if paths:
+            self.run("remove", files=paths, dirs=dirs, what="removing files")
 
     def reset(self) -> None:
         """Hard reset through MicroPython (works where DTR/RTS do not reach EN).
@@ -269,7 +266,7 @@ class Session:
         push a good node into safe mode.
         """
         try:
-            self.exec(DELIBERATE_RESET, what="clearing the crash counter")
+            self.run("deliberate_reset", what="clearing the crash counter")
         except ProvisionError:
             pass
         try:
@@ -279,88 +276,19 @@ class Session:
         self.close()
 
 
-DELIBERATE_RESET = """
-try:
-    from node import safemode
-    safemode.mark_healthy()
-except ImportError:
-    pass
-"""
+@cache
+def script(name: str) -> str:
+    """The text of a MicroPython script in provisioning/on_board/ (package data)."""
+    return (resources.files(__package__) / ON_BOARD / f"{name}.py").read_text()
 
-PRECOMPUTE = """
-try:
-    from node import p256
-    p256.precompute()
-except ImportError:
-    pass
-"""
 
-PROBE = """
-import sys, os, json, binascii
-r = {'micropython': list(sys.implementation.version[:3]),
-     'mpy': getattr(sys.implementation, '_mpy', 0), 'platform': sys.platform}
-try:
-    import machine
-    r['mac'] = binascii.hexlify(machine.unique_id()).decode()
-except Exception as e:
-    r['mac_error'] = str(e)
-try:
-    r['machine'] = os.uname().machine
-except Exception:
-    pass
-for name, key in (('/config.json', 'config'), ('/provisioned.json', 'provisioned')):
+def last_json(output: str) -> Any:
+    """The JSON value on the last non-empty line a board printed (ValueError if none):
+    how every host program reads what a script on a board reports."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("the board printed nothing")
     try:
-        with open(name) as f:
-            r[key] = json.load(f)
-    except Exception:
-        r[key] = None
-if r['config']:
-    r['config'] = {k: r['config'].get(k) for k in ('device', 'site', 'pole', 'lat', 'lon', 'alg')}
-try:
-    with open('/image.json') as f:
-        r['image'] = json.load(f)
-except Exception:
-    r['image'] = None
-try:
-    from node import version
-    r['firmware'] = version.VERSION
-except Exception:
-    r['firmware'] = None
-try:
-    import vfs
-    r['romfs'] = hasattr(vfs, 'rom_ioctl') and vfs.rom_ioctl(1) > 0
-except Exception:
-    r['romfs'] = False
-print(json.dumps(r))
-"""
-
-HASHES = """
-import json, hashlib, binascii
-def _h(p):
-    try:
-        f = open(p, 'rb')
-    except OSError:
-        return None
-    h = hashlib.sha256()
-    b = bytearray(1024)
-    m = memoryview(b)
-    while True:
-        n = f.readinto(b)
-        if not n:
-            break
-        h.update(m[:n])
-    f.close()
-    return binascii.hexlify(h.digest()).decode()
-"""
-
-MKDIRS = """
-def _mk(d):
-    import os
-    p = ''
-    for part in d.strip('/').split('/'):
-        p += '/' + part
-        try:
-            os.mkdir(p)
-        except OSError:
-            pass
-"""
+        return json.loads(lines[-1])
+    except ValueError:
+        raise ValueError(f"the board printed no JSON ({lines[-1][:120]!r})") from None

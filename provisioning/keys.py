@@ -19,14 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .device import Session
 from .errors import DeviceError, UsageError
 
-RADIO_ON = """
-try:
-    import network
-    network.WLAN(network.STA_IF).active(True)
-except Exception:
-    pass
-"""
-
 
 @dataclass(frozen=True)
 class NodeKey:
@@ -66,25 +58,19 @@ def _parse_public(text: str) -> bytes:
 def ensure_key(session: Session) -> NodeKey:
     """The node's ES256 public key, generating the key pair on the node the first time."""
     session.fresh()
-    out = session.exec_json(RADIO_ON + "from node.keys import NodeKeys\nimport json\n"
-                            "k = NodeKeys()\nhad = k.has_key()\n"
-                            "print(json.dumps({'had': had, 'public': k.public_key_hex()}))",
-                            timeout=60, what="reading the node key")
+    out = session.run("node_key", rotate=False, timeout=60, what="reading the node key")
     return NodeKey(_parse_public(out["public"]), created=not out["had"])
 
 
 def rotate_key(session: Session) -> NodeKey:
     session.fresh()
-    out = session.exec_json(RADIO_ON + "from node.keys import NodeKeys\nimport json\n"
-                            "print(json.dumps({'public': NodeKeys().rotate().hex()}))",
-                            timeout=60, what="rotating the node key")
+    out = session.run("node_key", rotate=True, timeout=60, what="rotating the node key")
     return NodeKey(_parse_public(out["public"]), created=True)
 
 
 def install_hmac_secret(session: Session, secret: bytes) -> None:
     """Give the node a shared secret (low-power COSE_Mac0 option); it goes over the cable only."""
-    session.exec(f"from node.keys import NodeKeys\nNodeKeys().set_hmac_secret("
-                 f"bytes.fromhex({secret.hex()!r}))", what="installing the HMAC secret")
+    session.run("hmac_secret", secret=secret.hex(), what="installing the HMAC secret")
 
 
 def write_hmac_secret(directory: Path, device: str, secret: bytes) -> str:
@@ -124,11 +110,6 @@ def load_operator_key(path: Path) -> bytes:
 
 def install_operator_key(session: Session, public: bytes) -> bool:
     """Install the operator key unless the node already has it; True if it was written."""
-    out = session.exec_json(
-        "from node.keys import NodeKeys\nimport json, binascii\nk = NodeKeys()\n"
-        "o = k.operator_key()\n"
-        f"same = o is not None and binascii.hexlify(o).decode() == {public.hex()!r}\n"
-        f"if not same:\n    k.install_operator_key(bytes.fromhex({public.hex()!r}))\n"
-        "print(json.dumps({'same': same}))", what="installing the operator key")
+    out = session.run("operator_key", public=public.hex(), what="installing the operator key")
     return not out["same"]
 

@@ -20,24 +20,8 @@ from typing import Any
 from citynode import registry as reg
 from citynode import wire
 
-from .device import HASHES, Session
+from .device import Session
 from .errors import RegistryWriteError, VerifyError
-
-NODE_SIGN = HASHES + """
-import machine
-from node import cose
-from node.keys import NodeKeys
-h = hashlib.sha256()
-for p in sorted(PATHS):
-    h.update(('%s %s\\n' % (p, _h(p))).encode())
-r = json.loads(CLAIMS)
-r['mac'] = binascii.hexlify(machine.unique_id()).decode()
-r['files_sha256'] = binascii.hexlify(h.digest()).decode()
-k = NodeKeys()
-r['key_fingerprint'] = binascii.hexlify(hashlib.sha256(k.public_key()).digest()).decode()
-env = cose.sign1(json.dumps(r).encode(), r['device'], k)
-print(json.dumps({'envelope': binascii.hexlify(env).decode()}))
-"""
 
 
 def technician() -> str:
@@ -53,9 +37,8 @@ class Receipt:
 
 def sign_on_node(session: Session, files: list[str], claims: dict[str, Any]) -> Receipt:
     session.fresh()
-    code = (f"PATHS = {json.dumps(sorted(files))}\nCLAIMS = {json.dumps(json.dumps(claims))}\n"
-            + NODE_SIGN)
-    out = session.exec_json(code, timeout=60, what="signing the receipt")
+    out = session.run("file_hash", "sign_receipt", paths=sorted(files), claims=claims,
+                      timeout=60, what="signing the receipt")
     return Receipt(claims, out["envelope"])
 
 

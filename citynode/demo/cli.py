@@ -23,8 +23,9 @@ from pathlib import Path
 from citynode import wire
 from citynode.gateway.scrape import metric_by_label, metric_sum
 from citynode.mosquitto import Mosquitto, MosquittoMissing, mosquitto_binary
+from citynode.subscriber import Subscriber
 
-from .ledger import CityWatch, Ledger, PoleWatch
+from .ledger import Ledger, city_watch, pole_watch
 from .procs import (
     GUARD,
     TOPIC_PREFIX,
@@ -125,13 +126,13 @@ class Demo:
         self.procs = Processes(self.logs)
         self.registry = workdir / "registry"
         self.ledger = Ledger(self.registry)
-        self.watches: list[PoleWatch | CityWatch] = []
+        self.watches: list[Subscriber] = []
         self.gateway: Gateway | None = None
         self.emulator: Child | None = None
         self.nodes_stopped = False  # finish() stops the emulator on purpose
         self.pole: Mosquitto | None = None
         self.city: Mosquitto | None = None
-        self.pole_watch: PoleWatch | None = None
+        self.pole_watch: Subscriber | None = None
         self.counters = GatewayCounters()
         self.forged: bytes | None = None
         self.forged_baseline = 0.0
@@ -165,8 +166,8 @@ class Demo:
         self.city = self.procs.broker("city-broker")
         for broker in (self.pole, self.city):
             self.procs.start_broker(broker)
-        self.pole_watch = PoleWatch(self.pole, self.ledger)
-        self.watches = [self.pole_watch, CityWatch(self.city, TOPIC_PREFIX, self.ledger)]
+        self.pole_watch = pole_watch(self.pole, self.ledger)
+        self.watches = [self.pole_watch, city_watch(self.city, TOPIC_PREFIX, self.ledger)]
         self.view.progress(f"pole broker 127.0.0.1:{self.pole.port}, city broker "
                            f"127.0.0.1:{self.city.port}")
 

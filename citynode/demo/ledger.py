@@ -18,15 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from citynode import wire
 from citynode.mosquitto import Mosquitto
 from citynode.registry import Registry, RegistryError, load_registry
+from citynode.subscriber import Subscriber
 
 # SenML names (firmware/node) of the quantities the view shows, by column.
 SHOWN = {"light/lux": "lux", "noise/laeq": "laeq", "air/pm2_5": "pm25",
@@ -139,54 +134,14 @@ class Ledger:
         return self.produced() - self.verified()
 
 
-class PoleWatch:
-    """Subscribes on the pole's broker to what the nodes publish; also publishes as a
-    node would (the forged envelope)."""
-
-    def __init__(self, broker: Mosquitto, ledger: Ledger):
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-pole-watch",
-                                  protocol=mqtt.MQTTv311)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(wire.UP_PREFIX + "+", qos=1)
-        self.client.on_message = lambda c, u, msg: ledger.on_pole(msg.payload)
-        _connect(self.client, broker)
-
-    def publish(self, topic: str, data: bytes) -> None:
-        self.client.publish(topic, data, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        _close(self.client)
+def pole_watch(broker: Mosquitto, ledger: Ledger) -> Subscriber:
+    """What the nodes publish on the pole's broker (it also publishes as a forger would)."""
+    return Subscriber(broker.host, broker.port, wire.UP_PREFIX + "+", client_id="demo-pole-watch",
+                      on_message=lambda m: ledger.on_pole(m.payload))
 
 
-class CityWatch:
-    """The city: a persistent MQTT 5 session on the city broker, so what the gateway
-    sends while this subscriber reconnects (after the broker's restart) waits for it."""
-
-    def __init__(self, broker: Mosquitto, prefix: str, ledger: Ledger):
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-city",
-                                  protocol=mqtt.MQTTv5)
-        options = SubscribeOptions(qos=1)
-        topic = f"{prefix}/+/up/#"
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, options=options)
-        self.client.on_message = lambda c, u, msg: ledger.on_city(msg.topic, msg.payload)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        _connect(self.client, broker, clean_start=False, properties=props)
-
-    def close(self) -> None:
-        _close(self.client)
-
-
-def _connect(client: mqtt.Client, broker: Mosquitto, timeout: float = 10.0, **kwargs) -> None:
-    client.reconnect_delay_set(0.2, 1.0)
-    client.connect(broker.host, broker.port, **kwargs)
-    client.loop_start()
-    deadline = time.monotonic() + timeout
-    while not client.is_connected():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"cannot connect to the broker on port {broker.port}")
-        time.sleep(0.02)
-
-
-def _close(client: mqtt.Client) -> None:
-    client.disconnect()
-    client.loop_stop()
+def city_watch(broker: Mosquitto, prefix: str, ledger: Ledger) -> Subscriber:
+    """The city: a persistent session on the city broker, so what the gateway sends while
+    this subscriber reconnects (after the broker's restart) waits for it."""
+    return Subscriber(broker.host, broker.port, f"{prefix}/+/up/#", client_id="demo-city",
+                      persistent=True, on_message=lambda m: ledger.on_city(m.topic, m.payload))

@@ -1,4 +1,4 @@
-"""Helpers for firmware tests on an emulated board: compiled install, board scripts, subscribers.
+"""Helpers for firmware tests on an emulated board: compiled install, board scripts.
 
 The firmware goes on the board with citynode.testing.emulator.install_firmware (compiled, in the
 ROMFS partition), as it goes on a devkitc.
@@ -11,9 +11,6 @@ import threading
 import time
 from concurrent.futures import Future
 
-import paho.mqtt.client as paho
-
-from citynode import wire
 from citynode.testing.emulator import VENV_BIN, BoardHandle
 
 _RUNNING: list[subprocess.Popen] = []
@@ -78,43 +75,4 @@ def signal_board(board: BoardHandle, name: str, text: str = "") -> None:
     (board.state / "fs" / name).write_text(text)
 
 
-class Subscriber:
-    """A host paho-mqtt client subscribed (QoS 1) to `topic`; .messages is (topic, bytes)."""
-
-    def __init__(self, host: str, port: int, topic: str = wire.UP_PREFIX + "#"):
-        self.messages: list[tuple[str, bytes]] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="host-sub",
-                                  clean_session=True)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect(host, port)
-        self.client.loop_start()
-        if not self._subscribed.wait(10):
-            raise AssertionError("host subscriber did not subscribe")
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, bytes(msg.payload)))
-
-    def payloads(self) -> list[bytes]:
-        with self._lock:
-            return [p for _, p in self.messages]
-
-    def wait_count(self, n: int, timeout: float = 30) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.payloads()
-            if len(got) >= n:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"got {len(self.payloads())} of {n} messages in {timeout}s")
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        self.client.publish(topic, payload, qos=qos).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+from citynode.subscriber import Subscriber  # noqa: E402,F401  (tests still import it from here)

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterable
@@ -21,13 +20,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from citynode import wire
 from citynode.gateway.scrape import metric_sum
 from citynode.mosquitto import Mosquitto, free_port
+from citynode.subscriber import Message, Subscriber
 from citynode.testing.keys import TestDevice, seq_of
 
 PREFIX = "city/test"
@@ -136,50 +133,33 @@ class GatewayProcess:
             return ""
 
 
-class Collector:
-    """An upstream subscriber (persistent session) that records what the gateway sends."""
+class Collector(Subscriber):
+    """The city: a persistent session on the upstream broker that records what the gateway
+    sends, as (topic, payload, user properties, retain)."""
 
     def __init__(self, broker: Mosquitto, topic: str = f"{PREFIX}/#"):
-        self.messages: list[tuple[str, bytes, dict[str, str], bool]] = []
+        self.records: list[tuple[str, bytes, dict[str, str], bool]] = []
         self.up_count = 0  # envelopes received: cheap to poll (envelopes() copies)
-        self.lock = threading.Lock()
-        self.topic = topic
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{id(self)}",
-                                  protocol=mqtt.MQTTv5)
-        options = SubscribeOptions(qos=1, retainAsPublished=True)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, options=options)
-        self.client.on_message = self._on_message
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
-        self.client.loop_start()
-        deadline = time.monotonic() + 5
-        while not self.client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)
+        super().__init__(broker.host, broker.port, topic, persistent=True,
+                         on_message=self._collect)
 
-    def _on_message(self, client, userdata, message) -> None:
-        props = dict(getattr(message.properties, "UserProperty", []) or [])
+    def _collect(self, message: Message) -> None:
         with self.lock:
-            self.messages.append((message.topic, message.payload, props, message.retain))
+            self.records.append((message.topic, message.payload, message.user_properties,
+                                 message.retain))
             if "/up/" in message.topic:
                 self.up_count += 1
 
     def envelopes(self) -> list[tuple[str, bytes, dict[str, str]]]:
         with self.lock:
-            return [(t, p, u) for t, p, u, _ in self.messages if "/up/" in t]
+            return [(t, p, u) for t, p, u, _ in self.records if "/up/" in t]
 
     def keys(self) -> list[tuple[str, int]]:
         return [seq_of(p) for _, p, _ in self.envelopes()]
 
     def of(self, kind: str) -> list[tuple[str, bytes, dict[str, str], bool]]:
         with self.lock:
-            return [m for m in self.messages if f"/{kind}/" in m[0] or m[0].endswith(kind)]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+            return [m for m in self.records if f"/{kind}/" in m[0] or m[0].endswith(kind)]
 
 
 class Node:

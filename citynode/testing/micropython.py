@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from citynode.emulator.vm import micropython_binary
+from citynode.provisioning.device import last_json
 
 from .emulator import FIRMWARE
 
@@ -29,3 +31,8 @@ def run_micropython(code: str, *, heap_kb: int = DEVKITC_HEAP_KB, path: list[Pat
         raise AssertionError(f"MicroPython exited {proc.returncode}:\n{out}\n"
                              f"{proc.stderr.decode(errors='replace')}")
     return out
+
+
+def run_micropython_json(code: str, **kwargs) -> Any:
+    """Run code whose last line of output is JSON (printed with json.dumps); that value."""
+    return last_json(run_micropython(code, **kwargs))
