@@ -69,8 +69,8 @@ class CityLink:
         self._connecting_since: float | None = None
         self._attempt = 0
         self._next_attempt = 0.0
-        # In flight on this connection: mid -> (row id, historical). Its row ids are
-        # exactly the rows this link holds in the store as sending.
+        # In flight on this connection: mid -> (row id, historical), each row held in
+        # the store (`Store.sending`) until its PUBACK deletes it or a reset releases it.
         self._mids: dict[int, tuple[int, bool]] = {}
         self._acked: list[int] = []  # PUBACKed this loop turn, handed to the store after it
         self._retry: list[int] = []  # refused by the upstream broker: sent again first

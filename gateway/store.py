@@ -122,7 +122,8 @@ class Store:
         self.new_rows = threading.Event()
         self._lock = threading.RLock()
         # Row ids in flight upstream or acknowledged and not yet deleted: never evicted,
-        # gap records not merged. Changed by whole-list set operations (one C call each).
+        # gap records not merged. The uplink's thread changes it one set operation at a
+        # time (atomic under the GIL); the writer reads it under the write lock.
         self._held: set[int] = set()
         self._acked: list[int] = []  # acknowledged upstream, deleted with the next commit
         self._acked_since = 0.0
@@ -440,7 +441,7 @@ class Store:
         """Rows published upstream (in flight): held until deleted or released."""
         self._held.update(ids)
 
-    def release(self, ids: list[int]) -> None:
+    def release(self, ids: Iterable[int]) -> None:
         """Rows whose publish came to nothing (the connection went): no longer held;
         they go out again from the store."""
         self._held.difference_update(ids)
