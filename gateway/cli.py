@@ -15,7 +15,6 @@ import time
 from citynode.registry import RegistryError
 
 from .config import Config, ConfigError, load_config
-from .forward import ForwardError
 from .scrape import fetch_health
 from .store import StoreError
 
@@ -52,7 +51,7 @@ def run(config: Config) -> int:
     except RegistryError as exc:
         logging.error("registry error: %s", exc)
         return EXIT_CONFIG
-    except ForwardError as exc:
+    except ConfigError as exc:  # settings that cannot work: TLS files, the operator key
         logging.error("config error: %s", exc)
         return EXIT_CONFIG
     except StoreError as exc:

@@ -1,4 +1,10 @@
-"""The gateway daemon: wires ingest, store, forwarder, metrics; signals; systemd notify.
+"""The gateway daemon: wires store, links, relay and metrics; signals; systemd notify.
+
+Built in dependency order, each stage given what it needs: the store; the pole link
+(the pole's broker: verify, group commit, ack), which commits into the store; the
+downlink relay, which publishes through the pole link; the city link (the city's
+broker), which forwards what the store holds (the store tells it when rows are
+committed) and hands operator commands to the relay.
 
 SIGTERM/SIGINT: clean shutdown (queued envelopes committed and acknowledged, in-flight
 PUBACKs awaited, acked rows deleted, status offline). SIGHUP: reload the registry.
@@ -20,10 +26,12 @@ from pathlib import Path
 
 from citynode.registry import Registry, RegistryError, load_registry
 
+from .city import CityLink
 from .config import Config
-from .forward import Forwarder
-from .ingest import Ingest, RateLimitedLog
+from .downlink import DownlinkRelay, load_operator_key
+from .logs import RateLimitedLog
 from .metrics import Metrics, MetricsServer
+from .pole import PoleLink
 from .store import Store
 
 log = logging.getLogger("citynode.gateway")
@@ -60,11 +68,12 @@ class Gateway:
         self.store = Store(config.db_path, config.store, on_drop=self._on_drop)
         if self.store.quarantined:
             self.metrics.inc("store_quarantined_total", len(self.store.quarantined))
-        self.forwarder: Forwarder | None = None
-        self.ingest = Ingest(config, self.store, lambda: self.registry, self.metrics,
-                             on_commit=self._wake_forwarder)
-        self.forwarder = Forwarder(config, self.store, self.metrics,
-                                   relay_down=self.ingest.relay_down)
+        self.pole = PoleLink(config, self.store, lambda: self.registry, self.metrics)
+        self.downlink = (DownlinkRelay(load_operator_key(config.operator_key),
+                                       self.pole.publish, self.metrics)
+                         if config.operator_key else None)
+        self.city = CityLink(config, self.store, self.metrics,
+                             on_command=self.downlink.handle if self.downlink else None)
         self.metrics.collector(self._gauges)
         self.http = (MetricsServer(config.metrics_address, self.metrics, self.health)
                      if config.metrics_address else None)
@@ -90,10 +99,6 @@ class Gateway:
         except RegistryError as exc:
             log.error("registry reload failed, keeping the previous one: %s", exc)
 
-    def _wake_forwarder(self) -> None:
-        if self.forwarder is not None:
-            self.forwarder.wake.set()
-
     def _on_drop(self, device: str, reason: str, count: int, stored: bool) -> None:
         self.metrics.inc("dropped_total", count, device=device, reason=reason)
         if stored:
@@ -110,18 +115,16 @@ class Gateway:
 
     def stalled(self) -> str | None:
         limit, now = self.config.stall_exit_s, time.monotonic()
-        assert self.forwarder is not None
-        for name, beat in (("ingest writer", self.ingest.heartbeat),
-                           ("forwarder", self.forwarder.heartbeat)):
+        for name, beat in (("ingest writer", self.pole.heartbeat),
+                           ("forwarder", self.city.heartbeat)):
             if now - beat > limit:
                 return f"the {name} loop has been stuck for {now - beat:.0f} s"
         return None
 
     def health(self) -> tuple[bool, dict]:
-        assert self.forwarder is not None
         stats = self.store.stats()
-        problem = self.stalled() or self.ingest.failed
-        if not self.ingest.connected:
+        problem = self.stalled() or self.pole.failed
+        if not self.pole.connected:
             problem = problem or "local broker unreachable"
         oldest = stats["oldest_received_at"]
         data = {
@@ -130,8 +133,8 @@ class Gateway:
             "gateway": self.config.gateway_id,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "local": "up" if self.ingest.connected else "down",
-            "uplink": "up" if self.forwarder.connected else "down",
+            "local": "up" if self.pole.connected else "down",
+            "uplink": "up" if self.city.connected else "down",
             "buffered": stats["rows"], "buffered_bytes": stats["bytes"],
             "oldest_buffered_age_s": round(time.time() - oldest, 1) if oldest else 0,
             "received": self.metrics.total("received_total"),
@@ -153,7 +156,6 @@ class Gateway:
 
     def run(self) -> int:
         """Run until SIGTERM (0) or a failure that needs a restart (non-zero)."""
-        assert self.forwarder is not None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -161,8 +163,8 @@ class Gateway:
         if self.http:
             self.http.start()
             log.info("metrics and health on http://%s:%d/", *self.http.address)
-        self.ingest.start()
-        self.forwarder.start()
+        self.pole.start()
+        self.city.start()
         sd_notify("READY=1")
         log.info("gateway %s running (state %s)", self.config.gateway_id, self.config.db_path)
         code = self._supervise()
@@ -182,14 +184,14 @@ class Gateway:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload_registry()
-            if self.ingest.failed:
-                self.exit_reason = self.ingest.failed
+            if self.pole.failed:
+                self.exit_reason = self.pole.failed
                 return EXIT_STORE
             stall = self.stalled()
             if stall:
                 self.exit_reason = f"{stall}; exiting so systemd restarts the gateway"
                 return EXIT_STALLED
-            down = self.ingest.down_since
+            down = self.pole.down_since
             if down is not None and now - down > self.config.local.down_exit_s:
                 self.exit_reason = (f"local broker {self.config.local.host}:"
                                     f"{self.config.local.port} unreachable for {now - down:.0f} s"
@@ -218,14 +220,13 @@ class Gateway:
             self.rlog.warning("status", "cannot write %s: %s", path, exc)
 
     def shutdown(self) -> None:
-        assert self.forwarder is not None
         sd_notify("STOPPING=1")
         if self.exit_reason:
             log.error("stopping: %s", self.exit_reason)
         else:
             log.info("stopping: committing and acknowledging what is queued")
-        self.ingest.stop()
-        self.forwarder.stop()
+        self.pole.stop()
+        self.city.stop()
         self.write_status()
         if self.http:
             self.http.stop()

@@ -32,6 +32,7 @@ import select
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -105,6 +106,10 @@ _SUPPORTED = all(hasattr(mqtt.Client, name) for name in ("_create_socket", "_pac
 
 
 class BufferedClient(mqtt.Client):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._corked = False  # inside corked(): writes wait for the block's end
+
     if _SUPPORTED:
         def _create_socket(self):
             return BufferedSocket(super()._create_socket())
@@ -136,8 +141,6 @@ class BufferedClient(mqtt.Client):
         def want_write(self) -> bool:
             sock = self._sock
             return super().want_write() or (sock is not None and sock.unsent() > 0)
-
-    _corked = False
 
     @contextmanager
     def corked(self) -> Iterator[None]:

@@ -16,6 +16,14 @@ file stops growing.
 The replay window (per device: highest sequence number seen and a bitmap of the
 `replay_window` numbers below it) is committed in the same transaction as the rows,
 so after a crash the store and the window always agree.
+
+The store also keeps the uplink's bookkeeping, so no stage reaches into another's state:
+rows being sent upstream are held (`sending` / `release`): they are not evicted and
+their gap records are not merged into. Rows the city's broker acknowledged
+(`delete_later`) stay held and are deleted inside the next insert's transaction (one
+fsync for both), or by `flush_deletes` when no insert comes. Deleting late is safe:
+after a crash an acknowledged row is at worst sent again (the same device and seq).
+Every insert sets `new_rows`, so the uplink reads what was committed at once.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ CREATE TABLE IF NOT EXISTS replay (
 """
 
 
+# What opening the file yields: the connection, rows and bytes per class, replay windows.
+_Opened = tuple[sqlite3.Connection, Counter[int], int, dict[str, tuple[int, int]]]
+
+
 class StoreError(RuntimeError):
     """The store cannot go on (disk, permissions); the message says what to check."""
 
@@ -106,16 +118,18 @@ class Store:
         self.on_drop = on_drop or (lambda device, reason, n, stored: None)
         self.clock = clock
         self.quarantined: list[Path] = []
-        self.protected: set[int] = set()  # ids in flight upstream: not evicted, gaps not merged
+        # Set by every insert: committed rows for the uplink to read now.
+        self.new_rows = threading.Event()
         self._lock = threading.RLock()
-        self._windows: dict[str, tuple[int, int]] = {}
+        # Row ids in flight upstream or acknowledged and not yet deleted: never evicted,
+        # gap records not merged. The uplink's thread changes it one set operation at a
+        # time (atomic under the GIL); the writer reads it under the write lock.
+        self._held: set[int] = set()
         self._acked: list[int] = []  # acknowledged upstream, deleted with the next commit
         self._acked_since = 0.0
         self._acked_lock = threading.Lock()
-        self._counts: Counter[int] = Counter()
-        self._bytes = 0
-        self.db = self._open()
-        # The forwarder reads through its own connection: WAL lets it read the last
+        self.db, self._counts, self._bytes, self._windows = self._open()
+        # The uplink reads through its own connection: WAL lets it read the last
         # committed rows while the writer's commit waits for its fsync.
         self._reader = sqlite3.connect(self.path, isolation_level=None,
                                        check_same_thread=False, timeout=30)
@@ -123,7 +137,7 @@ class Store:
 
     # --- opening, quarantine ---------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> _Opened:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -140,7 +154,9 @@ class Store:
                       self.path, exc, target)
             return self._connect()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Opened:
+        """Open the file and read its totals and replay windows (a corrupt page shows up
+        here, so the caller can quarantine the file)."""
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=30)
         try:
@@ -148,20 +164,20 @@ class Store:
                 raise sqlite3.DatabaseError("file is not a database: WAL mode refused")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
-            self._counts.clear()
-            self._bytes = 0
+            counts: Counter[int] = Counter()
+            total = 0
             for prio, count, size in db.execute(
                     "SELECT prio, count(*), coalesce(sum(size), 0) FROM messages GROUP BY prio"):
-                self._counts[prio] = count
-                self._bytes += size
-            self._windows = {device: (max_seq, int.from_bytes(bitmap, "little"))
-                             for device, max_seq, bitmap in
-                             db.execute("SELECT device, max_seq, bitmap FROM replay")}
+                counts[prio] = count
+                total += size
+            windows = {device: (max_seq, int.from_bytes(bitmap, "little"))
+                       for device, max_seq, bitmap in
+                       db.execute("SELECT device, max_seq, bitmap FROM replay")}
             os.chmod(self.path, 0o600)
         except BaseException:
             db.close()
             raise
-        return db
+        return db, counts, total, windows
 
     def _quarantine(self, exc: Exception) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
@@ -210,6 +226,7 @@ class Store:
                     dirty.add(item.device)
                     fresh.append(item)
             self._write(fresh, windows, dirty, self._take_acked())
+            self.new_rows.set()
             return items
 
     def _window_admit(self, windows: dict[str, tuple[int, int]], item: Incoming
@@ -239,7 +256,7 @@ class Store:
     def _write(self, fresh: list[Incoming], windows: dict[str, tuple[int, int]],
                dirty: set[str], acked: list[int]) -> None:
         db = self.db
-        counts, total = Counter(self._counts), self._bytes
+        counts = Counter(self._counts)
         window_bytes = (self.limits.replay_window + 7) // 8
         gaps: list[Gap] = []
         db.execute("BEGIN IMMEDIATE")
@@ -248,8 +265,7 @@ class Store:
             for prio, size in self._delete_rows(acked):
                 counts[prio] -= 1
                 freed += size
-            self._delta_bytes -= freed
-            kept = self._make_room(fresh, gaps, counts, freed)
+            kept, evicted = self._make_room(fresh, gaps, counts, freed)
             db.executemany("INSERT INTO messages (device, seq, prio, received_at, size, data) "
                            "VALUES (?, ?, ?, ?, ?, ?)",
                            [(i.device, i.seq, i.prio, i.received_at, len(i.data) + ROW_OVERHEAD,
@@ -260,25 +276,18 @@ class Store:
                 top, bits = windows[device]
                 db.execute("INSERT OR REPLACE INTO replay (device, max_seq, bitmap) VALUES "
                            "(?, ?, ?)", (device, top, bits.to_bytes(window_bytes, "little")))
-            self._write_gaps(gaps, counts)
-            total = self._sum_bytes(counts, total, kept)
+            grown = self._write_gaps(gaps, counts)
+            added = sum(len(i.data) + ROW_OVERHEAD for i in kept)
             db.execute("COMMIT")
         except BaseException:
-            self._delta_bytes = 0
             if db.in_transaction:
                 db.execute("ROLLBACK")
             self.delete_later(acked)  # still acknowledged: the next commit deletes them
             raise
-        self._counts, self._bytes, self._windows = counts, total, windows
-        self.protected.difference_update(acked)
+        self._counts, self._windows = counts, windows
+        self._bytes += added + grown - freed - evicted
+        self._held.difference_update(acked)
         self._report(gaps)
-
-    def _sum_bytes(self, counts: Counter[int], total: int, kept: list[Incoming]) -> int:
-        total += sum(len(i.data) + ROW_OVERHEAD for i in kept) + self._delta_bytes
-        self._delta_bytes = 0
-        return total
-
-    _delta_bytes = 0
 
     def _report(self, gaps: list[Gap]) -> None:
         tally: Counter[tuple[str, str, bool]] = Counter()
@@ -288,8 +297,9 @@ class Store:
             self.on_drop(device, reason, n, stored)
 
     def _make_room(self, fresh: list[Incoming], gaps: list[Gap], counts: Counter[int],
-                   freed: int = 0) -> list[Incoming]:
-        """Evict (inside the open transaction) until `fresh` fits; returns the rows kept."""
+                   freed: int) -> tuple[list[Incoming], int]:
+        """Evict (inside the open transaction) until `fresh` fits, `freed` bytes having
+        just been deleted; returns the rows kept and the bytes evicted."""
         limits = self.limits
         new_bytes = sum(len(i.data) + ROW_OVERHEAD for i in fresh)
         need_rows = sum(counts.values()) - counts[PRIO_GAP] + len(fresh) - limits.max_rows
@@ -297,8 +307,9 @@ class Store:
         if fresh and limits.min_free_bytes and self.free_disk() < limits.min_free_bytes:
             need_bytes = max(need_bytes, new_bytes)
         if need_rows <= 0 and need_bytes <= 0:
-            return fresh
+            return fresh, 0
         dropped: set[int] = set()
+        evicted = 0
         for prio in (PRIO_BACKFILL, PRIO_LIVE, PRIO_EVENT):
             victims: list[int] = []
             cursor = self.db.execute("SELECT id, device, seq, received_at, size FROM messages "
@@ -306,13 +317,13 @@ class Store:
             for row_id, device, seq, received_at, size in cursor:
                 if need_rows <= 0 and need_bytes <= 0:
                     break
-                if row_id in self.protected:
+                if row_id in self._held:
                     continue
                 victims.append(row_id)
                 gaps.append(Gap(device, "quota", seq, received_at, stored=True))
                 need_rows -= 1
                 need_bytes -= size
-                self._delta_bytes -= size
+                evicted += size
             cursor.close()
             if victims:
                 self.db.executemany("DELETE FROM messages WHERE id = ?", ((v,) for v in victims))
@@ -328,10 +339,12 @@ class Store:
                     need_bytes -= len(item.data) + ROW_OVERHEAD
             if need_rows <= 0 and need_bytes <= 0:
                 break
-        return [item for n, item in enumerate(fresh) if n not in dropped]
+        return [item for n, item in enumerate(fresh) if n not in dropped], evicted
 
-    def _write_gaps(self, gaps: list[Gap], counts: Counter[int]) -> None:
-        """Fold drops into gap records: one open record per (device, reason)."""
+    def _write_gaps(self, gaps: list[Gap], counts: Counter[int]) -> int:
+        """Fold drops into gap records: one open record per (device, reason). Returns
+        how many bytes the gap records grew by."""
+        grown = 0
         groups: dict[tuple[str, str], list[Gap]] = {}
         for gap in gaps:
             groups.setdefault((gap.device, gap.reason), []).append(gap)
@@ -342,7 +355,7 @@ class Store:
             row = self.db.execute("SELECT id, size, data FROM messages WHERE prio = ? AND "
                                   "device = ? ORDER BY id DESC LIMIT 1",
                                   (PRIO_GAP, device)).fetchone()
-            if row and row[0] not in self.protected:
+            if row and row[0] not in self._held:
                 old = json.loads(row[2])
                 if old.get("reason") == reason:
                     record = wire.merge_gap_records(old, record)
@@ -350,7 +363,7 @@ class Store:
                     size = len(data) + ROW_OVERHEAD
                     self.db.execute("UPDATE messages SET data = ?, size = ? WHERE id = ?",
                                     (data, size, row[0]))
-                    self._delta_bytes += size - row[1]
+                    grown += size - row[1]
                     continue
             data = json.dumps(record, sort_keys=True).encode()
             size = len(data) + ROW_OVERHEAD
@@ -358,7 +371,8 @@ class Store:
                             "VALUES (?, NULL, ?, ?, ?, ?)",
                             (device, PRIO_GAP, self.clock(), size, data))
             counts[PRIO_GAP] += 1
-            self._delta_bytes += size
+            grown += size
+        return grown
 
     # --- forwarding ------------------------------------------------------------------------
 
@@ -420,14 +434,22 @@ class Store:
             for prio, size in gone:
                 self._counts[prio] -= 1
                 self._bytes -= size
-            self.protected.difference_update(ids)
+            self._held.difference_update(ids)
             return len(gone)
 
+    def sending(self, ids: Iterable[int]) -> None:
+        """Rows published upstream (in flight): held until deleted or released."""
+        self._held.update(ids)
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Rows whose publish came to nothing (the connection went): no longer held;
+        they go out again from the store."""
+        self._held.difference_update(ids)
+
     def delete_later(self, ids: Iterable[int]) -> None:
-        """Rows the upstream broker acknowledged: they stay protected, and the next
-        insert deletes them in its own transaction (one fsync for both), or
-        `flush_deletes` does when no insert came. Deleting late is safe: after a crash
-        an acknowledged row is at worst sent again (the same device and seq)."""
+        """Rows the upstream broker acknowledged: they stay held, and the next insert
+        deletes them in its own transaction (one fsync for both), or `flush_deletes`
+        does when no insert came."""
         with self._acked_lock:
             if not self._acked:
                 self._acked_since = time.monotonic()
@@ -468,27 +490,27 @@ class Store:
             db = self.db
             gaps: list[Gap] = []
             counts = Counter(self._counts)
+            evicted = 0
             db.execute("BEGIN IMMEDIATE")
             try:
                 for prio, seconds in ttl.items():
                     rows = db.execute("SELECT id, device, seq, received_at, size FROM messages "
                                       "WHERE prio = ? AND received_at < ?",
                                       (prio, now - seconds)).fetchall()
-                    rows = [r for r in rows if r[0] not in self.protected]
+                    rows = [r for r in rows if r[0] not in self._held]
                     db.executemany("DELETE FROM messages WHERE id = ?", ((r[0],) for r in rows))
                     counts[prio] -= len(rows)
                     for _, device, seq, received_at, size in rows:
                         gaps.append(Gap(device, "ttl", seq, received_at, stored=True))
-                        self._delta_bytes -= size
-                self._write_gaps(gaps, counts)
-                total = self._sum_bytes(counts, self._bytes, [])
+                        evicted += size
+                grown = self._write_gaps(gaps, counts)
                 db.execute("COMMIT")
             except BaseException:
-                self._delta_bytes = 0
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            self._counts, self._bytes = counts, total
+            self._counts = counts
+            self._bytes += grown - evicted
             self._report(gaps)
             return len(gaps)
 

@@ -6,8 +6,8 @@ import random
 
 import cbor2
 from citynode.gateway.config import parse_config
-from citynode.gateway.ingest import Ingest
 from citynode.gateway.metrics import Metrics
+from citynode.gateway.pole import PoleLink
 from citynode.gateway.store import DUPLICATE, REPLAYED, STORED, Store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,7 +63,7 @@ def make_ingest(tmp_path):
     registry = load_registry(registry_dir)
     metrics = Metrics()
     store = Store(tmp_path / "fuzz.db", config.store)
-    return Ingest(config, store, lambda: registry, metrics), metrics, store
+    return PoleLink(config, store, lambda: registry, metrics), metrics, store
 
 
 _SHARED: dict = {}

@@ -1,4 +1,4 @@
-"""Ingest: the local broker's envelopes, verified, committed, then acknowledged.
+"""The pole's broker: the nodes' envelopes, verified, committed, then acknowledged.
 
 The subscription is QoS 1 on a persistent session (MQTT 3.1.1, clean_session=False:
 measured 1.6x faster through Mosquitto than MQTT 5 here) with manual acks: a PUBACK goes to
@@ -6,6 +6,8 @@ the broker only after the envelope's group commit, so a crash at any point leave
 envelope either in the store or still queued in the broker (redelivered, deduped by
 the store's replay window). Rejected envelopes are acknowledged too (in order, after
 the same commit), counted by reason and logged at most once per interval per reason.
+
+The same session publishes downlinks to the nodes (`publish`, for the downlink relay).
 """
 
 from __future__ import annotations
@@ -23,31 +25,14 @@ from citynode import wire
 from citynode.registry import Registry
 
 from .config import Config
+from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqttio import BufferedClient
 from .store import DROPPED, DUPLICATE, REPLAYED, STORED, Incoming, Store
 
+# The logger keeps the name it had before the gateway's split into links, so the log
+# lines (and filters written for them) stay the same.
 log = logging.getLogger("citynode.gateway.ingest")
-
-class RateLimitedLog:
-    """One log line per key per interval; the next line says how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0):
-        self.logger, self.interval = logger, interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -1e9) < self.interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        suffix = f" ({suppressed} more like this since the last line)" if suppressed else ""
-        self.logger.warning(message + suffix, *args)
 
 
 class Verifier:
@@ -68,20 +53,21 @@ class Verifier:
 
 @dataclass
 class _Pending:
+    """A received message waiting for the group commit; `item` is None when rejected."""
+
     item: Incoming | None
     mid: int
     qos: int
     generation: int
 
 
-class Ingest:
-    """The local-broker client and the group-commit writer thread."""
+class PoleLink:
+    """The pole broker's client (paho's thread) and the group-commit writer thread."""
 
     def __init__(self, config: Config, store: Store, registry: Callable[[], Registry],
-                 metrics: Metrics, on_commit: Callable[[], None] = lambda: None):
+                 metrics: Metrics):
         self.config, self.store, self.metrics = config, store, metrics
         self.verifier = Verifier(registry)
-        self.on_commit = on_commit
         self.rlog = RateLimitedLog(log)
         # The paho thread appends here and wakes the writer only for a batch's first
         # row or a full batch: a wake-up per message costs more than the verify.
@@ -91,29 +77,33 @@ class Ingest:
         self.connected = False
         self.down_since: float | None = time.monotonic()
         self.heartbeat = time.monotonic()
-        self._generation = 0
+        self.failed: str | None = None  # set when a commit failed: the daemon exits
+        self._generation = 0  # per connection: acks only go to the session that sent
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
                                         daemon=True)
-        local = config.local
-        self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=local.client_id,
-                                     protocol=mqtt.MQTTv311, clean_session=False,
-                                     manual_ack=True)
+        self.client = self._make_client()
+
+    def _make_client(self) -> BufferedClient:
+        local = self.config.local
+        client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=local.client_id,
+                                protocol=mqtt.MQTTv311, clean_session=False, manual_ack=True)
         if local.username:
             password = (local.password_file.read_text().strip()
                         if local.password_file else None)
-            self.client.username_pw_set(local.username, password)
-        self.client.reconnect_delay_set(1, 10)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-
-    # --- MQTT callbacks (paho's network thread) ---------------------------------------------
+            client.username_pw_set(local.username, password)
+        client.reconnect_delay_set(1, 10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
 
     def start(self) -> None:
         self._writer.start()
         self.client.connect_async(self.config.local.host, self.config.local.port, keepalive=30)
         self.client.loop_start()
+
+    # --- MQTT callbacks (paho's network thread) ---------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -197,29 +187,31 @@ class Ingest:
             del self._inbox[:limits.commit_rows]
             return batch
 
-    failed: str | None = None
-
     def commit(self, batch: list[_Pending]) -> None:
+        """Store the batch in one transaction, then acknowledge all of it to the broker."""
         items = [p.item for p in batch if p.item is not None]
         if items:
             self.store.insert(items)  # raises on a store failure: nothing is acked
             self.metrics.inc("commits_total")
-            stored = 0
-            for item in items:
-                if item.outcome == STORED:
-                    stored += 1
-                elif item.outcome in (DUPLICATE, REPLAYED):
-                    self.reject(item.outcome, f"{item.device} seq {item.seq} "
-                                + ("was already received" if item.outcome == DUPLICATE
-                                   else "is older than the replay window"))
-                elif item.outcome == DROPPED:
-                    pass  # counted by the store's on_drop, reported as a gap record
-            self.metrics.inc("stored_total", stored)
-            self.on_commit()
+            self.metrics.inc("stored_total", self._count_outcomes(items))
         for pending in batch:
             if pending.qos > 0 and pending.generation == self._generation and self.connected:
                 self.client.ack(pending.mid, pending.qos)
         self.heartbeat = time.monotonic()
+
+    def _count_outcomes(self, items: list[Incoming]) -> int:
+        """Report duplicates and replays as rejects; returns how many were stored."""
+        stored = 0
+        for item in items:
+            if item.outcome == STORED:
+                stored += 1
+            elif item.outcome in (DUPLICATE, REPLAYED):
+                self.reject(item.outcome, f"{item.device} seq {item.seq} "
+                            + ("was already received" if item.outcome == DUPLICATE
+                               else "is older than the replay window"))
+            elif item.outcome == DROPPED:
+                pass  # counted by the store's on_drop, reported as a gap record
+        return stored
 
     def drain(self) -> None:
         """Commit and acknowledge whatever is queued (for shutdown)."""
@@ -228,8 +220,11 @@ class Ingest:
         if batch:
             self.commit(batch)
 
-    def relay_down(self, device: str, data: bytes) -> bool:
-        info = self.client.publish(wire.down_topic(device), data, qos=1)
+    # --- downlink, shutdown ------------------------------------------------------------------
+
+    def publish(self, topic: str, data: bytes) -> bool:
+        """Publish to the nodes at QoS 1; False when paho could not take it (broker down)."""
+        info = self.client.publish(topic, data, qos=1)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def stop(self) -> None:
