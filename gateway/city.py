@@ -38,9 +38,7 @@ from .metrics import Metrics
 from .mqttio import BufferedClient
 from .store import Row, Store
 
-# The logger keeps the name it had before the gateway's split into links, so the log
-# lines (and filters written for them) stay the same.
-log = logging.getLogger("citynode.gateway.forward")
+log = logging.getLogger("citynode.gateway.city")
 
 CONNACK_TIMEOUT_S = 15.0
 DELETE_EVERY_S = 0.2  # acked rows wait this long for the pole link's commit to delete them

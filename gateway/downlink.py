@@ -21,9 +21,7 @@ from .config import ConfigError
 from .logs import RateLimitedLog
 from .metrics import Metrics
 
-# The logger keeps the name it had before the gateway's split into links (the relay
-# was part of the forwarder), so the log lines stay the same.
-log = logging.getLogger("citynode.gateway.forward")
+log = logging.getLogger("citynode.gateway.downlink")
 
 
 def load_operator_key(path: Path) -> ec.EllipticCurvePublicKey:

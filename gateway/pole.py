@@ -30,9 +30,7 @@ from .metrics import Metrics
 from .mqttio import BufferedClient
 from .store import DROPPED, DUPLICATE, REPLAYED, STORED, Incoming, Store
 
-# The logger keeps the name it had before the gateway's split into links, so the log
-# lines (and filters written for them) stay the same.
-log = logging.getLogger("citynode.gateway.ingest")
+log = logging.getLogger("citynode.gateway.pole")
 
 
 class Verifier:
