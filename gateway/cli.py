@@ -1,44 +1,49 @@
 """`citynode-gateway`: run the daemon, or print a technician's status summary.
 
-Errors become exit codes here and only here: 0 ok, 1 unhealthy (status), 2 bad
-config or registry, 3 store failure, 4 a stuck worker loop, 5 local broker gone.
+Exit codes (docs/cli.md): 0 ok, 1 unhealthy (status), 2 bad config or registry, 3
+store failure, 4 a stuck worker loop, 5 local broker gone.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 
+from citynode import cli
 from citynode.registry import RegistryError
 
 from .config import Config, ConfigError, load_config
 from .scrape import fetch_health
 from .store import StoreError
 
-EXIT_UNHEALTHY, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
+EXIT_UNHEALTHY, EXIT_CONFIG, EXIT_STORE = cli.EXIT_FAILED, cli.EXIT_USAGE, 3
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="citynode-gateway", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    run_cmd = sub.add_parser("run", help="run the gateway daemon (systemd: Type=notify)")
+    run_cmd.set_defaults(func=lambda args: run(_config(args)))
+    status_cmd = sub.add_parser("status", help="print a short status summary for a technician")
+    status_cmd.set_defaults(func=lambda args: status(_config(args), args.json))
+    cli.add_json_flag(status_cmd)
+    for cmd in (run_cmd, status_cmd):
+        cmd.add_argument("--config", "-c", required=True, help="gateway TOML file")
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="citynode-gateway", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run the gateway daemon (systemd: Type=notify)"),
-                       ("status", "print a short status summary for a technician")):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", "-c", required=True, help="gateway TOML file")
-        if name == "status":
-            cmd.add_argument("--json", action="store_true", help="print the raw status JSON")
-    args = parser.parse_args(argv)
+    return cli.run("citynode-gateway", parser(), argv)
+
+
+def _config(args: argparse.Namespace) -> Config:
     try:
-        config = load_config(args.config)
+        return load_config(args.config)
     except ConfigError as exc:
-        print(f"citynode-gateway: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.command == "status":
-        return status(config, args.json)
-    return run(config)
+        raise cli.CliError(f"config error: {exc}", "fix the file and start again",
+                           exit_code=EXIT_CONFIG) from None
 
 
 def run(config: Config) -> int:
@@ -81,10 +86,7 @@ def status(config: Config, as_json: bool = False) -> int:
         print(f"gateway {config.gateway_id}: not running, and no status in {config.state_dir} "
               "(has it ever run? check `journalctl -u citynode-gateway`)")
         return EXIT_UNHEALTHY
-    if as_json:
-        print(json.dumps(data, indent=1))
-    else:
-        print(summary(data, source))
+    cli.print_result(data, summary(data, source), as_json)
     return 0 if source == "live" and data.get("status") == "ok" else EXIT_UNHEALTHY
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from citynode import wire
+from citynode import cli, wire
 from citynode.boards import BoardCatalogueError, get_board
 
 from . import deploy, flash, fleet, keys, ports, provision, receipts, verify
@@ -72,27 +72,37 @@ def _registry_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", type=Path, required=True, help="fleet registry directory")
 
 
+def _command(fn: Callable[[argparse.Namespace, Output], int]
+             ) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's `func`: the command with the output its --json asks for."""
+    return lambda args: fn(args, Output(args.json))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="citynode-provision", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("detect", help="ports, chip, MAC, MicroPython, provisioning state")
+    p.set_defaults(func=_command(cmd_detect))
     _common(p, many=True)
     p.add_argument("--no-chip", action="store_true",
                    help="do not reset into download mode for chip/flash details")
     p.add_argument("--all-ports", action="store_true", help="list every serial port")
 
     p = sub.add_parser("flash", help="write the MicroPython image, verified")
+    p.set_defaults(func=_command(cmd_flash))
     _common(p)
     _board_args(p)
     _image_args(p)
 
     p = sub.add_parser("deploy", help="copy the firmware (changed files only) and the config")
+    p.set_defaults(func=_command(cmd_deploy))
     _common(p)
     _board_args(p)
     _config_args(p)
 
     p = sub.add_parser("keys", help="key on the node, public key into the registry")
+    p.set_defaults(func=_command(cmd_keys))
     _common(p)
     _board_args(p)
     _registry_arg(p)
@@ -102,18 +112,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force-rekey", action="store_true",
                    help="replace a registered device's key (a replaced board)")
 
-    for name, text in (("rotate", "new key on the node, registry updated"),
-                       ("revoke", "mark a device revoked in the registry")):
+    for name, text, cmd in (("rotate", "new key on the node, registry updated", cmd_rotate),
+                            ("revoke", "mark a device revoked in the registry", cmd_revoke)):
         p = sub.add_parser(name, help=text)
+        p.set_defaults(func=_command(cmd))
         p.add_argument("device", help="device id, cn-<12 hex>")
         _common(p)
         _registry_arg(p)
 
     p = sub.add_parser("verify", help="signed self-test, checked against the registry")
+    p.set_defaults(func=_command(cmd_verify))
     _common(p)
     _registry_arg(p)
 
     p = sub.add_parser("provision", help="everything, idempotent, several boards at once")
+    p.set_defaults(func=_command(cmd_provision))
     _common(p, many=True)
     p.add_argument("--all", action="store_true", help="every detected board")
     _board_args(p)
@@ -132,24 +145,14 @@ def parser() -> argparse.ArgumentParser:
 
 # --- output ------------------------------------------------------------------------
 class Output:
+    """Progress events (bars, or JSON lines with --json) and the command's one result."""
+
     def __init__(self, as_json: bool):
         self.as_json = as_json
         self.events = Events([json_sink() if as_json else BarSink()])
 
     def result(self, obj: dict[str, Any], human: str) -> None:
-        if self.as_json:
-            sys.stdout.write(json.dumps({"result": obj}, default=str) + "\n")
-        else:
-            sys.stdout.write(human.rstrip("\n") + "\n")
-        sys.stdout.flush()
-
-    def error(self, exc: ProvisionError) -> None:
-        if self.as_json:
-            sys.stdout.write(json.dumps({"result": exc.to_dict() | {"ok": False}}) + "\n")
-        else:
-            sys.stderr.write(f"error: {exc.message}\n")
-            if exc.fix:
-                sys.stderr.write(f"  what to do: {exc.fix}\n")
+        cli.print_result(obj, human, self.as_json)
 
 
 def _one_port(args: argparse.Namespace) -> str:
@@ -431,22 +434,9 @@ def cmd_provision(args: argparse.Namespace, out: Output) -> int:
     return codes.pop() if len(codes) == 1 else 1
 
 
-COMMANDS = {"detect": cmd_detect, "flash": cmd_flash, "deploy": cmd_deploy, "keys": cmd_keys,
-            "rotate": cmd_rotate, "revoke": cmd_revoke, "verify": cmd_verify,
-            "provision": cmd_provision}
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    out = Output(args.json)
-    try:
-        return COMMANDS[args.command](args, out)
-    except ProvisionError as exc:
-        out.error(exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; re-run the same command to continue where it stopped\n")
-        return 130
+    return cli.run("citynode-provision", parser(), argv,
+                   interrupted="re-run the same command to continue where it stopped")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ driven from tests and scripts without parsing text.
 
 from __future__ import annotations
 
+from citynode.cli import EXIT_USAGE, CliError
+
 # exit codes by family, so a script can tell a cable problem from a registry problem
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+# (docs/cli.md); 1 and 2 are every citynode command's
 EXIT_PORT = 3
 EXIT_FLASH = 4
 EXIT_DEVICE = 5
@@ -16,22 +17,8 @@ EXIT_REGISTRY = 6
 EXIT_VERIFY = 7
 
 
-class ProvisionError(Exception):
+class ProvisionError(CliError):
     """Base: `message` says what happened, `fix` what to do about it."""
-
-    exit_code = EXIT_FAILED
-    kind = "failed"
-
-    def __init__(self, message: str, fix: str = ""):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        return f"{self.message}; {self.fix}" if self.fix else self.message
-
-    def to_dict(self) -> dict[str, str]:
-        return {"error": self.kind, "message": self.message, "fix": self.fix}
 
 
 class UsageError(ProvisionError):
