@@ -3,12 +3,13 @@
 The board catalogue validates `sensors:` against it, provisioning writes each part's
 wiring and cadence into the node's config from it, and the emulator attaches one
 simulated part per entry (emulator/devices/, registered by the same name). The
-firmware has its own registry of drivers (firmware/drivers/__init__.py); a test
-checks that it names the same parts and quantities as this table.
+firmware has its own registry, part name -> the class that samples it
+(firmware/node/sensors.py PARTS); tests/test_parts.py runs it on MicroPython and
+checks that it names the same parts, buses and quantities as this table.
 
-Adding a part: an entry here, a driver in firmware/drivers/ registered in its
-__init__.py, a simulated part in emulator/devices/, and the part on a board in
-boards.yaml (docs/decisions.md, "Where things live").
+Adding a part: an entry here, a driver in firmware/drivers/ and its class in
+firmware/node/sensors.py PARTS, a simulated part in emulator/devices/, and the part
+on a board in boards.yaml (docs/decisions.md, "Where things live").
 """
 
 from __future__ import annotations

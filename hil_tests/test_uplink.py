@@ -41,11 +41,11 @@ def test_downlink_obeys_the_operator_key_only_once(node: Bench):
     sender.loop_start()
 
     def answer(command: bytes) -> str:
-        """What the node says to a command (its cmd/ record, sent at once)."""
-        seen = len(sub.bodies(wire.KIND_EVENT))
+        """What the node says to a command (its cmd/ status record, sent at once)."""
+        seen = len(sub.bodies(wire.KIND_STATUS))
         sender.publish(f"citynode/down/{node.device}", command, qos=1).wait_for_publish(10)
-        events = sub.wait(seen + 1, timeout=15, kind=wire.KIND_EVENT)
-        return next(v for n, v in records(events[seen]).items() if n.startswith("cmd/"))
+        answers = sub.wait(seen + 1, timeout=15, kind=wire.KIND_STATUS)
+        return next(v for n, v in records(answers[seen]).items() if n.startswith("cmd/"))
 
     try:
         with node.listen() as sub:

@@ -239,9 +239,12 @@ class SoundMeter:
     samples the driver lost. Levels are dB(A) re 20 uPa: fs_db_spl is the SPL of
     a full-scale (2**23 peak) sine, 120 dB for a -26 dBFS @ 94 dB microphone,
     cal_db the per-microphone correction from config.
+    The window ends when the owner calls close_window() (the node's window clock).
+    Only a meter that runs on its own (a bench, a test) gives window_s: then it
+    also closes a window every window_s of audio, through on_window.
     """
 
-    def __init__(self, rate=48000, window_s=60, cal_db=0.0, fs_db_spl=120.0,
+    def __init__(self, rate=48000, window_s=0, cal_db=0.0, fs_db_spl=120.0,
                  event_rise_db=15.0, background_s=10.0, on_event=None, on_window=None,
                  clock_ms=None, max_events=8):
         if rate % 8:

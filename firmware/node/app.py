@@ -1,10 +1,12 @@
 """The node: sample -> aggregate -> encode -> sign -> send, as asyncio tasks.
 
 Each sensor samples on its own cadence into the current window; the microphone
-is read continuously into the sound meter; when a window closes its statistics,
-the sound metrics and the node's health become one signed envelope for the
-uplink (which spools while the network is away). Impulse events are signed and
-sent at once. The watchdog is fed only while every task makes progress.
+is read continuously into the sound meter; when the window clock (window_loop,
+the node's only one) closes a window, its statistics, the sound metrics and the
+node's health become one signed envelope for the uplink (which spools while the
+network is away). Impulse events (kind event) and command results and crash
+reports (kind status) are signed and sent at once. The watchdog is fed only while
+every task makes progress.
 """
 
 import asyncio
@@ -14,7 +16,7 @@ import time
 
 import machine
 
-from node import aggregate, commands, config, cose, keys, p256, payload, safemode, seqno
+from node import aggregate, commands, config, keys, p256, payload, safemode, seqno
 from node import sensors, supervisor, uplink, version, wifi
 from node.spool import EVENT, ROUTINE
 
@@ -34,10 +36,11 @@ class Node:
         self.window = aggregate.Window()
         self.window_started = time.ticks_ms()
         self.sensors = sensors.build(cfg)
-        self.meter = None
-        self.mic = None
+        self.sound = None           # the microphone, once the audio task has opened it
         self.lamp = None
         self.errors = {}
+        self.urgent = []            # (kind, records, ticks_ms): sent at once by event_loop
+        self.healthy_marked = False
         self.supervisor = supervisor.Supervisor(cfg.get("wdt_ms", 30000))
         self.commands = commands.Commands(self.device, self.keys, {
             "set_interval": self._set_interval,
@@ -53,17 +56,8 @@ class Node:
 
     # --- envelopes ------------------------------------------------------------------
     def envelope(self, kind, records, uptime_ms=None):
-        if uptime_ms is None:
-            uptime_ms = time.ticks_ms() & 0x3FFFFFFF
-        synced = time.gmtime()[0] >= 2024
-        body = payload.encode_payload(self.device, self.seq.next(), self.seq.boot, uptime_ms,
-                                      kind, records, payload.unix_time() if synced else None)
-        if self.cfg["alg"] == "HMAC256":
-            return cose.mac0(body, self.device, self.keys)
-        return cose.sign1(body, self.device, self.keys)
-
-    async def send(self, kind, records, uptime_ms=None, priority=ROUTINE):
-        await self.uplink.send(self.envelope(kind, records, uptime_ms), priority)
+        return payload.seal(self.device, self.seq, self.keys, kind, records, uptime_ms,
+                            self.cfg["alg"])
 
     def _count_error(self, where, exc):
         self.errors[where] = self.errors.get(where, 0) + 1
@@ -88,34 +82,26 @@ class Node:
             self.supervisor.beat(name, quiet_ms=int(sensor.interval_s * 1000) + SENSOR_GRACE_MS)
             await sensor.wait_next()
 
-    async def audio_loop(self):
-        from drivers.mic import Mic
-        from node.acoustic import SoundMeter
-        spec = self.cfg["sensors"]["mic"]
-        rate = spec.get("rate", 48000)
-        self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
-                       rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", 16384))
-        self.meter = SoundMeter(rate=rate, window_s=10 ** 6, cal_db=spec.get("calibration_db", 0.0),
-                                event_rise_db=self.cfg["impulse_db"], on_event=self._impulse)
+    async def audio_loop(self, spec):
+        self.sound = sensors.Sound(spec, self.cfg["impulse_db"], self._impulse)
         self.supervisor.register("audio")
-        while True:
-            n = await self.mic.aread()
-            self.meter.process(self.mic.samples, n)
-            lost = self.mic.take_overruns()
-            if lost:
-                self.meter.add_overruns(lost)
-            self.supervisor.beat("audio")
+        await self.sound.run(lambda: self.supervisor.beat("audio"))
 
     def _impulse(self, t_ms, level, rise):
         records = [("noise/impulse", "dBA", round(level, 1)), ("noise/rise", "dB", round(rise, 1))]
-        self.urgent.append((records, t_ms & 0x3FFFFFFF))
+        self.urgent.append((payload.KIND_EVENT, records, t_ms))
+
+    def _status(self, records, t_ms):
+        """Command results and crash reports: kind status, sent at once like events."""
+        self.urgent.append((payload.KIND_STATUS, records, t_ms))
 
     async def event_loop(self):
         self.supervisor.register("events")
         while True:
             while self.urgent:
-                records, t_ms = self.urgent.pop(0)
-                await self.send(payload.KIND_EVENT, records, t_ms, priority=EVENT)
+                kind, records, t_ms = self.urgent.pop(0)
+                # spool priority EVENT: kept longest when the spool is full (they are few)
+                await self.uplink.send(self.envelope(kind, records, t_ms), EVENT)
             self.supervisor.beat("events")
             await asyncio.sleep_ms(20)
 
@@ -128,7 +114,8 @@ class Node:
                 continue
             self.window_started = time.ticks_ms()
             await self.uplink.send(self.close_window(), ROUTINE)
-            if time.ticks_ms() > HEALTHY_AFTER_MS and not self.healthy_marked:
+            # uptime, as in every envelope: ticks_ms counts from the chip's reset
+            if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > HEALTHY_AFTER_MS:
                 safemode.mark_healthy()
                 self.healthy_marked = True
 
@@ -137,20 +124,12 @@ class Node:
         rh = self.window.stats.get("env/humidity")
         if rh is not None and rh.mean() > HUMID_RH and "air/pm2_5" in self.window.stats:
             self.window.flag("air/pm_quality", "humid")
-        records = self.window.records() + self._sound_records() + self._health_records()
+        records = self.window.records()
+        if self.sound is not None:
+            records += self.sound.records()
+        records += self._health_records()
         self.window = aggregate.Window()
         return self.envelope(payload.KIND_READINGS, records)
-
-    def _sound_records(self):
-        if self.meter is None:
-            return []
-        w = self.meter.close_window()
-        if not w["blocks"]:
-            return [("noise/status", None, "no audio")]
-        return [("noise/laeq", "dBA", round(w["laeq"], 1)), ("noise/lamax", "dBA", round(w["lamax"], 1)),
-                ("noise/lamin", "dBA", round(w["lamin"], 1)), ("noise/l10", "dBA", round(w["l10"], 1)),
-                ("noise/l90", "dBA", round(w["l90"], 1)),
-                ("noise/overruns", "count", w["overruns"])]
 
     def _health_records(self):
         gc.collect()
@@ -176,11 +155,10 @@ class Node:
     def _downlink(self, envelope):
         try:
             name, result = self.commands.handle(envelope)
-            self.urgent.append(([("cmd/" + name, None, "ok" if result is None else str(result))],
-                                time.ticks_ms() & 0x3FFFFFFF))
+            self._status([("cmd/" + name, None, "ok" if result is None else str(result))],
+                         time.ticks_ms())
         except commands.CommandRefused as exc:
-            self.urgent.append(([("cmd/refused", None, exc.reason)],
-                                time.ticks_ms() & 0x3FFFFFFF))
+            self._status([("cmd/refused", None, exc.reason)], time.ticks_ms())
 
     def _set_interval(self, args):
         seconds = args["seconds"]
@@ -223,16 +201,15 @@ class Node:
 
     # --- main -----------------------------------------------------------------------------
     async def run(self):
-        self.urgent = []
-        self.healthy_marked = False
         crash = safemode.last_crash()
         if crash:
-            self.urgent.append(([("node/last_crash", None, crash[-200:])], 0))
+            self._status([("node/last_crash", None, crash[-200:])], 0)
         tasks = [self.wifi.run(), self.uplink.run(), self.window_loop(), self.event_loop(),
                  self.supervisor.run()]
         tasks += [self.sensor_loop(s) for s in self.sensors]
-        if "mic" in self.cfg["sensors"]:
-            tasks.append(self.audio_loop())
+        mic = self.cfg["sensors"].get("mic")
+        if mic is not None:
+            tasks.append(self.audio_loop(mic))
         await asyncio.gather(*tasks)
 
 

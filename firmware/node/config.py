@@ -5,6 +5,8 @@ app with one console line that says which key is wrong and what to write.
 
 import json
 
+from node import sensors as parts
+
 CONFIG_PATH = "/config.json"
 WIFI_SECRET_PATH = "/secret/wifi.json"
 
@@ -16,7 +18,6 @@ DEFAULTS = {
     "impulse_db": 15.0,
     "sensors": {},
 }
-SENSOR_KEYS = ("bh1750", "bme280", "pms5003", "mic")
 
 
 class ConfigError(ValueError):
@@ -52,15 +53,15 @@ def validate(cfg):
     sensors = cfg["sensors"]
     _need(isinstance(sensors, dict), "sensors", "must be an object of sensor settings")
     for name in sensors:
-        _need(name in SENSOR_KEYS, "sensors." + name, "is not a sensor we drive")
+        _need(name in parts.PARTS, "sensors." + name, "is not a sensor we drive")
         spec = sensors[name]
         _need(isinstance(spec, dict), "sensors." + name, "must be an object")
-        interval = spec.get("interval_s", 10)
+        interval = spec.get("interval_s", parts.INTERVAL_S)
         _need(_number(interval, 0.1, 3600), "sensors.%s.interval_s" % name,
               "must be seconds between 0.1 and 3600")
     mic = sensors.get("mic")
     if mic is not None:
-        _need(mic.get("rate", 48000) in (16000, 48000), "sensors.mic.rate",
+        _need(mic.get("rate", parts.RATE) in parts.RATES, "sensors.mic.rate",
               "must be 16000 or 48000")
         _need(_number(mic.get("calibration_db", 0.0), -20, 20), "sensors.mic.calibration_db",
               "must be a dB offset between -20 and 20")

@@ -37,13 +37,18 @@ class NodeKeys:
         if self._priv is None:
             raw = read(self._path(NODE_KEY))
             if raw is None:
-                makedirs(self.base)
-                raw = p256.new_private_key()
-                write_atomic(self._path(NODE_KEY), raw)
-            else:
-                p256.check_private(raw)  # raises ValueError if damaged
+                return self._new_key()
+            p256.check_private(raw)  # raises ValueError if damaged
             self._priv = raw
         return self._priv
+
+    def _new_key(self):
+        makedirs(self.base)
+        raw = p256.new_private_key()
+        write_atomic(self._path(NODE_KEY), raw)
+        self._priv = raw
+        self._pub = None
+        return raw
 
     def has_key(self):
         """True once the node key exists (without creating it)."""
@@ -64,11 +69,7 @@ class NodeKeys:
 
     def rotate(self):
         """Replace the node key with a fresh one (downlink `rotate_key`); returns the new public key."""
-        makedirs(self.base)
-        raw = p256.new_private_key()
-        write_atomic(self._path(NODE_KEY), raw)
-        self._priv = raw
-        self._pub = None
+        self._new_key()
         return self.public_key()
 
     # --- HMAC secret (low-power COSE_Mac0 option) -----------------------------

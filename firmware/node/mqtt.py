@@ -267,6 +267,16 @@ class Client:
         self._waiting[(kind, pid)] = slot
         return slot
 
+    async def _request(self, kind, pid, what, timeout_ms, *parts):
+        """Send a packet the broker answers with (kind, pid); return the answer's body."""
+        slot = self._expect(kind, pid)
+        try:
+            await self._send(*parts)
+        except MQTTError:
+            self._waiting.pop((kind, pid), None)
+            raise
+        return await self._wait(kind, pid, slot, what, timeout_ms)
+
     async def _wait(self, kind, pid, slot, what, timeout_ms=None):
         timeout_ms = timeout_ms or self.timeout_ms
         try:
@@ -291,13 +301,8 @@ class Client:
             await self._send(first + head, payload)
             return None
         pid = self._next_pid()
-        slot = self._expect(PUBACK, pid)
-        try:
-            await self._send(first + head + struct.pack("!H", pid), payload)
-        except MQTTError:
-            self._waiting.pop((PUBACK, pid), None)
-            raise
-        await self._wait(PUBACK, pid, slot, "PUBACK for packet %d" % pid, timeout_ms)
+        await self._request(PUBACK, pid, "PUBACK for packet %d" % pid, timeout_ms,
+                            first + head + struct.pack("!H", pid), payload)
         return pid
 
     async def subscribe(self, topic, qos=1):
@@ -306,13 +311,7 @@ class Client:
             raise ValueError("this client subscribes at QoS 0 or 1")
         pid = self._next_pid()
         body = struct.pack("!H", pid) + _str(topic) + bytes((qos,))
-        slot = self._expect(SUBACK, pid)
-        try:
-            await self._send(b"\x82" + _varlen(len(body)), body)
-        except MQTTError:
-            self._waiting.pop((SUBACK, pid), None)
-            raise
-        ack = await self._wait(SUBACK, pid, slot, "SUBACK")
+        ack = await self._request(SUBACK, pid, "SUBACK", None, b"\x82" + _varlen(len(body)), body)
         if len(ack) < 3 or ack[2] == 0x80:
             raise SubscribeRefused("broker refused the subscription to %s" % topic)
         return ack[2]

@@ -1,4 +1,5 @@
-"""The uplink payload map (docs/wire-format.md): keys 1..7, SenML records with CBOR labels.
+"""The uplink payload map (docs/wire-format.md): keys 1..7, SenML records with CBOR labels,
+and seal(): the one builder of the node's signed envelopes (the app's and the self-test's).
 
 Records are tuples (name, unit, value) or (name, unit, value, t), or dicts with
 SenML names ("n", "u", "v", "vs", "vb", "s", "t", "bn", "bt", "bu") or their
@@ -8,7 +9,7 @@ keys ascend, a tuple record is written n, u, v, t, and a dict record's labels ar
 sorted by their encoded bytes (non-negative labels first, then bn, bt, bu).
 """
 
-from node import cbor
+from node import cbor, cose
 
 KIND_READINGS = 0
 KIND_EVENT = 1
@@ -94,3 +95,19 @@ def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
     pairs.append((6, kind))
     pairs.append((7, [record(r) for r in records]))
     return cbor.encode(cbor.Map(pairs))
+
+
+def seal(device, seq, key, kind, records, uptime_ms=None, alg="ES256"):
+    """A signed envelope of `records`: the payload with seq.next() and seq.boot (a
+    seqno.Sequence), the uptime (ticks_ms now unless given), the Unix time once the clock
+    is synced (absent before), then COSE_Sign1 (ES256) or, for alg HMAC256, COSE_Mac0
+    with the node's key (keys.NodeKeys)."""
+    import time
+    if uptime_ms is None:
+        uptime_ms = time.ticks_ms()
+    synced = time.gmtime()[0] >= 2024
+    body = encode_payload(device, seq.next(), seq.boot, uptime_ms & 0x3FFFFFFF, kind, records,
+                          unix_time() if synced else None)
+    if alg == "HMAC256":
+        return cose.mac0(body, device, key)
+    return cose.sign1(body, device, key)

@@ -1,27 +1,46 @@
-"""The node's slow sensors behind one small interface, built from config.json.
+"""The parts the node drives: one registry, PARTS, from config.json's part name to the
+class that samples it. Each class declares its bus and its quantities (SenML name,
+unit) as citynode/parts.py does for the host (tests/test_parts.py checks they agree);
+config validation and build() read PARTS, and the app's sound records come from
+Sound.QUANTITIES.
 
-    sensor.name, sensor.interval_s
+    sensor.name, sensor.interval_s          (name: the records' group, e.g. "env")
     await sensor.sample() -> [(quantity, unit, value), ...]  (raises SensorError)
     await sensor.wait_next()
-The microphone is not here: it is read continuously by the app's audio task.
+The microphone (Sound) is read continuously by the app's audio task, not sampled.
+machine is imported only when a part is set up, so the registry also loads on a
+MicroPython without one (the host's test).
 """
 
 import asyncio
-
-from machine import I2C, UART, Pin
 
 from drivers.bh1750 import BH1750
 from drivers.bme280 import BME280
 from drivers.pms5003 import PMS5003
 
-PMS_WARMUP_S = 30
-PMS_SLEEP_AFTER_S = 3 * PMS_WARMUP_S   # sleep the fan only when it would idle this long
+INTERVAL_S = 10     # a part's sampling interval when config.json gives none
+RATE = 48000        # the microphone's sample rate when config.json gives none
+RATES = (16000, 48000)
 
 
 class Sensor:
-    def __init__(self, name, spec):
-        self.name = name
-        self.interval_s = spec.get("interval_s", 10)
+    """A part sampled on a cadence; a subclass gives BUS, QUANTITIES and read()."""
+
+    def __init__(self, spec):
+        first = self.QUANTITIES[0][0]
+        self.name = first[:first.find("/")]
+        self.interval_s = spec.get("interval_s", INTERVAL_S)
+
+    async def sample(self):
+        values = await self.read()
+        if values is None:          # nothing to report yet (the PMS5003's fan warming up)
+            return []
+        out = []
+        i = 0
+        for name, unit in self.QUANTITIES:
+            out.append((name, unit, values[i]))
+            i += 1
+        return out
 
     async def wait_next(self):
         await asyncio.sleep_ms(int(self.interval_s * 1000))
@@ -31,48 +50,53 @@ class Sensor:
 
 
 class Light(Sensor):
-    def __init__(self, spec, i2c):
-        Sensor.__init__(self, "light", spec)
-        self.part = BH1750(i2c, spec.get("address", 0x23))
+    BUS = "i2c"
+    QUANTITIES = (("light/lux", "lx"),)
 
-    async def sample(self):
-        return [("light/lux", "lx", await self.part.alux())]
+    def __init__(self, spec, bus):
+        Sensor.__init__(self, spec)
+        self.part = BH1750(bus, spec.get("address", 0x23))
+
+    async def read(self):
+        return (await self.part.alux(),)
 
 
 class Weather(Sensor):
-    def __init__(self, spec, i2c):
-        Sensor.__init__(self, "env", spec)
-        self.part = BME280(i2c, spec.get("address", 0x76))
+    BUS = "i2c"
+    QUANTITIES = (("env/temperature", "Cel"), ("env/humidity", "%RH"), ("env/pressure", "Pa"))
 
-    async def sample(self):
-        t, h, p = await self.part.aread()
-        return [("env/temperature", "Cel", t), ("env/humidity", "%RH", h),
-                ("env/pressure", "Pa", p)]
+    def __init__(self, spec, bus):
+        Sensor.__init__(self, spec)
+        self.part = BME280(bus, spec.get("address", 0x76))
+
+    async def read(self):
+        return await self.part.aread()
 
 
 class Particulates(Sensor):
-    """PMS5003 in passive mode; its fan sleeps between readings when they are far apart."""
+    """PMS5003 in passive mode; its fan sleeps between readings when they are far apart
+    (the interval is at least three warm-ups)."""
+    BUS = "uart"
+    QUANTITIES = (("air/pm1_0", "ug/m3"), ("air/pm2_5", "ug/m3"), ("air/pm10", "ug/m3"))
 
-    def __init__(self, spec):
-        Sensor.__init__(self, "air", spec)
+    def __init__(self, spec, bus):
+        from machine import UART, Pin
+        Sensor.__init__(self, spec)
         uart = UART(spec.get("uart", 2), 9600, tx=spec.get("tx"), rx=spec.get("rx"), rxbuf=256)
         set_pin = Pin(spec["set"], Pin.OUT) if spec.get("set") is not None else None
         self.part = PMS5003(uart, set_pin=set_pin)
 
-    async def sample(self):
-        reading = await self.part.aread()
-        if reading is None:        # the fan is still warming up: nothing to report yet
-            return []
-        pm1, pm25, pm10 = reading
-        return [("air/pm1_0", "ug/m3", pm1), ("air/pm2_5", "ug/m3", pm25),
-                ("air/pm10", "ug/m3", pm10)]
+    async def read(self):
+        return await self.part.aread()     # None while the fan warms up
 
     async def wait_next(self):
-        if self.interval_s < PMS_SLEEP_AFTER_S:
+        warmup_ms = self.part.warmup_ms
+        interval_ms = int(self.interval_s * 1000)
+        if interval_ms < 3 * warmup_ms:
             await Sensor.wait_next(self)
             return
         self.part.sleep()
-        await asyncio.sleep_ms(int((self.interval_s - PMS_WARMUP_S - 2) * 1000))
+        await asyncio.sleep_ms(interval_ms - warmup_ms - 2000)
         self.part.wake()
         while self.part.warming_up:
             await asyncio.sleep_ms(500)
@@ -81,18 +105,62 @@ class Particulates(Sensor):
         self.part.sleep()
 
 
+class Sound:
+    """The I2S microphone read continuously into the A-weighted sound meter; the app's
+    window clock closes the meter's window (records())."""
+    BUS = "i2s"
+    QUANTITIES = (("noise/laeq", "dBA"), ("noise/lamax", "dBA"), ("noise/lamin", "dBA"),
+                  ("noise/l10", "dBA"), ("noise/l90", "dBA"))
+
+    def __init__(self, spec, impulse_db, on_event):
+        from drivers.mic import Mic
+        from node.acoustic import SoundMeter
+        rate = spec.get("rate", RATE)
+        self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
+                       rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", 16384))
+        self.meter = SoundMeter(rate=rate, cal_db=spec.get("calibration_db", 0.0),
+                                event_rise_db=impulse_db, on_event=on_event)
+
+    async def run(self, beat):
+        """Read the microphone into the meter forever; beat() after every chunk."""
+        mic = self.mic
+        meter = self.meter
+        while True:
+            n = await mic.aread()
+            meter.process(mic.samples, n)
+            lost = mic.take_overruns()
+            if lost:
+                meter.add_overruns(lost)
+            beat()
+
+    def records(self):
+        """The sound records of the window that ends now; the meter starts the next one."""
+        w = self.meter.close_window()
+        if not w["blocks"]:
+            return [("noise/status", None, "no audio")]
+        out = [(name, unit, round(w[name[name.find("/") + 1:]], 1))
+               for name, unit in self.QUANTITIES]
+        out.append(("noise/overruns", "count", w["overruns"]))
+        return out
+
+
+PARTS = {"bh1750": Light, "bme280": Weather, "pms5003": Particulates, "mic": Sound}
+
+
 def build(cfg):
-    """The configured sensors; a part that cannot be set up yet is retried by its task."""
+    """The configured parts sampled on a cadence (not the microphone), in part-name order.
+    The I2C parts share one bus, opened with the pins of the first of them; a part that
+    cannot be set up yet is retried by its task."""
     specs = cfg["sensors"]
     out = []
     i2c = None
-    for name in ("bh1750", "bme280"):
-        spec = specs.get(name)
-        if spec is None:
+    for name in sorted(specs):
+        cls = PARTS[name]
+        spec = specs[name]
+        if cls.BUS == "i2s":
             continue
-        if i2c is None:
+        if cls.BUS == "i2c" and i2c is None:
+            from machine import I2C, Pin
             i2c = I2C(spec.get("i2c", 0), scl=Pin(spec["scl"]), sda=Pin(spec["sda"]), freq=400000)
-        out.append(Light(spec, i2c) if name == "bh1750" else Weather(spec, i2c))
-    if "pms5003" in specs:
-        out.append(Particulates(specs["pms5003"]))
+        out.append(cls(spec, i2c))
     return out
