@@ -16,9 +16,9 @@ import time
 import pytest
 
 from citynode.mosquitto import Mosquitto
+from citynode.subscriber import Subscriber
 from citynode.testing.emulator import install_firmware, mpremote
 from citynode.testing.firmware import (
-    Subscriber,
     run_async,
     signal_board,
     stop_leftovers,

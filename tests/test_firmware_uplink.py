@@ -19,8 +19,8 @@ import time
 import pytest
 
 from citynode import wire
+from citynode.subscriber import Subscriber
 from citynode.testing.emulator import install_firmware, wait_for
-from citynode.testing.firmware import Subscriber
 from citynode.testing.micropython import run_micropython
 
 SECRET = bytes(range(32))

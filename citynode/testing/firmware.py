@@ -74,5 +74,3 @@ def signal_board(board: BoardHandle, name: str, text: str = "") -> None:
     """Tell a running board script to go on: it polls for this file."""
     (board.state / "fs" / name).write_text(text)
 
-
-from citynode.subscriber import Subscriber  # noqa: E402,F401  (tests still import it from here)
