@@ -78,56 +78,54 @@ def _command(fn: Callable[[argparse.Namespace, Output], int]
     return lambda args: fn(args, Output(args.json))
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="citynode-provision", description=__doc__.split("\n")[0])
-    sub = top.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("detect", help="ports, chip, MAC, MicroPython, provisioning state")
-    p.set_defaults(func=_command(cmd_detect))
-    _common(p, many=True)
-    p.add_argument("--no-chip", action="store_true",
-                   help="do not reset into download mode for chip/flash details")
-    p.add_argument("--all-ports", action="store_true", help="list every serial port")
-
-    p = sub.add_parser("flash", help="write the MicroPython image, verified")
-    p.set_defaults(func=_command(cmd_flash))
-    _common(p)
-    _board_args(p)
-    _image_args(p)
-
-    p = sub.add_parser("deploy", help="copy the firmware (changed files only) and the config")
-    p.set_defaults(func=_command(cmd_deploy))
-    _common(p)
-    _board_args(p)
-    _config_args(p)
-
-    p = sub.add_parser("keys", help="key on the node, public key into the registry")
-    p.set_defaults(func=_command(cmd_keys))
-    _common(p)
-    _board_args(p)
-    _registry_arg(p)
-    p.add_argument("--hmac", action="store_true", help="also give the node an HMAC secret and "
-                   "register it as HMAC256 (low-power option)")
+def _key_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--operator-key", type=Path, help="operator public key (PEM) for downlinks")
     p.add_argument("--force-rekey", action="store_true",
                    help="replace a registered device's key (a replaced board)")
 
-    for name, text, cmd in (("rotate", "new key on the node, registry updated", cmd_rotate),
-                            ("revoke", "mark a device revoked in the registry", cmd_revoke)):
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="citynode-provision", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str, fn: Callable[[argparse.Namespace, Output], int],
+                many: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
-        p.set_defaults(func=_command(cmd))
+        p.set_defaults(func=_command(fn))
+        _common(p, many=many)
+        return p
+
+    p = command("detect", "ports, chip, MAC, MicroPython, provisioning state", cmd_detect, True)
+    p.add_argument("--no-chip", action="store_true",
+                   help="do not reset into download mode for chip/flash details")
+    p.add_argument("--all-ports", action="store_true", help="list every serial port")
+
+    p = command("flash", "write the MicroPython image, verified", cmd_flash)
+    _board_args(p)
+    _image_args(p)
+
+    p = command("deploy", "copy the firmware (changed files only) and the config", cmd_deploy)
+    _board_args(p)
+    _config_args(p)
+
+    p = command("keys", "key on the node, public key into the registry", cmd_keys)
+    _board_args(p)
+    _registry_arg(p)
+    p.add_argument("--hmac", action="store_true", help="also give the node an HMAC secret and "
+                   "register it as HMAC256 (low-power option)")
+    _key_args(p)
+
+    for name, text, fn in (("rotate", "new key on the node, registry updated", cmd_rotate),
+                           ("revoke", "mark a device revoked in the registry", cmd_revoke)):
+        p = command(name, text, fn)
         p.add_argument("device", help="device id, cn-<12 hex>")
-        _common(p)
         _registry_arg(p)
 
-    p = sub.add_parser("verify", help="signed self-test, checked against the registry")
-    p.set_defaults(func=_command(cmd_verify))
-    _common(p)
+    p = command("verify", "signed self-test, checked against the registry", cmd_verify)
     _registry_arg(p)
 
-    p = sub.add_parser("provision", help="everything, idempotent, several boards at once")
-    p.set_defaults(func=_command(cmd_provision))
-    _common(p, many=True)
+    p = command("provision", "everything, idempotent, several boards at once", cmd_provision,
+                many=True)
     p.add_argument("--all", action="store_true", help="every detected board")
     _board_args(p)
     _registry_arg(p)
@@ -135,9 +133,7 @@ def parser() -> argparse.ArgumentParser:
     _image_args(p)
     p.add_argument("--no-flash", action="store_true", help="never flash (board has MicroPython)")
     p.add_argument("--force-flash", action="store_true", help="flash even if the image is there")
-    p.add_argument("--operator-key", type=Path, help="operator public key (PEM) for downlinks")
-    p.add_argument("--force-rekey", action="store_true",
-                   help="replace a registered device's key (a replaced board)")
+    _key_args(p)
     p.add_argument("--labels", type=Path, help="label folder (default REGISTRY/labels)")
     p.add_argument("--technician", help="name on the receipt (default $CITYNODE_TECHNICIAN/user)")
     return top
