@@ -1,10 +1,11 @@
 """An INMP441-like I2S MEMS microphone: what the SD line carries, sample by sample.
 
-Calibration (INMP441 datasheet): sensitivity -26 dBFS for a 94 dB SPL (1 Pa RMS)
-1 kHz sine, where 0 dBFS is the RMS of a sine whose peak is full scale (2^23 for
-the 24-bit word). So a sine's peak in counts is 2^23 * 10^((SPL - 120) / 20), and
-1 Pa RMS is 2^23 / sqrt(2) * 10^(-26/20) counts RMS. Samples are 24-bit two's
-complement, left-justified in 32-bit slots (the low byte is 0).
+Calibration (INMP441 datasheet; the constants and the A-weighting curve live in
+citynode/acoustics.py): sensitivity -26 dBFS for a 94 dB SPL (1 Pa RMS) 1 kHz sine,
+where 0 dBFS is the RMS of a sine whose peak is full scale (2^23 for the 24-bit
+word). So a sine's peak in counts is 2^23 * 10^((SPL - 120) / 20), and 1 Pa RMS is
+2^23 / sqrt(2) * 10^(-26/20) counts RMS. Samples are 24-bit two's complement,
+left-justified in 32-bit slots (the low byte is 0).
 
 The sound: road-traffic noise (a pink spectrum between ~40 Hz and ~10 kHz, the
 scenario's dB(A) level, which is what an A-weighted meter on the node must read),
@@ -21,12 +22,10 @@ import zlib
 
 import numpy as np
 
+from citynode.acoustics import FULL_SCALE, P_REF, SENSITIVITY_DBFS, a_weighting
+
 from ..scenario import Event, Scenario
 
-FULL_SCALE = 1 << 23
-SENSITIVITY_DBFS = -26.0
-REFERENCE_SPL = 94.0
-P_REF = 20e-6
 COUNTS_PER_PA_RMS = FULL_SCALE / math.sqrt(2) * 10 ** (SENSITIVITY_DBFS / 20)
 SELF_NOISE_DBA = 33.0
 FIR_TAPS = 2047
@@ -37,14 +36,6 @@ IMPULSES = {"gunshot": (0.0003, 0.012, 0.35), "crash": (0.004, 0.15, 1.2)}
 
 def spl_to_rms_counts(spl_db: float) -> float:
     return COUNTS_PER_PA_RMS * P_REF * 10 ** (spl_db / 20)
-
-
-def a_weighting(f: np.ndarray) -> np.ndarray:
-    """IEC 61672 A-weighting magnitude (linear, 1.0 at 1 kHz)."""
-    f2 = np.asarray(f, dtype=float) ** 2
-    ra = (12194.0 ** 2 * f2 ** 2) / ((f2 + 20.6 ** 2) * np.sqrt((f2 + 107.7 ** 2)
-                                     * (f2 + 737.9 ** 2)) * (f2 + 12194.0 ** 2))
-    return ra * 10 ** (2.0 / 20)
 
 
 def _traffic_fir(rate: int) -> np.ndarray:
