@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import numpy as np
 
 from citynode.acoustics import FULL_SCALE, P_REF, SENSITIVITY_DBFS, a_weighting
 
 from ..scenario import Event, Scenario
+from .base import SimulatedPart, World
 
 COUNTS_PER_PA_RMS = FULL_SCALE / math.sqrt(2) * 10 ** (SENSITIVITY_DBFS / 20)
 SELF_NOISE_DBA = 33.0
@@ -57,6 +59,25 @@ def a_weighted_power_ratio(taps: np.ndarray | None, rate: int) -> float:
     f = np.fft.rfftfreq(n, 1 / rate)
     h2 = np.ones_like(f) if taps is None else np.abs(np.fft.rfft(taps, n)) ** 2
     return float(np.sum(h2 * a_weighting(f) ** 2) / np.sum(h2))
+
+
+class I2SMicrophone(SimulatedPart):
+    """The microphone wired to a board's I2S port. It has no state of its own: each I2S
+    session hears a fresh Microphone stream from the moment the port opens (the
+    receiver's clocks start), and unplugged, the SD line reads 0 (Peripherals)."""
+
+    name = "mic"
+
+    def __init__(self, scenario: Scenario, seed: int = 0) -> None:
+        self.scenario = scenario
+        self.seed = seed
+
+    @classmethod
+    def attach(cls, world: World, spec: dict[str, Any], seed: int) -> I2SMicrophone:
+        return cls(world.scenario, seed)
+
+    def stream(self, rate: int) -> Microphone:
+        return Microphone(self.scenario, rate, seed=self.seed)
 
 
 class Microphone:
