@@ -87,14 +87,14 @@ class Peripherals:
         self.uart_wires: dict[int, UartWire] = {}   # by UART id
         self.i2s_parts: dict[int, SimulatedPart] = {}  # by I2S id
         self.control_pins: dict[int, SimulatedPart] = {}  # GPIO -> the part it drives
-        for index, (name, cls) in enumerate(DEVICES.items()):
-            spec = board.sensors.get(name)
-            if spec is not None:
-                self._wire(cls.attach(self, spec, seed + index + 1), spec)
         self.uarts: dict[int, UartPort] = {}
         self.streams: dict[int, I2SStream] = {}
         self._closed_overruns = 0
         self._closed_dropped = 0
+        for index, (name, cls) in enumerate(DEVICES.items()):
+            spec = board.sensors.get(name)
+            if spec is not None:
+                self._wire(cls.attach(self, spec, seed + index + 1), spec)
 
     def _wire(self, part: SimulatedPart, spec: dict[str, Any]) -> None:
         """Connect a part where boards.yaml says: its address, UART or I2S id, control pin."""

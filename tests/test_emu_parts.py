@@ -1,10 +1,12 @@
-"""One home per concept in the emulator: the parts registry, generic wiring, the accept loop.
+"""One home per concept in the emulator: the parts registry, generic wiring, the accept loop,
+the acoustic conventions.
 
 Host-only and fast: Peripherals on a manual clock, as in test_emu_devices.py.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import socket
 import struct
@@ -22,6 +24,7 @@ from citynode.emulator.sockets import Listener
 from citynode import acoustics
 from citynode.boards import get_board
 from citynode.parts import PARTS
+from citynode.testing.micropython import FIRMWARE
 
 
 @pytest.fixture
@@ -109,6 +112,30 @@ def test_the_mic_and_the_reference_share_one_a_weighting() -> None:
     assert acoustics.FULL_SCALE_SPL == 120.0
     assert abs(float(acoustics.a_weighting_db(1000.0))) < 0.001
     assert float(acoustics.a_weighting_db(100.0)) == pytest.approx(-19.1, abs=0.05)
+
+
+def _constants(path, names: tuple[str, ...]) -> dict[str, object]:
+    """Module-level NAME = <literal or simple expression> values of a firmware file."""
+    tree = ast.parse(path.read_text())
+    found: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id in names:
+                found[target.id] = eval(compile(ast.Expression(node.value), str(path), "eval"),
+                                        dict(found))
+    return found
+
+
+def test_the_firmware_copy_of_the_acoustic_constants_is_in_step() -> None:
+    """The node's MicroPython keeps its own copy (it cannot import citynode.acoustics)."""
+    meter = _constants(FIRMWARE / "node" / "acoustic.py", ("F1", "F2", "F3", "F4"))
+    assert tuple(meter[k] for k in ("F1", "F2", "F3", "F4")) == acoustics.A_WEIGHTING_POLES_HZ
+    mic = _constants(FIRMWARE / "drivers" / "mic.py",
+                     ("FULL_SCALE", "SENSITIVITY_DBFS", "FS_DB_SPL"))
+    assert mic == {"FULL_SCALE": acoustics.FULL_SCALE,
+                   "SENSITIVITY_DBFS": acoustics.SENSITIVITY_DBFS,
+                   "FS_DB_SPL": acoustics.FULL_SCALE_SPL}
 
 
 def test_a_listener_serves_connections_and_stops_when_closed() -> None:

@@ -6,10 +6,12 @@ interface: the faults (power_off / power_on for unplug / plug, corrupt), the
 status (state) and the calls of the part's bus:
 
     i2c   write(data) -> int, read(n) -> bytes: one bus transaction each
-    uart  take(until) -> bytes, arrivals(until) -> [t], receive(data, at), `listening`
+    uart  take(until) -> bytes, arrivals(until) -> [t], receive(data, at),
+          `listening` (a UART driver is open), `baud` (what it speaks)
     i2s   stream(rate) -> a sample source (emulator/i2s.py, SampleSource)
 
-so a new part needs no change there, only a class here and an entry in PARTS.
+so a new part needs no change there: a class in devices/, registered in
+devices/__init__.py, and its entry in citynode/parts.py.
 """
 
 from __future__ import annotations
