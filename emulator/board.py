@@ -24,7 +24,7 @@ from .autoreset import AutoReset
 from .flash import ROMFS_BLOCK, BoardStorage, atomic_write_json
 from .radio import Radio
 from .serial_link import PtyLink, Rfc2217Link, Uart
-from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM
+from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM, resume_boot
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class EmulatedBoard:
 
     def _start_vm(self, boot: str) -> None:
         self.mode = "running"
-        self.boots += 1
+        if not boot.startswith("resume"):
+            self.boots += 1
         env = {
             "CITYNODE_EMU_BUS": str(self.bus.port),
             "CITYNODE_EMU_FS": str(self.storage.fs_dir),
@@ -192,6 +193,12 @@ class EmulatedBoard:
             if self.mode != "running":
                 return
             self._vm = None
+            resume = resume_boot(code)
+            if resume is not None:  # nothing happened to the chip: its watchdog runs on
+                log.info("%s: VM handed over (heap locked by a Ctrl-C); a fresh VM resumes",
+                         self.board.name)
+                self._start_vm(resume)
+                return
             self._wdt_timeout = None
             if code in (EXIT_SOFT, EXIT_SOFT_RAW, 0):
                 self._start_vm("soft-raw" if code == EXIT_SOFT_RAW else "soft")

@@ -10,8 +10,9 @@ import errno
 import logging
 import socket
 import struct
-import threading
 from collections.abc import Callable
+
+from .sockets import Listener
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,16 @@ class BusServer:
 
     def __init__(self, handler: Handler):
         self._handler = handler
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, name="bus", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), name="bus-conn",
-                             daemon=True).start()
+        self._listener = Listener()
+        self.port = self._listener.port
+        self._listener.serve(self._serve, name="bus")
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                return
             while True:
                 try:
                     head = _recv_exact(conn, _REQUEST.size)
@@ -80,4 +75,4 @@ class BusServer:
                     return
 
     def close(self) -> None:
-        self._server.close()
+        self._listener.close()

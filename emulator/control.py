@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import socket
-import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .board import PWRON_RESET, EmulatedBoard
+from .sockets import Listener
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
@@ -84,19 +84,12 @@ class ControlServer:
         self.path = board.state / SOCKET_NAME
         if self.path.exists():
             self.path.unlink()
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(self.path))
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.path))
         os.chmod(self.path, 0o600)
-        self._server.listen()
-        threading.Thread(target=self._accept, name="control", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        server.listen()
+        self._listener = Listener(server)
+        self._listener.serve(self._serve, name="control")
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as stream:
@@ -115,7 +108,7 @@ class ControlServer:
             return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
 
     def close(self) -> None:
-        self._server.close()
+        self._listener.close()
         if self.path.exists():
             self.path.unlink()
 

@@ -5,49 +5,44 @@ frames, board side in board_side/emu_machine.py). This module routes each call t
 part at that address, UART or I2S port, as the pole is wired in boards.yaml, and
 does what the silicon between them would do: NACK where nothing answers, the UART
 driver's RX ring buffer filled at the line's pace, the I2S DMA buffer that drops
-the oldest samples when the firmware falls behind.
+the oldest samples when the firmware falls behind (emulator/i2s.py).
+
+The parts are the board's `sensors:`, built through the registry in devices/ and
+known here only through their common interface (devices/base.py): routing goes by
+bus, address and port, never by a part's name.
 
 Wiring notes: the I2C parts answer on every controller id (the ESP32's GPIO matrix
 can route I2C0 or I2C1 to the pole's SDA/SCL, and the board side does not send
-pins); the PMS5003 sits on the UART id and the microphone on the I2S id that
-boards.yaml gives. The supply-voltage divider (2:1) is on GPIO 35 unless the
-board's pins name `vbus_adc`.
+pins); a UART part sits on the UART id and an I2S part on the I2S id that
+boards.yaml gives (default 2 and 0). The supply-voltage divider (2:1) is on GPIO 35
+unless the board's pins name `vbus_adc`.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import socket
-import struct
 import threading
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from citynode.boards import Board
 
-from .devices.bh1750 import BH1750
-from .devices.bme280 import BME280
-from .devices.mic import Microphone, to_slots
-from .devices.pms5003 import BAUD as PMS_BAUD
-from .devices.pms5003 import PMS5003
+from .devices import DEVICES, SimulatedPart
+from .devices.mic import Microphone
+from .i2s import I2SStream
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 
-SENSORS = ("bh1750", "bme280", "pms5003", "mic")
 I2S_RX, I2S_TX = 0, 1            # board_side/emu_machine.py I2S.RX / I2S.TX
 I2S_STEREO = 1
 SUPPLY_ADC_PIN = 35
 SUPPLY_DIVIDER = 0.5
 ADC_FULL_SCALE_V = 3.3           # what board_side/emu_machine.py's read_uv assumes at 65535
-I2S_TICK = 0.003                 # how often the DMA pump wakes (in flight lasts 21+ ms)
-I2S_SNDBUF = 4096                # keep the kernel's share of the DMA ring small
-I2S_IN_FLIGHT = 4096             # ring bytes handed to the socket ahead of the board's reads
 UART_LOOKAHEAD = 0.05           # a waiting read looks this far ahead on the line
-I2S_BLOCK = 2048                 # samples generated per numpy call (FFT-friendly)
+DEFAULT_UART, DEFAULT_I2S = 2, 0  # a part's port when its boards.yaml entry names none
 
 
 @dataclass
@@ -60,140 +55,12 @@ class UartPort:
     dropped: int = 0
 
 
-class I2SStream:
-    """Paces samples to the board over a loopback socket, as DMA fills the ring.
+@dataclass(frozen=True)
+class UartWire:
+    """A UART part on a UART id, and the baud rate the wiring is meant for."""
 
-    Wire: raw slots host -> board; board -> host, after every socket read, the number
-    of bytes it took (<I, little-endian). So the host knows exactly what the ring
-    holds (handed over but unread, plus not yet handed over), drops the oldest
-    samples when it would exceed `ibuf`, and keeps at most I2S_IN_FLIGHT bytes in
-    the kernel, where they could no longer be dropped.
-    """
-
-    def __init__(self, mic: Microphone | None, wall: Callable[[], float], rate: int, bits: int,
-                 stereo: bool, ibuf: int, silent: Callable[[], bool]) -> None:
-        self.mic, self.rate, self.bits, self.stereo = mic, rate, bits, stereo
-        self._wall = wall
-        self.start = mic.start_wall if mic is not None else wall()
-        self.frame_bytes = (bits // 8) * (2 if stereo else 1)
-        self.ibuf = max(ibuf, self.frame_bytes)
-        self._silent = silent
-        self.overruns = 0
-        self.dropped_bytes = 0
-        self._closed = threading.Event()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.2)
-        self.port = self._server.getsockname()[1]
-        self._conn: socket.socket | None = None
-        self._thread = threading.Thread(target=self._run, name=f"i2s-{self.port}", daemon=True)
-        self._thread.start()
-
-    def _samples(self, n: int) -> bytes:
-        if self.mic is None:
-            return bytes(n * self.frame_bytes)
-        return to_slots(self.mic.block(n), self.bits, self.stereo)
-
-    def _accept(self) -> socket.socket | None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return None
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, I2S_SNDBUF)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setblocking(False)
-            return conn
-        return None
-
-    def _run(self) -> None:
-        conn = self._accept()
-        if conn is None:
-            return
-        self._conn = conn
-        wall, start = self._wall, self.start
-        produced = 0            # samples released into the DMA ring so far
-        pending = bytearray()   # in the ring, not yet handed to the socket
-        ahead = bytearray()     # generated in efficient blocks, not yet due
-        sent = consumed = 0     # bytes handed to the socket / acknowledged read by the board
-        acks = bytearray()
-        try:
-            while not self._closed.is_set():
-                acks += _drain(conn)
-                while len(acks) >= 4:
-                    consumed += struct.unpack_from("<I", acks)[0]
-                    del acks[:4]
-                due = int((wall() - start) * self.rate)
-                backlog = due - produced
-                capacity = self.ibuf // self.frame_bytes
-                if backlog > capacity + I2S_BLOCK:  # far behind: skip what DMA would drop
-                    skip = backlog - capacity
-                    from_ahead = min(skip, len(ahead) // self.frame_bytes)
-                    del ahead[:from_ahead * self.frame_bytes]
-                    if self.mic:
-                        self.mic.skip(skip - from_ahead)
-                    produced += skip
-                    self._overrun(skip * self.frame_bytes + len(pending))
-                    pending.clear()
-                if due > produced:
-                    need = (due - produced) * self.frame_bytes
-                    while len(ahead) < need:
-                        ahead += self._samples(I2S_BLOCK)
-                    if self._silent():  # unplugged: the ESP32 still clocks, SD reads 0
-                        pending += bytes(need)
-                    else:
-                        pending += ahead[:need]
-                    del ahead[:need]
-                    produced = due
-                # The ring holds what the board has not read yet: in flight plus pending.
-                in_flight = sent - consumed
-                excess = in_flight + len(pending) - self.ibuf
-                if excess > 0:  # full: the oldest samples still in our hands go
-                    excess = min(len(pending), -(-excess // self.frame_bytes) * self.frame_bytes)
-                    del pending[:excess]
-                    self._overrun(excess)
-                room = min(self.ibuf, I2S_IN_FLIGHT) - in_flight
-                if pending and room > 0:
-                    try:
-                        n = conn.send(pending[:room])
-                        del pending[:n]
-                        sent += n
-                    except BlockingIOError:
-                        pass
-                self._closed.wait(I2S_TICK)
-        except (OSError, EOFError):
-            pass  # the board closed its end (deinit, reset, power cut)
-        finally:
-            conn.close()
-
-    def _overrun(self, nbytes: int) -> None:
-        if nbytes > 0:
-            self.overruns += 1
-            self.dropped_bytes += nbytes
-
-    def close(self) -> None:
-        self._closed.set()
-        self._server.close()
-        if self._conn is not None:
-            try:
-                self._conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(timeout=2)
-
-
-def _drain(conn: socket.socket) -> bytes:
-    """Whatever the board sent back (its read acknowledgements); EOF when it closed."""
-    data = bytearray()
-    while True:
-        try:
-            chunk = conn.recv(4096)
-        except BlockingIOError:
-            return bytes(data)
-        if not chunk:
-            raise EOFError
-        data += chunk
+    part: Any                    # a uart part (devices/base.py)
+    baud: int
 
 
 class Peripherals:
@@ -208,40 +75,45 @@ class Peripherals:
         self._lock = threading.RLock()
         seed = zlib.crc32(board.name.encode()) ^ (scenario.seed if seed is None else seed)
         self._seed = seed
-        sensors = board.sensors
-        wall = scenario.wall
         self.unplugged: set[str] = set()
         self.pins: dict[int, int] = {0: 1}          # GPIO0 has the BOOT button's pull-up
         self.adc_overrides: dict[int, int] = {}
         self.pwm_state: dict[int, tuple[int, int]] = {}
         self.lamp_pin = board.pins.get("lamp_pwm")
-        self.pms_set_pin = board.pins.get("pms_set")
         self.supply_pin = board.pins.get("vbus_adc", SUPPLY_ADC_PIN)
 
-        self.i2c: dict[int, Any] = {}
-        self._names: dict[str, Any] = {}
-        if "bh1750" in sensors:
-            dev = BH1750(self._light, wall, seed=seed + 1)
-            self.i2c[sensors["bh1750"]["address"]] = dev
-            self._names["bh1750"] = dev
-        if "bme280" in sensors:
-            dev = BME280(self._weather, wall, seed=seed + 2)
-            self.i2c[sensors["bme280"]["address"]] = dev
-            self._names["bme280"] = dev
-        self.pms: PMS5003 | None = None
-        self.pms_uart: int | None = None
-        if "pms5003" in sensors:
-            self.pms = PMS5003(self._air, wall, seed=seed + 3, warm=True)
-            self.pms.listening = False  # until the firmware opens its UART
-            self.pms_uart = int(sensors["pms5003"].get("uart", 2))
-            self.pms_baud = int(sensors["pms5003"].get("baud", PMS_BAUD))
-        self.mic_i2s = int(sensors["mic"].get("i2s", 0)) if "mic" in sensors else None
+        self.parts: dict[str, SimulatedPart] = {}   # by name, in DEVICES' order
+        self.i2c: dict[int, SimulatedPart] = {}     # by 7-bit address
+        self.uart_wires: dict[int, UartWire] = {}   # by UART id
+        self.i2s_parts: dict[int, SimulatedPart] = {}  # by I2S id
+        self.control_pins: dict[int, SimulatedPart] = {}  # GPIO -> the part it drives
         self.uarts: dict[int, UartPort] = {}
         self.streams: dict[int, I2SStream] = {}
         self._closed_overruns = 0
         self._closed_dropped = 0
+        for index, (name, cls) in enumerate(DEVICES.items()):
+            spec = board.sensors.get(name)
+            if spec is not None:
+                self._wire(cls.attach(self, spec, seed + index + 1), spec)
 
-    # -- the physics each part sees ---------------------------------------------------------
+    def _wire(self, part: SimulatedPart, spec: dict[str, Any]) -> None:
+        """Connect a part where boards.yaml says: its address, UART or I2S id, control pin."""
+        self.parts[part.name] = part
+        if part.bus == "i2c":
+            self.i2c[int(spec["address"])] = part
+        elif part.bus == "uart":
+            wire = UartWire(part, int(spec.get("baud", part.baud)))
+            self.uart_wires[int(spec.get("uart", DEFAULT_UART))] = wire
+        elif part.bus == "i2s":
+            self.i2s_parts[int(spec.get("i2s", DEFAULT_I2S))] = part
+        pin = self.board.pins.get(part.control_pin) if part.control_pin else None
+        if pin is not None:
+            self.control_pins[pin] = part
+
+    def _plugged(self, part: SimulatedPart | None) -> bool:
+        return part is not None and part.name not in self.unplugged
+
+    # -- the physics each part sees (devices/base.py, World) --------------------------------
     def lamp_level(self) -> float:
         """The pole lamp's PWM duty, 0..1."""
         if self.lamp_pin is None:
@@ -250,32 +122,28 @@ class Peripherals:
             return self.pwm_state[self.lamp_pin][1] / 65535
         return float(self.pins.get(self.lamp_pin, 0))
 
-    def _light(self, wall: float) -> float:
+    def light(self, wall: float) -> float:
         t = self.scenario.at_wall(wall)
         return self.scenario.lux(t) + self.scenario.params.lamp_spill_lux * self.lamp_level()
 
-    def _weather(self, wall: float) -> tuple[float, float, float]:
+    def weather(self, wall: float) -> tuple[float, float, float]:
         t = self.scenario.at_wall(wall)
         s = self.scenario
         return s.temperature(t), s.pressure(t), s.humidity(t)
 
-    def _air(self, wall: float) -> tuple[float, float, float]:
+    def air(self, wall: float) -> tuple[float, float, float]:
         return self.scenario.pm(self.scenario.at_wall(wall))
 
     # -- I2C ---------------------------------------------------------------------------------
     def _i2c_device(self, addr: int) -> Any:
-        dev = self.i2c.get(addr)
-        if dev is None or self._sensor_name(dev) in self.unplugged:
+        part = self.i2c.get(addr)
+        if not self._plugged(part):
             raise OSError(errno.ENODEV, f"no ACK from I2C address 0x{addr:02x}")
-        return dev
-
-    def _sensor_name(self, dev: Any) -> str:
-        return next(name for name, d in self._names.items() if d is dev)
+        return part
 
     def i2c_scan(self, bus: int) -> list[int]:
         with self._lock:
-            return sorted(a for a, d in self.i2c.items()
-                          if self._sensor_name(d) not in self.unplugged)
+            return sorted(a for a, part in self.i2c.items() if self._plugged(part))
 
     def i2c_write(self, bus: int, addr: int, data: bytes) -> int:
         with self._lock:
@@ -290,19 +158,21 @@ class Peripherals:
         with self._lock:
             self._pump(uart_id)  # what arrived before this init went to the old buffer
             self.uarts[uart_id] = UartPort(baudrate, max(1, rxbuf))
-            if uart_id == self.pms_uart and self.pms is not None:
-                self.pms.take(self.scenario.wall())  # an uninitialised UART heard nothing
-                self.pms.listening = True
+            wire = self.uart_wires.get(uart_id)
+            if wire is not None:
+                wire.part.take(self.scenario.wall())  # an uninitialised UART heard nothing
+                wire.part.listening = True
 
     def _pump(self, uart_id: int, until: float | None = None) -> None:
         """Move the bytes that reached the RX pin by `until` into the driver's buffer."""
         port = self.uarts.get(uart_id)
-        if uart_id != self.pms_uart or self.pms is None:
+        wire = self.uart_wires.get(uart_id)
+        if wire is None:
             return
-        data = self.pms.take(self.scenario.wall() if until is None else until)
-        if port is None or not data or "pms5003" in self.unplugged:
+        data = wire.part.take(self.scenario.wall() if until is None else until)
+        if port is None or not data or not self._plugged(wire.part):
             return
-        if port.baudrate != self.pms_baud:  # wrong baud rate: framing garbage
+        if port.baudrate != wire.baud:  # wrong baud rate: framing garbage
             data = bytes((b * 0x9D + 0x5B) & 0xFF for b in data)
         room = port.rxbuf - len(port.buffer)
         port.buffer += data[:max(0, room)]
@@ -311,12 +181,13 @@ class Peripherals:
     def uart_write(self, uart_id: int, data: bytes) -> None:
         with self._lock:
             port = self.uarts.get(uart_id)
-            if (uart_id != self.pms_uart or self.pms is None or port is None
-                    or "pms5003" in self.unplugged or port.baudrate != self.pms_baud):
+            wire = self.uart_wires.get(uart_id)
+            if (wire is None or port is None or not self._plugged(wire.part)
+                    or port.baudrate != wire.baud):
                 return
             done = self.scenario.wall() + len(data) * 10 / port.baudrate
             self._pump(uart_id)
-            self.pms.receive(bytes(data), done)
+            wire.part.receive(bytes(data), done)
 
     def uart_read(self, uart_id: int, n: int, timeout_ms: int) -> tuple[int, bytes]:
         """Waits until n bytes are buffered or timeout_ms passes (uart_read_bytes)."""
@@ -335,9 +206,9 @@ class Peripherals:
                     del port.buffer[:n]
                     return have, data
                 wake = deadline
-                if (uart_id == self.pms_uart and self.pms is not None
-                        and "pms5003" not in self.unplugged):
-                    times = self.pms.arrivals(min(deadline, now + UART_LOOKAHEAD))
+                wire = self.uart_wires.get(uart_id)
+                if wire is not None and self._plugged(wire.part):
+                    times = wire.part.arrivals(min(deadline, now + UART_LOOKAHEAD))
                     need = n - have
                     if len(times) >= need:
                         wake = min(deadline, times[need - 1])
@@ -351,15 +222,16 @@ class Peripherals:
             raise OSError(errno.EINVAL, "I2S: bits 16 or 32, rate 8000..96000")
         with self._lock:
             self._close_stream(i2s_id)
-            mic = self.microphone(rate) if i2s_id == self.mic_i2s else None
-            stream = I2SStream(mic, self.scenario.wall, rate, bits, fmt == I2S_STEREO, ibuf,
-                               silent=lambda: "mic" in self.unplugged)
+            part = self.i2s_parts.get(i2s_id)
+            source = part.stream(rate) if part is not None else None
+            stream = I2SStream(source, self.scenario.wall, rate, bits, fmt == I2S_STEREO, ibuf,
+                               silent=lambda: not self._plugged(part))
             self.streams[i2s_id] = stream
             return stream.port
 
     def microphone(self, rate: int) -> Microphone:
         """A fresh sample stream from this board's microphone, starting now."""
-        return Microphone(self.scenario, rate, seed=self._seed + 4)
+        return self.parts["mic"].stream(rate)
 
     def _close_stream(self, i2s_id: int) -> None:
         stream = self.streams.pop(i2s_id, None)
@@ -390,8 +262,9 @@ class Peripherals:
         with self._lock:
             self.pins[pin] = 1 if value else 0
             self.pwm_state.pop(pin, None)  # a GPIO write takes the pin back from the PWM
-            if pin == self.pms_set_pin and self.pms is not None:
-                self.pms.set_pin_level(self.pins[pin])
+            part = self.control_pins.get(pin)
+            if part is not None:
+                part.set_pin_level(self.pins[pin])
 
     def pin_read(self, pin: int) -> int:
         with self._lock:
@@ -408,49 +281,41 @@ class Peripherals:
 
     # -- faults --------------------------------------------------------------------------------
     def fault(self, name: str, **kw: Any) -> None:
-        """'unplug' / 'plug' (sensor=...), 'corrupt' (sensor=..., count=1,
-        kind='checksum'|'garbage' for the PMS5003)."""
-        sensor = kw.get("sensor")
+        """'unplug' / 'plug' (sensor=...), 'corrupt' (sensor=..., count=1, and what the
+        part takes besides: kind='checksum'|'garbage' for the PMS5003)."""
+        sensor = kw.pop("sensor", None)
         with self._lock:
             if name in ("unplug", "plug"):
-                if sensor not in SENSORS or sensor not in self.board.sensors:
-                    raise ValueError(f"{name}: sensor must be one of "
-                                     f"{', '.join(s for s in SENSORS if s in self.board.sensors)}")
+                part = self.parts.get(sensor)
+                if part is None:
+                    raise ValueError(f"{name}: sensor must be one of {', '.join(self.parts)}")
                 if name == "unplug":
-                    self._unplug(sensor)
+                    self._unplug(part)
                 else:
-                    self._plug(sensor)
+                    self._plug(part)
             elif name == "corrupt":
-                count = int(kw.get("count", 1))
-                if sensor == "pms5003" and self.pms is not None:
-                    self.pms.corrupt(count, kw.get("kind", "checksum"))
-                elif sensor in ("bh1750", "bme280") and sensor in self._names:
-                    self._names[sensor].corrupt(count)
-                else:
-                    raise ValueError("corrupt: sensor must be pms5003, bh1750 or bme280")
+                part = self.parts.get(sensor)
+                if part is None or not part.corruptible:
+                    names = [n for n, p in self.parts.items() if p.corruptible]
+                    raise ValueError(f"corrupt: sensor must be {_one_of(names)}")
+                part.corrupt(int(kw.pop("count", 1)), **kw)
             else:
                 raise ValueError(f"unknown fault {name!r}: use unplug, plug or corrupt")
 
-    def _unplug(self, sensor: str) -> None:
+    def _unplug(self, part: SimulatedPart) -> None:
         for uart_id in list(self.uarts):
             self._pump(uart_id)  # bytes already on the wire arrived
-        self.unplugged.add(sensor)
-        if sensor == "pms5003" and self.pms is not None:
-            self.pms.power_off()
+        self.unplugged.add(part.name)
+        part.power_off()
 
-    def _plug(self, sensor: str) -> None:
-        if sensor not in self.unplugged:
+    def _plug(self, part: SimulatedPart) -> None:
+        if part.name not in self.unplugged:
             return
-        self.unplugged.discard(sensor)
-        # Plugging in is a power-on: the part starts from its reset state.
-        if sensor == "bh1750":
-            self._names[sensor].power_on_reset()
-        elif sensor == "bme280":
-            self._names[sensor].soft_reset()
-        elif sensor == "pms5003" and self.pms is not None:
-            self.pms.power_on(warm=False)
-            if self.pms_set_pin is not None and self.pins.get(self.pms_set_pin, 1) == 0:
-                self.pms.set_pin_level(0)
+        self.unplugged.discard(part.name)
+        part.power_on()  # plugging in is a power-on: the part starts from its reset state
+        for pin, driven in self.control_pins.items():
+            if driven is part and self.pins.get(pin, 1) == 0:
+                part.set_pin_level(0)  # the firmware still holds its input low
 
     # -- chip reset, state, close -------------------------------------------------------------
     def reset(self) -> None:
@@ -461,8 +326,8 @@ class Peripherals:
             for uart_id in list(self.uarts):
                 self._pump(uart_id)
             self.uarts.clear()
-            if self.pms is not None:
-                self.pms.listening = False
+            for wire in self.uart_wires.values():
+                wire.part.listening = False
             self.pwm_state.clear()
             self.pins = {p: v for p, v in self.pins.items() if p == 0}
 
@@ -470,6 +335,8 @@ class Peripherals:
         with self._lock:
             lamp = self.pwm_state.get(self.lamp_pin) if self.lamp_pin is not None else None
             streams = list(self.streams.values())
+            parts = {name: s for name, part in self.parts.items()
+                     if (s := part.state()) is not None}
             return {
                 "lamp": self.lamp_level(),
                 "lamp_pwm": ({"pin": self.lamp_pin, "freq": lamp[0], "duty_u16": lamp[1]}
@@ -480,8 +347,7 @@ class Peripherals:
                 "i2s_overruns": self._closed_overruns + sum(s.overruns for s in streams),
                 "i2s_dropped_bytes": self._closed_dropped + sum(s.dropped_bytes for s in streams),
                 "uart_dropped": {uid: p.dropped for uid, p in self.uarts.items()},
-                "pms5003": ({"active": self.pms.active, "asleep": self.pms.asleep,
-                             "warming_up": self.pms.warming_up()} if self.pms else None),
+                **parts,
                 "scenario": self.scenario.values(),
             }
 
@@ -489,3 +355,8 @@ class Peripherals:
         with self._lock:
             for i2s_id in list(self.streams):
                 self._close_stream(i2s_id)
+
+
+def _one_of(names: list[str]) -> str:
+    """'a, b or c'."""
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else "none"

@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 
+from .sockets import Listener
+
 STAT_IDLE, STAT_CONNECTING, STAT_GOT_IP = 1000, 1001, 1010
 STAT_NO_AP_FOUND, STAT_WRONG_PASSWORD, STAT_BEACON_TIMEOUT = 201, 202, 200
 ASSOCIATION_S = 0.3
@@ -108,30 +110,27 @@ class _Relay:
     def __init__(self, radio: Radio, host: str, port: int):
         self._radio = radio
         self._target = (host, port)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
+        self._listener = Listener()
+        self.port = self._listener.port
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name=f"relay {host}:{port}", daemon=True).start()
+        # one at a time: the connection to the far end is made before the next accept
+        self._listener.serve(self._connect, name=f"relay {host}:{port}", per_connection=False)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                board, _ = self._server.accept()
-            except OSError:
-                return
-            if not self._radio.connected():
-                _reset(board)
-                continue
-            try:
-                remote = socket.create_connection(self._target, timeout=5)
-            except OSError:
-                _reset(board)
-                continue
-            remote.settimeout(None)
-            with self._lock:
-                self._pairs.append((board, remote))
-            threading.Thread(target=self._pipe, args=(board, remote), daemon=True).start()
+    def _connect(self, board: socket.socket) -> None:
+        """Join the board's connection to the far end, or refuse it while the link is down."""
+        if not self._radio.connected():
+            _reset(board)
+            return
+        try:
+            remote = socket.create_connection(self._target, timeout=5)
+        except OSError:
+            _reset(board)
+            return
+        remote.settimeout(None)
+        with self._lock:
+            self._pairs.append((board, remote))
+        threading.Thread(target=self._pipe, args=(board, remote), daemon=True).start()
 
     def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
@@ -161,7 +160,7 @@ class _Relay:
 
     def close(self) -> None:
         self.cut()
-        self._server.close()
+        self._listener.close()
 
 
 def _reset(sock: socket.socket) -> None:

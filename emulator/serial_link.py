@@ -22,6 +22,8 @@ from pathlib import Path
 
 from serial import rfc2217
 
+from .sockets import Listener
+
 log = logging.getLogger(__name__)
 
 
@@ -151,14 +153,15 @@ class Rfc2217Link:
 
     def __init__(self, uart: Uart, port: int, host: str = "127.0.0.1"):
         self.uart = uart
-        self._server = socket.create_server((host, port), reuse_port=False)
-        self.port = self._server.getsockname()[1]
+        self._listener = Listener(socket.create_server((host, port), reuse_port=False),
+                                  poll_s=0.5)
+        self.port = self._listener.port
         self._client: socket.socket | None = None
         self._manager: rfc2217.PortManager | None = None
         self._lock = threading.Lock()
         uart.attach(self.send)
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, name=f"rfc2217 {self.port}", daemon=True).start()
+        # one client at a time, like a serial port: the next waits for this one to close
+        self._listener.serve(self._session, name=f"rfc2217 {self.port}", per_connection=False)
 
     @property
     def url(self) -> str:
@@ -177,22 +180,17 @@ class Rfc2217Link:
             if self._manager is not None:
                 self.write(data.replace(rfc2217.IAC, rfc2217.IAC + rfc2217.IAC))
 
-    def _serve(self) -> None:
-        self._server.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                client, _ = self._server.accept()
-            except (TimeoutError, OSError):
-                continue
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._session(client)
-
     def _session(self, client: socket.socket) -> None:
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            client.close()
+            return
         with self._lock:
             self._client = client
             self._manager = rfc2217.PortManager(_PortView(self.uart), self)
         try:
-            while not self._stop.is_set():
+            while not self._listener.closed.is_set():
                 try:
                     data = client.recv(4096)
                 except OSError:
@@ -211,5 +209,4 @@ class Rfc2217Link:
             self.uart.set_lines(dtr=False, rts=False)
 
     def close(self) -> None:
-        self._stop.set()
-        self._server.close()
+        self._listener.close()

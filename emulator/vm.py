@@ -20,6 +20,16 @@ from pathlib import Path
 # The board side: MicroPython modules the VM imports in front of its built-ins.
 BOARD_DIR = Path(str(resources.files(__package__) / "board_side"))
 EXIT_SOFT, EXIT_SOFT_RAW = 80, 81
+# EXIT_RESUME + step: the VM cannot go on (a Ctrl-C left its heap locked) and a fresh one
+# resumes at `step` with nothing reset (board_side/emu_main.py, _stopped).
+EXIT_RESUME, RESUME_STEPS = 83, 5
+
+
+def resume_boot(code: int) -> str | None:
+    """The CITYNODE_EMU_BOOT that resumes where a VM exiting with `code` handed over."""
+    if EXIT_RESUME <= code < EXIT_RESUME + RESUME_STEPS:
+        return f"resume{code - EXIT_RESUME}"
+    return None
 # The heap the firmware gets is the board's heap in the chip's terms. MicroPython
 # counts objects in machine words and its GC block is four words: 16 bytes on the
 # 32-bit ESP32, 32 bytes on this 64-bit VM, so the same objects take twice the

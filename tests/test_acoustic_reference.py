@@ -19,6 +19,7 @@ import re
 import numpy as np
 import pytest
 
+from citynode.acoustics import a_weighting_db
 from citynode.testing.micropython import FIRMWARE, run_micropython
 
 THIRD_OCTAVES = [31.5, 40, 50, 63, 80, 100, 125, 160, 200, 250, 315, 400, 500, 630, 800, 1000,
@@ -31,16 +32,6 @@ CHUNK = 200                     # divides every segment at 16 and 48 kHz
 
 
 # ---------------------------------------------------------------- reference (host only)
-
-def a_weighting_db(f):
-    """IEC 61672-1:2013 eq. (E.6): analog A-weighting magnitude in dB."""
-    f1, f2, f3, f4 = 20.598997, 107.65265, 737.86223, 12194.217
-    f = np.asarray(f, dtype=float)
-    ff = f * f
-    num = f4 ** 2 * ff ** 2
-    den = (ff + f1 ** 2) * np.sqrt((ff + f2 ** 2) * (ff + f3 ** 2)) * (ff + f4 ** 2)
-    return 20.0 * np.log10(num / den) + 2.000
-
 
 def laeq_reference(x, fs):
     """LAeq in dB(A) SPL of 24-bit samples x, weighted by A(f) on the FFT (periodic x)."""

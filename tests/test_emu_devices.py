@@ -128,7 +128,7 @@ def test_bh1750_one_time_powers_down(periph, scenario, clock) -> None:
     scenario.override(lux=20.0)
     clock.advance(0.5)
     assert bh_lux(periph.i2c_read(0, BH, 2)) == pytest.approx(500.0, abs=1)  # no new measurement
-    assert not periph._names["bh1750"].powered
+    assert not periph.parts["bh1750"].powered
     periph.i2c_write(0, BH, b"\x07")                   # reset is refused in power-down
     assert bh_lux(periph.i2c_read(0, BH, 2)) == pytest.approx(500.0, abs=1)
     periph.i2c_write(0, BH, b"\x01\x07")               # power on, reset: data register cleared

@@ -28,10 +28,18 @@ ROMFS = 23
 
 _sock = None
 _hdr = bytearray(3)
+# True from a request's first byte to its response's last. Ctrl-C can stop call()
+# anywhere in between (the unix port raises KeyboardInterrupt from its signal
+# handler, even inside a socket read), and the answer it was waiting for would then
+# be read as the next call's: so the next call starts on a fresh connection.
+_busy = False
 
 
 def connect():
     global _sock
+    if _sock is not None:
+        old, _sock = _sock, None
+        old.close()  # the host drops what it still had to say on it
     port = int(os.getenv("CITYNODE_EMU_BUS"))
     s = socket.socket()
     s.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
@@ -51,6 +59,10 @@ def _read_exact(n):
 
 
 def call(op, sub=0, payload=b""):
+    global _busy
+    if _busy or _sock is None:
+        connect()
+    _busy = True
     # one write per request: two small writes would wait out TCP's delayed ACK (~40 ms)
     _sock.write(struct.pack("<BBH", op, sub, len(payload)) + payload)
     got = 0
@@ -62,6 +74,7 @@ def call(op, sub=0, payload=b""):
         got += k
     status, n = struct.unpack("<bH", _hdr)
     data = _read_exact(n) if n else b""
+    _busy = False
     if status < 0:
         raise OSError(-status)
     return data

@@ -10,6 +10,11 @@ import emu_link
 
 EXIT_SOFT = 80      # soft reset, back to the friendly REPL (main.py runs)
 EXIT_SOFT_RAW = 81  # soft reset from the raw REPL (main.py is skipped)
+EXIT_RESUME = 83    # + step: this VM cannot go on; a fresh one carries on at `step`
+
+# Where the board is once some user code has returned: the step a fresh VM resumes
+# at (CITYNODE_EMU_BOOT=resume<step>) when this one has to hand over (_stopped).
+AFTER_BOOT_PY, AFTER_BOOT_PY_RAW, AFTER_MAIN_PY, IN_REPL, IN_RAW_REPL = range(5)
 
 CTRL_A, CTRL_B, CTRL_C, CTRL_D, CTRL_E = 1, 2, 3, 4, 5
 RAW_PASTE_WINDOW = 128
@@ -17,6 +22,8 @@ RAW_PASTE_WINDOW = 128
 _out = sys.stdout
 _in = sys.stdin.buffer
 _globals = {"__name__": "__main__"}
+# Made now, while the heap works: raising one later allocates nothing.
+_RESUME = tuple(SystemExit(EXIT_RESUME + step) for step in range(IN_RAW_REPL + 1))
 
 
 def write(s):
@@ -57,27 +64,70 @@ def _running(flag):
     emu_link.call(emu_link.STATE, 1 if flag else 0)
 
 
-def run_user_code(fn, *args):
-    """Run boot.py, main.py or REPL input; a soft reset request propagates."""
-    _running(True)
+def _heap_locked():
+    # Once user code has ended a 16-byte block is always free, unless the heap is locked.
     try:
+        bytearray(16)
+    except MemoryError:
+        return True
+    return False
+
+
+def _report(e, before="", after=""):
+    """Print e's traceback between `before` and `after` (the raw REPL's \\x04 marks).
+    A second Ctrl-C, or a heap left locked, may cut the traceback short, not the REPL."""
+    try:
+        write(before)
+        sys.print_exception(e, _out)
+    except BaseException:
+        pass
+    try:
+        write(after)
+    except BaseException:
+        pass
+
+
+def _stopped(step):
+    """User code has ended: tell the host, so that Ctrl-C no longer raises.
+
+    The unix port raises KeyboardInterrupt straight from its SIGINT handler, wherever
+    the VM is (MICROPY_ASYNC_KBD_INTR). If that is inside a garbage collection, the
+    collection never finishes: the heap stays locked ("memory allocation failed, heap
+    is locked") and its marks half set. Nothing in this VM can be trusted then, so it
+    exits and a fresh VM carries on at `step`, as the chip (whose Ctrl-C waits for
+    the next bytecode) would have; the REPL's globals are what is lost."""
+    while True:
+        try:
+            if _heap_locked():
+                raise _RESUME[step]
+            _running(False)
+            return
+        except KeyboardInterrupt:
+            pass  # another Ctrl-C before the host heard that user code had ended
+
+
+def run_user_code(step, fn, *args):
+    """Run boot.py, main.py or REPL input; a soft reset request propagates. `step`:
+    where the board is once it returns (see _stopped)."""
+    try:
+        _running(True)
         fn(*args)
     except SystemExit:
         raise
     except BaseException as e:  # KeyboardInterrupt and everything else: report, stay alive
-        sys.print_exception(e, _out)
+        _report(e)
     finally:
-        _running(False)
+        _stopped(step)
 
 
-def _exec_file(name):
+def _exec_file(name, step):
     try:
         os.stat(name)
     except OSError:
         return
     with open(name) as f:
         src = f.read()
-    run_user_code(exec, compile(src, name, "exec"), _globals)
+    run_user_code(step, exec, compile(src, name, "exec"), _globals)
 
 
 EXIT_HOST_GONE = 82  # the UART pipe closed: citynode-emu is gone, so is this board
@@ -125,23 +175,22 @@ def _raw_exec(src, acknowledged):
         sys.print_exception(e, _out)
         write("\x04")
         return
-    _running(True)
     try:
+        _running(True)
         exec(code, _globals)
         write("\x04\x04")
     except SystemExit:
         raise
     except BaseException as e:
-        write("\x04")
-        sys.print_exception(e, _out)
-        write("\x04")
+        _report(e, "\x04", "\x04")
     finally:
-        _running(False)
+        _stopped(IN_RAW_REPL)
 
 
-def raw_repl():
+def raw_repl(header=True):
     """Returns when the user leaves with Ctrl-B; soft reset exits the process."""
-    write("raw REPL; CTRL-B to exit\r\n")
+    if header:
+        write("raw REPL; CTRL-B to exit\r\n")
     while True:
         write(">")
         buf = bytearray()
@@ -210,7 +259,8 @@ def _paste_mode():
             return
         if c == CTRL_D:
             write("\r\n")
-            run_user_code(exec, compile(bytes(buf).decode(), "<stdin>", "exec"), _globals)
+            run_user_code(IN_REPL, exec, compile(bytes(buf).decode(), "<stdin>", "exec"),
+                          _globals)
             return
         buf.append(c)
         if c == 13:
@@ -219,8 +269,9 @@ def _paste_mode():
             _out.buffer.write(bytes((c,)))
 
 
-def friendly_repl():
-    write(banner())
+def friendly_repl(header=True):
+    if header:
+        write(banner())
     while True:
         got = _read_line(">>> ")
         if got is None or got == "":
@@ -250,7 +301,16 @@ def friendly_repl():
         except BaseException as e:
             sys.print_exception(e, _out)
             continue
-        run_user_code(exec, code, _globals)
+        run_user_code(IN_REPL, exec, code, _globals)
+
+
+def _resume(step):
+    """Carry on where the VM before this one handed over (see _stopped), silently."""
+    if step == AFTER_BOOT_PY:
+        _exec_file("main.py", AFTER_MAIN_PY)
+    elif step in (AFTER_BOOT_PY_RAW, IN_RAW_REPL):
+        raw_repl(header=step == AFTER_BOOT_PY_RAW)
+    friendly_repl(header=step != IN_REPL)
 
 
 def main():
@@ -258,13 +318,17 @@ def main():
     _install_board_modules()
     _mount_board_fs()
     boot = os.getenv("CITYNODE_EMU_BOOT")
+    if boot.startswith("resume"):
+        _resume(int(boot[6:]))
+        return
     if boot != "hard":
         write("MPY: soft reboot\r\n")
-    _exec_file("boot.py")
     if boot == "soft-raw":
+        _exec_file("boot.py", AFTER_BOOT_PY_RAW)
         raw_repl()
     else:
-        _exec_file("main.py")
+        _exec_file("boot.py", AFTER_BOOT_PY)
+        _exec_file("main.py", AFTER_MAIN_PY)
     friendly_repl()
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
+
+from .base import SimulatedPart, World
 
 POWER_DOWN, POWER_ON, RESET = 0x00, 0x01, 0x07
 MTREG_DEFAULT = 69
@@ -32,7 +35,10 @@ def lux_to_count(lux: float, resolution: str, mtreg: int) -> int:
     return count
 
 
-class BH1750:
+class BH1750(SimulatedPart):
+    name = "bh1750"
+    corruptible = True
+
     def __init__(self, light: Callable[[float], float], clock: Callable[[], float],
                  seed: int = 0) -> None:
         """light(t): illuminance in lx at device-clock time t; clock(): device-clock now."""
@@ -40,6 +46,13 @@ class BH1750:
         self._clock = clock
         self._rng = random.Random(seed)
         self._garbage = 0
+        self.power_on_reset()
+
+    @classmethod
+    def attach(cls, world: World, spec: dict[str, Any], seed: int) -> BH1750:
+        return cls(world.light, world.scenario.wall, seed=seed)
+
+    def power_on(self) -> None:
         self.power_on_reset()
 
     def power_on_reset(self) -> None:
@@ -113,6 +126,6 @@ class BH1750:
         out = bytes((self.result >> 8, self.result & 0xFF))
         return (out + b"\xff" * n)[:n]
 
-    def corrupt(self, count: int = 1) -> None:
+    def corrupt(self, count: int = 1, **kw: Any) -> None:
         """The next `count` reads return noise, as a marginal bus would."""
         self._garbage += count

@@ -14,6 +14,9 @@ from __future__ import annotations
 import random
 import struct
 from collections.abc import Callable
+from typing import Any
+
+from .base import SimulatedPart, World
 
 CHIP_ID = 0x60
 REG_CALIB00, REG_ID, REG_RESET, REG_CALIB26 = 0x88, 0xD0, 0xE0, 0xE1
@@ -121,7 +124,10 @@ def raw_words(temp_c: float, press_pa: float, rh: float, c: dict[str, int],
     return adc_t, kp * p_step, adc_h
 
 
-class BME280:
+class BME280(SimulatedPart):
+    name = "bme280"
+    corruptible = True
+
     def __init__(self, weather: Callable[[float], tuple[float, float, float]],
                  clock: Callable[[], float], trim: dict[str, int] | None = None,
                  seed: int = 0) -> None:
@@ -132,6 +138,14 @@ class BME280:
         self.trim = dict(TRIM if trim is None else trim)
         self._calib_low, self._calib_high = calibration_bytes(self.trim)
         self._garbage = 0
+        self.soft_reset()
+
+    @classmethod
+    def attach(cls, world: World, spec: dict[str, Any], seed: int) -> BME280:
+        return cls(world.weather, world.scenario.wall, seed=seed)
+
+    def power_on(self) -> None:
+        """Power-on: the same reset as the 0xB6 soft reset (registers, NVM trim reload)."""
         self.soft_reset()
 
     def soft_reset(self) -> None:
@@ -277,6 +291,6 @@ class BME280:
         self.pointer = (self.pointer + n) & 0xFF
         return out
 
-    def corrupt(self, count: int = 1) -> None:
+    def corrupt(self, count: int = 1, **kw: Any) -> None:
         """The next `count` reads return noise, as a marginal bus would."""
         self._garbage += count

@@ -1,10 +1,11 @@
 """An INMP441-like I2S MEMS microphone: what the SD line carries, sample by sample.
 
-Calibration (INMP441 datasheet): sensitivity -26 dBFS for a 94 dB SPL (1 Pa RMS)
-1 kHz sine, where 0 dBFS is the RMS of a sine whose peak is full scale (2^23 for
-the 24-bit word). So a sine's peak in counts is 2^23 * 10^((SPL - 120) / 20), and
-1 Pa RMS is 2^23 / sqrt(2) * 10^(-26/20) counts RMS. Samples are 24-bit two's
-complement, left-justified in 32-bit slots (the low byte is 0).
+Calibration (INMP441 datasheet; the constants and the A-weighting curve live in
+citynode/acoustics.py): sensitivity -26 dBFS for a 94 dB SPL (1 Pa RMS) 1 kHz sine,
+where 0 dBFS is the RMS of a sine whose peak is full scale (2^23 for the 24-bit
+word). So a sine's peak in counts is 2^23 * 10^((SPL - 120) / 20), and 1 Pa RMS is
+2^23 / sqrt(2) * 10^(-26/20) counts RMS. Samples are 24-bit two's complement,
+left-justified in 32-bit slots (the low byte is 0).
 
 The sound: road-traffic noise (a pink spectrum between ~40 Hz and ~10 kHz, the
 scenario's dB(A) level, which is what an A-weighted meter on the node must read),
@@ -18,15 +19,15 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import numpy as np
 
-from ..scenario import Event, Scenario
+from citynode.acoustics import FULL_SCALE, P_REF, SENSITIVITY_DBFS, a_weighting
 
-FULL_SCALE = 1 << 23
-SENSITIVITY_DBFS = -26.0
-REFERENCE_SPL = 94.0
-P_REF = 20e-6
+from ..scenario import Event, Scenario
+from .base import SimulatedPart, World
+
 COUNTS_PER_PA_RMS = FULL_SCALE / math.sqrt(2) * 10 ** (SENSITIVITY_DBFS / 20)
 SELF_NOISE_DBA = 33.0
 FIR_TAPS = 2047
@@ -37,14 +38,6 @@ IMPULSES = {"gunshot": (0.0003, 0.012, 0.35), "crash": (0.004, 0.15, 1.2)}
 
 def spl_to_rms_counts(spl_db: float) -> float:
     return COUNTS_PER_PA_RMS * P_REF * 10 ** (spl_db / 20)
-
-
-def a_weighting(f: np.ndarray) -> np.ndarray:
-    """IEC 61672 A-weighting magnitude (linear, 1.0 at 1 kHz)."""
-    f2 = np.asarray(f, dtype=float) ** 2
-    ra = (12194.0 ** 2 * f2 ** 2) / ((f2 + 20.6 ** 2) * np.sqrt((f2 + 107.7 ** 2)
-                                     * (f2 + 737.9 ** 2)) * (f2 + 12194.0 ** 2))
-    return ra * 10 ** (2.0 / 20)
 
 
 def _traffic_fir(rate: int) -> np.ndarray:
@@ -66,6 +59,25 @@ def a_weighted_power_ratio(taps: np.ndarray | None, rate: int) -> float:
     f = np.fft.rfftfreq(n, 1 / rate)
     h2 = np.ones_like(f) if taps is None else np.abs(np.fft.rfft(taps, n)) ** 2
     return float(np.sum(h2 * a_weighting(f) ** 2) / np.sum(h2))
+
+
+class I2SMicrophone(SimulatedPart):
+    """The microphone wired to a board's I2S port. It has no state of its own: each I2S
+    session hears a fresh Microphone stream from the moment the port opens (the
+    receiver's clocks start), and unplugged, the SD line reads 0 (Peripherals)."""
+
+    name = "mic"
+
+    def __init__(self, scenario: Scenario, seed: int = 0) -> None:
+        self.scenario = scenario
+        self.seed = seed
+
+    @classmethod
+    def attach(cls, world: World, spec: dict[str, Any], seed: int) -> I2SMicrophone:
+        return cls(world.scenario, seed)
+
+    def stream(self, rate: int) -> Microphone:
+        return Microphone(self.scenario, rate, seed=self.seed)
 
 
 class Microphone:

@@ -21,6 +21,9 @@ import random
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+from .base import SimulatedPart, World
 
 BAUD = 9600
 BYTE_TIME = 10 / BAUD
@@ -71,7 +74,12 @@ def data_words(pm1: float, pm25: float, pm10: float) -> list[int]:
     return cf + [pm1, pm25, pm10, n03, n05, n10, n25, n50, n100, VERSION << 8]
 
 
-class PMS5003:
+class PMS5003(SimulatedPart):
+    name = "pms5003"
+    corruptible = True
+    control_pin = "pms_set"     # the SET line, on the GPIO boards.yaml names pms_set
+    baud = BAUD                 # what it speaks; boards.yaml's `baud` may say otherwise
+
     def __init__(self, air: Callable[[float], tuple[float, float, float]],
                  clock: Callable[[], float], seed: int = 0, warm: bool = True) -> None:
         """air(t) -> (PM1, PM2.5, PM10) ug/m3 at device-clock time t; clock(): now.
@@ -90,6 +98,14 @@ class PMS5003:
         self.powered = False
         self.listening = True       # a UART driver is there to receive (faults wait for one)
         self.power_on(warm=warm)
+
+    @classmethod
+    def attach(cls, world: World, spec: dict[str, Any], seed: int) -> PMS5003:
+        """On a bench board the fan has run for a while; nothing listens until the
+        firmware opens its UART."""
+        part = cls(world.air, world.scenario.wall, seed=seed, warm=True)
+        part.listening = False
+        return part
 
     # -- power, mode, fan ---------------------------------------------------------------
     def power_on(self, warm: bool = False) -> None:
@@ -135,8 +151,11 @@ class PMS5003:
     def sending(self) -> bool:
         return self.powered and not self.asleep and self.set_pin
 
+    def state(self) -> dict[str, Any]:
+        return {"active": self.active, "asleep": self.asleep, "warming_up": self.warming_up()}
+
     # -- faults ---------------------------------------------------------------------------
-    def corrupt(self, count: int = 1, kind: str = "checksum") -> None:
+    def corrupt(self, count: int = 1, kind: str = "checksum", **kw: Any) -> None:
         """The next `count` frames carry a bad checksum, or are preceded by line garbage
         (the next ones sent while `listening`, so a fault is not lost on an idle line)."""
         if kind == "checksum":
