@@ -18,12 +18,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from citynode.emulator.vm import WORD_SCALE
-from citynode.provisioning.device import last_json
-
 from bench import firmware_crypto, firmware_dsp
 from bench.output import save
+from citynode.emulator.vm import WORD_SCALE
 from citynode.mosquitto import Mosquitto
+from citynode.provisioning.device import last_json
 from citynode.testing.emulator import mpremote, start_node
 
 CYCLE = """

@@ -76,8 +76,9 @@ def relay_main(local_port: int, upstream_port: int, inflight: int = 32) -> None:
     for both, and the relay pays no more for them than the gateway does.
     """
     import paho.mqtt.client as mqtt
-    from citynode.gateway.city import UserProperties, iso, user_property
     from paho.mqtt.enums import CallbackAPIVersion
+
+    from citynode.gateway.city import UserProperties, iso, user_property
 
     up = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bare-relay-up",
                      protocol=mqtt.MQTTv5)

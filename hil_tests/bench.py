@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import serial
-from citynode.provisioning.device import last_json
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode import wire
+from citynode.provisioning.device import last_json
 from citynode.subscriber import Message, Subscriber
 from citynode.testing.emulator import BoardHandle, wait_for
 

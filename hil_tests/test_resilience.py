@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
+from citynode.provisioning.device import last_json
 from citynode.testing.emulator import wait_for
 from hil_tests.bench import APP_STARTED, Bench
 
@@ -77,8 +77,7 @@ print(json.dumps(marks))
 def test_heap_stays_flat_over_5000_cycles(bench: Bench):
     """Sample, aggregate, encode, sign and spool 5,000 times: no creeping heap."""
     cycles = 5000
-    marks = json.loads(bench.exec(HEAP_RUN % (cycles, cycles - 1), timeout=900)
-                       .strip().splitlines()[-1])
+    marks = last_json(bench.exec(HEAP_RUN % (cycles, cycles - 1), timeout=900))
     assert abs(marks[str(cycles - 1)] - marks["200"]) < 1024, marks
 
 

@@ -16,15 +16,15 @@ import time
 
 import numpy as np
 import pytest
-from citynode.emulator.devices import bme280 as bme280_mod
-from citynode.emulator.devices.mic import FULL_SCALE, Microphone
-from citynode.emulator.peripherals import Peripherals
-from citynode.emulator.scenario import Event, ManualClock, Scenario
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import signal
 
 from citynode.boards import get_board
+from citynode.emulator.devices import bme280 as bme280_mod
+from citynode.emulator.devices.mic import FULL_SCALE, Microphone
+from citynode.emulator.peripherals import Peripherals
+from citynode.emulator.scenario import Event, ManualClock, Scenario
 
 BH, BME = 0x23, 0x76
 PMS_UART = 2

@@ -15,14 +15,14 @@ import time
 
 import numpy as np
 import pytest
+
+from citynode import acoustics
+from citynode.boards import get_board
 from citynode.emulator.devices import DEVICES, SimulatedPart
 from citynode.emulator.devices import mic as mic_mod
 from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import ManualClock, Scenario
 from citynode.emulator.sockets import Listener
-
-from citynode import acoustics
-from citynode.boards import get_board
 from citynode.parts import PARTS
 from citynode.testing.micropython import FIRMWARE
 

@@ -17,11 +17,12 @@ import json
 import math
 
 import pytest
+
+from citynode.boards import get_board
 from citynode.emulator.board import EmulatedBoard
 from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Event, Scenario
-
-from citynode.boards import get_board
+from citynode.provisioning.device import last_json
 from citynode.testing.emulator import mpremote, start_emulator, wait_for
 
 PINNED = {"lux": 1234.0, "temperature": 22.5, "pressure": 100_512.0, "humidity": 41.5,
@@ -87,7 +88,7 @@ class Pole:
     def run(self, code: str) -> dict:
         """Run code on the board; its last printed line is JSON."""
         out = mpremote(self.link, "exec", code, timeout=60)
-        return json.loads(out.strip().splitlines()[-1])
+        return last_json(out)
 
 
 @pytest.fixture(scope="module")

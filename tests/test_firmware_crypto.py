@@ -28,6 +28,7 @@ from pycose.keys import EC2Key
 from pycose.messages import Sign1Message
 
 from citynode import wire
+from citynode.provisioning.device import last_json
 from citynode.testing.micropython import (
     DEVKITC_HEAP_KB,
     FIRMWARE,
@@ -52,7 +53,7 @@ def mpy(code: str, root: Path | None = None) -> str:
 
 def mpy_json(code: str, root: Path | None = None):
     """Run code whose last output line is JSON (printed with json.dumps)."""
-    return json.loads(mpy(code, root).strip().splitlines()[-1])
+    return last_json(mpy(code, root))
 
 
 # --- CBOR ------------------------------------------------------------------------

@@ -19,12 +19,13 @@ import math
 from pathlib import Path
 
 import pytest
+
+from citynode.boards import get_board
 from citynode.emulator.board import EmulatedBoard
 from citynode.emulator.control import ControlServer
 from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Scenario
-
-from citynode.boards import get_board
+from citynode.provisioning.device import last_json
 from citynode.testing.emulator import (
     BoardHandle,
     install_firmware,
@@ -71,7 +72,7 @@ class Pole:
         variables are still there); its last printed line is JSON."""
         args = ("resume", "exec", code) if resume else ("exec", PRELUDE + code)
         out = mpremote(self.handle.link, *args, timeout=timeout)
-        return json.loads(out.strip().splitlines()[-1])
+        return last_json(out)
 
     def control(self, cmd: str, **args):
         return self.handle.control(cmd, **args)
@@ -588,7 +589,7 @@ pm = PMS5003(uart(), set_pin=SET, warm=True)
 print(json.dumps([light.lux, air.read(), pm.read()]))
 """, timeout=60)
     after = emu_board.control("status")["peripherals"]["scenario"]
-    lux, (t, h, p), pm = json.loads(out.strip().splitlines()[-1])
+    lux, (t, h, p), pm = last_json(out)
 
     def near(value, key, tol):
         lo, hi = sorted((before[key], after[key]))
@@ -605,7 +606,7 @@ print(json.dumps([light.lux, air.read(), pm.read()]))
     emu_board.control("unplug", sensor="bh1750")
     out = mpremote(emu_board.link, "resume", "exec",
                    "print(json.dumps(error(lambda: light.lux)))", timeout=60)
-    err = json.loads(out.strip().splitlines()[-1])
+    err = last_json(out)
     assert err[0] == "SensorMissing" and "0x23" in err[1]
     emu_board.control("plug", sensor="bh1750")
 
@@ -619,7 +620,6 @@ def test_bme280_integer_compensation_against_the_datasheet_floating_point(tmp_pa
     import struct
 
     from citynode.emulator.devices import bme280 as emu_bme
-
     from citynode.testing.micropython import run_micropython
 
     trims = [
@@ -750,7 +750,7 @@ for step in (1, 2, 3, 5, 7, 31, 32, 33, 64):
     out.append([seen, pm.checksum_errors, pm.acks, pm.frames])
 print(json.dumps(out))
 """
-    for seen, errors, acks, frames in json.loads(run_micropython(code).strip().splitlines()[-1]):
+    for seen, errors, acks, frames in last_json(run_micropython(code)):
         assert seen == [good, other] and errors == 1 and acks == 1 and frames == 2
 
 
@@ -768,7 +768,7 @@ used = before - gc.mem_free()
 print(json.dumps([used, issubclass(sensor.SensorMissing, OSError),
                   issubclass(sensor.SensorFault, OSError)]))
 """)
-    used, missing_is_oserror, fault_is_oserror = json.loads(out.strip().splitlines()[-1])
+    used, missing_is_oserror, fault_is_oserror = last_json(out)
     assert missing_is_oserror and fault_is_oserror
     # ~23 KB here on the 64-bit unix port (8-byte words); about half that on the ESP32
     assert used < 32 * 1024, f"the drivers take {used} bytes of heap to import"
@@ -832,7 +832,7 @@ def test_read_paths_allocate_nothing_on_the_unix_port() -> None:
     stand-in; BME280 compensation needs ints above 31 bits and is not in this check."""
     from citynode.testing.micropython import run_micropython
 
-    got, frames, acks, garbage, count = json.loads(
-        run_micropython(HEAP_LOCKED).strip().splitlines()[-1])
+    got, frames, acks, garbage, count = last_json(
+        run_micropython(HEAP_LOCKED))
     assert got == 50 and frames == 51 and acks == 51 and garbage == 153
     assert count == 0x1234

@@ -7,10 +7,10 @@ and a power cut mid-write is a file truncated or damaged on the host.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from citynode.provisioning.device import last_json
 from citynode.testing.micropython import run_micropython
 
 PRELUDE = """
@@ -42,7 +42,7 @@ def report(**kw):
 
 def mpy(tmp: Path, code: str) -> dict:
     out = run_micropython(PRELUDE + f"BASE = {str(tmp / 'spool')!r}\n" + code)
-    return json.loads(out.strip().splitlines()[-1])
+    return last_json(out)
 
 
 def names(*idx) -> list[str]:

@@ -3,8 +3,7 @@ progress, including a task quiet by design; not fed once one stops."""
 
 from __future__ import annotations
 
-import json
-
+from citynode.provisioning.device import last_json
 from citynode.testing.micropython import run_micropython
 
 # The supervisor's logic against a feed counter (the unix port has no machine.WDT;
@@ -50,7 +49,7 @@ print(json.dumps(out))
 
 
 def test_feeds_only_while_every_task_beats_or_is_quiet_by_design():
-    result = json.loads(run_micropython(SCRIPT).strip().splitlines()[-1])
+    result = last_json(run_micropython(SCRIPT))
     assert result["quiet"]["fed_late"] >= 10, result            # ~15 checks in 1.5 s
     assert result["slow"]["stalled"] == "sensor", result
     assert result["slow"]["fed_late"] <= 4, result               # only right after its beats

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from citynode.gateway.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

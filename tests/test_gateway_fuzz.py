@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import cbor2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from citynode.gateway.config import parse_config
 from citynode.gateway.metrics import Metrics
 from citynode.gateway.pole import PoleLink
 from citynode.gateway.store import DUPLICATE, REPLAYED, STORED, Store
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from citynode.registry import load_registry
 from citynode.testing.gateway import Collector, GatewayProcess, Node
 from citynode.testing.keys import TestDevice

@@ -9,8 +9,9 @@ from collections import deque
 
 import paho.mqtt.client as mqtt
 import pytest
-from citynode.gateway.mqttio import BufferedClient, BufferedSocket
 from paho.mqtt.enums import CallbackAPIVersion
+
+from citynode.gateway.mqttio import BufferedClient, BufferedSocket
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ runs on the real MicroPython unix port, as it does on the node."""
 
 from __future__ import annotations
 
-import json
-
 from citynode.parts import PARTS
+from citynode.provisioning.device import last_json
 from citynode.testing.micropython import run_micropython
 
 REGISTRY = """
@@ -29,7 +28,7 @@ for name in %r:
 
 
 def test_firmware_registry_matches_the_host_table():
-    firmware = json.loads(run_micropython(REGISTRY).strip().splitlines()[-1])
+    firmware = last_json(run_micropython(REGISTRY))
     host = {name: [part.bus, [[q.name, q.unit] for q in part.quantities]]
             for name, part in PARTS.items()}
     assert firmware == host

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from citynode import wire
+from citynode.provisioning.device import last_json
 from citynode.registry import load_registry
 from citynode.testing.emulator import mpremote, start_emulator
 from citynode.testing.provisioning import (
@@ -84,7 +85,7 @@ def test_self_test_envelope_verifies_with_the_registry_key(provisioned):
     board, registry = provisioned["board"], provisioned["registry"]
     device = f"cn-{board.mac}"
     out = mpremote(board.link, "exec", SELFTEST)
-    report = json.loads(out.strip().splitlines()[-1])
+    report = last_json(out)
     record = load_registry(registry, strict=True).get(device)
     key = load_pem_public_key(record.public_key_pem.encode())
     envelope = wire.decode_envelope(bytes.fromhex(report["envelope"]))

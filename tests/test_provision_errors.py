@@ -10,11 +10,11 @@ import os
 
 import pytest
 import serial
-from citynode.provisioning import fleet, ports
-from citynode.provisioning.errors import RegistryWriteError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from citynode.provisioning import fleet, ports
+from citynode.provisioning.errors import RegistryWriteError
 from citynode.registry import DeviceRecord, load_registry, write_record
 from citynode.testing.emulator import free_port, start_emulator
 from citynode.testing.provisioning import (

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from citynode.boards import get_board
 from citynode.provisioning import provision
 from citynode.provisioning.events import Event, Events
-
-from citynode.boards import get_board
 from citynode.registry import load_registry
 from citynode.testing.emulator import start_emulator
 from citynode.testing.provisioning import (
