@@ -14,8 +14,10 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+from citynode import cli
 from citynode.boards import BoardCatalogueError, get_board
 
 from .board import EmulatedBoard
@@ -124,28 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
                                         "levels (see emulator/scenario.py)")
     run.add_argument("--time-scale", type=float, help="scenario seconds per wall second "
                                                       "(720: a day in two minutes)")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=_usage(cmd_run))
     image = sub.add_parser("image", help="write a stand-in MicroPython image for a board")
     image.add_argument("--board", default="esp32-devkitc")
     image.add_argument("-o", "--output", required=True)
-    image.set_defaults(func=cmd_image)
+    image.set_defaults(func=_usage(cmd_image))
     ctl = sub.add_parser("ctl", help="inspect a running board or inject a fault")
     ctl.add_argument("state", help="the board's state dir, e.g. /tmp/cn/state/node0")
     ctl.add_argument("command", help="status, wifi, rssi, power, press, hang, unplug, plug, "
                                      "corrupt, pin, impulse")
     ctl.add_argument("args", nargs="*", help="key=value arguments, e.g. up=false")
-    ctl.set_defaults(func=cmd_ctl)
+    ctl.set_defaults(func=_usage(cmd_ctl))
     return parser
+
+
+def _usage(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand whose errors (a board, a state dir, a control request, the VM that
+    cannot be found) are the caller's to fix: exit code 2 with the message."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (BoardCatalogueError, ControlError, MicroPythonNotFound, ValueError,
+                OSError) as exc:
+            raise cli.CliError(str(exc), exit_code=cli.EXIT_USAGE) from None
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (BoardCatalogueError, ControlError, MicroPythonNotFound, ValueError, OSError) as exc:
-        print(f"citynode-emu: {exc}", file=sys.stderr)
-        return 2
+    return cli.run("citynode-emu", build_parser(), argv)
 
 
 if __name__ == "__main__":

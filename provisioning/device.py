@@ -98,6 +98,11 @@ class Session:
         return data
 
     def _enter_raw(self, soft_reset: bool) -> None:
+        """mpremote's enter_raw_repl, plus what a technician needs from it: a second
+        Ctrl-C for an asyncio app's cleanup, a board that resets under us (its watchdog)
+        interrupted again, and on failure the console read back to say what the board
+        is doing instead (ROM boot loop, download mode, other firmware) rather than
+        mpremote's print of the raw bytes."""
         s = self.t.serial
         try:
             s.write(b"\r\x03")
