@@ -29,6 +29,8 @@ class Node:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = cfg["device"]
+        # The dog first: a part that hangs while it is set up must reset the node too.
+        self.supervisor = supervisor.Supervisor(cfg.get("wdt_ms", 30000))
         self.keys = keys.NodeKeys()
         p256.precompute()           # before the heap fragments
         self.keys.public_key()      # create the key on first boot
@@ -41,7 +43,6 @@ class Node:
         self.errors = {}
         self.urgent = []            # (kind, records, ticks_ms): sent at once by event_loop
         self.healthy_marked = False
-        self.supervisor = supervisor.Supervisor(cfg.get("wdt_ms", 30000))
         self.commands = commands.Commands(self.device, self.keys, {
             "set_interval": self._set_interval,
             "lamp": self._set_lamp,
