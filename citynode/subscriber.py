@@ -43,7 +43,7 @@ class Subscriber:
                  timeout: float = 10.0):
         self.messages: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
-        self._on_message = on_message or self._keep
+        self.on_message = on_message or self.keep  # settable: a test can wrap it
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"watch-{id(self):x}",
@@ -71,10 +71,10 @@ class Subscriber:
 
     def _arrived(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         props = dict(getattr(msg.properties, "UserProperty", []) or [])
-        self._on_message(Message(msg.topic, bytes(msg.payload), props, bool(msg.retain),
+        self.on_message(Message(msg.topic, bytes(msg.payload), props, bool(msg.retain),
                                  time.monotonic()))
 
-    def _keep(self, message: Message) -> None:
+    def keep(self, message: Message) -> None:
         with self.lock:
             self.messages.append((message.topic, message.payload))
 

@@ -221,12 +221,12 @@ def test_power_cut_in_the_middle_of_a_drain_resends_but_never_skips(pole, local_
     # boot 2: the broker freezes after the 10th envelope, so PUBACKs stop mid-drain
     frozen = []
 
-    def freeze(client, userdata, msg):
-        sub._on_message(client, userdata, msg)
+    def freeze(message):
+        sub.keep(message)
         if len(sub.messages) == 10 and not frozen:
             local_broker.proc.send_signal(signal.SIGSTOP)
             frozen.append(True)
-    sub.client.on_message = freeze
+    sub.on_message = freeze
     board.control("wifi", up=True)
     board.control("power", on=True)
     wait_for(lambda: frozen, timeout=30, what="the drain to start")
