@@ -360,6 +360,7 @@ class I2S(_io.IOBase):
         self._frame = (bits // 8) * (2 if format == I2S.STEREO else 1)
         self._step = max(self._frame, min(1024, ibuf - ibuf % self._frame))
         self._async = False
+        self._ack = bytearray(4)  # reused: the emulator's own work must not churn the heap
 
     def _recv(self, mv, wait=True):
         """One socket read; the host then hears how much left its DMA ring. A blocking
@@ -367,13 +368,18 @@ class I2S(_io.IOBase):
         the host keeps only a few steps in flight until it hears back."""
         if wait:
             k = self._sock.readinto(mv[:self._step])
-        else:
-            data = self._sock.recv(len(mv), 0x40)  # MSG_DONTWAIT: what is there
-            k = len(data)
-            mv[:k] = data
+        else:  # what is there, into the caller's buffer (recv would allocate up to 4 KB)
+            self._sock.setblocking(False)
+            try:
+                k = self._sock.readinto(mv)
+            finally:
+                self._sock.setblocking(True)
+            if k is None:  # nothing after all: wait for it as a blocking read would
+                return self._recv(mv, True)
         if not k:
             raise OSError(5)
-        self._sock.write(struct.pack("<I", k))
+        struct.pack_into("<I", self._ack, 0, k)
+        self._sock.write(self._ack)
         return k
 
     def _fill(self, mv, got, want):
