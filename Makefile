@@ -7,14 +7,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto
+# systemd: its systemd-analyze checks the shipped unit (tests/test_gateway_deploy.py)
+APT_PACKAGES := mosquitto systemd
 
 PORT  ?=
 BOARD ?= esp32-devkitc
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
-.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision lint flash provision clean
+.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision bench-throttle lint flash provision clean
 
 setup: $(STAMP)
 
@@ -32,7 +34,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 hil: setup
 ifeq ($(PORT),)
@@ -44,10 +46,10 @@ endif
 demo: setup
 	$(BIN)/python -m citynode.demo $(DEMO_ARGS)
 
-bench: bench-firmware bench-gateway bench-provision
+bench: bench-firmware bench-gateway bench-provision bench-throttle
 	$(BIN)/python -m bench.table
 
-bench-firmware bench-gateway bench-provision: setup
+bench-firmware bench-gateway bench-provision bench-throttle: setup
 	$(BIN)/python -m bench.$(subst -,_,$(subst bench-,,$@)) --out bench/results
 
 lint: setup

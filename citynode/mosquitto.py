@@ -91,7 +91,7 @@ class Mosquitto:
         self.conf = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
 
-    def _write_config(self) -> None:
+    def config_text(self) -> str:
         lines = [
             f"listener {self.port} {self.bind}",
             "allow_anonymous true",
@@ -105,7 +105,10 @@ class Mosquitto:
             lines += ["max_queued_messages 0", "max_inflight_messages 100"]
         if self.autosave_interval is not None:
             lines.append(f"autosave_interval {self.autosave_interval}")
-        self.conf.write_text("\n".join(lines) + "\n" + self.extra_config + "\n")
+        return "\n".join(lines) + "\n" + self.extra_config + "\n"
+
+    def _write_config(self) -> None:
+        self.conf.write_text(self.config_text())
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         self._write_config()
@@ -150,6 +153,12 @@ class Mosquitto:
         self.stop()
         return self.start()
 
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto reads its password and ACL files again."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGHUP)
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-4000:]
@@ -161,3 +170,50 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+class PoleBroker(Mosquitto):
+    """The pole's broker as deploy/ ships it, for tests and the demo.
+
+    deploy/mosquitto.conf and deploy/mosquitto.acl unchanged but for where things are: the
+    gateway's loopback listener moves to `port`, the access point's listener (the nodes')
+    to `node_port`, both on 127.0.0.1, and the files into `workdir`. `set_accounts(text)`
+    writes the password file (citynode.pole_broker.password_file_text) and reloads it.
+    """
+
+    def __init__(self, workdir: Path, *, own_group: bool = False, deploy: Path = DEPLOY):
+        super().__init__(workdir, persistence=True, own_group=own_group)
+        self.node_port = free_port()
+        self.deploy = deploy
+        self.passwd = self.workdir / "passwd"
+        self.acl = self.workdir / "acl"
+        if not self.passwd.exists():
+            self.passwd.write_text("")
+
+    def config_text(self) -> str:
+        try:
+            text = (self.deploy / "mosquitto.conf").read_text()
+            acl = (self.deploy / "mosquitto.acl").read_text()
+        except OSError as exc:
+            raise RuntimeError(f"the pole broker's shipped config is missing ({exc}); it is "
+                               "in deploy/ of a citynode checkout") from None
+        self.acl.write_text(acl)
+        listeners = iter((self.port, self.node_port))
+        lines = [f"user {pwd.getpwuid(os.getuid()).pw_name}",  # not root's drop to mosquitto
+                 f"persistence_location {self.workdir}/"]       # Debian's main file's part
+        for line in text.splitlines():
+            if line.startswith("listener "):
+                line = f"listener {next(listeners)} 127.0.0.1"
+            line = line.replace("/etc/mosquitto/citynode/passwd", str(self.passwd))
+            line = line.replace("/etc/mosquitto/citynode/acl", str(self.acl))
+            line = line.replace("log_dest syslog", f"log_dest file {self.log_path}")
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    def set_accounts(self, text: str) -> None:
+        from citynode.pole_broker import write_password_file
+        write_password_file(self.passwd, text, group=None)
+        self.reload()

@@ -10,25 +10,30 @@ directory). Secrets never appear in error messages or in `repr`.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from citynode import wire
+from citynode.files import write_atomic
 
 DEVICE_ID = re.compile(r"^cn-[0-9a-f]{12}$")  # wire.device_id(mac)
 ALGS = ("ES256", "HMAC256")
 STATUSES = ("active", "revoked")
 FIELDS = ("device_id", "alg", "public_key_pem", "key_ref", "board", "site", "pole", "lat", "lon",
-          "firmware", "status", "provisioned_at")
+          "firmware", "status", "provisioned_at", "broker_hash")
 
 
 class RegistryError(ValueError):
@@ -49,6 +54,7 @@ class DeviceRecord:
     provisioned_at: str = ""
     public_key_pem: str | None = None
     key_ref: str | None = None
+    broker_hash: str | None = None  # the pole broker's hash of the node's password
 
     @property
     def active(self) -> bool:
@@ -105,13 +111,18 @@ def record_from_dict(data: Any, source: str = "record") -> DeviceRecord:
         _load_p256(pem, source)
     elif key_ref is None:
         raise RegistryError(f"{source}: HMAC256 devices need 'key_ref' (path of the secret file)")
+    broker_hash = text("broker_hash", False)
+    if broker_hash is not None and not broker_hash.startswith("$7$"):
+        raise RegistryError(f"{source}: field 'broker_hash' must be a mosquitto $7$ hash "
+                            "(re-run citynode-provision to make the node a new broker password)")
     provisioned_at = data.get("provisioned_at", "")
     if not isinstance(provisioned_at, str):
         raise RegistryError(f"{source}: field 'provisioned_at' must be an ISO 8601 string")
     return DeviceRecord(
         device_id=device_id, alg=alg, board=text("board"), site=text("site"), pole=text("pole"),
         lat=number("lat", -90, 90), lon=number("lon", -180, 180), firmware=text("firmware"),
-        status=status, provisioned_at=provisioned_at, public_key_pem=pem, key_ref=key_ref)
+        status=status, provisioned_at=provisioned_at, public_key_pem=pem, key_ref=key_ref,
+        broker_hash=broker_hash)
 
 
 def _load_p256(pem: str, source: str) -> ec.EllipticCurvePublicKey:
@@ -146,6 +157,17 @@ class Credential:
     public_key: ec.EllipticCurvePublicKey | None = None
     secret: bytes | None = None
 
+    @cached_property
+    def key_id(self) -> str:
+        """A short, stable name of the key (not of a secret: a hash of it), for replay
+        windows kept per key."""
+        if self.public_key is not None:
+            material = self.public_key.public_bytes(Encoding.X962,
+                                                    PublicFormat.UncompressedPoint)
+        else:
+            material = b"hmac:" + (self.secret or b"")
+        return hashlib.sha256(material).hexdigest()[:16]
+
     def __repr__(self) -> str:  # never print a secret
         return f"Credential(alg={self.alg!r})"
 
@@ -177,6 +199,14 @@ class Registry:
             cred = Credential("HMAC256", secret=read_secret(self.directory, record))
         self._credentials[record.device_id] = cred
         return cred
+
+    def key_id(self, device_id: str) -> str:
+        """The id of the key a device's envelopes verify with now ("" if none)."""
+        record = self.records.get(device_id)
+        try:
+            return self.credential(record).key_id if record else ""
+        except RegistryError:
+            return ""
 
     def key_for(self, kid: str, alg: str) -> ec.EllipticCurvePublicKey | bytes:
         """The key that verifies `kid`'s envelopes (wire.KeyLookup): EnvelopeError if none."""
@@ -221,7 +251,7 @@ def load_registry(directory: str | Path, strict: bool = False) -> Registry:
     directory = Path(directory)
     if not directory.is_dir():
         raise RegistryError(f"registry directory {directory} does not exist; create it or set "
-                            "'registry.dir' in the gateway config")
+                            "[gateway] registry_dir in the gateway config")
     records: dict[str, DeviceRecord] = {}
     errors: list[str] = []
     for path in sorted(directory.glob("*.json")):
@@ -245,28 +275,14 @@ def load_device(directory: str | Path, device_id: str) -> Registry:
 
 
 def write_record(directory: str | Path, record: DeviceRecord) -> Path:
-    """Write (or replace) one record atomically: temp file, fsync, rename, mode 0600."""
+    """Write (or replace) one record atomically: temp file, fsync, rename, mode 0644 (a
+    record holds public keys and hashes only, so the gateway's service user can read it)."""
     record = record_from_dict(record.to_dict(), record.device_id)  # validate before writing
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{record.device_id}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{record.device_id}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record.to_dict(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    text = json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
+    write_atomic(target, text, 0o644)
     return target
 
 

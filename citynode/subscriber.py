@@ -38,6 +38,7 @@ class Message:
 class Subscriber:
     def __init__(self, host: str, port: int, topic: str = wire.UP_PREFIX + "#", *,
                  client_id: str = "",
+                 login: tuple[str, str] | None = None,
                  persistent: bool = False,
                  on_message: Callable[[Message], None] | None = None,
                  timeout: float = 10.0):
@@ -54,6 +55,8 @@ class Subscriber:
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._arrived
         self.client.reconnect_delay_set(0.1, 1.0)
+        if login is not None:  # (user, password): a locked broker (citynode.pole_broker)
+            self.client.username_pw_set(*login)
         kwargs: dict = {}
         if persistent:
             props = Properties(PacketTypes.CONNECT)

@@ -24,12 +24,21 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 MAX_ENVELOPE_BYTES = 4096
+MAX_SEQ = 2**53 - 1     # a sequence number above is refused: exact as a double, an SQLite
+                        # INTEGER, and ~285,000 years of one envelope a second
+MAX_UINT = 2**64 - 1    # CBOR's largest plain unsigned integer (a bignum is refused)
 TAG_SIGN1 = 18
 TAG_MAC0 = 17
 ALG_ES256 = -7
 ALG_HMAC256 = 5
 HDR_ALG = 1
 HDR_KID = 4
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
+HALF_N = P256_N // 2    # low-S: an ES256 signature's s is at most this
+# The one encoding of each protected header (docs/wire-format.md, canonical envelopes)
+PROTECTED = {ALG_ES256: b"\xa1\x01\x26",     # {1: -7}
+             ALG_HMAC256: b"\xa1\x01\x05"}   # {1: 5}
+MAX_KID_BYTES = len("cn-") + 12     # a device id; the operator's kid ("operator") is shorter
 
 KIND_READINGS, KIND_EVENT, KIND_STATUS, KIND_SELFTEST = 0, 1, 2, 3
 K_DEVICE, K_SEQ, K_BOOT, K_TIME, K_UPTIME, K_KIND, K_RECORDS = 1, 2, 3, 4, 5, 6, 7
@@ -137,7 +146,8 @@ def _loads_exact(data: bytes) -> Any:
 
 
 def decode_envelope(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
-    """Parse a COSE_Sign1 / COSE_Mac0 envelope without verifying it."""
+    """Parse a COSE_Sign1 / COSE_Mac0 envelope without verifying it; anything but its one
+    canonical form (docs/wire-format.md) is malformed."""
     if len(data) > max_bytes:
         raise EnvelopeError("oversized", f"{len(data)} bytes > {max_bytes}")
     try:
@@ -154,25 +164,73 @@ def decode_envelope(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelop
         raise EnvelopeError("malformed", "protected, payload and signature must be byte strings")
     if not isinstance(unprotected, dict):
         raise EnvelopeError("malformed", "unprotected header must be a map")
+    alg = _alg(item.tag, protected)
+    kid = _kid(unprotected)
+    size = 64 if alg == ALG_ES256 else 32
+    if len(signature) != size:
+        raise EnvelopeError("malformed", f"signature must be {size} bytes")
+    if alg == ALG_ES256:
+        _check_low_s(signature)
+    if cbor2.dumps(item) != data:
+        raise EnvelopeError("malformed", "not in shortest form: a tag, length or label is "
+                            "written longer than needed (or indefinite); encode every CBOR "
+                            "head in its shortest form")
+    return Envelope(alg, kid, protected, payload, signature)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A bounded repr of untrusted input, for an error message."""
+    text = value.hex() if isinstance(value, bytes) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _alg(tag: int, protected: bytes) -> int:
+    """The alg of a COSE tag, if `protected` is exactly its canonical header. Another
+    spelling of {1: alg} (a longer integer, an indefinite map, a second key) is refused:
+    one envelope content, one encoding."""
+    alg = ALG_ES256 if tag == TAG_SIGN1 else ALG_HMAC256
+    if protected == PROTECTED[alg]:
+        return alg
     try:
         headers = _loads_exact(protected) if protected else {}
     except Exception:
         raise EnvelopeError("malformed", "protected header is not CBOR") from None
-    alg = headers.get(HDR_ALG) if isinstance(headers, dict) else None
-    expected = ALG_ES256 if item.tag == TAG_SIGN1 else ALG_HMAC256
-    if alg != expected:
-        raise EnvelopeError("malformed", f"alg {alg!r} does not fit tag {item.tag}")
-    kid = unprotected.get(HDR_KID)
-    if not isinstance(kid, bytes) or not kid:
+    found = headers.get(HDR_ALG) if isinstance(headers, dict) else None
+    if found != alg:
+        raise EnvelopeError("malformed", f"alg {_show(found)} does not fit tag {tag}")
+    raise EnvelopeError("malformed", f"protected header {_show(protected)} is not the canonical "
+                        f"{PROTECTED[alg].hex()} ({{1: {alg}}}): encode it shortest-form, "
+                        "with no other key")
+
+
+def _kid(unprotected: dict) -> str:
+    """The kid, the unprotected header's one entry. That header is not signed: anything
+    else in it would let anyone make another valid envelope of the same signature."""
+    labels = list(unprotected)
+    if not labels:
         raise EnvelopeError("malformed", "missing kid")
+    if len(labels) > 1 or type(labels[0]) is not int or labels[0] != HDR_KID:
+        raise EnvelopeError("malformed", f"the unprotected header holds {_show(labels)}: "
+                            f"only the kid (label {HDR_KID}) belongs there")
+    kid = unprotected[HDR_KID]
+    if not isinstance(kid, bytes) or not kid:
+        raise EnvelopeError("malformed", "the kid must be a non-empty byte string")
+    if len(kid) > MAX_KID_BYTES:
+        raise EnvelopeError("malformed", f"kid of {len(kid)} bytes: a kid is a device id "
+                            f"(cn- and 12 hex digits) or {OPERATOR_KID!r}, at most "
+                            f"{MAX_KID_BYTES} bytes")
     try:
-        kid_text = kid.decode()
+        return kid.decode()
     except UnicodeDecodeError:
         raise EnvelopeError("malformed", "kid is not UTF-8") from None
-    size = 64 if alg == ALG_ES256 else 32
-    if len(signature) != size:
-        raise EnvelopeError("malformed", f"signature must be {size} bytes")
-    return Envelope(alg, kid_text, protected, payload, signature)
+
+
+def _check_low_s(signature: bytes) -> None:
+    """ECDSA's (r, s) and (r, n - s) both verify: only the low s is taken, else anyone
+    could turn one envelope into a second valid one."""
+    if int.from_bytes(signature[32:], "big") > HALF_N:
+        raise EnvelopeError("malformed", "ES256 signature with a high s (above n/2): the "
+                            "signer must send n - s (low-S, docs/wire-format.md)")
 
 
 def verify_es256(envelope: Envelope, public_key: ec.EllipticCurvePublicKey) -> None:
@@ -200,8 +258,9 @@ def decode_payload(envelope: Envelope) -> Payload:
     device, seq = body.get(K_DEVICE), body.get(K_SEQ)
     if not isinstance(device, str) or device != envelope.kid:
         raise EnvelopeError("malformed", "payload device does not match the kid")
-    if not _is_uint(seq):
-        raise EnvelopeError("malformed", "missing or negative sequence number")
+    if not _is_uint(seq) or seq > MAX_SEQ:
+        raise EnvelopeError("malformed", "the sequence number must be an integer from 0 to "
+                            "2**53 - 1")
     records = body.get(K_RECORDS, [])
     if not isinstance(records, list):
         raise EnvelopeError("malformed", "records must be an array")
@@ -214,7 +273,7 @@ def decode_payload(envelope: Envelope) -> Payload:
 
 
 def _is_uint(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_UINT
 
 
 def _uint(body: dict, key: int) -> int:
@@ -313,18 +372,24 @@ def merge_gap_records(old: dict, new: dict) -> dict:
 # --- signing: for the operator's downlink commands and for tests ---------------
 
 def sign_es256(payload: bytes, kid: str, private_key: ec.EllipticCurvePrivateKey) -> bytes:
-    """COSE_Sign1 with a deterministic nonce (RFC 6979), as the wire format requires."""
-    protected = cbor2.dumps({HDR_ALG: ALG_ES256})
+    """COSE_Sign1 with a deterministic nonce (RFC 6979) and a low s, as the wire format
+    requires (OpenSSL gives the high s of the pair about half the time)."""
+    protected = PROTECTED[ALG_ES256]
     tbs = cbor2.dumps(["Signature1", protected, b"", payload])
     r, s = decode_dss_signature(private_key.sign(
         tbs, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
-    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    signature = r.to_bytes(32, "big") + low_s(s).to_bytes(32, "big")
     body = [protected, {HDR_KID: kid.encode()}, payload, signature]
     return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, body))
 
 
+def low_s(s: int) -> int:
+    """The low one of the two s that verify (s and n - s): the only one the wire takes."""
+    return P256_N - s if s > HALF_N else s
+
+
 def mac_hmac(payload: bytes, kid: str, secret: bytes) -> bytes:
-    protected = cbor2.dumps({HDR_ALG: ALG_HMAC256})
+    protected = PROTECTED[ALG_HMAC256]
     tag = hmac.new(secret, cbor2.dumps(["MAC0", protected, b"", payload]), hashlib.sha256).digest()
     return cbor2.dumps(cbor2.CBORTag(TAG_MAC0, [protected, {HDR_KID: kid.encode()}, payload, tag]))
 

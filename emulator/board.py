@@ -28,10 +28,15 @@ from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM, resume_boot
 
 log = logging.getLogger(__name__)
 
-# machine.reset_cause() values of the ESP32 port
+# machine.reset_cause() values of the ESP32 port (modmachine.c mp_machine_reset_cause):
+# what esp_reset_reason() says about the last hard boot, unless a soft reset happened
+# since (is_soft_reset: set by machine_deinit, cleared only by machine_init at a boot).
 PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
-_ROM_RST = {PWRON_RESET: rom.POWERON, HARD_RESET: rom.POWERON, WDT_RESET: rom.WDT_SYS_RESET,
-            DEEPSLEEP_RESET: rom.DEEPSLEEP, SOFT_RESET: rom.SW_CPU_RESET}
+# The ROM's rst: code for each hard boot: power-on and EN are POWERON; esp_restart()
+# (machine.reset, a panic, the task watchdog's panic) is a software CPU reset, which
+# ESP-IDF's reset-reason hint turns into ESP_RST_SW / PANIC (HARD) or TASK_WDT (WDT).
+_ROM_RST = {PWRON_RESET: rom.POWERON, HARD_RESET: rom.SW_CPU_RESET,
+            WDT_RESET: rom.SW_CPU_RESET, DEEPSLEEP_RESET: rom.DEEPSLEEP}
 _EPOCH_2000 = 946684800
 
 
@@ -58,7 +63,8 @@ class EmulatedBoard:
         self.bus = bus.BusServer(self._bus_call)
         self._lock = threading.RLock()
         self.mode = "off"
-        self.reset_cause = PWRON_RESET
+        self.boot_cause = PWRON_RESET   # esp_reset_reason() of the last hard boot
+        self._soft_reset_since_boot = False
         self.boots = 0
         self._rom: rom.DownloadMode | rom.BootErrorLoop | None = None
         self._vm: VM | None = None
@@ -66,6 +72,7 @@ class EmulatedBoard:
         os.set_blocking(self._rx_write, False)
         self._wdt_timeout: float | None = None
         self._wdt_fed = 0.0
+        self._booted_at = time.monotonic()  # the chip's last reset (hard boot)
         self._hang = threading.Event()
         self._unhang = threading.Event()
         self._rtc_offset = _EPOCH_2000 - int(time.time())
@@ -92,6 +99,12 @@ class EmulatedBoard:
         atomic_write_json(path, identity)
         identity["new"] = True
         return identity
+
+    @property
+    def reset_cause(self) -> int:
+        """What machine.reset_cause() returns now: SOFT_RESET from the first soft reset
+        after a boot until the next hard one, else the boot's cause."""
+        return SOFT_RESET if self._soft_reset_since_boot else self.boot_cause
 
     @property
     def mac_text(self) -> str:
@@ -131,6 +144,7 @@ class EmulatedBoard:
             self._rom = None
         self._wdt_timeout = None
         self._unhang.set()
+        self.radio.power_off()  # the Wi-Fi driver starts over (a soft reset keeps it)
         if self.peripherals is not None:
             self.peripherals.reset()
         self._drain_rx()
@@ -147,7 +161,9 @@ class EmulatedBoard:
     def _boot(self, download: bool, cause: int) -> None:
         with self._lock:
             self._stop_cpu()
-            self.reset_cause = cause
+            self._booted_at = time.monotonic()
+            self.boot_cause = cause
+            self._soft_reset_since_boot = False
             self._unhang.clear()
             self._send(rom.boot_banner(self.board.chip, _ROM_RST[cause], download))
             if download:
@@ -178,15 +194,21 @@ class EmulatedBoard:
             "CITYNODE_EMU_BUS": str(self.bus.port),
             "CITYNODE_EMU_FS": str(self.storage.fs_dir),
             "CITYNODE_EMU_BOOT": boot,
+            # ticks_ms()/ticks_us() count from the chip's reset (board_side/emu_time.py)
+            "CITYNODE_EMU_TICKS0_US": str(int(self._booted_at * 1_000_000)),
             "CITYNODE_EMU_VERSION": f"{self.app.version} on {self.app.date}",
             "CITYNODE_EMU_MACHINE": f"{self.board.description} with {self.board.chip.upper()}",
         }
         # the ROMFS image is mapped flash on the chip; here the VM holds a copy
+        if self.storage.romfs_partition():
+            env["CITYNODE_EMU_ROMFS_PARTITION"] = "1"
         romfs = self.storage.romfs_image_size()
         if romfs:
             env["CITYNODE_EMU_ROMFS"] = str(romfs)
+        extra_kb = romfs // 1024 + 1
         self._vm = VM(self.board.heap_kb, self._rx_read, env, self.uart.transmit,
-                      self._vm_exited, self.state / "vm.log", extra_heap_kb=romfs // 1024 + 1)
+                      self._vm_exited, self.state / "vm.log", extra_heap_kb=extra_kb,
+                      speed_factor=getattr(self, "speed_factor", None))  # chip speed, issue 11
 
     def _vm_exited(self, code: int) -> None:
         with self._lock:
@@ -199,8 +221,10 @@ class EmulatedBoard:
                          self.board.name)
                 self._start_vm(resume)
                 return
-            self._wdt_timeout = None
+            # A soft reset leaves the task watchdog running (the ESP32 port has no WDT
+            # deinit): only a hard reset, a power cut or the bite itself stops it.
             if code in (EXIT_SOFT, EXIT_SOFT_RAW, 0):
+                self._soft_reset_since_boot = True
                 self._start_vm("soft-raw" if code == EXIT_SOFT_RAW else "soft")
                 return
         log.warning("%s: MicroPython VM died with exit code %s; rebooting", self.board.name, code)
@@ -228,13 +252,28 @@ class EmulatedBoard:
 
     # --- the watchdog ----------------------------------------------------------------
     def _watchdog(self) -> None:
+        """The task watchdog timer: it bites when its one user (machine.WDT) has not
+        fed it within the timeout, across soft resets, until a hard reset stops it."""
         while True:
             time.sleep(0.05)
             timeout = self._wdt_timeout
             if timeout is not None and time.monotonic() - self._wdt_fed > timeout:
                 log.warning("%s: watchdog expired; resetting", self.board.name)
-                self._send("E (0) task_wdt: Task watchdog got triggered.\r\n")
+                self._send(self._wdt_report())
                 self.reset(WDT_RESET)
+
+    @property
+    def uptime_ms(self) -> int:
+        """Milliseconds since the chip's last reset: its ticks_ms() now, before the 2**30
+        wrap (the unix port's ticks and time.monotonic() are both CLOCK_MONOTONIC)."""
+        return int((time.monotonic() - self._booted_at) * 1000)
+
+    def _wdt_report(self) -> str:
+        """What the ESP-IDF task watchdog prints before its panic restarts the chip."""
+        ms = self.uptime_ms  # esp_log: ms since boot
+        return (f"E ({ms}) task_wdt: Task watchdog got triggered. The following tasks/users "
+                "did not reset the watchdog in time:\r\n"
+                f"E ({ms}) task_wdt:  - mpy_machine_wdt\r\nRebooting...\r\n")
 
     def hang(self) -> None:
         """Fault injection: the next bus transaction never completes (a stuck part)."""
@@ -254,6 +293,7 @@ class EmulatedBoard:
 
     def _op_hello(self, sub: int, payload: bytes) -> bytes:
         return json.dumps({"mac": self.mac.hex(), "board": self.board.name,
+                           "chip": self.board.chip, "psram": self.board.psram_mb > 0,
                            "reset_cause": self.reset_cause,
                            "wake_reason": 0}).encode()
 
@@ -267,13 +307,15 @@ class EmulatedBoard:
         return b""
 
     def _op_reset(self, sub: int, payload: bytes) -> bytes:
+        """machine.reset() and machine.bootloader() are esp_restart() (ESP_RST_SW, a
+        HARD_RESET afterwards); deepsleep() wakes through the ROM's DEEPSLEEP_RESET."""
         if sub == 0:
-            threading.Thread(target=self.reset, args=(SOFT_RESET,), daemon=True).start()
+            threading.Thread(target=self.reset, args=(HARD_RESET,), daemon=True).start()
         elif sub == 1:
             ms = struct.unpack("<I", payload)[0]
             threading.Thread(target=self._deepsleep, args=(ms,), daemon=True).start()
         else:
-            threading.Thread(target=self.reset, args=(SOFT_RESET, True), daemon=True).start()
+            threading.Thread(target=self.reset, args=(HARD_RESET, True), daemon=True).start()
         return b""
 
     def _deepsleep(self, ms: int) -> None:
@@ -294,9 +336,7 @@ class EmulatedBoard:
         radio = self.radio
         if sub == 0:
             if payload != b"?":
-                radio.active = payload == b"\x01"
-                if not radio.active:
-                    radio.disconnect()
+                radio.set_active(payload == b"\x01")
             return b"\x01" if radio.active else b"\x00"
         if sub == 1:
             n = payload[0]

@@ -3,6 +3,7 @@
     citynode-emu run --board esp32-devkitc --link /tmp/cn/node0 --rfc2217 4020 --state /tmp/cn/state
     citynode-emu image --board esp32-devkitc -o micropython.bin
     citynode-emu ctl /tmp/cn/state/node0 wifi up=false
+    citynode-emu run ... --chip-speed     # the firmware at the chip's speed (issue 11)
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from citynode import cli
+from citynode import cli, speed
 from citynode.boards import BoardCatalogueError, get_board
 
 from .board import EmulatedBoard
@@ -44,9 +46,29 @@ def _read_secret(path: str | None) -> str | None:
     return Path(path).read_text().strip()
 
 
+def _speed_factor(args: argparse.Namespace, board) -> float | None:
+    """--speed-factor as given, or --chip-speed's: this host measured against the
+    board's published figures (citynode/speed.py, interpreted code)."""
+    if args.speed_factor is not None:
+        if args.speed_factor < 1:
+            raise ValueError(f"--speed-factor {args.speed_factor}: must be >= 1")
+        return args.speed_factor
+    if not args.chip_speed:
+        return None
+    try:
+        factor = speed.factors(board).interp
+    except speed.CalibrationError as exc:
+        raise ValueError(str(exc)) from None
+    log.info("%s at chip speed: host x %.1f (interpreted code)", board.name, factor)
+    return max(1.0, factor)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     board = get_board(args.board)
+    if args.heap_kb is not None:  # what the firmware would need: not the board's truth
+        board = replace(board, heap_kb=args.heap_kb)
     micropython_binary()  # fail now, with the fix, rather than at first boot
+    factor = _speed_factor(args, board)
     links = _link_names(Path(args.link), args.count)
     boards: list[EmulatedBoard] = []
     controls: list[ControlServer] = []
@@ -62,12 +84,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 rfc2217_port=args.rfc2217 + i, blank=args.blank,
                                 radio=Radio(args.wifi_ssid, password),
                                 peripherals=Peripherals(board, scenario, seed=i))
+            emu.speed_factor = factor  # read at each VM start (board.py _start_vm)
             boards.append(emu)
             controls.append(ControlServer(emu))
             emu.power_on()
             print(json.dumps({"board": board.name, "mac": emu.mac_text, "link": str(link),
                               "rfc2217": emu.rfc2217.url if emu.rfc2217 else None,
-                              "state": str(emu.state)}), flush=True)
+                              "state": str(emu.state), "speed_factor": factor}), flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -126,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "levels (see emulator/scenario.py)")
     run.add_argument("--time-scale", type=float, help="scenario seconds per wall second "
                                                       "(720: a day in two minutes)")
+    run.add_argument("--heap-kb", type=int,
+                     help="a heap of this size (chip terms) instead of the board's: to "
+                          "measure what a firmware needs, never to pass a test")
+    run.add_argument("--chip-speed", action="store_true",
+                     help="run the VM at the chip's speed: this host's speed measured against "
+                          "the board's published figures (boards.yaml speed:)")
+    run.add_argument("--speed-factor", type=float,
+                     help="run the VM this many times slower than the host (implies chip speed)")
     run.set_defaults(func=_usage(cmd_run))
     image = sub.add_parser("image", help="write a stand-in MicroPython image for a board")
     image.add_argument("--board", default="esp32-devkitc")
@@ -134,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="inspect a running board or inject a fault")
     ctl.add_argument("state", help="the board's state dir, e.g. /tmp/cn/state/node0")
     ctl.add_argument("command", help="status, wifi, rssi, power, press, hang, unplug, plug, "
-                                     "corrupt, pin, impulse")
+                                     "corrupt, stuck, unstuck, pin, impulse")
     ctl.add_argument("args", nargs="*", help="key=value arguments, e.g. up=false")
     ctl.set_defaults(func=_usage(cmd_ctl))
     return parser

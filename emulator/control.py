@@ -1,8 +1,8 @@
 """Fault injection and inspection: a JSON-lines Unix socket per board (state/control.sock).
 
 Tests and `citynode-emu ctl` use it to do to a board what happens on a pole:
-Wi-Fi loss, a sensor unplugged, corrupted frames, a power cut, a hung part, and
-the two buttons (EN, BOOT).
+Wi-Fi loss, a sensor unplugged, corrupted frames, a part holding the I2C bus low, a
+power cut, a hung part, and the two buttons (EN, BOOT).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ class ControlError(RuntimeError):
 def _status(board: EmulatedBoard) -> dict[str, Any]:
     status = {"board": board.board.name, "mac": board.mac_text, "mode": board.mode,
               "reset_cause": board.reset_cause, "boots": board.boots,
+              "uptime_ms": board.uptime_ms,
               "wifi": {"ap_up": board.radio.ap_up, "status": board.radio.status()},
               "link": str(board.pty.path) if board.pty else None,
               "rfc2217": board.rfc2217.url if board.rfc2217 else None}
@@ -72,10 +75,26 @@ COMMANDS = {
     "plug": lambda b, sensor: _fault(b, "plug", sensor=sensor),
     "corrupt": lambda b, sensor, count=1, kind="checksum": _fault(b, "corrupt", sensor=sensor,
                                                                count=count, kind=kind),
+    "stuck": lambda b, sensor: _fault(b, "stuck", sensor=sensor),
+    "unstuck": lambda b, sensor: _fault(b, "unstuck", sensor=sensor),
     "pin": lambda b, **values: _scenario(b).override(**values),
     "impulse": lambda b, kind="gunshot", level_db=120.0, after_s=0.5: asdict(
         _scenario(b).add_event(kind, float(level_db), float(after_s))),
 }
+
+
+@contextmanager
+def _unix_path(path: Path) -> Iterator[str]:
+    """`path` for bind/connect: AF_UNIX takes at most 107 bytes, so a longer one (a deep
+    --state folder) is reached through its folder's descriptor (Linux /proc/self/fd)."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 class ControlServer:
@@ -85,7 +104,8 @@ class ControlServer:
         if self.path.exists():
             self.path.unlink()
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(self.path))
+        with _unix_path(self.path) as where:
+            server.bind(where)
         os.chmod(self.path, 0o600)
         server.listen()
         self._listener = Listener(server)
@@ -117,7 +137,8 @@ def control(state: Path, cmd: str, **args: Any) -> Any:
     """Send one command to the board whose state dir is `state`; returns its result."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(Path(state) / SOCKET_NAME))
+        with _unix_path(Path(state) / SOCKET_NAME) as where:
+            sock.connect(where)
     except OSError as exc:
         raise ControlError(f"no emulated board is running with state {state}: {exc}") from None
     with sock, sock.makefile("rwb") as stream:

@@ -3,6 +3,14 @@
 The board side (board_side/emu_machine.py, I2S) reads the socket; this end paces
 the samples a part produces as the ESP32's DMA would fill its ring, and drops the
 oldest when the firmware falls behind, counting what it dropped.
+
+The ring holds frames, not `ibuf` bytes of the firmware's format: the ESP32 port
+(ports/esp32/machine_i2s.c, v1.28) always receives 32-bit stereo frames into DMA
+(get_dma_bits, get_dma_format: RX is I2S_DATA_BIT_WIDTH_32BIT, I2S_SLOT_MODE_STEREO)
+and picks the requested format out in readinto(); it allocates
+max(2, ibuf // (256 frames x 8 bytes)) DMA buffers of 256 frames. So ibuf=16384
+holds 2048 frames, 42.7 ms at 48 kHz, whatever `bits` and `format` the firmware
+asked for, not the 4096 mono 32-bit samples (85 ms) its bytes would suggest.
 """
 
 from __future__ import annotations
@@ -17,10 +25,17 @@ import numpy as np
 from .devices.mic import to_slots
 from .sockets import Listener
 
-I2S_TICK = 0.003                 # how often the DMA pump wakes (in flight lasts 21+ ms)
-I2S_SNDBUF = 4096                # keep the kernel's share of the DMA ring small
-I2S_IN_FLIGHT = 4096             # ring bytes handed to the socket ahead of the board's reads
+I2S_TICK = 0.003                 # how often the DMA pump wakes (a DMA buffer is 5.3 ms)
+I2S_SNDBUF = 4096                # the kernel's share of the ring: what the board can read
 I2S_BLOCK = 2048                 # samples generated per numpy call (FFT-friendly)
+DMA_FRAME_BYTES = 8              # RX DMA frame on the ESP32: 32-bit stereo, always
+DMA_BUF_FRAMES = 256             # frames per DMA buffer (DMA_BUF_LEN_IN_I2S_FRAMES)
+
+
+def dma_ring_frames(ibuf: int) -> int:
+    """Frames the ESP32 port's RX DMA ring holds for an `ibuf` of bytes (machine_i2s.c
+    get_dma_buf_count: ESP-IDF needs at least two buffers)."""
+    return max(2, ibuf // (DMA_BUF_FRAMES * DMA_FRAME_BYTES)) * DMA_BUF_FRAMES
 
 
 class SampleSource(Protocol):
@@ -37,9 +52,12 @@ class I2SStream:
 
     Wire: raw slots host -> board; board -> host, after every socket read, the number
     of bytes it took (<I, little-endian). So the host knows exactly what the ring
-    holds (handed over but unread, plus not yet handed over), drops the oldest
-    samples when it would exceed `ibuf`, and keeps at most I2S_IN_FLIGHT bytes in
-    the kernel, where they could no longer be dropped.
+    holds (handed over but unread, plus not yet handed over) and drops samples when
+    it would exceed the ring (dma_ring_frames of `ibuf`). The whole ring is handed
+    over as soon as it is due, so a read that drains the ring gets all the chip's
+    would; what the kernel holds can no longer be dropped, so on an overflow the
+    newest samples go where the chip's DMA drops its oldest buffer: the same count,
+    the gap at the other end of the stall.
     """
 
     def __init__(self, mic: SampleSource | None, wall: Callable[[], float], rate: int, bits: int,
@@ -48,7 +66,9 @@ class I2SStream:
         self._wall = wall
         self.start = mic.start_wall if mic is not None else wall()
         self.frame_bytes = (bits // 8) * (2 if stereo else 1)
-        self.ibuf = max(ibuf, self.frame_bytes)
+        # the ring in the firmware's bytes: its frames as readinto() hands them over
+        self.ring_frames = dma_ring_frames(ibuf)
+        self.ibuf = self.ring_frames * self.frame_bytes
         self._silent = silent
         self.overruns = 0
         self.dropped_bytes = 0
@@ -91,8 +111,9 @@ class I2SStream:
                 consumed += struct.unpack_from("<I", acks)[0]
                 del acks[:4]
             due = int((wall() - start) * self.rate)
+            due -= due % DMA_BUF_FRAMES     # the driver hands over whole DMA buffers
             backlog = due - produced
-            capacity = self.ibuf // self.frame_bytes
+            capacity = self.ring_frames
             if backlog > capacity + I2S_BLOCK:  # far behind: skip what DMA would drop
                 skip = backlog - capacity
                 from_ahead = min(skip, len(ahead) // self.frame_bytes)
@@ -119,7 +140,7 @@ class I2SStream:
                 excess = min(len(pending), -(-excess // self.frame_bytes) * self.frame_bytes)
                 del pending[:excess]
                 self._overrun(excess)
-            room = min(self.ibuf, I2S_IN_FLIGHT) - in_flight
+            room = self.ibuf - in_flight
             if pending and room > 0:
                 try:
                     n = conn.send(pending[:room])

@@ -28,8 +28,7 @@ IDF_VERSION = "v5.4.2"
 PARTITION_TABLE_OFFSET = 0x8000
 NVS_OFFSET, NVS_SIZE = 0x9000, 0x6000
 APP_OFFSET = 0x10000
-ROMFS_OFFSET, ROMFS_SIZE = 0x1E0000, 0x20000   # bytecode run in place from flash
-VFS_OFFSET = 0x200000
+VFS_OFFSET = 0x200000   # the filesystem: the rest of the flash
 ROMFS_SUBTYPE = 0x8F
 
 _APP_DESC_MAGIC = 0xABCD5432
@@ -108,14 +107,19 @@ def _filler(seed: bytes, size: int) -> bytes:
 
 
 def _partition_table(board: Board) -> bytes:
+    """MicroPython's partitions-4MiBplus.csv (the stock images), or with the board's
+    romfs_kb a ROMFS partition taken from the end of the app's, as
+    partitions-4MiB-romfs.csv does."""
     flash = board.flash_size
+    romfs = board.romfs_kb * 1024
     entries = [
         (b"nvs", 1, 0x02, NVS_OFFSET, NVS_SIZE),
         (b"phy_init", 1, 0x01, 0xF000, 0x1000),
-        (b"factory", 0, 0x00, APP_OFFSET, ROMFS_OFFSET - APP_OFFSET),
-        (b"romfs", 1, ROMFS_SUBTYPE, ROMFS_OFFSET, ROMFS_SIZE),
-        (b"vfs", 1, 0x81, VFS_OFFSET, flash - VFS_OFFSET),
+        (b"factory", 0, 0x00, APP_OFFSET, VFS_OFFSET - APP_OFFSET - romfs),
     ]
+    if romfs:
+        entries.append((b"romfs", 1, ROMFS_SUBTYPE, VFS_OFFSET - romfs, romfs))
+    entries.append((b"vfs", 1, 0x81, VFS_OFFSET, flash - VFS_OFFSET))
     table = b"".join(_PART_ENTRY.pack(_PART_MAGIC, kind, sub, off, size, label, 0)
                      for label, kind, sub, off, size in entries)
     table += b"\xeb\xeb" + b"\xff" * 14 + hashlib.md5(table).digest()

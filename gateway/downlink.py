@@ -2,13 +2,17 @@
 
 `<prefix>/<gateway>/down/<device>` is relayed to the node (`citynode/down/<device>` on
 the pole's broker, bytes untouched) only when it is a COSE_Sign1 that verifies against
-the operator's public key and names that device. Without `gateway.operator_key` the
-gateway has no relay and does not subscribe to downlinks at all.
+the operator's public key and names that device, and only at a pace the node can take:
+checking a command's signature holds a node's event loop for a second or more at chip
+speed, so a burst of BURST commands per node passes, then one every REFILL_S (a script
+gone wrong, or a stolen operator key, cannot keep a node from its sensors). Without
+`gateway.operator_key` the gateway has no relay and does not subscribe to downlinks.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +26,9 @@ from .logs import RateLimitedLog
 from .metrics import Metrics
 
 log = logging.getLogger("citynode.gateway.downlink")
+
+BURST = 3          # commands a node may get at once
+REFILL_S = 5.0     # then one more per this many seconds
 
 
 def load_operator_key(path: Path) -> ec.EllipticCurvePublicKey:
@@ -40,11 +47,14 @@ class DownlinkRelay:
     (the pole link's: topic, bytes -> whether the pole's broker could take it)."""
 
     def __init__(self, operator_key: ec.EllipticCurvePublicKey,
-                 publish: Callable[[str, bytes], bool], metrics: Metrics):
+                 publish: Callable[[str, bytes], bool], metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic):
         self.operator_key = operator_key
         self.publish = publish
         self.metrics = metrics
+        self.clock = clock
         self.rlog = RateLimitedLog(log)
+        self._tokens: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
 
     def handle(self, device: str, data: bytes) -> None:
         """One command for `device`: relayed or refused, counted by result either way."""
@@ -54,5 +64,21 @@ class DownlinkRelay:
             self.metrics.inc("downlink_total", result=exc.reason)
             self.rlog.warning("down-" + exc.reason, "downlink for %r refused: %s", device, exc)
             return
+        if not self._take(device):
+            self.metrics.inc("downlink_total", result="rate_limited")
+            self.rlog.warning("down-rate", "downlink for %s refused: more than %d commands, "
+                              "then one per %g s; send it again later", device, BURST, REFILL_S)
+            return
         ok = self.publish(wire.down_topic(device), data)
         self.metrics.inc("downlink_total", result="relayed" if ok else "local_down")
+
+    def _take(self, device: str) -> bool:
+        """A token bucket per device: BURST at once, refilled one per REFILL_S."""
+        now = self.clock()
+        tokens, at = self._tokens.get(device, (float(BURST), now))
+        tokens = min(float(BURST), tokens + (now - at) / REFILL_S)
+        if tokens < 1:
+            self._tokens[device] = (tokens, now)
+            return False
+        self._tokens[device] = (tokens - 1, now)
+        return True

@@ -13,6 +13,7 @@ The same session publishes downlinks to the nodes (`publish`, for the downlink r
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -24,13 +25,22 @@ from paho.mqtt.enums import CallbackAPIVersion
 from citynode import wire
 from citynode.registry import Registry
 
-from .config import Config
+from . import unverified
+from .config import Config, credential
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqttio import BufferedClient
 from .store import DROPPED, DUPLICATE, REPLAYED, STORED, Incoming, Store
+from .unverified import Unverified
 
 log = logging.getLogger("citynode.gateway.pole")
+
+# what a store insert raises for an item's values, not for the disk or the database: a
+# verified envelope should never get there (wire bounds its integers), but if one does,
+# it is that envelope's problem alone (sqlite3.OperationalError, a full or broken disk,
+# stays the daemon's)
+UNSTORABLE = (OverflowError, ValueError, TypeError, sqlite3.InterfaceError,
+              sqlite3.IntegrityError)
 
 
 class Verifier:
@@ -41,19 +51,34 @@ class Verifier:
         self.max_bytes = max_bytes
 
     def check(self, topic: str, data: bytes, received_at: float) -> Incoming:
-        payload = wire.open_envelope(data, self.registry().key_for, self.max_bytes)
+        registry = self.registry()
+        payload = wire.open_envelope(data, registry.key_for, self.max_bytes)
         if topic != wire.up_topic(payload.device):
             raise wire.EnvelopeError("malformed", f"{payload.device} published on {topic!r}, "
                                      f"expected {wire.up_topic(payload.device)}")
         return Incoming(payload.device, payload.seq, data, received_at,
-                        event=payload.kind == wire.KIND_EVENT, node_time=payload.time)
+                        event=payload.kind == wire.KIND_EVENT, node_time=payload.time,
+                        key=registry.key_id(payload.device))
+
+
+@dataclass(frozen=True)
+class Later:
+    """An envelope the registry cannot check yet (gateway/unverified.py)."""
+
+    topic: str
+    data: bytes
+    received_at: float
+
+    @property
+    def device(self) -> str:  # the broker's ACL lets a node publish only on its own topic
+        return self.topic.removeprefix(wire.UP_PREFIX)
 
 
 @dataclass
 class _Pending:
     """A received message waiting for the group commit; `item` is None when rejected."""
 
-    item: Incoming | None
+    item: Incoming | Later | None
     mid: int
     qos: int
     generation: int
@@ -66,6 +91,7 @@ class PoleLink:
                  metrics: Metrics):
         self.config, self.store, self.metrics = config, store, metrics
         self.verifier = Verifier(registry)
+        self.unverified = Unverified(store.path)
         self.rlog = RateLimitedLog(log)
         # The paho thread appends here and wakes the writer only for a batch's first
         # row or a full batch: a wake-up per message costs more than the verify.
@@ -87,8 +113,8 @@ class PoleLink:
         client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=local.client_id,
                                 protocol=mqtt.MQTTv311, clean_session=False, manual_ack=True)
         if local.username:
-            password = (local.password_file.read_text().strip()
-                        if local.password_file else None)
+            secret = credential(local.password_file)
+            password = secret.read_text().strip() if secret else None
             client.username_pw_set(local.username, password)
         client.reconnect_delay_set(1, 10)
         client.on_connect = self._on_connect
@@ -132,11 +158,17 @@ class PoleLink:
             if len(self._inbox) == 1 or len(self._inbox) == self.config.store.commit_rows:
                 self._ready.notify()
 
-    def handle(self, topic: str, data: bytes, received_at: float) -> Incoming | None:
-        """Verify one envelope; None (counted and logged) when it is rejected. Never raises."""
+    def handle(self, topic: str, data: bytes, received_at: float) -> Incoming | Later | None:
+        """Verify one envelope; Later when the registry cannot tell yet; None (counted and
+        logged) when it is rejected. Never raises."""
         try:
             item = self.verifier.check(topic, data, received_at)
         except wire.EnvelopeError as exc:
+            if exc.reason in unverified.REASONS and topic.startswith(wire.UP_PREFIX):
+                self.metrics.inc("unverified_total", reason=exc.reason)
+                self.rlog.warning(f"later-{exc.reason}", "kept until the registry can check "
+                                  "it (%s): %s", exc.reason, exc)
+                return Later(topic, bytes(data), received_at)
             self.reject(exc.reason, str(exc))
             return None
         except Exception as exc:  # a decoder bug must not take the ingest down
@@ -187,15 +219,81 @@ class PoleLink:
 
     def commit(self, batch: list[_Pending]) -> None:
         """Store the batch in one transaction, then acknowledge all of it to the broker."""
-        items = [p.item for p in batch if p.item is not None]
+        later = [p.item for p in batch if isinstance(p.item, Later)]
+        if later:
+            self._keep(later)
+        items = [p.item for p in batch if isinstance(p.item, Incoming)]
         if items:
-            self.store.insert(items)  # raises on a store failure: nothing is acked
+            try:
+                self.store.insert(items)  # raises on a store failure: nothing is acked
+            except UNSTORABLE:
+                items = self._insert_one_by_one(batch)
             self.metrics.inc("commits_total")
             self.metrics.inc("stored_total", self._count_outcomes(items))
         for pending in batch:
             if pending.qos > 0 and pending.generation == self._generation and self.connected:
                 self.client.ack(pending.mid, pending.qos)
         self.heartbeat = time.monotonic()
+
+    def _keep(self, later: list[Later]) -> None:
+        dropped = self.unverified.keep([(x.device, x.topic, x.data, x.received_at)
+                                        for x in later])
+        if dropped:
+            self.reject("unverified_full", f"{dropped} unverified envelope(s), the oldest, "
+                        "dropped to stay within the bounds")
+        self.metrics.set("unverified_messages", self.unverified.count())
+
+    def retry_unverified(self) -> int:
+        """After a registry reload: check the kept envelopes again; store those that now
+        verify, reject those that turn out bad, keep the rest. Returns how many were stored."""
+        expired = self.unverified.expire()
+        if expired:
+            self.reject("unverified_expired", f"{expired} envelope(s) the registry never "
+                        "learned to check")
+        items, done = [], []
+        for entry in self.unverified.waiting():
+            try:
+                items.append(self.verifier.check(entry.topic, entry.data, entry.received_at))
+            except wire.EnvelopeError as exc:
+                if exc.reason in unverified.REASONS:
+                    continue  # the registry still cannot tell: it stays
+                self.reject(exc.reason, str(exc))
+            done.append(entry.id)
+        stored = 0
+        if items:
+            self.store.insert(items)
+            stored = self._count_outcomes(items)
+            self.metrics.inc("stored_total", stored)
+        self.unverified.forget(done)  # after the store's commit: a crash keeps them here
+        self.metrics.set("unverified_messages", self.unverified.count())
+        if done:
+            log.info("registry reload: %d kept envelope(s) checked again, %d stored",
+                     len(done), stored)
+        return stored
+
+    def _insert_one_by_one(self, batch: list[_Pending]) -> list[Incoming]:
+        """A batch the store refused for what one item holds (its values, not the disk):
+        each item alone, the one that fails again rejected, so that it cannot take the
+        others, or the daemon, down with it (a node signs what it likes). Returns the
+        items stored."""
+        stored, refused = [], []
+        for pending in batch:
+            if not isinstance(pending.item, Incoming):
+                continue
+            try:
+                self.store.insert([pending.item])
+                stored.append(pending.item)
+            except UNSTORABLE as exc:
+                refused.append((pending, exc))
+        if not stored and len(refused) > 1:  # not one item's fault: the store's, ack nothing
+            raise refused[-1][1]
+        for pending, exc in refused:
+            log.error("the store refused %s seq %s (%r); rejected", pending.item.device,
+                      pending.item.seq, exc)
+            self.reject("internal_error", f"{pending.item.device} seq {pending.item.seq}: "
+                        f"{exc.__class__.__name__}")
+            pending.item = None
+        return stored
 
     def _count_outcomes(self, items: list[Incoming]) -> int:
         """Report duplicates and replays as rejects; returns how many were stored."""

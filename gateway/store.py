@@ -90,8 +90,15 @@ class Incoming:
     received_at: float
     event: bool = False
     node_time: int | None = None
+    key: str = ""           # the verifying key's id (registry.Registry.key_id)
     outcome: str = ""
     prio: int = PRIO_LIVE
+
+    @property
+    def window(self) -> str:
+        """Its replay window: one per device and key, so a rekeyed node (its counter
+        back at 0) starts clean while the old key's envelopes stay replay-protected."""
+        return f"{self.device} {self.key}" if self.key else self.device
 
 
 @dataclass(frozen=True)
@@ -223,7 +230,7 @@ class Store:
                 verdict, prio = self._window_admit(windows, item)
                 item.outcome, item.prio = verdict, prio
                 if verdict == STORED:
-                    dirty.add(item.device)
+                    dirty.add(item.window)
                     fresh.append(item)
             self._write(fresh, windows, dirty, self._take_acked())
             self.new_rows.set()
@@ -232,25 +239,28 @@ class Store:
     def _window_admit(self, windows: dict[str, tuple[int, int]], item: Incoming
                       ) -> tuple[str, int]:
         size = self.limits.replay_window
-        state = windows.get(item.device)
+        state = windows.get(item.window)
+        if state is None and item.key:  # a window from before keys were told apart
+            state = windows.get(item.device)
         prio = PRIO_EVENT if item.event else PRIO_LIVE
         if (not item.event and item.node_time is not None
                 and item.received_at - item.node_time > self.limits.backfill_age_s):
             prio = PRIO_BACKFILL
         if state is None:
-            windows[item.device] = (item.seq, 1)
+            windows[item.window] = (item.seq, 1)
             return STORED, prio
         top, bits = state
-        if item.seq > top:
-            bits = ((bits << (item.seq - top)) | 1) & ((1 << size) - 1)
-            windows[item.device] = (item.seq, bits)
+        if item.seq > top:  # any jump: past the window, only the new top is remembered
+            jump = item.seq - top
+            bits = ((bits << jump) | 1) & ((1 << size) - 1) if jump < size else 1
+            windows[item.window] = (item.seq, bits)
             return STORED, prio
         offset = top - item.seq
         if offset >= size:
             return REPLAYED, prio
         if bits >> offset & 1:
             return DUPLICATE, prio
-        windows[item.device] = (top, bits | (1 << offset))
+        windows[item.window] = (top, bits | (1 << offset))
         return STORED, (PRIO_EVENT if item.event else PRIO_BACKFILL)  # late: from a spool
 
     def _write(self, fresh: list[Incoming], windows: dict[str, tuple[int, int]],
@@ -272,10 +282,10 @@ class Store:
                              i.data) for i in kept])
             for item in kept:
                 counts[item.prio] += 1
-            for device in dirty:
-                top, bits = windows[device]
+            for window in dirty:  # the column `device` holds the window's name
+                top, bits = windows[window]
                 db.execute("INSERT OR REPLACE INTO replay (device, max_seq, bitmap) VALUES "
-                           "(?, ?, ?)", (device, top, bits.to_bytes(window_bytes, "little")))
+                           "(?, ?, ?)", (window, top, bits.to_bytes(window_bytes, "little")))
             grown = self._write_gaps(gaps, counts)
             added = sum(len(i.data) + ROW_OVERHEAD for i in kept)
             db.execute("COMMIT")
@@ -528,8 +538,8 @@ class Store:
                     **{f"rows_{PRIO_NAMES[p]}": self._counts[p] for p in PRIO_NAMES},
                     "oldest_received_at": oldest[0] if oldest else 0.0}
 
-    def window(self, device: str) -> tuple[int, int] | None:
-        return self._windows.get(device)
+    def window(self, device: str, key: str = "") -> tuple[int, int] | None:
+        return self._windows.get(f"{device} {key}" if key else device)
 
 
 @dataclass(frozen=True)

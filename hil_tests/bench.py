@@ -18,13 +18,16 @@ import serial
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode import wire
-from citynode.provisioning.device import last_json
+from citynode.provisioning.device import SESSION_WDT_MS, last_json
 from citynode.subscriber import Message, Subscriber
-from citynode.testing.emulator import BoardHandle, wait_for
+from citynode.testing.emulator import BoardHandle, guarded, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 APP_STARTED = "starting"     # the app's console line: "citynode: node X, firmware V, starting"
 DELIBERATE = b"from node import safemode; safemode.mark_healthy()\r"
+# The app's watchdog runs on when the console interrupts the app: set it long at once,
+# as every session on the node does (provisioning/device.py, WDT_GUARD).
+GUARD_LINE = f"import machine; machine.WDT(timeout={SESSION_WDT_MS})\r".encode()
 
 
 @dataclass
@@ -38,17 +41,23 @@ class Bench:
     emulated: BoardHandle | None = None
 
     # -- serial ----------------------------------------------------------------------
-    def mpremote(self, *args: str, timeout: float = 60, check: bool = True) -> str:
-        proc = subprocess.run([str(VENV_BIN / "mpremote"), "connect", self.port, *args],
+    def mpremote(self, *args: str, timeout: float = 60, check: bool = True,
+                 soft_reset: bool = True) -> str:
+        """Unmodified mpremote on the node's port, the watchdog set long first (the
+        app's dog runs on across mpremote's soft reset: citynode.testing.emulator.guarded).
+        soft_reset=False keeps what a soft reset would change (reset_cause())."""
+        argv = guarded(args, soft_reset=soft_reset)
+        proc = subprocess.run([str(VENV_BIN / "mpremote"), "connect", self.port, *argv],
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"mpremote {' '.join(args)} failed ({proc.returncode}):\n"
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc.stdout
 
-    def exec(self, code: str, timeout: float = 60) -> str:
-        """Run code in the raw REPL (mpremote interrupts the app first)."""
-        return self.mpremote("exec", code, timeout=timeout)
+    def exec(self, code: str, timeout: float = 60, soft_reset: bool = True) -> str:
+        """Run code in the raw REPL (mpremote interrupts the app first, then soft-resets
+        the board unless soft_reset=False)."""
+        return self.mpremote("exec", code, timeout=timeout, soft_reset=soft_reset)
 
     def exec_json(self, code: str, timeout: float = 60):
         return last_json(self.exec(code, timeout))
@@ -63,13 +72,14 @@ class Bench:
                 seen += port.read(4096)
         return seen.decode(errors="replace")
 
-    def boot_app(self) -> str:
+    def boot_app(self, timeout: float = 30) -> str:
         """A soft reset from the friendly REPL runs main.py, as at power-on.
 
         Like provisioning's deliberate reset, it first clears the crash-reboot count
         (node/safemode.py), so the suite's many restarts never look like a crash loop.
         """
-        out = self.console(APP_STARTED, 30, send=b"\x03\x03\x02" + DELIBERATE + b"\x04")
+        out = self.console(APP_STARTED, timeout,
+                           send=b"\x03\x03\x02" + GUARD_LINE + DELIBERATE + b"\x04")
         if APP_STARTED not in out:
             board = self.emulated.control("status") if self.emulated else "a real board"
             raise AssertionError(f"the app did not start ({board}); its console:\n{out[-2000:]}")

@@ -45,6 +45,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--wifi-password-file", default=os.environ.get("CITYNODE_WIFI_PASSWORD_FILE"),
                     help="its password, in a file (default $CITYNODE_WIFI_PASSWORD_FILE)")
     group.addoption("--image", help="MicroPython image to flash (default: the firmware cache)")
+    group.addoption("--no-chip-speed", action="store_true",
+                    help="skip the second emulated node that runs at the chip's speed")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers (--dist loadgroup): the HIL tests share
+    one session-scoped bench, so one worker runs them all, one after another; the
+    chip-speed node is the chip-speed module's own, so its tests are a group apart."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            own = item.path.name == "test_chip_speed.py"
+            item.add_marker(pytest.mark.xdist_group("hil-chip" if own else "hil"))
 
 
 def _hardware(config: pytest.Config) -> bool:
@@ -118,6 +131,41 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             emu.stop()
 
 
+@pytest.fixture(scope="module")
+def chip_bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A second emulated node that runs at the chip's speed (issue 11): provisioned at
+    host speed (as the bench's node), then its emulator restarted with --chip-speed on
+    the same board state, so the firmware's compute takes the chip's time against the
+    real-time microphone, UART and broker. Module-scoped: its throttle's wake-ups cost
+    CPU, so it is gone before the rest of the suite runs."""
+    config = request.config
+    if _hardware(config):
+        pytest.skip("chip speed is for emulated boards: a real board has its own")
+    if config.getoption("--no-chip-speed"):
+        pytest.skip("--no-chip-speed")
+    tmp = tmp_path_factory.mktemp("hil-chip")
+    operator, operator_pem = _operator_key(tmp)
+    board = config.getoption("--board")
+    with Mosquitto(tmp / "broker", persistence=True) as mosquitto:
+        scenario = tmp / "scenario.json"
+        scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
+        extra = ["--scenario", str(scenario)]
+        emu = start_emulator(tmp, board=board, blank=True, extra=extra)
+        try:
+            device = _provision(tmp, emu.boards[0].url, board,
+                                f"{mosquitto.host}:{mosquitto.port}", "city", password_file(tmp),
+                                make_image(tmp, board), operator_pem)
+        finally:
+            emu.stop()
+        emu = start_emulator(tmp, board=board, extra=extra, chip_speed=True, timeout=120)
+        try:
+            handle = emu.boards[0]
+            yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
+                         handle)
+        finally:
+            emu.stop()
+
+
 def _bench(tmp: Path, device: str, port: str, broker: tuple[str, int],
            operator: ec.EllipticCurvePrivateKey, emulated=None) -> Bench:
     registry = load_registry(tmp / "fleet", strict=True)
@@ -132,3 +180,10 @@ def node(bench: Bench) -> Bench:
     """The node with its app running, whatever the previous test left."""
     bench.boot_app()
     return bench
+
+
+@pytest.fixture
+def chip_node(chip_bench: Bench) -> Bench:
+    """The chip-speed node with its app running (its boot takes the chip's time)."""
+    chip_bench.boot_app(timeout=120)
+    return chip_bench

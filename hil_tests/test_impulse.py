@@ -4,30 +4,45 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from citynode import wire
-from citynode.testing.emulator import wait_for
 from hil_tests.bench import Bench, records
+
+UPTIME_WRAP = 1 << 30     # the envelope's uptime: the chip's ticks_ms, 30 bits
 
 
 def test_an_impulse_arrives_within_two_seconds_with_its_time(node: Bench):
-    node.require_emulator("fires a gunshot at the microphone")
+    delay, stamp_error = fire_impulse(node)
+    assert delay < 2.0, f"the event took {delay:.2f} s"
+    assert abs(stamp_error) <= 0.1, f"the event's stamp is {stamp_error:+.3f} s off"
+
+
+def fire_impulse(node: Bench, shots: int = 1) -> tuple[float, float]:
+    """Fire a gunshot; its event must carry the level and the rise. Returns (delay of its
+    arrival after the shot, error of its stamp on our clock), seconds. Shared with the
+    chip-speed suite (test_chip_speed.py), which may fire up to `shots`, 10 s apart: a
+    node that still drops audio at chip speed misses a shot in a dropped gap (how much
+    it drops is the benchmark's audio_lost_pct), and the next one comes at another phase
+    of its window."""
+    board = node.require_emulator("fires a gunshot at the microphone")
     with node.listen() as sub:
         sub.wait(2, timeout=4 * node.window_s + 20, kind=wire.KIND_READINGS)   # publishing
-        fired = time.time() + 0.5
-        node.fault("impulse", kind="gunshot", level_db=118.0, after_s=0.5)
-        event = sub.wait(1, timeout=10, kind=wire.KIND_EVENT)[0]
+        for shot in range(1, shots + 1):
+            # the node's uptime clock against ours: the emulated chip's ticks now
+            asked = time.time()
+            uptime_ms = board.control("status")["uptime_ms"] % UPTIME_WRAP
+            booted = (asked + time.time()) / 2 - uptime_ms / 1000
+            fired = time.time() + 0.5
+            node.fault("impulse", kind="gunshot", level_db=118.0, after_s=0.5)
+            try:
+                event = sub.wait(1, timeout=10, kind=wire.KIND_EVENT)[0]
+                break
+            except AssertionError:
+                if shot == shots:
+                    raise
+                print(f"shot {shot} of {shots} not heard; firing again")
         arrived = next(at for at, body in sub.timed() if body is event)
-        # the node's uptime clock against ours, from window envelopes of the event's boot
-        # (a window spooled before the last restart carries the old boot's uptime)
-        offsets = wait_for(lambda: [at - b.uptime_ms / 1000
-                                    for at, b in sub.timed(wire.KIND_READINGS)
-                                    if b.boot == event.boot],
-                           timeout=3 * node.window_s + 10, what="a window of the event's boot")
-    assert arrived - fired < 2.0, f"the event took {arrived - fired:.2f} s"
-    happened = min(offsets) + event.uptime_ms / 1000   # on our clock, by the node's stamp
-    assert happened == pytest.approx(fired, abs=0.5)
+    happened = booted + event.uptime_ms / 1000   # on our clock, by the node's stamp
     values = records(event)
     assert values["noise/impulse"] > 80      # a 125 ms energy average of a 118 dB peak
     assert values["noise/rise"] >= 15
+    return arrived - fired, happened - fired

@@ -55,11 +55,19 @@ def test_readings_match_the_emulated_world(bench: Bench, sampled):
 
 
 def test_the_window_carries_sound_levels_within_range(node: Bench):
+    check_sound_window(node)
+
+
+def check_sound_window(node: Bench, timeout: float | None = None) -> dict:
+    """A window's sound levels are ordered, physical and the world's; returns its
+    records. Shared with the chip-speed suite (test_chip_speed.py)."""
     with node.listen() as sub:
-        body = sub.wait(1, timeout=3 * node.window_s + 20, kind=wire.KIND_READINGS)[0]
+        body = sub.wait(1, timeout=timeout or 3 * node.window_s + 20,
+                        kind=wire.KIND_READINGS)[0]
     values = records(body)
     assert values["noise/l90"] <= values["noise/laeq"] <= values["noise/lamax"]
     assert not _out_of_range(values), f"out of physical range: {_out_of_range(values)}"
     if node.emulated is not None:
         world = node.emulated.control("status")["peripherals"]["scenario"]
         assert values["noise/laeq"] == pytest.approx(world["noise_dba"], abs=3)
+    return values

@@ -36,6 +36,12 @@ def _command(node: Bench, seq: int, args: dict, key: ec.EllipticCurvePrivateKey)
 
 
 def test_downlink_obeys_the_operator_key_only_once(node: Bench):
+    check_downlink(node)
+
+
+def check_downlink(node: Bench, answer_s: float = 15) -> None:
+    """A signed lamp command is obeyed once, its replay and a stranger's refused.
+    Shared with the chip-speed suite (test_chip_speed.py)."""
     sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hil-operator")
     sender.connect(*node.broker)
     sender.loop_start()
@@ -44,7 +50,7 @@ def test_downlink_obeys_the_operator_key_only_once(node: Bench):
         """What the node says to a command (its cmd/ status record, sent at once)."""
         seen = len(sub.bodies(wire.KIND_STATUS))
         sender.publish(f"citynode/down/{node.device}", command, qos=1).wait_for_publish(10)
-        answers = sub.wait(seen + 1, timeout=15, kind=wire.KIND_STATUS)
+        answers = sub.wait(seen + 1, timeout=answer_s, kind=wire.KIND_STATUS)
         return next(v for n, v in records(answers[seen]).items() if n.startswith("cmd/"))
 
     try:

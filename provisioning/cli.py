@@ -308,6 +308,11 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> int:
         if operator is not None:
             keys.install_operator_key(s, operator)
             ev.done("keys", "operator key installed")
+        registered = fleet.read(args.registry, device)
+        login = keys.broker_login(s, registered.broker_hash if registered else None)
+        if login.new_secret is not None:
+            s.write_file(deploy.BROKER_SECRET_PATH, deploy.secret_bytes(login.new_secret))
+            ev.done("keys", "pole broker password made and written to the node")
     from citynode import registry as reg
 
     record = reg.DeviceRecord(
@@ -315,7 +320,7 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> int:
         site=cfg.get("site") or "unknown", pole=cfg.get("pole") or "unknown",
         lat=float(cfg.get("lat") or 0.0), lon=float(cfg.get("lon") or 0.0),
         firmware=probe.get("firmware") or "unknown",
-        public_key_pem=None if args.hmac else key.pem, key_ref=key_ref)
+        public_key_pem=None if args.hmac else key.pem, key_ref=key_ref, broker_hash=login.hash)
     _, how = fleet.register(args.registry, record, args.force_rekey)
     out.result({"ok": True, "device": device, "registry": how, "key_fingerprint": key.fingerprint,
                 "key_created": key.created},

@@ -30,6 +30,7 @@ from .events import PortEvents
 
 CONFIG_PATH = "/config.json"
 WIFI_SECRET_PATH = "/secret/wifi.json"
+BROKER_SECRET_PATH = "/secret/broker.json"   # firmware/node/config.py reads both
 STATE_PATH = "/provisioned.json"
 ROMFS_STATE = "/romfs.json"    # sha256 of the image in the ROMFS partition
 KEEP_AS_SOURCE = {"boot.py", "main.py"}  # run by name at boot: must stay .py

@@ -28,6 +28,19 @@ BOOT_LOG = b"entry 0x"  # the second-stage bootloader's last line before MicroPy
 CHUNK = 3072  # bytes of file data per exec: small enough for a 110 KB heap
 ON_BOARD = "on_board"  # the MicroPython scripts this module runs (provisioning/on_board/)
 
+# The node's watchdog (machine.WDT) runs on across the soft resets a session makes (the
+# ESP32 port cannot stop it): right after the raw REPL is entered, the session sets the
+# one dog to SESSION_WDT_MS and feeds it by setting it again every WDT_FEED_EVERY_S
+# (WDT() reconfigures the dog and starts its timer again). On a board with no dog
+# running this arms one: the session's final reset (machine.reset) stops it, and a
+# session that ends without a reset hands the board back with HANDBACK_WDT_MS, so a
+# node whose app it stopped reboots into the app about as soon as the app's own dog
+# would have rebooted it. docs/decisions.md, "Watchdog and the tools".
+SESSION_WDT_MS = 600_000
+WDT_FEED_EVERY_S = 60.0
+HANDBACK_WDT_MS = 30_000
+WDT_GUARD = f"import machine\nmachine.WDT(timeout={SESSION_WDT_MS})\n"
+
 # Signs in the console output of what the board is doing instead of running MicroPython
 ROM_LOOP_SIGNS = (b"invalid header", b"flash read err", b"ets_main.c", b"No bootable app")
 DOWNLOAD_SIGNS = (b"waiting for download",)
@@ -39,6 +52,9 @@ class Session:
     def __init__(self, port: str, timeout: float = 10.0, soft_reset: bool = True):
         self.port = port
         self.timeout = timeout
+        self._dog_set_at: float | None = None  # when the session last set the dog
+        self._at_prompt = False     # the board waits at the raw prompt (nothing half sent)
+        self._reset_done = False
         ports.check_port(port)
         try:
             self.t = SerialTransport(port, baudrate=115200, timeout=timeout,
@@ -68,6 +84,7 @@ class Session:
         t = getattr(self, "t", None)
         if t is None:
             return
+        self._hand_back_dog()
         try:
             if t.in_raw_repl:
                 t.serial.write(b"\r\x02")  # back to the friendly REPL
@@ -120,13 +137,47 @@ class Session:
             seen = self._read_until(RAW_PROMPT + b">", self.timeout, bail=True)
         if not seen.endswith(RAW_PROMPT + b">"):
             raise self._not_a_repl(seen)
+        self.t.in_raw_repl = True
+        # the app's dog runs on (a soft reset does not stop it): set it long, at once,
+        # in what is left of the app's heap; again after the soft reset if that failed
+        self._set_dog(SESSION_WDT_MS, prompt_waiting=False)
         if soft_reset:
+            self._at_prompt = False
             s.write(b"\x04")  # soft reset in raw mode: fresh heap, main.py does not run
             seen = self._read_until(b"soft reboot\r\n", self.timeout)
             seen += self._read_until(RAW_PROMPT, self.timeout)  # '>' is left for exec
             if not seen.endswith(RAW_PROMPT):
                 raise self._not_a_repl(seen)
-        self.t.in_raw_repl = True
+        self._at_prompt = True
+        if self._dog_set_at is None:
+            self._set_dog(SESSION_WDT_MS)
+
+    # --- the node's watchdog -------------------------------------------------------
+    def _set_dog(self, timeout_ms: int, prompt_waiting: bool = True) -> bool:
+        """machine.WDT(timeout=timeout_ms) on the board: (re)configures the one dog and
+        starts its timer again. Best effort: a board without machine.WDT has no dog to
+        fear, and a failure here shows up as the error of the step that follows."""
+        code = WDT_GUARD.replace(str(SESSION_WDT_MS), str(timeout_ms)).encode()
+        try:
+            _, err = self._exec_raw(code, min(self.timeout, 5.0), prompt_waiting)
+        except (TransportError, serial.SerialException, OSError, struct.error):
+            return False
+        if err:
+            return False
+        self._dog_set_at = time.monotonic()
+        return True
+
+    def _feed_dog(self) -> None:
+        """Set the dog again once WDT_FEED_EVERY_S have passed since the last time, so a
+        long session is never bitten (each exec must end within SESSION_WDT_MS)."""
+        if self._dog_set_at is not None and \
+                time.monotonic() - self._dog_set_at > WDT_FEED_EVERY_S:
+            self._set_dog(SESSION_WDT_MS)
+
+    def _hand_back_dog(self) -> None:
+        """A session that did not reset the board leaves it with HANDBACK_WDT_MS."""
+        if self._dog_set_at is not None and self._at_prompt and not self._reset_done:
+            self._set_dog(HANDBACK_WDT_MS)
 
     def fresh(self, crypto: bool = True) -> None:
         """Soft reset inside the raw REPL: a clean heap before a memory-hungry step.
@@ -135,7 +186,9 @@ class Session:
         self-test and the receipt together; with crypto, the P-256 base-point
         table (16 blocks of 1 KB) is built first, before the heap fragments.
         """
+        self._set_dog(SESSION_WDT_MS)  # fed now, in the heap the soft reset clears
         try:
+            self._at_prompt = False
             self.t.serial.write(b"\x04")
         except (OSError, serial.SerialException) as exc:
             raise ports.open_error(self.port, exc) from None
@@ -143,6 +196,7 @@ class Session:
         seen += self._read_until(RAW_PROMPT, self.timeout)
         if not seen.endswith(RAW_PROMPT):
             raise self._not_a_repl(seen)
+        self._at_prompt = True
         if crypto:
             self.run("precompute", what="preparing the P-256 table")
 
@@ -170,6 +224,7 @@ class Session:
 
     def exec(self, code: str, timeout: float | None = None, what: str = "command") -> str:
         """Run code in the raw REPL and return its stdout; errors raise with the board's message."""
+        self._feed_dog()
         try:
             out, err = self._exec_raw(code.encode(), timeout or self.timeout)
         except (TransportError, serial.SerialException, OSError, struct.error) as exc:
@@ -186,16 +241,21 @@ class Session:
                          "check cable and power, then run the same command again: it "
                          "resumes where it stopped")
 
-    def _exec_raw(self, code: bytes, timeout: float) -> tuple[bytes, bytes]:
-        """mpremote's exec_raw with our timeout on every wait (its prompt wait is fixed at 10 s)."""
+    def _exec_raw(self, code: bytes, timeout: float,
+                  prompt_waiting: bool = True) -> tuple[bytes, bytes]:
+        """mpremote's exec_raw with our timeout on every wait (its prompt wait is fixed at
+        10 s); prompt_waiting=False when the caller has already read the '>'."""
         t = self.t
-        if not t.read_until(1, b">", timeout=timeout).endswith(b">"):
+        self._at_prompt = False
+        if prompt_waiting and not t.read_until(1, b">", timeout=timeout).endswith(b">"):
             raise TransportError("no raw REPL prompt")
         t.serial.write(b"\x05A\x01")  # raw-paste: flow-controlled, MicroPython >= 1.14
         if t.serial.read(2) != b"R\x01":
             raise TransportError("the board does not accept raw-paste (MicroPython too old?)")
         t.raw_paste_write(code)
-        return t.follow(timeout)
+        result = t.follow(timeout)
+        self._at_prompt = True
+        return result
 
     def exec_json(self, code: str, timeout: float | None = None, what: str = "command") -> Any:
         """Run code whose last line of output is JSON; that value."""
@@ -226,6 +286,8 @@ class Session:
         if parent:
             self.run("make_dirs", dir=parent, what=f"making {parent}")
         part = path + ".part"
+        self._feed_dog()
+        self._at_prompt = False
         try:
             self.t.fs_writefile(part, data, chunk_size=CHUNK)
         except TransportExecError as exc:
@@ -233,6 +295,7 @@ class Session:
                               "check the board's free space (a full filesystem)") from None
         except (TransportError, serial.SerialException, OSError) as exc:
             raise self._link_lost(f"writing {path}", exc) from None
+        self._at_prompt = True
         self.run("place_file", part=part, path=path, what=f"writing {path}")
 
     def write_romfs(self, image: bytes) -> None:
@@ -274,6 +337,7 @@ class Session:
             self.run("deliberate_reset", what="clearing the crash counter")
         except ProvisionError:
             pass
+        self._reset_done = True  # a hard reset stops the dog the session set
         try:
             self.t.exec_raw_no_follow("import machine\nmachine.reset()")
         except (TransportError, serial.SerialException, OSError):

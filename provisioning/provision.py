@@ -176,6 +176,10 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
             plan.extra[deploy.WIFI_SECRET_PATH] = deploy.secret_bytes(opts.wifi_password)
         else:
             ev.info("deploy", "no Wi-Fi password given: the node's stored one is kept")
+        registered = fleet.read(opts.registry, device)
+        login = keys.broker_login(s, registered.broker_hash if registered else None)
+        if login.new_secret is not None:
+            plan.extra[deploy.BROKER_SECRET_PATH] = deploy.secret_bytes(login.new_secret)
         dep = deploy.apply(s, plan, ev)
         result.steps["deploy"] = (f"{len(dep.written)} written" if dep.changed else "unchanged")
         changed |= dep.changed
@@ -194,7 +198,8 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         firmware_version = deploy.firmware_version(fw)
         record = reg.DeviceRecord(device_id=device, alg="ES256", board=opts.board.name,
                                   site=opts.site, pole=opts.pole, lat=opts.lat, lon=opts.lon,
-                                  firmware=firmware_version, public_key_pem=key.pem)
+                                  firmware=firmware_version, public_key_pem=key.pem,
+                                  broker_hash=login.hash)
         _, how = fleet.register(opts.registry, record, opts.force_rekey)
         result.steps["registry"] = how
         changed |= how != "unchanged"

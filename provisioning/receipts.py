@@ -12,13 +12,13 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from citynode import registry as reg
 from citynode import wire
+from citynode.files import write_atomic
 
 from .device import Session
 from .errors import RegistryWriteError, VerifyError
@@ -61,13 +61,8 @@ def save(receipt: Receipt, registry_dir: Path, signed: dict[str, Any]) -> Path:
     target = folder / f"{signed['device']}-{stamp}.json"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".receipt.", dir=folder)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"receipt": signed, "envelope": receipt.envelope}, handle, indent=2,
-                      sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps({"receipt": signed, "envelope": receipt.envelope},
+                                        indent=2, sort_keys=True) + "\n", 0o600)
     except OSError as exc:
         raise RegistryWriteError(f"cannot write the receipt in {folder} ({exc.strerror})",
                                  "fix the registry's permissions and re-run") from None

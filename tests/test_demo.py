@@ -4,6 +4,7 @@ process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -93,15 +94,20 @@ def test_headless_demo_accounts_for_every_reading(tmp_path):
     assert int(forwarded) >= int(produced)
     assert int(rejected) >= 1 and why == "forged"
     for event in ("uplink cut", "uplink restored", "backlog drained",
-                  "rejected the forged envelope"):
+                  "rejected the forged envelope", "without an account was refused",
+                  "with its stolen broker password"):
         assert event in out, out[-4000:]
     peak = re.search(r"uplink restored after buffering (\d+)", out)
     assert peak and int(peak.group(1)) >= 1, out[-4000:]  # the outage did hold readings back
     assert not mentioning(str(workdir))
-    wifi = (workdir / "wifi-password").read_text().strip()
-    assert wifi not in out
-    assert not any(wifi in p.read_text(errors="replace")
-                   for p in (workdir / "logs").rglob("*.log"))
+    secrets = [(workdir / name).read_text().strip()
+               for name in ("wifi-password", "pole-broker.secret", "pole-monitor.secret")]
+    secrets += [json.loads(p.read_text())["password"]
+                for p in (workdir / "boards" / "state").glob("*/fs/secret/broker.json")]
+    assert len(secrets) == 3 + 3                  # the demo's three nodes each have one
+    logs = [p.read_text(errors="replace") for p in (workdir / "logs").rglob("*.log")]
+    for secret in secrets:
+        assert secret not in out and not any(secret in log for log in logs)
 
 
 @pytest.mark.timeout(120)

@@ -23,6 +23,7 @@ from scipy import signal
 from citynode.boards import get_board
 from citynode.emulator.devices import bme280 as bme280_mod
 from citynode.emulator.devices.mic import FULL_SCALE, Microphone
+from citynode.emulator.i2s import I2SStream, dma_ring_frames
 from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import Event, ManualClock, Scenario
 
@@ -486,6 +487,51 @@ def test_mic_impulse_at_scenario_time(clock) -> None:
     assert dbfs(x[onset - 4800:onset - 100]) < -50     # quiet street before it
 
 
+def test_i2s_dma_ring_holds_ibuf_over_8_frames_whatever_the_format() -> None:
+    """ESP32 machine_i2s.c: RX DMA is always 32-bit stereo, 256-frame buffers, >= 2."""
+    assert dma_ring_frames(16384) == 2048            # 42.7 ms at 48 kHz, not 85 ms
+    assert dma_ring_frames(20000) == 9 * 256
+    assert dma_ring_frames(1000) == 512
+    stream_bytes = {(32, False): 4, (16, False): 2, (32, True): 8, (16, True): 4}
+    for (bits, stereo), frame in stream_bytes.items():
+        stream = I2SStream(None, time.monotonic, 48000, bits, stereo, 16384, lambda: False)
+        try:
+            assert (stream.ring_frames, stream.ibuf) == (2048, 2048 * frame)
+        finally:
+            stream.close()
+
+
+def test_i2s_a_stall_longer_than_the_ring_overruns_at_48k() -> None:
+    """The node's microphone (ibuf 16384, mono, 32 bits): 60 ms without a read
+    overruns (the ring holds 42.7 ms), 30 ms does not."""
+    s = Scenario(seed=3, events=[])
+    periph = Peripherals(get_board("esp32-devkitc"), s)
+    try:
+        port = periph.i2s_open(0, 0, 32, 0, 48000, 16384)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.settimeout(2)
+        got = 0
+
+        def drain(seconds: float) -> None:
+            nonlocal got
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                chunk = sock.recv(4096)
+                sock.sendall(struct.pack("<I", len(chunk)))
+                got += len(chunk)
+
+        drain(0.2)
+        time.sleep(0.03)
+        drain(0.15)
+        assert periph.state()["i2s_overruns"] == 0
+        time.sleep(0.06)
+        drain(0.1)
+        assert periph.state()["i2s_overruns"] > 0
+        sock.close()
+    finally:
+        periph.close()
+
+
 def test_i2s_stream_paced_format_unplug_overrun_reset() -> None:
     s = Scenario(seed=2, events=[])
     s.override(noise_dba=70.0)
@@ -524,9 +570,10 @@ def test_i2s_stream_paced_format_unplug_overrun_reset() -> None:
         state = periph.state()
         assert state["i2s_overruns"] > 0
         stalled = 4 * rate                             # bytes produced in the second
-        assert stalled - 20000 - 6400 < state["i2s_dropped_bytes"] <= 1.05 * stalled - 20000
+        ring = dma_ring_frames(20000) * 4              # frames the DMA ring holds, as read
+        assert stalled - ring - 6400 < state["i2s_dropped_bytes"] <= 1.05 * stalled - ring
         t0 = time.monotonic()
-        read(20000)                                    # the ring was full: ibuf bytes at once
+        read(ring)                                     # the ring was full: all of it at once
         assert time.monotonic() - t0 < 0.08
         t0 = time.monotonic()
         read(4 * rate // 10)                           # then paced again: 0.1 s of audio

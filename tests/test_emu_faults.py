@@ -109,7 +109,7 @@ def test_power_cut_keeps_flash_as_it_was_and_boots_cold(emu_board):
     assert emu_board.control("status")["mode"] == "off"
     assert (emu_board.state / "fs" / "log.txt").read_text() == "before\n"
     emu_board.control("power", on=True)
-    out = wait_for(lambda: mpremote(emu_board.link, "exec",
+    out = wait_for(lambda: mpremote(emu_board.link, "resume", "exec",  # no soft reset first
                                     "import machine, time\n"
                                     "print(machine.reset_cause(), time.localtime()[0], "
                                     "open('log.txt').read().strip())", check=False),
@@ -124,7 +124,7 @@ def test_watchdog_bites_a_hung_board(emu_board):
             "    wdt.feed()\n    time.sleep_ms(50)\n")
     mpremote(emu_board.link, "exec", f"open('main.py','w').write({main!r})")
     mpremote(emu_board.link, "reset")
-    wait_for(lambda: emu_board.control("status")["reset_cause"] == 5,
+    wait_for(lambda: emu_board.control("status")["reset_cause"] == 2,  # HARD_RESET
              what="reboot into main.py")
     threading.Event().wait(0.5)
     boots = emu_board.control("status")["boots"]
@@ -157,5 +157,18 @@ def test_eight_boards_at_once(tmp_path):
             outs = list(pool.map(lambda b: mpremote(
                 b.link, "exec", "import machine; print(machine.unique_id().hex())"), emu.boards))
         assert [o.strip() for o in outs] == [b.mac for b in emu.boards]
+    finally:
+        emu.stop()
+
+
+def test_control_socket_in_a_deep_state_folder(tmp_path):
+    """A state folder deeper than AF_UNIX's 107 bytes (a demo --workdir, pytest-xdist's
+    temporary folders) still gets its control socket."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    emu = start_emulator(deep)
+    try:
+        assert len(str(emu.boards[0].state)) > 107
+        assert emu.boards[0].control("status")["board"] == "esp32-devkitc"
     finally:
         emu.stop()

@@ -21,6 +21,7 @@ from citynode.boards import get_board
 from citynode.emulator.devices import DEVICES, SimulatedPart
 from citynode.emulator.devices import mic as mic_mod
 from citynode.emulator.peripherals import Peripherals
+from citynode.emulator.radio import Radio
 from citynode.emulator.scenario import ManualClock, Scenario
 from citynode.emulator.sockets import Listener
 from citynode.parts import PARTS
@@ -89,7 +90,8 @@ def test_a_board_without_a_part_has_no_trace_of_it(clock) -> None:
 
 def test_the_status_has_the_same_keys_as_before(clock) -> None:
     p = Peripherals(get_board("esp32-devkitc"), Scenario(clock=clock))
-    assert list(p.state()) == ["lamp", "lamp_pwm", "pwm", "pins", "unplugged", "i2s_overruns",
+    assert list(p.state()) == ["lamp", "lamp_pwm", "pwm", "pins", "unplugged", "stuck",
+                               "i2s_overruns",
                                "i2s_dropped_bytes", "uart_dropped", "pms5003", "scenario"]
     assert p.state()["pms5003"] == {"active": True, "asleep": False, "warming_up": False}
     with pytest.raises(ValueError, match="must be bh1750, bme280 or pms5003$"):
@@ -168,3 +170,28 @@ def test_a_listener_accept_returns_none_once_closed() -> None:
     listener.close()
     t.join(timeout=1)
     assert result == [None]
+
+
+def test_the_radio_passes_a_close_on_as_a_close_after_the_data() -> None:
+    # A node that writes DISCONNECT and closes: the broker must read the packet, then an
+    # orderly end. A reset after it made Mosquitto drop the connection unread (EPOLLHUP)
+    # and publish the node's last will although it had said goodbye.
+    far = socket.create_server(("127.0.0.1", 0))
+    radio = Radio()                   # any SSID and password are accepted
+    radio.set_active(True)
+    radio.connect("pole", "secret")
+    deadline = time.monotonic() + 5
+    while not radio.connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        port = radio.resolve("127.0.0.1", far.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port)) as node:
+            server, _ = far.accept()
+            node.sendall(b"\xe0\x00")
+        time.sleep(0.3)               # the broker is slow to look: both have arrived by now
+        with server:
+            assert server.recv(16) == b"\xe0\x00"
+            assert server.recv(16) == b""          # an end, not ConnectionResetError
+    finally:
+        radio.close()
+        far.close()

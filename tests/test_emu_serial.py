@@ -87,11 +87,11 @@ def test_friendly_repl_evaluates_expressions(shared_board):
 def test_hard_reset_reboots_with_the_matching_cause(emu_board):
     mpremote(emu_board.link, "exec", "import builtins; builtins.marker = 1")
     mpremote(emu_board.link, "reset")
-    out = wait_for(lambda: mpremote(emu_board.link, "exec",
+    out = wait_for(lambda: mpremote(emu_board.link, "resume", "exec",  # no soft reset first
                                     "import machine, builtins; print(machine.reset_cause(), "
                                     "hasattr(builtins, 'marker'))", check=False),
                    timeout=20, what="the board to come back")
-    assert out.split()[-2:] == ["5", "False"]  # SOFT_RESET, as the ESP32 port reports it
+    assert out.split()[-2:] == ["2", "False"]  # HARD_RESET: esp_restart() is ESP_RST_SW
     assert emu_board.control("status")["boots"] >= 2
 
 

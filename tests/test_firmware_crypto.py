@@ -223,6 +223,7 @@ from node import cose, payload
 from node.keys import NodeKeys
 keys = NodeKeys('secret')
 assert not keys.has_key()
+keys.create()
 raw = payload.encode_payload('cn-0123456789ab', 1, 1, 5, 3, [('self/test', None, True)])
 print(json.dumps([keys.public_key_hex(), cose.sign1(raw, 'cn-0123456789ab', keys).hex(),
                   repr(keys)]))
@@ -260,6 +261,16 @@ def test_damaged_key_file_is_an_error_not_a_new_identity(tmp_path):
     assert out.strip() == "refused" and key_file.read_bytes() == b"\xff" * 32
 
 
+def test_no_key_is_made_implicitly(tmp_path):
+    # a node without a key says so; only create() (provisioning) or rotate() makes one
+    out = mpy("from node.keys import NodeKeys, NoKey\nk = NodeKeys('secret')\ntry:\n"
+              "    k.public_key()\nexcept NoKey as e:\n    print('refused:', e)\n"
+              "print(k.has_key())\n", tmp_path)
+    assert out.split("\n")[:2] == ["refused: no node key: provision this node "
+                                    "(citynode-provision keys)", "False"]
+    assert not (tmp_path / "secret" / "node.key").exists()
+
+
 def test_random_keys_match_cryptography_exactly():
     keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(4)]
     scalars = [k.private_numbers().private_value.to_bytes(32, "big") for k in keys]
@@ -273,7 +284,24 @@ def test_random_keys_match_cryptography_exactly():
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         r, s = decode_dss_signature(key.sign(msg, ec.ECDSA(hashes.SHA256(),
                                                            deterministic_signing=True)))
-        assert sig_hex == (r.to_bytes(32, "big") + s.to_bytes(32, "big")).hex()
+        assert sig_hex == (r.to_bytes(32, "big") + wire.low_s(s).to_bytes(32, "big")).hex()
+
+
+def test_firmware_signs_with_the_low_s_only():
+    # (r, s) and (r, n - s) both verify; the node sends the low one, the only one the wire
+    # takes. OpenSSL's deterministic s is high for about half the messages: both kinds here.
+    key = ec.derive_private_key(int(NODE["private_key"], 16), ec.SECP256R1())
+    msgs = [b"low-s %d" % i for i in range(12)]
+    openssl = [decode_dss_signature(key.sign(m, ec.ECDSA(hashes.SHA256(),
+                                                         deterministic_signing=True)))
+               for m in msgs]
+    assert {s > wire.HALF_N for _, s in openssl} == {True, False}
+    code = (f"from node import p256\npriv = bytes.fromhex({NODE['private_key']!r})\n"
+            + "".join(f"print(p256.sign(priv, {m!r}).hex())\n" for m in msgs))
+    for line, (r, s) in zip(mpy(code).splitlines(), openssl, strict=True):
+        sig = bytes.fromhex(line)
+        assert int.from_bytes(sig[:32], "big") == r
+        assert int.from_bytes(sig[32:], "big") == min(s, N - s)
 
 
 def test_firmware_verify_accepts_openssl_signatures_and_refuses_changes():
@@ -346,6 +374,12 @@ def _command_cases() -> dict[str, tuple[bytes, str]]:
         "mac0-instead": (bytes.fromhex(VECTORS["payloads"][0]["mac0"]), "operator"),
         "node-uplink": (bytes.fromhex(VECTORS["payloads"][0]["sign1"]), "node"),
         "oversized": (good + b"\x00" * 4096, "operator"),
+        # genuinely signed by the operator, but not the one canonical form
+        "high-s-twin": (bytes.fromhex(CMD["high_s_sign1"]), "operator"),
+        "protected-not-shortest": (bytes.fromhex(CMD["long_alg_sign1"]), "operator"),
+        "unprotected-padded": (bytes.fromhex(CMD["padded_sign1"]), "operator"),
+        "kid-too-long": (bytes.fromhex(CMD["long_kid_sign1"]), "operator"),
+        "head-not-shortest": (bytes.fromhex(CMD["long_head_sign1"]), "operator"),
     }
 
 
@@ -360,6 +394,11 @@ COMMAND_REFUSALS = {
     "mac0-instead": "malformed",
     "node-uplink": "bad_signature",  # a valid node envelope is not an operator command
     "oversized": "oversized",
+    "high-s-twin": "malformed",
+    "protected-not-shortest": "malformed",
+    "unprotected-padded": "malformed",
+    "kid-too-long": "malformed",     # before the kid is compared: the same on the host
+    "head-not-shortest": "malformed",
 }
 
 
@@ -403,6 +442,27 @@ for name in cases:
     got = dict(line.split(" ", 1) for line in mpy(code, tmp_path).splitlines())
     assert got == {"good": "OK set_interval 60 7", **COMMAND_REFUSALS}
     assert (tmp_path / "secret" / "operator.pub").read_bytes().hex() == CMD["operator_public_key"]
+
+
+def test_firmware_refuses_the_noncanonical_vectors():
+    # genuine signatures (tests/test_wire.py checks that), not in the one canonical form
+    cases = [(v["name"], v["signer"], bytes.fromhex(v["envelope"]))
+             for v in VECTORS["noncanonical"]]
+    code = f"""
+from node import cose
+pub, secret = bytes.fromhex({NODE["public_key"]!r}), bytes.fromhex({NODE["hmac_secret"]!r})
+for name, signer, env in {cases!r}:
+    try:
+        if signer == 'hmac':
+            cose.verify_mac0(env, secret)
+        else:
+            cose.verify_sign1(env, pub)
+        print(name + ':OK')
+    except ValueError as e:
+        print(name + ':' + str(e).split(':')[0])
+"""
+    got = dict(line.split(":", 1) for line in mpy(code).splitlines())
+    assert got == {v["name"]: v["reason"] for v in VECTORS["noncanonical"]}
 
 
 def test_open_command_checks_target_and_replays_survive_a_reset(tmp_path):
@@ -535,8 +595,8 @@ sig = p256.sign(b'\\x01' * 32, b'msg')
 print(json.dumps([size, after_import - after_table, before - after_table, len(sig)]))
 """
     size, table_heap, total_heap, sig_len = mpy_json(code)
-    # 255 points * 64 B of data (<= 16 KiB); the rest is 16 bytearray headers and 3G
-    assert size == 16320 <= 16 * 1024 and table_heap <= size + 1536 and sig_len == 64
+    # 4 teeth (docs/decisions.md): 15 points * 64 B of data; the rest is a bytearray header and 3G
+    assert size == 960 and table_heap <= size + 1536 and sig_len == 64
     assert total_heap < 40 * 1024, total_heap
 
 
@@ -555,28 +615,28 @@ def test_structured_scalars_hit_the_comb_edge_cases():
 def test_base_multiplication_runs_the_same_operations_for_every_scalar():
     # the nonce's length or zero columns must not change the work done (Minerva)
     code = """
-from node import p256
-p256.precompute()
+from node import ec
+ec.precompute()
 calls = [0, 0]
-dbl, madd = p256._dbl, p256._madd
+dbl, madd = ec._dbl, ec._madd
 def count_dbl(*a):
     calls[0] += 1
     return dbl(*a)
 def count_madd(*a):
     calls[1] += 1
     return madd(*a)
-p256._dbl, p256._madd = count_dbl, count_madd
-for k in [1, 5, 2**200 + 7, 2**255 + 1, p256.N - 1]:
+ec._dbl, ec._madd = count_dbl, count_madd
+for k in [1, 5, 2**200 + 7, 2**255 + 1, ec.N - 1]:
     calls[0] = calls[1] = 0
-    p256._mul_base(k)
+    ec.finish(ec.mul_base_steps(k))
     print(calls[0], calls[1])
 """
-    assert mpy(code).splitlines() == ["32 32"] * 5
+    assert mpy(code).splitlines() == ["64 64"] * 5   # 4 teeth: 64 columns
 
 
 def test_table_builds_in_a_fragmented_80k_heap():
     # compiling the modules from source leaves no free 16 KB block in an 80 KB heap
-    # (a one-block table fails here); the table's 1 KB chunks still fit
+    # (a one-block table failed here when it had 8 teeth); the table's chunks still fit
     code = """
 import gc
 from node import cose, p256, payload

@@ -836,3 +836,46 @@ def test_read_paths_allocate_nothing_on_the_unix_port() -> None:
         run_micropython(HEAP_LOCKED))
     assert got == 50 and frames == 51 and acks == 51 and garbage == 153
     assert count == 0x1234
+
+
+def test_drivers_survive_a_part_holding_the_bus(plugged: Pole) -> None:
+    """A part that holds SCL/SDA low: every transaction on the bus waits the chip's
+    timeout and raises ETIMEDOUT; the drivers report the part missing, and both parts
+    work again once the bus is let go."""
+    pole = plugged
+    pole.scenario.override(lux=640.0)
+    pole.run(f"""
+from drivers.bh1750 import BH1750
+from drivers.bme280 import BME280
+light = BH1750(i2c, address={BH_ADDR})
+air = BME280(i2c, address={BME_ADDR})
+print(json.dumps([light.lux, air.read()]))
+""")
+    pole.control("stuck", sensor="bh1750")
+    try:
+        r = pole.run("""
+def timed(f):
+    t = time.ticks_ms()
+    e = error(f)
+    return e + [time.ticks_diff(time.ticks_ms(), t)]
+print(json.dumps([timed(lambda: light.lux), timed(air.read)]))
+""", resume=True)
+    finally:
+        pole.control("unstuck", sensor="bh1750")
+    (light_kind, light_text, light_ms), (air_kind, air_text, air_ms) = r
+    assert light_kind == air_kind == "SensorMissing"        # the BME280 cannot talk either
+    assert "116" in light_text and "0x23" in light_text and "116" in air_text
+    assert light_ms >= 200 and air_ms >= 200                # each waited the chip's timeout
+    lux, (t, h, p) = pole.run("print(json.dumps([light.lux, air.read()]))", resume=True)
+    assert abs(lux - 640.0) <= 0.5
+    assert t == pytest.approx(WEATHER["temperature"], abs=0.015)
+
+
+def test_driver_messages_name_the_bus_from_its_repr(pole: Pole) -> None:
+    """drivers/sensor.py reads the pins from the ESP32 port's repr of the bus."""
+    names = pole.run("""
+from drivers.sensor import bus_name
+print(json.dumps([bus_name(i2c, 'the I2C bus'), bus_name(uart(), 'the UART')]))
+""")
+    assert names == [f"I2C(0, scl={PINS['i2c_scl']}, sda={PINS['i2c_sda']})",
+                     f"UART({PMS_UART}, tx={PINS['uart_tx']}, rx={PINS['uart_rx']})"]

@@ -288,8 +288,8 @@ c.close()                     # gone without DISCONNECT: the broker publishes th
 
 
 def test_connack_refusal_is_a_clear_exception(board, tmp_path):
-    # Mosquitto closes right after a refusing CONNACK (the relay turns that close into a
-    # reset): the refusal must win over the connection loss that follows it.
+    # Mosquitto closes right after a refusing CONNACK: the refusal must win over the
+    # connection loss that follows it, and say what the technician can do.
     with Mosquitto(tmp_path / "closed", extra_config="allow_anonymous false") as broker:
         out = mpremote(board.link, "exec", board_code(broker, """
 for i in range(5):
@@ -299,7 +299,8 @@ for i in range(5):
     except ConnectRefused as e:
         print('code', e.code, 'msg', e, 'connected', c.connected)
 """), timeout=60)
-    assert out.count("code 5 msg broker refused the connection: not authorized (CONNACK code 5) "
+    assert out.count("code 5 msg broker refused the connection: not authorized (re-run "
+                     "citynode-provision, then reload the pole's gateway) (CONNACK code 5) "
                      "connected False") == 5
 
 

@@ -69,3 +69,31 @@ def test_only_operator_signed_commands_are_relayed(tmp_path, local_broker, upstr
         for client in (node_sub, city):
             client.loop_stop()
             client.disconnect()
+
+
+def test_a_node_gets_commands_only_at_a_pace_it_can_take(tmp_path):
+    # at chip speed each command's signature check holds the node's loop for ~1-3 s
+    from citynode.gateway.downlink import BURST, REFILL_S, DownlinkRelay
+    from citynode.gateway.metrics import Metrics
+
+    operator = ec.generate_private_key(ec.SECP256R1())
+    now = [100.0]
+    sent: list[str] = []
+    metrics = Metrics()
+    relay = DownlinkRelay(operator.public_key(), lambda t, d: sent.append(t) or True, metrics,
+                          clock=lambda: now[0])
+
+    def command(device, seq):
+        payload = wire.encode_command(device, seq, "lamp", {"level": 40}, int(time.time()))
+        return wire.sign_es256(payload, wire.OPERATOR_KID, operator)
+
+    a, b = "cn-0000000000a1", "cn-0000000000b1"
+    for seq in range(1, 11):
+        relay.handle(a, command(a, seq))               # a script gone wrong
+    relay.handle(b, command(b, 1))                     # its neighbour is not held back
+    assert sent.count(wire.down_topic(a)) == BURST and sent.count(wire.down_topic(b)) == 1
+    assert metrics.value("downlink_total", result="rate_limited") == 10 - BURST
+    now[0] += REFILL_S
+    relay.handle(a, command(a, 11))
+    relay.handle(a, command(a, 12))
+    assert sent.count(wire.down_topic(a)) == BURST + 1

@@ -38,6 +38,8 @@ os.chdir({root!r})
 from node import cose, keys, payload, seqno
 device, alg = {device!r}, {alg!r}
 k = keys.NodeKeys('secret')
+if alg == 'ES256':
+    k.create()
 if alg == 'HMAC256' and not k.has_hmac_secret():
     k.set_hmac_secret({secret!r})
 s = seqno.Sequence('data')

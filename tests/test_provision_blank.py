@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from citynode import wire
+from citynode import pole_broker, wire
 from citynode.provisioning.device import last_json
 from citynode.registry import load_registry
 from citynode.testing.emulator import mpremote, start_emulator
@@ -75,6 +75,13 @@ def test_blank_board_is_flashed_deployed_keyed_and_registered(provisioned):
     assert config["device"] == device and config["wifi"] == {"ssid": "city"}
     assert config["broker"] == {"host": "127.0.0.1", "port": 1883}
     assert json.loads((fs / "secret" / "wifi.json").read_text()) == {"password": PASSWORD}
+    # the pole broker's password: made for this node, on the node, its hash in the registry
+    broker_password = json.loads((fs / "secret" / "broker.json").read_text())["password"]
+    assert len(broker_password) >= 32
+    assert pole_broker.secret_matches(broker_password, record.broker_hash)
+    told = first.stdout + first.stderr + "".join(
+        p.read_text(errors="replace") for p in provisioned["logs"].rglob("*") if p.is_file())
+    assert broker_password not in told and PASSWORD not in told
     # the deliberate reset at the end does not count as a crash-reboot (node/safemode.py):
     # the counter holds the boots since, far from safe mode
     assert int((fs / "data" / "bootcrash").read_bytes()) < 3

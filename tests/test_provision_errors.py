@@ -7,14 +7,15 @@ import errno
 import hashlib
 import json
 import os
+import re
 
 import pytest
 import serial
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from citynode.provisioning import fleet, ports
-from citynode.provisioning.errors import RegistryWriteError
+from citynode.provisioning import deploy, fleet, ports
+from citynode.provisioning.errors import DeviceError, RegistryWriteError
 from citynode.registry import DeviceRecord, load_registry, write_record
 from citynode.testing.emulator import free_port, start_emulator
 from citynode.testing.provisioning import (
@@ -136,11 +137,25 @@ def test_registry_locked_by_another_writer(tmp_path):
 def test_firmware_newer_than_the_boards_micropython(env, tmp_path):
     fw = firmware_tree(tmp_path)
     version = fw / "node" / "version.py"
-    version.write_text(version.read_text().replace("MIN_MICROPYTHON = (1, 24, 0)",
-                                                   "MIN_MICROPYTHON = (9, 0, 0)"))
+    version.write_text(re.sub(r"MIN_MICROPYTHON = \([^)]*\)", "MIN_MICROPYTHON = (9, 0, 0)",
+                              version.read_text()))
     run = cli("deploy", "--port", env["board"].url, "--board", "esp32-devkitc", "--site", "s",
               "--pole", "p", "--wifi-ssid", "x", "--firmware-dir", str(fw))
     _fail(run, 5, "the firmware needs >= 9.0.0", "flash a newer MicroPython")
+
+
+def test_an_older_micropython_is_refused_with_what_to_flash():
+    """The minimum comes from the firmware's own version.py; a board below it is told
+    which release it runs, which it needs, and how to get there."""
+    fw = deploy.firmware_dir()
+    need = deploy.min_micropython(fw)
+    assert need == (1, 28, 0)
+    with pytest.raises(DeviceError) as err:
+        deploy.check_micropython(fw, {"micropython": [1, 27, 0]})
+    assert "runs MicroPython 1.27.0" in err.value.message
+    assert "needs >= 1.28.0" in err.value.message
+    assert "citynode-provision flash" in err.value.fix
+    deploy.check_micropython(fw, {"micropython": [1, 28, 0]})
 
 
 def test_port_busy(env):

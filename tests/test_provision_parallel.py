@@ -57,7 +57,7 @@ def test_power_cut_mid_deploy_then_resume(tmp_path):
         def cut_power(event: Event) -> None:
             if event.step == "deploy" and event.state == "progress":
                 written.append(event.message)
-                if len(written) == 2:   # the ROMFS image and main.py are in
+                if len(written) == 2:   # two of the firmware's files are in
                     board.control("power", on=False)
 
         events = Events([cut_power])
@@ -81,7 +81,7 @@ def test_power_cut_mid_deploy_then_resume(tmp_path):
         # only what the cut left missing is copied again: "N of M files to copy", N < M
         todo, _, rest = total.message.partition(" of ")
         assert 0 < int(todo) == len(copied) < int(rest.split()[0])
-        assert not any(e.message in written[:1] for e in copied)   # no second ROMFS write
+        assert not any(e.message in written[:1] for e in copied)   # not written twice
         assert (fs / "provisioned.json").exists()
         assert not list(fs.rglob("*.part"))
 

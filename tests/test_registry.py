@@ -7,11 +7,11 @@ from citynode.registry import RegistryError, load_registry, record_from_dict, re
 from citynode.testing.keys import TestDevice
 
 
-def test_write_load_roundtrip_is_atomic_and_private(tmp_path):
+def test_write_load_roundtrip_is_atomic_and_readable_by_the_gateway(tmp_path):
     dev, hdev = TestDevice.random(), TestDevice.random("HMAC256")
     path = write_record(tmp_path, dev.record())
     hdev.register(tmp_path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644   # public keys only: any service user
     assert not list(tmp_path.glob(".*.tmp"))
     reg = load_registry(tmp_path, strict=True)
     assert set(reg.records) == {dev.device_id, hdev.device_id}

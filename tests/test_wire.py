@@ -113,6 +113,16 @@ def test_command_vector_verifies_and_signing_is_deterministic():
     assert msg.verify_signature()
 
 
+def test_host_signer_gives_the_low_s():
+    # operator commands are signed here: the node refuses a high s as the gateway does
+    key = ec.derive_private_key(int(VECTORS["command"]["operator_private_key"], 16),
+                                ec.SECP256R1())
+    for i in range(16):
+        env = wire.decode_envelope(wire.sign_es256(b"%d" % i, wire.OPERATOR_KID, key))
+        wire.verify_es256(env, OPERATOR_PUB)
+        assert int.from_bytes(env.signature[32:], "big") <= wire.HALF_N
+
+
 # --- bad input: every failure is an EnvelopeError with the reason the gateway counts
 
 SIGN1 = bytes.fromhex(VECTORS["payloads"][0]["sign1"])
@@ -159,6 +169,87 @@ def test_trailing_bytes_are_malformed():
         "payload-text", "array-of-3"])
 def test_malformed_envelopes(data):
     assert _reason(wire.decode_envelope, data) == "malformed"
+
+
+def _mac0(protected=wire.PROTECTED[wire.ALG_HMAC256], unprotected=None):
+    unprotected = {4: DEVICE.encode()} if unprotected is None else unprotected
+    return cbor2.dumps(cbor2.CBORTag(17, [protected, unprotected, PAYLOAD, bytes(32)]))
+
+
+KID = DEVICE.encode()
+HIGH_S = bytes(31) + b"\x01" + (wire.HALF_N + 1).to_bytes(32, "big")
+
+
+@pytest.mark.parametrize("data, what", [
+    (_sign1(protected=b"\xa1\x01\x38\x06"), "not the canonical"),     # -7 in 2 bytes
+    (_sign1(protected=b"\xbf\x01\x26\xff"), "not the canonical"),     # indefinite map
+    (_sign1(protected=cbor2.dumps({1: -7, 4: KID})), "not the canonical"),  # a second key
+    (_mac0(protected=b"\xa1\x01\x18\x05"), "not the canonical"),      # 5 in 2 bytes
+    (_mac0(protected=cbor2.dumps({1: 5, 3: 0})), "not the canonical"),
+    (_sign1(unprotected={4: KID, 1: -7}), "only the kid"),
+    (_sign1(unprotected={4: KID, -65537: bytes(1000)}), "only the kid"),  # padding
+    (_sign1(unprotected={4.0: KID}), "only the kid"),                    # label as a float
+    (_mac0(unprotected={4: KID, 5: bytes(12)}), "only the kid"),
+    (_sign1(unprotected={4: DEVICE.encode() + b"0"}), "at most 15 bytes"),
+    (_sign1(unprotected={4: b"x" * 1000}), "at most 15 bytes"),
+    (_sign1(sig=HIGH_S), "high s"),
+    (_sign1(sig=bytes(32) + b"\xff" * 32), "high s"),                   # s >= n too
+], ids=["es256-alg-2-bytes", "es256-indefinite", "es256-second-key", "hmac-alg-2-bytes",
+        "hmac-second-key", "unprotected-alg", "unprotected-padding", "unprotected-float-label",
+        "mac0-unprotected-iv", "kid-16-bytes", "kid-1000-bytes", "high-s", "s-all-ones"])
+def test_non_canonical_envelopes_are_malformed(data, what):
+    with pytest.raises(EnvelopeError) as err:
+        wire.decode_envelope(data)
+    assert err.value.reason == "malformed" and what in str(err.value)
+
+
+def test_the_canonical_limits_themselves_are_accepted():
+    assert wire.decode_envelope(_sign1(sig=bytes(31) + b"\x01" + wire.HALF_N.to_bytes(32, "big")))
+    longest = "cn-ffffffffffff"                 # a device id is the longest kid
+    assert wire.decode_envelope(_sign1(unprotected={4: longest.encode()})).kid == longest
+    assert wire.decode_envelope(_sign1(unprotected={4: b"operator"})).kid == wire.OPERATOR_KID
+    assert wire.decode_envelope(_mac0()).is_hmac
+
+
+SIG = SIGN1[-64:]
+
+
+@pytest.mark.parametrize("short, longer", [
+    (b"\xd2\x84", b"\xd8\x12\x84"),                 # tag 18 in two bytes
+    (b"\xd2\x84", b"\xd2\x98\x04"),                 # array length in two bytes
+    (b"\xa1\x04\x4f", b"\xb8\x01\x04\x4f"),         # unprotected map length
+    (b"\xa1\x04\x4f", b"\xa1\x18\x04\x4f"),         # kid label 4 in two bytes
+    (b"\x04\x4f", b"\x04\x58\x0f"),                 # kid length in two bytes
+    (b"\x58\x40" + SIG, b"\x59\x00\x40" + SIG),      # signature length in three
+    (b"\x58\x40" + SIG, b"\x5f\x58\x20" + SIG[:32] + b"\x58\x20" + SIG[32:] + b"\xff"),
+], ids=["tag", "array", "map", "label", "kid-length", "signature-length",
+        "signature-indefinite"])
+def test_an_envelope_not_in_shortest_form_is_malformed(short, longer):
+    # the same content in other bytes: not signed, so anyone could make these
+    data = SIGN1.replace(short, longer, 1)
+    assert data != SIGN1 and cbor2.loads(data).value == cbor2.loads(SIGN1).value
+    with pytest.raises(EnvelopeError) as err:
+        wire.decode_envelope(data)
+    assert err.value.reason == "malformed" and "shortest form" in str(err.value)
+
+
+def _genuine(data: bytes, vec: dict) -> None:
+    """Verify an envelope's signature as it stands, without the canonical checks."""
+    protected, unprotected, payload, sig = cbor2.loads(data).value
+    alg = wire.ALG_HMAC256 if vec["signer"] == "hmac" else wire.ALG_ES256
+    env = wire.Envelope(alg, DEVICE, protected, payload, sig)
+    if vec["signer"] == "hmac":
+        wire.verify_hmac(env, SECRET)
+    else:
+        wire.verify_es256(env, NODE_PUB)
+
+
+@pytest.mark.parametrize("vec", VECTORS["noncanonical"], ids=lambda v: v["name"])
+def test_noncanonical_vectors_are_genuine_yet_refused(vec):
+    data = bytes.fromhex(vec["envelope"])
+    _genuine(data, vec)             # signed with the node's key: only the form is wrong
+    assert _reason(wire.decode_envelope, data) == vec["reason"]
+    assert _reason(wire.open_envelope, data, lambda kid, alg: NODE_PUB) == vec["reason"]
 
 
 @pytest.mark.parametrize("offset", [-1, -40, -64])

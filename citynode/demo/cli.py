@@ -12,6 +12,7 @@ and the forged envelope was rejected.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -22,13 +23,14 @@ from pathlib import Path
 
 from citynode import wire
 from citynode.gateway.scrape import metric_by_label, metric_sum
-from citynode.mosquitto import Mosquitto, MosquittoMissing, mosquitto_binary
+from citynode.mosquitto import Mosquitto, MosquittoMissing, PoleBroker, mosquitto_binary
 from citynode.subscriber import Subscriber
 
 from .ledger import Ledger, city_watch, pole_watch
 from .procs import (
     GUARD,
     TOPIC_PREFIX,
+    Board,
     Child,
     Gateway,
     Interrupted,
@@ -130,22 +132,28 @@ class Demo:
         self.gateway: Gateway | None = None
         self.emulator: Child | None = None
         self.nodes_stopped = False  # finish() stops the emulator on purpose
-        self.pole: Mosquitto | None = None
+        self.pole: PoleBroker | None = None
         self.city: Mosquitto | None = None
         self.pole_watch: Subscriber | None = None
         self.counters = GatewayCounters()
         self.forged: bytes | None = None
         self.forged_baseline = 0.0
+        self.boards: dict[str, Board] = {}
+        self.outsider_refused: bool | None = None
 
     # --- phases -------------------------------------------------------------------------
     def run(self) -> Outcome:
         self.start_brokers()
-        self.view.phase("starting the gateway (citynode-gateway run)")
+        self.view.phase("starting the gateway (citynode-gateway broker-accounts, run)")
         self.gateway = start_gateway(self.procs, self.workdir, self.pole, self.city,
                                      self.registry)
+        self.pole_watch = pole_watch(self.pole, self.ledger, self.gateway.monitor_secret)
+        self.watches.append(self.pole_watch)
+        self.try_outsider()
         self.view.phase(f"starting {self.args.nodes} emulated ESP32 boards with blank flash")
         self.emulator, boards = start_boards(self.procs, self.workdir, self.args.nodes,
                                              scenario(self.args.duration))
+        self.boards = {b.device: b for b in boards}
         names = {b.url: b.name for b in boards}
         for board in boards:
             self.view.progress(f"{board.name}: {board.url}  {board.device}")
@@ -153,7 +161,7 @@ class Demo:
         started = time.monotonic()
         provision(self.procs, self.workdir, boards, self.pole, self.registry,
                   self.args.window_s, lambda e: self.on_provision(names, e))
-        self.gateway.reload_registry()
+        self.gateway.reload()
         self.view.event(f"provisioned {len(boards)} boards in "
                         f"{time.monotonic() - started:.0f} s; registry: {self.registry}")
         self.view.phase(f"live for {self.args.duration:.0f} s")
@@ -162,14 +170,26 @@ class Demo:
 
     def start_brokers(self) -> None:
         self.view.phase("starting the pole's broker and the city's broker (mosquitto)")
-        self.pole = self.procs.broker("pole-broker")
+        self.pole = self.procs.pole_broker("pole-broker")
         self.city = self.procs.broker("city-broker")
         for broker in (self.pole, self.city):
             self.procs.start_broker(broker)
-        self.pole_watch = pole_watch(self.pole, self.ledger)
-        self.watches = [self.pole_watch, city_watch(self.city, TOPIC_PREFIX, self.ledger)]
-        self.view.progress(f"pole broker 127.0.0.1:{self.pole.port}, city broker "
-                           f"127.0.0.1:{self.city.port}")
+        self.watches = [city_watch(self.city, TOPIC_PREFIX, self.ledger)]
+        self.view.progress(f"pole broker 127.0.0.1:{self.pole.port} (gateway) and "
+                           f":{self.pole.node_port} (nodes), locked as deploy/ ships it; "
+                           f"city broker 127.0.0.1:{self.city.port}")
+
+    def try_outsider(self) -> None:
+        """Someone on the pole's Wi-Fi without an account: the broker must refuse them."""
+        assert self.pole is not None
+        try:
+            Subscriber(self.pole.host, self.pole.node_port, wire.UP_PREFIX + "+",
+                       timeout=3).close()
+        except ConnectionError:
+            self.outsider_refused = True
+            self.view.event("a client without an account was refused by the pole broker")
+            return
+        self.outsider_refused = False
 
     def on_provision(self, names: dict[str, str], event: dict) -> None:
         """Provisioning's progress as lines; a node just registered goes to the gateway."""
@@ -183,7 +203,7 @@ class Demo:
         else:
             self.view.progress(f"{who}: {step} {state}" + (f": {message}" if message else ""))
         if step == "register" and state in ("done", "skipped") and self.gateway:
-            self.gateway.reload_registry()
+            self.gateway.reload()
 
     def live(self) -> None:
         """The scripted part: the forged envelope, the uplink cut, its restore and drain,
@@ -243,15 +263,24 @@ class Demo:
 
     # --- the injected events ------------------------------------------------------------
     def inject_forged(self) -> None:
-        """A copy of a real envelope with one signature byte flipped, published on the
-        pole's broker as the node would: the gateway must reject it (bad_signature)."""
-        if self.ledger.last_envelope is None or self.pole_watch is None:
+        """A copy of a real envelope with one signature byte flipped, published with that
+        node's own broker password, as someone who took a node apart could: the broker
+        lets it in, the gateway must reject it (bad_signature)."""
+        if self.ledger.last_envelope is None or self.pole is None:
             return  # no real envelope yet: try again next tick
         device, data = self.ledger.last_envelope
+        stolen = json.loads((self.boards[device].state / "fs" / "secret" / "broker.json")
+                            .read_text())["password"]
         self.forged = data[:-1] + bytes([data[-1] ^ 0x01])
         self.forged_baseline = self.counters.rejected.get("bad_signature", 0)
-        self.pole_watch.publish(wire.up_topic(device), self.forged)
-        self.view.event(f"forged envelope injected as {device} (signature byte flipped)")
+        forger = Subscriber(self.pole.host, self.pole.node_port, wire.down_topic(device),
+                            login=(device, stolen))
+        try:
+            forger.publish(wire.up_topic(device), self.forged)
+        finally:
+            forger.close()
+        self.view.event(f"forged envelope injected as {device} with its stolen broker "
+                        "password (signature byte flipped)")
 
     def cut_uplink(self) -> None:
         assert self.city is not None
@@ -306,6 +335,8 @@ class Demo:
             shown = ", ".join(f"{d}#{s}" for d, s in lost[:5])
             problems.append(f"{len(lost)} reading(s) never arrived upstream verified: {shown}"
                             f" (see {self.logs / 'gateway.log'})")
+        if not self.outsider_refused:
+            problems.append("the pole broker let in a client without an account")
         if self.forged is None:
             problems.append("no forged envelope was injected (no real envelope to copy)")
         elif rejected.get("bad_signature", 0) <= self.forged_baseline:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from citynode import wire
+from citynode import pole_broker, wire
 from citynode.mosquitto import Mosquitto
 from citynode.registry import Registry, RegistryError, load_registry
 from citynode.subscriber import Subscriber
@@ -134,9 +134,10 @@ class Ledger:
         return self.produced() - self.verified()
 
 
-def pole_watch(broker: Mosquitto, ledger: Ledger) -> Subscriber:
-    """What the nodes publish on the pole's broker (it also publishes as a forger would)."""
-    return Subscriber(broker.host, broker.port, wire.UP_PREFIX + "+", client_id="demo-pole-watch",
+def pole_watch(broker: Mosquitto, ledger: Ledger, secret: Path) -> Subscriber:
+    """What the nodes publish on the pole's broker, through its read-only monitor account."""
+    login = (pole_broker.MONITOR_USER, secret.read_text().strip())
+    return Subscriber(broker.host, broker.port, wire.UP_PREFIX + "+", login=login,
                       on_message=lambda m: ledger.on_pole(m.payload))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from citynode.gateway.scrape import fetch_health, fetch_metrics
-from citynode.mosquitto import Mosquitto, free_port, free_port_range
+from citynode.mosquitto import Mosquitto, PoleBroker, free_port, free_port_range
 
 BOARD = "esp32-devkitc"
 GATEWAY_ID = "pole-demo"
@@ -125,6 +125,12 @@ class Processes:
     def broker(self, name: str) -> Mosquitto:
         """A Mosquitto with persistence, so a restart keeps sessions and queued messages."""
         broker = Mosquitto(self.logs / name, persistence=True, own_group=True)
+        self.brokers.append(broker)
+        return broker
+
+    def pole_broker(self, name: str) -> PoleBroker:
+        """The pole's broker as deploy/ ships it: locked, every client logs in."""
+        broker = PoleBroker(self.logs / name, own_group=True)
         self.brokers.append(broker)
         return broker
 
@@ -244,15 +250,11 @@ def write_image(procs: Processes, workdir: Path) -> Path:
 
 
 def wifi_password_file(workdir: Path) -> Path:
-    """A fresh Wi-Fi password in a 0600 file: provisioning reads it from there, never argv."""
-    path = workdir / "wifi-password"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_urlsafe(18) + "\n")
-    return path
+    """A fresh Wi-Fi password: provisioning reads it from there, never argv."""
+    return secret_file(workdir / "wifi-password")
 
 
-def provision(procs: Processes, workdir: Path, boards: list[Board], broker: Mosquitto,
+def provision(procs: Processes, workdir: Path, boards: list[Board], broker: PoleBroker,
               registry: Path, window_s: int, on_event: Callable[[dict], None],
               timeout: float = 420.0) -> dict:
     """All boards in one `citynode-provision provision --json` run (they go in parallel);
@@ -263,7 +265,7 @@ def provision(procs: Processes, workdir: Path, boards: list[Board], broker: Mosq
         argv += ["--port", board.url]
     argv += ["--board", BOARD, "--image", str(image), "--registry", str(registry),
              "--site", SITE, "--pole", POLE, "--lat", str(LAT), "--lon", str(LON),
-             "--broker", f"{broker.host}:{broker.port}", "--wifi-ssid", "city",
+             "--broker", f"{broker.host}:{broker.node_port}", "--wifi-ssid", "city",
              "--wifi-password-file", str(wifi_password_file(workdir)),
              "--window-s", str(window_s), "--json"]
     child = procs.spawn("provision", argv, pipe_stdout=True)
@@ -318,17 +320,42 @@ class Gateway:
     child: Child
     metrics_port: int
     config: Path
+    procs: Processes
+    pole: PoleBroker
+    monitor_secret: Path
 
     def metrics(self) -> str:
         return fetch_metrics(self.metrics_port)
 
-    def reload_registry(self) -> None:
-        """SIGHUP: the gateway re-reads the fleet registry (as `systemctl reload` does)."""
+    def reload(self) -> None:
+        """What `systemctl reload citynode-gateway` does on a pole: the broker's accounts
+        from the registry, mosquitto reloaded, and SIGHUP: the gateway re-reads it too."""
+        write_accounts(self.procs, self.config, self.pole, self.monitor_secret)
         if self.child.proc.poll() is None:
             self.child.proc.send_signal(signal.SIGHUP)
 
 
-def gateway_config(workdir: Path, local: Mosquitto, upstream: Mosquitto, registry: Path,
+def write_accounts(procs: Processes, config: Path, pole: PoleBroker, monitor_secret: Path
+                   ) -> None:
+    """`citynode-gateway broker-accounts` into the pole broker's password file, then reload."""
+    child = procs.spawn("broker-accounts", tool("citynode-gateway", "citynode.gateway.cli") + [
+        "broker-accounts", "--config", str(config), "--out", str(pole.passwd),
+        "--new-gateway-secret", "--monitor-secret", str(monitor_secret)])
+    if child.proc.wait(30) != 0:
+        raise StepFailed("writing the pole broker's accounts", "citynode-gateway "
+                         "broker-accounts failed", child.log)
+    pole.reload()
+
+
+def secret_file(path: Path) -> Path:
+    """A fresh random secret in a 0600 file (programs read secrets from files, never argv)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(18) + "\n")
+    return path
+
+
+def gateway_config(workdir: Path, local: PoleBroker, upstream: Mosquitto, registry: Path,
                    metrics_port: int) -> str:
     """deploy/gateway.toml for one machine: no TLS, short backoff, no disk-space reserve."""
     def q(value: object) -> str:
@@ -344,6 +371,8 @@ stall_exit_s = 60
 [local]
 host = {q(local.host)}
 port = {local.port}
+username = "citynode-gateway"
+password_file = {q(workdir / "pole-broker.secret")}
 
 [upstream]
 host = {q(upstream.host)}
@@ -362,13 +391,16 @@ address = "127.0.0.1:{metrics_port}"
 """
 
 
-def start_gateway(procs: Processes, workdir: Path, local: Mosquitto, upstream: Mosquitto,
+def start_gateway(procs: Processes, workdir: Path, local: PoleBroker, upstream: Mosquitto,
                   registry: Path, timeout: float = 30.0) -> Gateway:
-    """`citynode-gateway run`; returns once /health says the local broker is up."""
+    """The pole broker's accounts, then `citynode-gateway run`; returns once /health says
+    the gateway is logged in to the pole broker."""
     registry.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = workdir / "gateway.toml"
     config.write_text(gateway_config(workdir, local, upstream, registry, port))
+    monitor = secret_file(workdir / "pole-monitor.secret")
+    write_accounts(procs, config, local, monitor)
     child = procs.spawn("gateway", tool("citynode-gateway", "citynode.gateway.cli") + [
         "run", "--config", str(config)])
     deadline = time.monotonic() + timeout
@@ -378,6 +410,6 @@ def start_gateway(procs: Processes, workdir: Path, local: Mosquitto, upstream: M
                              f"{child.proc.returncode}", child.log)
         health = fetch_health(port)
         if health and health.get("local") == "up":
-            return Gateway(child, port, config)
+            return Gateway(child, port, config, procs, local, monitor)
         time.sleep(0.1)
     raise StepFailed("starting the gateway", f"not healthy within {timeout:.0f} s", child.log)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ class Emulator:
 
     proc: subprocess.Popen
     boards: list[BoardHandle] = field(default_factory=list)
+    speed_factor: float | None = None   # host time x this = chip time (chip speed only)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -48,8 +50,14 @@ class Emulator:
 
 def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
                    blank: bool = False, extra: list[str] | None = None,
-                   timeout: float = 30) -> Emulator:
+                   timeout: float = 30, chip_speed: bool | float = False) -> Emulator:
+    """`chip_speed`: True runs the boards at the chip's speed as measured on this host
+    (`--chip-speed`), a number at that factor (`--speed-factor`)."""
     port = free_port() if count == 1 else free_port_range(count)
+    if chip_speed is True:
+        extra = ["--chip-speed", *(extra or [])]
+    elif chip_speed:
+        extra = ["--speed-factor", str(float(chip_speed)), *(extra or [])]
     cmd = [str(VENV_BIN / "citynode-emu"), "run", "--board", board,
            "--link", str(tmp / "node0"), "--rfc2217", str(port), "--state", str(tmp / "state"),
            "--count", str(count)] + (["--blank"] if blank else []) + (extra or [])
@@ -63,6 +71,7 @@ def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
             emu.stop()
             raise RuntimeError(f"citynode-emu exited early: {(tmp / 'emu.log').read_text()}")
         info = json.loads(line)
+        emu.speed_factor = info.get("speed_factor")
         emu.boards.append(BoardHandle(info["link"], info["rfc2217"], Path(info["state"]),
                                       info["mac"].replace(":", "")))
         if time.monotonic() > deadline:
@@ -71,9 +80,30 @@ def start_emulator(tmp: Path, count: int = 1, board: str = "esp32-devkitc",
     return emu
 
 
-def mpremote(port: str, *args: str, timeout: float = 60, check: bool = True) -> str:
-    """Run the unmodified mpremote CLI against a board; returns its stdout."""
-    proc = subprocess.run([str(VENV_BIN / "mpremote"), "connect", port, *args],
+def guarded(args: Sequence[str], soft_reset: bool = True) -> list[str]:
+    """mpremote arguments that first set the node's watchdog long (WDT_GUARD), then do
+    what `args` do. A started machine.WDT runs on across the soft reset mpremote makes
+    before its first command (as on the chip), so a session longer than the app's
+    timeout would be bitten: the guard runs right after the raw REPL is entered (no soft
+    reset before it), then the soft reset (unless soft_reset=False or `args` start with
+    `resume`), then `args`. On a board with no dog it arms one for SESSION_WDT_MS."""
+    from citynode.provisioning.device import WDT_GUARD
+
+    rest = list(args)
+    if rest[:1] == ["resume"]:
+        rest, soft_reset = rest[1:], False
+    head = ["resume", "exec", WDT_GUARD]
+    if soft_reset:
+        head += ["+", "soft-reset"]
+    return head + (["+", *rest] if rest else [])
+
+
+def mpremote(port: str, *args: str, timeout: float = 60, check: bool = True,
+             guard: bool = True) -> str:
+    """Run the unmodified mpremote CLI against a board; returns its stdout. With guard
+    (the default) the node's watchdog is set long first (see guarded)."""
+    argv = guarded(args) if guard else list(args)
+    proc = subprocess.run([str(VENV_BIN / "mpremote"), "connect", port, *argv],
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"mpremote {' '.join(args)} failed ({proc.returncode}):\n"
@@ -108,7 +138,7 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 FIRMWARE = Path(str(resources.files("citynode") / "firmware"))
 
 
-def _board_mpy() -> int:
+def vm_mpy() -> int:
     """sys.implementation._mpy of the emulated boards' VM (the unix port)."""
     from citynode.emulator.vm import micropython_binary
 
@@ -121,22 +151,27 @@ def _board_mpy() -> int:
 def install_firmware(board: BoardHandle, files: dict[str, str] | None = None) -> None:
     """Put firmware/ on a board as provisioning deploys it, plus extra files.
 
-    The modules go into the ROMFS partition through the unmodified `mpremote romfs
-    deploy` (bytecode run in place from flash, as on a devkitc); main.py, boot.py
-    and `files` (path -> text: config, secrets) are written into the board's
-    filesystem folder, which is what the flash holds. A soft reset mounts the image.
+    The modules are compiled by mpy-cross. Where the board's image has a ROMFS partition
+    they go there through the unmodified `mpremote romfs deploy` (bytecode run in place
+    from flash); the stock images have none, so there the .mpy files go on the
+    filesystem and load into the heap, as on a stock devkitc. main.py and `files` (path
+    -> text: config, secrets) are written into the board's filesystem folder, which is
+    what the flash holds. A soft reset mounts the image.
     """
-    from citynode.provisioning.deploy import KEEP_AS_SOURCE, board_mpy, build_romfs
+    from citynode.emulator.image import VFS_OFFSET, read_partitions
+    from citynode.provisioning.deploy import build_plan
 
-    image = board.state / "firmware.romfs"
-    image.write_bytes(build_romfs(FIRMWARE, board_mpy(_board_mpy())[2])[0])
-    mpremote(board.link, "romfs", "deploy", str(image))
+    with open(board.state / "flash.bin", "rb") as flash:
+        has_romfs = "romfs" in read_partitions(flash.read(VFS_OFFSET))
+    plan = build_plan(FIRMWARE, {"mpy": vm_mpy(), "romfs": has_romfs}, use_mpy=True)
+    if plan.romfs is not None:
+        image = board.state / "firmware.romfs"
+        image.write_bytes(plan.romfs)
+        mpremote(board.link, "romfs", "deploy", str(image))
     fs = board.state / "fs"
-    extra = {name: (FIRMWARE / name).read_text() for name in KEEP_AS_SOURCE
-             if (FIRMWARE / name).exists()}
-    for path, text in {**extra, **(files or {})}.items():
-        dest = fs / path
+    for path, data in {**plan.files, **{p: t.encode() for p, t in (files or {}).items()}}.items():
+        dest = fs / path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(text)
+        dest.write_bytes(data)
     mpremote(board.link, "soft-reset")
 

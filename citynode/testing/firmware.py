@@ -11,16 +11,18 @@ import threading
 import time
 from concurrent.futures import Future
 
-from citynode.testing.emulator import VENV_BIN, BoardHandle
+from citynode.testing.emulator import VENV_BIN, BoardHandle, guarded
 
 _RUNNING: list[subprocess.Popen] = []
 
 
 def run_async(board: BoardHandle, code: str, timeout: float = 90) -> Future:
-    """Run `code` on the board through `mpremote exec` in the background; the future gives
-    its stdout (or an AssertionError with what it printed). stop_leftovers() ends it."""
+    """Run `code` on the board through `mpremote exec` in the background (the watchdog
+    set long first: citynode.testing.emulator.guarded); the future gives its stdout (or
+    an AssertionError with what it printed). stop_leftovers() ends it."""
     fut: Future = Future()
-    proc = subprocess.Popen([str(VENV_BIN / "mpremote"), "connect", board.link, "exec", code],
+    proc = subprocess.Popen([str(VENV_BIN / "mpremote"), "connect", board.link,
+                             *guarded(["exec", code])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _RUNNING.append(proc)
 

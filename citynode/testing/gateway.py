@@ -22,8 +22,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citynode import wire
+from citynode.gateway.config import parse_config
+from citynode.gateway.metrics import Metrics
+from citynode.gateway.pole import PoleLink
 from citynode.gateway.scrape import metric_sum
+from citynode.gateway.store import Store
 from citynode.mosquitto import Mosquitto, free_port
+from citynode.registry import Registry, load_registry
 from citynode.subscriber import Message, Subscriber
 from citynode.testing.keys import TestDevice, seq_of
 
@@ -34,7 +39,8 @@ GATEWAY_ID = "pole-t1"
 class GatewayProcess:
     def __init__(self, workdir: Path, local: Mosquitto, upstream: Mosquitto,
                  devices: Iterable[TestDevice] = (), *, store: dict | None = None,
-                 upstream_extra: dict | None = None, gateway_extra: dict | None = None):
+                 upstream_extra: dict | None = None, gateway_extra: dict | None = None,
+                 local_extra: dict | None = None):
         self.workdir = Path(workdir)
         self.registry = self.workdir / "registry"
         self.registry.mkdir(parents=True, exist_ok=True)
@@ -51,7 +57,7 @@ class GatewayProcess:
                        "registry_dir": str(self.registry), "stall_exit_s": 30,
                        **(gateway_extra or {})}
         sections = {"gateway": gateway_cfg,
-                    "local": {"host": local.host, "port": local.port},
+                    "local": {"host": local.host, "port": local.port, **(local_extra or {})},
                     "upstream": upstream_cfg, "store": store_cfg,
                     "metrics": {"address": f"127.0.0.1:{self.metrics_port}"}}
         self.config.write_text("\n".join(
@@ -186,3 +192,33 @@ class Node:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class RegistryDir:
+    """The registry as the daemon holds it: load() again is its SIGHUP."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.current = load_registry(directory)
+
+    def __call__(self) -> Registry:
+        return self.current
+
+    def load(self) -> None:
+        self.current = load_registry(self.directory)
+
+
+def pole_link(tmp_path: Path, devices: Iterable[TestDevice]) -> tuple[PoleLink, Metrics, Store]:
+    """The gateway's ingest in-process, no broker: verify with handle(), store with
+    commit() or the store's insert(); `devices` registered in tmp_path / "registry"
+    (after a change there, `link.verifier.registry.load()` is the daemon's reload)."""
+    registry_dir = tmp_path / "registry"
+    for device in devices:
+        device.register(registry_dir)
+    config = parse_config({"gateway": {"id": "test", "registry_dir": str(registry_dir),
+                                       "state_dir": str(tmp_path)},
+                           "upstream": {"host": "localhost", "topic_prefix": "x"}})
+    metrics = Metrics()
+    store = Store(tmp_path / "gateway.db", config.store)
+    return PoleLink(config, store, RegistryDir(registry_dir), metrics), metrics, store

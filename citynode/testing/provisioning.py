@@ -79,3 +79,31 @@ def password_file(tmp: Path) -> Path:
     path.write_text(PASSWORD + "\n")
     path.chmod(0o600)
     return path
+
+
+def operator_key(tmp: Path):
+    """The operator's downlink key: (private key, its public PEM file for provisioning)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp / "operator.pub.pem"
+    pem.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, pem
+
+
+def provision_one(tmp: Path, port: str, broker: str, window_s: int, operator_pem: Path,
+                  board: str = "esp32-devkitc", flash: bool = True) -> str:
+    """One board provisioned as a technician does it (flash unless `flash` is False: a
+    board that has MicroPython; deploy, keys, registry in tmp/fleet, verified self-test);
+    returns its device id."""
+    args = ["provision", "--port", port, "--board", board, "--registry", str(tmp / "fleet"),
+            "--site", "bench", "--pole", "B-1", "--broker", broker, "--wifi-ssid", "city",
+            "--wifi-password-file", str(password_file(tmp)), "--window-s", str(window_s),
+            "--operator-key", str(operator_pem), "--json"]
+    args += ["--image", str(make_image(tmp, board))] if flash else ["--no-flash"]
+    run = cli(*args, logs=tmp / "logs", timeout=600)
+    if run.code != 0:
+        raise RuntimeError(f"provisioning failed ({run.code}):\n{run.stdout}\n{run.stderr}")
+    return run.result["boards"][0]["device"]

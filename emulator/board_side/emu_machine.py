@@ -24,6 +24,10 @@ def _board():
     return _info
 
 
+def _chip():
+    return _board().get("chip", "esp32")
+
+
 def unique_id():
     return bytes.fromhex(_board()["mac"])
 
@@ -173,46 +177,135 @@ class ADC:
 
 
 class PWM:
-    def __init__(self, pin, freq=5000, duty_u16=0, duty=None):
+    """LEDC PWM as the ESP32 port sets it up: 5 kHz and 50 % unless told otherwise,
+    duty checked (not clamped), and printed as the port prints it."""
+
+    def __init__(self, pin, freq=-1, duty=-1, duty_u16=-1, duty_ns=-1):
         self._pin = _pin_no(pin)
-        self._freq = freq
-        self._duty = duty_u16 if duty is None else duty * 64
+        self._freq = 5000
+        self._duty = 32768
+        self._scale = "duty_u16"
+        self._on = True
+        self.init(freq, duty=duty, duty_u16=duty_u16)
+
+    def init(self, freq=-1, duty=-1, duty_u16=-1, duty_ns=-1):
+        if freq != -1:
+            self._check_freq(freq)
+            self._freq = freq
+        if duty_u16 >= 0:
+            self._set_u16(duty_u16)
+        elif duty >= 0:
+            self._set_u10(duty)
+        self._on = True
         self._send()
 
+    @staticmethod
+    def _check_freq(f):
+        if f <= 0 or f > 40000000:
+            raise ValueError("frequency must be from 1Hz to 40MHz")
+
+    def _set_u16(self, d):
+        if d < 0 or d > 65535:
+            raise ValueError("duty_u16 must be from 0 to 65536")
+        self._duty, self._scale = d, "duty_u16"
+
+    def _set_u10(self, d):
+        if d < 0 or d > 1023:
+            raise ValueError("duty must be from 0 to 1023")
+        self._duty, self._scale = (65535 if d == 1023 else d << 6), "duty"
+
     def _send(self):
-        _link.call(_link.PWM, 0, struct.pack("<BIH", self._pin, self._freq, self._duty))
+        _link.call(_link.PWM, 0, struct.pack("<BIH", self._pin, self._freq,
+                                            self._duty if self._on else 0))
 
     def freq(self, f=None):
         if f is None:
             return self._freq
+        self._check_freq(f)
         self._freq = f
         self._send()
 
     def duty_u16(self, d=None):
         if d is None:
             return self._duty
-        self._duty = max(0, min(65535, d))
+        self._set_u16(d)
         self._send()
 
     def duty(self, d=None):
         if d is None:
             return self._duty >> 6
-        self.duty_u16(d << 6)
+        self._set_u10(d)
+        self._send()
 
     def deinit(self):
-        self._duty = 0
+        self._on = False
         self._send()
+
+    def __repr__(self):
+        if not self._on:
+            return "PWM(Pin(%u))" % self._pin
+        value = self._duty >> 6 if self._scale == "duty" else self._duty
+        return "PWM(Pin(%u), freq=%u, %s=%d)" % (self._pin, self._freq, self._scale, value)
+
+
+_ENODEV = 19
+_ETIMEDOUT = 116  # the chip's (newlib) number; the unix port's errno module says 110
+
+
+def _i2c_error(e):
+    """What the ESP32 port raises: ETIMEDOUT when a part holds the bus (the host waited
+    the chip's timeout), ENODEV for a NACK and anything else."""
+    if e.errno == _ETIMEDOUT:
+        return OSError(_ETIMEDOUT, "ETIMEDOUT")
+    return OSError(_ENODEV)
+
+
+# The ESP32 port's default I2C pins (machine_i2c.h): (scl, sda) of I2C0 and I2C1
+_I2C_PINS = {"esp32": ((18, 19), (25, 26)), "esp32s3": ((9, 8), (9, 8)),
+             "esp32c3": ((9, 8),)}
+_I2C_TIMEOUT_US = 50000
 
 
 class I2C:
-    """Hardware I2C: each transaction goes to the simulated parts on the bus."""
+    """Hardware I2C: each transaction goes to the simulated parts on the bus. Printed
+    as the ESP32 port prints it; the ids the chip has (I2C0 only on an ESP32-C3). One
+    object per controller, as the port's static ones: I2C(0) again is the same object
+    and keeps the pins it was given."""
 
-    def __init__(self, id=0, scl=None, sda=None, freq=400000, timeout=50000):
-        self._id = id if isinstance(id, int) else 0
-        self._freq = freq
+    _hw = {}
 
-    def init(self, scl=None, sda=None, freq=400000):
-        self._freq = freq
+    def __new__(cls, *args, **kw):
+        if cls is not I2C:
+            return object.__new__(cls)
+        id = args[0] if args else kw.get("id", 0)
+        pins = _I2C_PINS.get(_chip(), _I2C_PINS["esp32"])
+        if not 0 <= id < len(pins):
+            raise ValueError("I2C(%d) doesn't exist" % id)
+        obj = I2C._hw.get(id)
+        if obj is None:
+            obj = I2C._hw[id] = object.__new__(cls)
+            obj._id = id
+            obj._scl, obj._sda = pins[id]
+            obj._freq = 400000
+            obj._timeout = _I2C_TIMEOUT_US
+        return obj
+
+    def __init__(self, id=0, *, scl=None, sda=None, freq=-1, timeout=-1):
+        self.init(scl=scl, sda=sda, freq=freq, timeout=timeout)
+
+    def init(self, *, scl=None, sda=None, freq=-1, timeout=-1):
+        if scl is not None:
+            self._scl = _pin_no(scl)
+        if sda is not None:
+            self._sda = _pin_no(sda)
+        if freq > 0:
+            self._freq = freq
+        if timeout != -1:
+            self._timeout = timeout
+
+    def __repr__(self):
+        return "I2C(%u, scl=%u, sda=%u, freq=%u, timeout=%u)" % (
+            self._id, self._scl, self._sda, self._freq, self._timeout)
 
     def scan(self):
         return list(_link.call(_link.I2C_SCAN, self._id))
@@ -220,14 +313,14 @@ class I2C:
     def writeto(self, addr, buf, stop=True):
         try:
             return _link.call(_link.I2C_WRITE, self._id, bytes((addr,)) + bytes(buf))[0]
-        except OSError:
-            raise OSError(19)  # ENODEV: no ACK, as on the chip
+        except OSError as e:
+            raise _i2c_error(e)
 
     def readfrom(self, addr, nbytes, stop=True):
         try:
             return bytes(_link.call(_link.I2C_READ, self._id, struct.pack("<BH", addr, nbytes)))
-        except OSError:
-            raise OSError(19)
+        except OSError as e:
+            raise _i2c_error(e)
 
     def readfrom_into(self, addr, buf, stop=True):
         data = self.readfrom(addr, len(buf), stop)
@@ -254,7 +347,22 @@ class I2C:
         return bytes((memaddr,))
 
 
-SoftI2C = I2C
+class SoftI2C(I2C):
+    """Bit-banged I2C (extmod/machine_i2c.c): on the same wires here, printed with the
+    frequency its half-period delay gives (500 kHz for anything above 250 kHz)."""
+
+    def __init__(self, scl, sda, *, freq=400000, timeout=50000):
+        self._id = 0
+        self._scl, self._sda = _pin_no(scl), _pin_no(sda)
+        self._timeout = timeout
+        self._delay_us = max(1, 500000 // freq)
+
+    def init(self, scl, sda, *, freq=400000, timeout=50000):
+        self.__init__(scl, sda, freq=freq, timeout=timeout)
+
+    def __repr__(self):
+        return "SoftI2C(scl=%u, sda=%u, freq=%u)" % (self._scl, self._sda,
+                                                      500000 // self._delay_us)
 
 
 class UART(_io.IOBase):
@@ -262,25 +370,72 @@ class UART(_io.IOBase):
     longer than `timeout` ms, as on the chip. Pollable for asyncio.StreamReader:
     an empty buffer is asked about again only after a byte time or so."""
 
-    def __init__(self, id, baudrate=115200, bits=8, parity=None, stop=1, tx=None, rx=None,
-                 timeout=0, rxbuf=256, **kw):
-        self._id = id
-        self._line = None
-        self._timeout = 0
-        self.init(baudrate, bits, parity, stop, tx=tx, rx=rx, timeout=timeout, rxbuf=rxbuf)
+    _objs = {}
 
-    def init(self, baudrate=None, bits=8, parity=None, stop=1, tx=None, rx=None, timeout=None,
-             rxbuf=None, **kw):
-        """Unspecified settings stay as they are; the driver (and its RX buffer) is
-        installed again only when the baud rate or the buffer size changes."""
+    def __new__(cls, id, *args, **kw):
+        """One object per UART, as the port keeps them: UART(2) again is the same one,
+        with the settings it had."""
+        if not 0 <= id < (2 if _chip() == "esp32c3" else 3):
+            raise ValueError("UART(%d) does not exist" % id)
+        obj = UART._objs.get(id)
+        if obj is None:
+            obj = UART._objs[id] = object.__new__(cls)
+            obj._id = id
+            obj._line = None
+            obj._timeout = 0
+            obj._timeout_char = 0
+            obj._bits, obj._parity, obj._stop = 8, 0, 1
+            obj._txbuf = 256
+            # the port's default pins: UART0 keeps the REPL's (-1: not changed)
+            psram = _chip() == "esp32" and _board().get("psram")
+            obj._tx, obj._rx = ((-1, -1), (5, 4) if psram else (10, 9), (17, 16))[id]
+        return obj
+
+    def __init__(self, id, baudrate=0, bits=0, parity=-1, stop=0, tx=None, rx=None,
+                 **kw):
+        self.init(baudrate, bits, parity, stop, tx=tx, rx=rx, **kw)
+
+    def init(self, baudrate=0, bits=0, parity=-1, stop=0, tx=None, rx=None, timeout=-1,
+             timeout_char=-1, rxbuf=-1, txbuf=-1, **kw):
+        """Unspecified settings stay as they are. As on the chip, every init discards what
+        the RX buffer holds (uart_flush_input); UART0 is the REPL's: its buffers are
+        fixed."""
         old = self._line or (115200, 256)
-        line = (baudrate or old[0], rxbuf or old[1])
-        if timeout is not None:
+        if self._id == 0 and ((rxbuf >= 0 and rxbuf != old[1]) or
+                              (txbuf >= 0 and txbuf != self._txbuf)):
+            raise ValueError("REPL UART buffer size is fixed")
+        line = (baudrate or old[0], rxbuf if rxbuf >= 0 else old[1])
+        if txbuf >= 0:
+            self._txbuf = txbuf
+        if tx is not None:
+            self._tx = _pin_no(tx)
+        if rx is not None:
+            self._rx = _pin_no(rx)
+        if bits:
+            self._bits = bits
+        if parity is None:
+            self._parity = 0
+        elif parity != -1:
+            self._parity = 1 if parity & 1 else 2
+        if stop:
+            self._stop = stop
+        if timeout != -1:
             self._timeout = timeout
+        if timeout_char != -1:
+            self._timeout_char = timeout_char
         self._empty_at = None
-        if line != self._line:
-            _link.call(_link.UART_INIT, self._id, struct.pack("<IH", line[0], line[1]))
-            self._line = line
+        _link.call(_link.UART_INIT, self._id, struct.pack("<IH", line[0], line[1]))
+        self._line = line
+
+    def __repr__(self):
+        # the baud rate the 80 MHz clock's divider (16ths) gives: 115200 reads 115201
+        clk = 80000000 * 16
+        baud = clk // (clk // self._line[0])
+        return ("UART(%u, baudrate=%u, bits=%u, parity=%s, stop=%u, tx=%d, rx=%d, rts=-1, "
+                "cts=-1, txbuf=%u, rxbuf=%u, timeout=%u, timeout_char=%u, irq=0)" % (
+                    self._id, baud, self._bits, ("None", "1", "0")[self._parity], self._stop,
+                    self._tx, self._rx, self._txbuf, self._line[1], self._timeout,
+                    self._timeout_char))
 
     def deinit(self):
         pass
@@ -336,23 +491,27 @@ class I2S(_io.IOBase):
     """I2S receiver: samples arrive on a socket the host paces at the configured
     rate, as DMA fills the ring on the chip. A blocking readinto() fills the whole
     buffer. Once asyncio polls the object (asyncio.StreamReader), readinto()
-    returns what the ring holds, in whole frames, as the ESP32 port's asyncio
-    mode does; polling uses the socket's descriptor."""
+    returns what the ring holds, in whole frames, 0 when it is empty, as the ESP32
+    port's asyncio mode does; polling uses the socket's descriptor."""
 
-    RX = 0
-    TX = 1
+    RX = 1      # I2S_DIR_RX, I2S_DIR_TX on the ESP32 port
+    TX = 2
     MONO = 0
     STEREO = 1
 
-    def __init__(self, id, sck=None, ws=None, sd=None, mode=0, bits=32, format=0, rate=16000,
-                 ibuf=20000):
+    def __init__(self, id, *, sck, ws, sd, mode, bits, format, rate, ibuf):
         import emu_socket
         _s = emu_socket._real  # the I2S wires are not Wi-Fi: never resolve through the radio
+        if mode not in (I2S.RX, I2S.TX):
+            raise ValueError("invalid mode")
+        self._desc = (id, _pin_no(sck), _pin_no(ws), _pin_no(sd), mode, bits, format, rate,
+                      ibuf)
+        wire_mode = 0 if mode == I2S.RX else 1  # the host's numbering (peripherals.py)
         port = struct.unpack("<H", _link.call(
-            _link.I2S_INIT, id, struct.pack("<BBBIi", mode, bits, format, rate, ibuf)))[0]
+            _link.I2S_INIT, id, struct.pack("<BBBIi", wire_mode, bits, format, rate, ibuf)))[0]
         self._sock = _s.socket()
-        try:  # SOL_SOCKET, SO_RCVBUF: the DMA ring is `ibuf` on the host, not a kernel queue
-            self._sock.setsockopt(1, 8, 4096)
+        try:  # SOL_SOCKET, SO_RCVBUF: room for the whole ring, which the host bounds
+            self._sock.setsockopt(1, 8, max(4096, ibuf))
         except OSError:
             pass
         self._sock.connect(_s.getaddrinfo("127.0.0.1", port)[0][-1])
@@ -365,17 +524,18 @@ class I2S(_io.IOBase):
     def _recv(self, mv, wait=True):
         """One socket read; the host then hears how much left its DMA ring. A blocking
         read asks for at most one step: socket readinto waits for all it asks for, and
-        the host keeps only a few steps in flight until it hears back."""
-        if wait:
+        the host hands over no more than the ring until it hears back. Once asyncio
+        polls, the socket is non-blocking for good: the fewest calls per read, since
+        the emulator's own work here is charged as the chip's at chip speed."""
+        if not self._async:
             k = self._sock.readinto(mv[:self._step])
-        else:  # what is there, into the caller's buffer (recv would allocate up to 4 KB)
-            self._sock.setblocking(False)
-            try:
+        else:
+            k = self._sock.readinto(mv)
+            while k is None:  # the ring is empty
+                if not wait:
+                    return 0
+                self._poller.poll(-1)
                 k = self._sock.readinto(mv)
-            finally:
-                self._sock.setblocking(True)
-            if k is None:  # nothing after all: wait for it as a blocking read would
-                return self._recv(mv, True)
         if not k:
             raise OSError(5)
         struct.pack_into("<I", self._ack, 0, k)
@@ -395,20 +555,30 @@ class I2S(_io.IOBase):
         got = self._recv(mv[:n], False)  # poll said readable: this does not wait
         return self._fill(mv, got, got + (-got) % self._frame)  # finish the last frame
 
+    def _asyncio_mode(self):
+        """What the ESP32 port does on a poll: readinto no longer waits."""
+        if not self._async:
+            import select
+            self._async = True
+            self._sock.setblocking(False)
+            self._poller = select.poll()
+            self._poller.register(self._sock, select.POLLIN)
+
     def ioctl(self, req, arg):
         if req == _STREAM_GET_FILENO:
-            self._async = True
+            self._asyncio_mode()
             return self._sock.fileno()
         if req == _STREAM_POLL:
-            self._async = True
-            import select
-            p = select.poll()
-            p.register(self._sock, select.POLLIN)
-            return arg & select.POLLIN if p.poll(0) else 0
+            self._asyncio_mode()
+            return arg & 1 if self._poller.poll(0) else 0  # 1: POLLIN
         return 0
 
     def deinit(self):
         self._sock.close()
+
+    def __repr__(self):
+        return ("I2S(id=%u,\nsck=%u,\nws=%u,\nsd=%u,\nmode=%u,\nbits=%u, format=%u,\n"
+                "rate=%d, ibuf=%d)" % self._desc)
 
     def irq(self, handler):
         raise NotImplementedError("use readinto or asyncio.StreamReader on the emulated board")
@@ -426,8 +596,24 @@ class I2S(_io.IOBase):
 
 
 class WDT:
-    def __init__(self, id=0, timeout=5000):
+    """The task watchdog's one user. As on the ESP32 port, WDT() returns the same
+    object every time and reconfigures the one dog (its timer starts again); nothing
+    stops it but a hard reset: it runs on across a soft reset (the host keeps it)."""
+
+    _one = None
+
+    def __new__(cls, id=0, timeout=5000):
+        if id != 0:
+            raise ValueError
+        if timeout <= 0:
+            raise ValueError("WDT timeout too short")
         _link.call(_link.WDT_INIT, 0, struct.pack("<I", timeout))
+        if WDT._one is None:
+            WDT._one = object.__new__(cls)
+        return WDT._one
+
+    def __init__(self, id=0, timeout=5000):
+        pass
 
     def feed(self):
         _link.call(_link.WDT_FEED)

@@ -39,6 +39,62 @@ def _install_board_modules():
         sys.modules[name] = mod
     sys.modules["usocket"] = emu_socket
     sys.modules["utime"] = emu_time
+    _import_hook()
+
+
+def _import_hook():
+    """builtins.__import__, for two things the chip does that the unix port does not:
+
+    - asyncio (frozen in the unix port) takes its clock from `time` when it is first
+      imported, and its C task queue stamps tasks with the unix port's own ticks: both
+      must be the same clock, so asyncio is imported with the built-in `time` in place.
+      User code keeps the board's ticks (since the reset, 2**30 wrap), asyncio only ever
+      measures intervals with its own.
+    - Code in the heap. A module loaded from a .mpy file on the board's filesystem (a
+      stock image has no ROMFS) holds its bytecode and strings in the GC heap, the same
+      bytes as on the chip; the VM's heap is twice the chip's (for 64-bit objects), so
+      each such module gets a ballast of its file's size and its code counts in full.
+      Modules run in place from ROMFS (/rom) get none; a module dropped from
+      sys.modules loses its ballast at the next import.
+    """
+    import builtins
+    builtin_import = builtins.__import__
+    ballast = {}
+    modules = [len(sys.modules)]
+    asyncio_loaded = [False]
+
+    def load_asyncio():
+        import emu_time
+        board_time = sys.modules["time"]
+        sys.modules["time"] = emu_time._real
+        try:
+            builtin_import("asyncio")
+        finally:
+            sys.modules["time"] = board_time
+
+    def weigh():
+        for name in list(ballast):
+            if sys.modules.get(name) is not ballast[name][0]:
+                del ballast[name]
+        for name, mod in sys.modules.items():
+            if name in ballast:
+                continue
+            path = getattr(mod, "__file__", None)
+            if path and path.endswith(".mpy") and not path.startswith("/rom"):
+                ballast[name] = (mod, bytearray(os.stat(path)[6]))
+
+    def hook(name, globals=None, locals=None, fromlist=(), level=0):
+        if not asyncio_loaded[0] and level == 0 and (
+                name == "asyncio" or name.startswith("asyncio.") or name == "uasyncio"):
+            asyncio_loaded[0] = True
+            load_asyncio()
+        module = builtin_import(name, globals, locals, fromlist, level)
+        if len(sys.modules) != modules[0]:      # loaded or dropped since the last import
+            weigh()
+            modules[0] = len(sys.modules)
+        return module
+
+    builtins.__import__ = hook
 
 
 def _mount_board_fs():

@@ -17,6 +17,20 @@ STAT_HANDSHAKE_TIMEOUT = 204
 _ACTIVE, _CONNECT, _DISCONNECT, _STATUS, _RSSI, _IFCONFIG, _SCAN = 0, 1, 2, 3, 4, 5, 6
 
 
+# esp_exceptions() in the ESP32 port: an ESP-IDF error becomes an OSError with its text
+_ESP_ERRORS = {1: "Wifi Not Started", 16: "Wifi Internal State Error"}
+
+
+def _call(sub, payload=b""):
+    try:
+        return _link.call(_link.WLAN, sub, payload)
+    except OSError as e:
+        text = _ESP_ERRORS.get(e.errno)
+        if text is None:
+            raise
+        raise OSError(text)
+
+
 def hostname(name=None):
     return "citynode"
 
@@ -37,10 +51,10 @@ class WLAN:
     def connect(self, ssid=None, key=None, bssid=None):
         ssid = (ssid or "").encode()
         key = (key or "").encode()
-        _link.call(_link.WLAN, _CONNECT, bytes((len(ssid),)) + ssid + key)
+        _call(_CONNECT, bytes((len(ssid),)) + ssid + key)
 
     def disconnect(self):
-        _link.call(_link.WLAN, _DISCONNECT)
+        _call(_DISCONNECT)
 
     def status(self, param=None):
         if param == "rssi":

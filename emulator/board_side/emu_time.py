@@ -1,11 +1,45 @@
-# `time` for the emulated board: ticks run from the host clock, but the wall
-# clock is the board's RTC, which starts at 2000-01-01 after a power-on and
-# keeps only what the firmware sets (e.g. from NTP), as on the chip.
-from time import *  # noqa: ticks_ms, sleep_ms, ...
+# `time` for the emulated board. Ticks count from the chip's reset (a hard boot: a soft
+# reset does not restart them, as esp_timer runs on) and wrap at the ESP32's period,
+# 2**30 (MICROPY_PY_TIME_TICKS_PERIOD on a 32-bit port; the unix port's is 2**62), so
+# ticks_add / ticks_diff are the chip's too. The wall clock is the board's RTC, which
+# starts at 2000-01-01 after a power-on and keeps only what the firmware sets (e.g.
+# from NTP), as on the chip.
+from time import *  # noqa: sleep_ms, sleep_us, ...
 import time as _real
+import os as _os
 
 _EPOCH_2000 = 946684800
 _offset = None
+_PERIOD = 1 << 30
+_MASK = _PERIOD - 1
+_HALF = _PERIOD >> 1
+# the host's CLOCK_MONOTONIC (the unix port's ticks) at the chip's last reset
+_T0_US = int(_os.getenv("CITYNODE_EMU_TICKS0_US") or "0")
+_T0_MS = _T0_US // 1000
+
+
+def ticks_ms():
+    return (_real.ticks_ms() - _T0_MS) & _MASK
+
+
+def ticks_us():
+    return (_real.ticks_us() - _T0_US) & _MASK
+
+
+def ticks_cpu():
+    # the CPU's cycle counter (CCOUNT) since the reset, at the current machine.freq()
+    import emu_machine
+    return ((_real.ticks_us() - _T0_US) * (emu_machine._freq // 1000000)) & _MASK
+
+
+def ticks_diff(end, start):
+    return ((end - start + _HALF) & _MASK) - _HALF
+
+
+def ticks_add(ticks, delta):
+    if not -_HALF < delta < _HALF:  # extmod/modtime.c: what ticks_diff could not undo
+        raise OverflowError("ticks interval overflow")
+    return (ticks + delta) & _MASK
 
 
 def _rtc_offset():

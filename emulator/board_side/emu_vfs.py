@@ -1,7 +1,10 @@
 # `vfs` for the emulated board, with the ESP32 port's ROMFS partition: the
 # bytecode image lives in the flash image on the host. mpremote's
-# `romfs deploy` writes it through rom_ioctl (the block-device form).
+# `romfs deploy` writes it through rom_ioctl (the block-device form). An image
+# without a ROMFS partition is built without ROMFS support (every stock
+# ESP32_GENERIC image of v1.24-v1.28): there vfs has no rom_ioctl at all.
 from vfs import *  # noqa
+import os
 import struct
 import emu_link as _link
 
@@ -36,7 +39,7 @@ class _Partition:
             _link.call(_link.ROMFS, _WRITE, struct.pack("<I", at + i) + bytes(mv[i:i + 1024]))
 
 
-def rom_ioctl(op, rom_id=0, *args):
+def _rom_ioctl(op, rom_id=0, *args):
     try:
         _info()
     except OSError:
@@ -48,6 +51,10 @@ def rom_ioctl(op, rom_id=0, *args):
     if op == 2:
         return _Partition()
     return -22
+
+
+if os.getenv("CITYNODE_EMU_ROMFS_PARTITION"):
+    rom_ioctl = _rom_ioctl
 
 
 def load_image():

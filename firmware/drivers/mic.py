@@ -47,15 +47,18 @@ class Mic:
         self.rate = rate
         self.chunk = chunk
         self._raw = bytearray(4 * chunk)
-        self.samples = array('i', [0] * chunk)
+        self.samples = array('i', bytes(4 * chunk))   # zeroed, with no list of chunk words first
         self._clock = clock_us or time.ticks_us
         self._r100 = rate // 100
         self._chunk_us = chunk * 1000000 // rate
-        # samples the driver ring holds before it drops (its DMA descriptors add a
-        # little more, so the count errs low, never high)
-        self._cap = ibuf // 4
+        self.chunk_ms = self._chunk_us // 1000
+        self.ring_chunks = ibuf // 8 // chunk   # full chunks the driver ring can hold
+        # frames the driver ring holds before it drops: the ESP32 port always fills DMA
+        # with 32-bit stereo frames (8 bytes) whatever the format (machine_i2s.c), so
+        # ibuf=16384 is 2048 frames, 42.7 ms at 48 kHz
+        self._cap = ibuf // 8
         if chunk > self._cap:
-            raise ValueError('chunk larger than the driver ring (ibuf / 4)')
+            raise ValueError('chunk larger than the driver ring (ibuf / 8 frames)')
         self.received = 0           # samples delivered, modulo 2**30 (a long int would allocate)
         self.overruns = 0           # samples lost, total
         self._taken = 0
@@ -77,6 +80,17 @@ class Mic:
             self._stream = asyncio.StreamReader(self.i2s)
         nb = await self._stream.readinto(self._raw)
         return self._took(nb, None)     # time in await includes other tasks: not evidence
+
+    def read_held(self):
+        """After aread(), without waiting: what the driver ring still holds, up to a chunk
+        (0 when it is empty), as the ESP32 port's readinto() does once asyncio has polled
+        the I2S. Draining the ring in one loop turn keeps up when a turn outlasts a chunk."""
+        return self._took(self.i2s.readinto(self._raw), None)
+
+    @property
+    def backlog(self):
+        """Samples estimated still waiting in the driver ring after the last read."""
+        return self._backlog
 
     def _took(self, nb, t_call):
         if not nb:

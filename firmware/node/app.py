@@ -5,8 +5,9 @@ is read continuously into the sound meter; when the window clock (window_loop,
 the node's only one) closes a window, its statistics, the sound metrics and the
 node's health become one signed envelope for the uplink (which spools while the
 network is away). Impulse events (kind event) and command results and crash
-reports (kind status) are signed and sent at once. The watchdog is fed only while
-every task makes progress.
+reports (kind status) are signed and sent at once. All P-256 work goes through
+node.signer in bounded steps: an impulse event is signed at once with a pooled nonce
+pair. The watchdog is fed only while every task makes progress.
 """
 
 import asyncio
@@ -16,8 +17,8 @@ import time
 
 import machine
 
-from node import aggregate, commands, config, keys, p256, payload, safemode, seqno
-from node import sensors, supervisor, uplink, version, wifi
+from node import aggregate, commands, config, fsutil, keys, payload, safemode, seqno
+from node import sensors, signer, supervisor, uplink, version, wifi
 from node.spool import EVENT, ROUTINE
 
 HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
@@ -32,16 +33,18 @@ class Node:
         # The dog first: a part that hangs while it is set up must reset the node too.
         self.supervisor = supervisor.Supervisor(cfg.get("wdt_ms", 30000))
         self.keys = keys.NodeKeys()
-        p256.precompute()           # before the heap fragments
-        self.keys.public_key()      # create the key on first boot
+        mic = cfg["sensors"].get("mic")    # big contiguous buffers first, before fragments
+        self.sound = sensors.Sound(mic, cfg["impulse_db"], self._impulse) if mic else None
+        fsutil.keep_reserve()       # room for the essential writes when the flash fills
         self.seq = seqno.Sequence()
+        self.signer = signer.Signer(self.keys, self.seq.boot)  # creates the key on first boot
         self.window = aggregate.Window()
         self.window_started = time.ticks_ms()
         self.sensors = sensors.build(cfg)
-        self.sound = None           # the microphone, once the audio task has opened it
         self.lamp = None
         self.errors = {}
         self.urgent = []            # (kind, records, ticks_ms): sent at once by event_loop
+        self.urgent_ready = asyncio.Event()
         self.healthy_marked = False
         self.commands = commands.Commands(self.device, self.keys, {
             "set_interval": self._set_interval,
@@ -49,16 +52,18 @@ class Node:
             "reboot": self._reboot,
             "report_config": lambda args: config.public_view(self.cfg),
             "rotate_key": self._rotate_key,
-        })
+        }, complete=self.signer.complete)
         self.wifi = wifi.WiFi(cfg["wifi"]["ssid"], cfg["wifi"].get("password"))
         broker = cfg["broker"]
+        settings = dict(cfg.get("uplink") or {})
+        settings["user"], settings["password"] = config.broker_login(cfg)
         self.uplink = uplink.Uplink(self.device, broker["host"], broker.get("port", 1883),
-                                    cfg.get("uplink"), on_downlink=self._downlink, wifi=self.wifi)
+                                    settings, on_downlink=self._downlink, wifi=self.wifi)
 
     # --- envelopes ------------------------------------------------------------------
-    def envelope(self, kind, records, uptime_ms=None):
-        return payload.seal(self.device, self.seq, self.keys, kind, records, uptime_ms,
-                            self.cfg["alg"])
+    async def envelope(self, kind, records, uptime_ms=None, urgent=False):
+        return await payload.seal_async(self.device, self.seq, self.signer, kind, records,
+                                        uptime_ms, self.cfg["alg"], urgent)
 
     def _count_error(self, where, exc):
         self.errors[where] = self.errors.get(where, 0) + 1
@@ -83,18 +88,19 @@ class Node:
             self.supervisor.beat(name, quiet_ms=int(sensor.interval_s * 1000) + SENSOR_GRACE_MS)
             await sensor.wait_next()
 
-    async def audio_loop(self, spec):
-        self.sound = sensors.Sound(spec, self.cfg["impulse_db"], self._impulse)
+    async def audio_loop(self):
         self.supervisor.register("audio")
         await self.sound.run(lambda: self.supervisor.beat("audio"))
 
     def _impulse(self, t_ms, level, rise):
         records = [("noise/impulse", "dBA", round(level, 1)), ("noise/rise", "dB", round(rise, 1))]
         self.urgent.append((payload.KIND_EVENT, records, t_ms))
+        self.urgent_ready.set()
 
-    def _status(self, records, t_ms):
-        """Command results and crash reports: kind status, sent at once like events."""
-        self.urgent.append((payload.KIND_STATUS, records, t_ms))
+    async def _status(self, records, t_ms):
+        """Command results and crash reports: kind status, sent at once like events (signed
+        as routine: an impulse never waits for one)."""
+        await self.uplink.send(await self.envelope(payload.KIND_STATUS, records, t_ms), EVENT)
 
     async def event_loop(self):
         self.supervisor.register("events")
@@ -102,9 +108,13 @@ class Node:
             while self.urgent:
                 kind, records, t_ms = self.urgent.pop(0)
                 # spool priority EVENT: kept longest when the spool is full (they are few)
-                await self.uplink.send(self.envelope(kind, records, t_ms), EVENT)
+                await self.uplink.send(await self.envelope(kind, records, t_ms, True), EVENT)
             self.supervisor.beat("events")
-            await asyncio.sleep_ms(20)
+            self.urgent_ready.clear()   # woken at once by an impulse (of its 250 ms budget)
+            try:
+                await asyncio.wait_for_ms(self.urgent_ready.wait(), 1000)
+            except asyncio.TimeoutError:
+                pass
 
     async def window_loop(self):
         self.supervisor.register("window")
@@ -114,13 +124,13 @@ class Node:
             if time.ticks_diff(time.ticks_ms(), self.window_started) < self.cfg["window_s"] * 1000:
                 continue
             self.window_started = time.ticks_ms()
-            await self.uplink.send(self.close_window(), ROUTINE)
+            await self.uplink.send(await self.close_window(), ROUTINE)
             # uptime, as in every envelope: ticks_ms counts from the chip's reset
             if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > HEALTHY_AFTER_MS:
                 safemode.mark_healthy()
                 self.healthy_marked = True
 
-    def close_window(self):
+    async def close_window(self):
         """The signed envelope of the window that ends now; a new window starts."""
         rh = self.window.stats.get("env/humidity")
         if rh is not None and rh.mean() > HUMID_RH and "air/pm2_5" in self.window.stats:
@@ -130,7 +140,7 @@ class Node:
             records += self.sound.records()
         records += self._health_records()
         self.window = aggregate.Window()
-        return self.envelope(payload.KIND_READINGS, records)
+        return await self.envelope(payload.KIND_READINGS, records)
 
     def _health_records(self):
         gc.collect()
@@ -145,6 +155,9 @@ class Node:
             ("node/heap_free", "B", gc.mem_free()),
             ("node/firmware", None, version.VERSION),
         ]
+        if not fsutil.keep_reserve():
+            records.append(("node/fs_status", None, "full: free flash space; the spool "
+                                                    "keeps readings in RAM meanwhile"))
         for where in self.errors:
             records.append(("node/errors/" + where, "count", self.errors[where]))
         for reason in self.commands.refused:
@@ -153,13 +166,13 @@ class Node:
         return [r for r in records if r[2] is not None]
 
     # --- downlink -----------------------------------------------------------------------
-    def _downlink(self, envelope):
+    async def _downlink(self, envelope):
         try:
-            name, result = self.commands.handle(envelope)
-            self._status([("cmd/" + name, None, "ok" if result is None else str(result))],
-                         time.ticks_ms())
+            name, result = await self.commands.handle(envelope)
+            records = [("cmd/" + name, None, "ok" if result is None else str(result))]
         except commands.CommandRefused as exc:
-            self._status([("cmd/refused", None, exc.reason)], time.ticks_ms())
+            records = [("cmd/refused", None, exc.reason)]
+        await self._status(records, time.ticks_ms())
 
     def _set_interval(self, args):
         seconds = args["seconds"]
@@ -193,24 +206,23 @@ class Node:
 
     async def _reboot_soon(self):
         await asyncio.sleep_ms(2000)  # let the acknowledgement go out
-        machine.reset()
+        safemode.reset("command")
 
-    def _rotate_key(self, args):
-        old = self.keys.public_key_hex()
-        self.keys.rotate()
-        return "rotated %s -> %s" % (old[:16], self.keys.public_key_hex())
+    async def _rotate_key(self, args):
+        old = await self.signer.complete(self.keys.public_key_steps())
+        new = await self.signer.rotate_key()
+        return "rotated %s -> %s" % (old.hex()[:16], new.hex())
 
     # --- main -----------------------------------------------------------------------------
     async def run(self):
-        crash = safemode.last_crash()
+        crash = safemode.take_last_crash()
         if crash:
-            self._status([("node/last_crash", None, crash[-200:])], 0)
-        tasks = [self.wifi.run(), self.uplink.run(), self.window_loop(), self.event_loop(),
-                 self.supervisor.run()]
+            asyncio.create_task(self._status([("node/last_crash", None, crash[-200:])], 0))
+        tasks = [self.signer.run(), self.wifi.run(), self.uplink.run(), self.window_loop(),
+                 self.event_loop(), self.supervisor.run()]
         tasks += [self.sensor_loop(s) for s in self.sensors]
-        mic = self.cfg["sensors"].get("mic")
-        if mic is not None:
-            tasks.append(self.audio_loop(mic))
+        if self.sound is not None:
+            tasks.append(self.audio_loop())
         await asyncio.gather(*tasks)
 
 
@@ -221,8 +233,10 @@ def main():
         print("citynode: cannot start:", exc)
         return
     if safemode.note_boot():
-        print("citynode: SAFE MODE after %d crash-reboots; the app is stopped, the shell and the "
-              "key are kept. Last crash:\n%s" % (safemode.MAX_CRASHES, safemode.last_crash()))
+        safemode.start(cfg)
+        return
+    if not keys.NodeKeys().has_key():
+        print("citynode: cannot start: no node key; provision this node (citynode-provision)")
         return
     print("citynode: node %s, firmware %s, starting" % (cfg["device"], version.VERSION))
     try:

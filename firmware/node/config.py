@@ -1,6 +1,7 @@
-"""The node's configuration: /config.json (written by citynode-provision) plus the
-Wi-Fi secret in /secret/wifi.json. Validated once at boot; a bad value stops the
-app with one console line that says which key is wrong and what to write.
+"""The node's configuration: /config.json (written by citynode-provision) plus its
+secrets, the Wi-Fi password in /secret/wifi.json and the pole broker's password in
+/secret/broker.json. Validated once at boot; a bad value stops the app with one console
+line that says which key is wrong and what to write.
 """
 
 import json
@@ -9,6 +10,7 @@ from node import sensors as parts
 
 CONFIG_PATH = "/config.json"
 WIFI_SECRET_PATH = "/secret/wifi.json"
+BROKER_SECRET_PATH = "/secret/broker.json"
 
 DEFAULTS = {
     "window_s": 60,
@@ -43,6 +45,8 @@ def validate(cfg):
           "device", "must be cn- and the 12 hex digits of the MAC (re-run citynode-provision)")
     _need(_number(cfg["window_s"], 5, 3600), "window_s", "must be seconds between 5 and 3600")
     _need(cfg["alg"] in ("ES256", "HMAC256"), "alg", "must be ES256 or HMAC256")
+    _need(_number(cfg.get("safe_mode_retry_s", 60), 1, 3600), "safe_mode_retry_s",
+          "must be seconds between 1 and 3600 (safe mode's first wait before a retry)")
     broker = cfg["broker"]
     _need(isinstance(broker, dict) and isinstance(broker.get("host"), str), "broker.host",
           "must name the gateway's MQTT broker, e.g. 192.168.4.1")
@@ -68,7 +72,17 @@ def validate(cfg):
     return cfg
 
 
-def load(path=CONFIG_PATH, secret_path=WIFI_SECRET_PATH):
+def _secret(path):
+    """A secret file's password, or None when the node has none (or it is unreadable)."""
+    try:
+        with open(path) as f:
+            password = json.load(f).get("password")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return password if isinstance(password, str) else None
+
+
+def load(path=CONFIG_PATH, secret_path=WIFI_SECRET_PATH, broker_path=BROKER_SECRET_PATH):
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -77,12 +91,18 @@ def load(path=CONFIG_PATH, secret_path=WIFI_SECRET_PATH):
     except ValueError:
         raise ConfigError("config.json: not valid JSON; re-run citynode-provision deploy")
     cfg = validate(cfg)
-    try:
-        with open(secret_path) as f:
-            cfg["wifi"]["password"] = json.load(f).get("password", "")
-    except (OSError, ValueError):
-        cfg["wifi"]["password"] = ""
+    cfg["wifi"]["password"] = _secret(secret_path) or ""
+    password = _secret(broker_path)
+    if password is not None:  # the pole broker's account: user name = device id
+        cfg["broker"]["user"] = cfg["device"]
+        cfg["broker"]["password"] = password
     return cfg
+
+
+def broker_login(cfg):
+    """(user, password) for the pole broker; (None, None): an open bench broker."""
+    broker = cfg["broker"]
+    return broker.get("user"), broker.get("password")
 
 
 def public_view(cfg):
@@ -91,6 +111,8 @@ def public_view(cfg):
     for key in cfg:
         if key == "wifi":
             view[key] = {"ssid": cfg[key].get("ssid")}
+        elif key == "broker":
+            view[key] = {k: v for k, v in cfg[key].items() if k != "password"}
         else:
             view[key] = cfg[key]
     return view

@@ -17,9 +17,11 @@ ALG_HMAC256 = 5
 MAX_BYTES = 4096
 OPERATOR_KID = "operator"
 
-# the protected headers are constants: bstr of {1: -7} and of {1: 5}
+# the protected headers are constants: bstr of {1: -7} and of {1: 5}, the only ones taken
 PROTECTED_ES256 = cbor.encode({1: ALG_ES256})
 PROTECTED_HMAC256 = cbor.encode({1: ALG_HMAC256})
+MAX_KID_BYTES = 15                      # a device id, cn- and 12 hex digits ("operator": 8)
+_HALF_N = p256.N >> 1                   # low-S: a signature's s is at most this
 
 
 def _tbs(context, protected, payload):
@@ -39,8 +41,18 @@ def sign1(payload, kid, key):
     `key` is a 32-byte private scalar or any object with a sign(msg) -> r||s
     method (keys.NodeKeys), so the private key need not leave its holder.
     """
-    tbs = _tbs("Signature1", PROTECTED_ES256, payload)
+    tbs = sign1_tbs(payload)
     sig = key.sign(tbs) if hasattr(key, "sign") else p256.sign(key, tbs)
+    return sign1_envelope(payload, kid, sig)
+
+
+def sign1_tbs(payload):
+    """The bytes an ES256 signature of a COSE_Sign1 covers (its Sig_structure)."""
+    return _tbs("Signature1", PROTECTED_ES256, payload)
+
+
+def sign1_envelope(payload, kid, sig):
+    """COSE_Sign1 bytes of `payload` with `sig` (r || s of sign1_tbs(payload))."""
     return _envelope(TAG_SIGN1, PROTECTED_ES256, kid, payload, sig)
 
 
@@ -65,12 +77,20 @@ def verify_mac0(envelope, secret, kid=None):
 def verify_sign1(envelope, public_key, kid=None):
     """Return the payload of a COSE_Sign1 that `public_key` (SEC1 bytes) signed.
 
-    Checks, in order: size, structure, alg is ES256, kid (if given), signature.
-    Raises ValueError('<reason>: detail') with reason oversized, malformed, alg,
-    kid or bad_signature; nothing in the payload is trusted before that.
+    Checks, in order: size, structure, the canonical form (the exact protected header
+    of ES256, only the kid unprotected, a low s), kid (if given), signature.
+    Raises ValueError('<reason>: detail') with reason oversized, malformed or
+    bad_signature; nothing in the payload is trusted before that.
     """
+    return p256.finish(verify_sign1_steps(envelope, public_key, kid))
+
+
+def verify_sign1_steps(envelope, public_key, kid=None):
+    """verify_sign1() as a generator of steps (node.signer runs it in the event loop)."""
     protected, payload, sig = _open(envelope, TAG_SIGN1, ALG_ES256, 64, kid)
-    if not p256.verify(public_key, _tbs("Signature1", protected, payload), sig):
+    yield                               # the CBOR work: steps of its own
+    tbs = _tbs("Signature1", protected, payload)
+    if not (yield from p256.verify_steps(public_key, tbs, sig)):
         raise ValueError("bad_signature: ES256 signature does not verify")
     return payload
 
@@ -86,7 +106,24 @@ def open_command(envelope, operator_key, device):
     Refusing replays (seq not above the last accepted) is the caller's job:
     seqno.Highest keeps that number across resets.
     """
-    body = verify_sign1(envelope, operator_key, kid=OPERATOR_KID)
+    return p256.finish(open_command_steps(envelope, operator_key, device))
+
+
+def peek_command_seq(envelope):
+    """A command's sequence number before its signature is checked, None if it has none
+    to read: only to refuse a replay without the verify (~1.5 s of the chip's time),
+    never to act on."""
+    try:
+        _, payload, _ = _open(envelope, TAG_SIGN1, ALG_ES256, 64, OPERATOR_KID)
+        seq = cbor.decode(payload).get(2)
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def open_command_steps(envelope, operator_key, device):
+    """open_command() as a generator of steps: the same checks, the same refusals."""
+    body = yield from verify_sign1_steps(envelope, operator_key, kid=OPERATOR_KID)
     try:
         cmd = cbor.decode(body)
     except ValueError as exc:
@@ -121,17 +158,31 @@ def _open(envelope, tag, alg, sig_len, kid):
     if not (isinstance(protected, bytes) and isinstance(payload, bytes)
             and isinstance(sig, bytes) and isinstance(unprotected, dict)):
         raise ValueError("malformed: wrong COSE field types")
-    try:
-        headers = cbor.decode(protected)
-    except ValueError:
-        raise ValueError("malformed: protected header is not CBOR")
-    if not isinstance(headers, dict) or headers.get(1) != alg:
-        raise ValueError("malformed: protected alg must be %d" % alg)
+    canonical = PROTECTED_ES256 if alg == ALG_ES256 else PROTECTED_HMAC256
+    if protected != canonical:
+        raise ValueError("malformed: protected header must be exactly %s ({1: %d})"
+                         % (canonical.hex(), alg))
+    _check_unprotected(unprotected)
     if kid is not None:
         if isinstance(kid, str):
             kid = kid.encode()
-        if unprotected.get(4) != kid:
+        if unprotected[4] != kid:
             raise ValueError("bad_signature: envelope kid is not %s" % kid.decode())
     if len(sig) != sig_len:
         raise ValueError("malformed: signature must be %d bytes" % sig_len)
+    if alg == ALG_ES256 and int.from_bytes(sig[32:], "big") > _HALF_N:
+        raise ValueError("malformed: high s (above n/2): the signer must send n - s")
+    if cbor.encode(item) != envelope:
+        raise ValueError("malformed: not in shortest form (a CBOR head written longer)")
     return protected, payload, sig
+
+
+def _check_unprotected(unprotected):
+    """Only the kid, no longer than a device id: the unprotected header is not signed, so
+    anything else in it would be another valid envelope of the same signature."""
+    labels = list(unprotected)
+    if len(labels) != 1 or type(labels[0]) is not int or labels[0] != 4:
+        raise ValueError("malformed: the unprotected header must hold only the kid (4)")
+    kid = unprotected[4]
+    if not isinstance(kid, bytes) or not 0 < len(kid) <= MAX_KID_BYTES:
+        raise ValueError("malformed: the kid must be 1 to %d bytes" % MAX_KID_BYTES)

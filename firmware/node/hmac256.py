@@ -6,20 +6,16 @@ Used for COSE_Mac0 envelopes and for the RFC 6979 nonce generator in p256.
 from hashlib import sha256
 
 _BLOCK = 64
+_IPAD = int.from_bytes(b"\x36" * _BLOCK, "big")
+_OPAD = int.from_bytes(b"\x5c" * _BLOCK, "big")
 
 
 def _pads(key):
+    """The key XOR ipad and XOR opad blocks, as one integer XOR each (no byte loop)."""
     if len(key) > _BLOCK:
         key = sha256(key).digest()
-    ipad = bytearray(_BLOCK)
-    opad = bytearray(_BLOCK)
-    for i in range(len(key)):
-        ipad[i] = key[i]
-        opad[i] = key[i]
-    for i in range(_BLOCK):
-        ipad[i] ^= 0x36
-        opad[i] ^= 0x5C
-    return ipad, opad
+    k = int.from_bytes(key, "big") << (8 * (_BLOCK - len(key)))  # zero-padded on the right
+    return (k ^ _IPAD).to_bytes(_BLOCK, "big"), (k ^ _OPAD).to_bytes(_BLOCK, "big")
 
 
 def hmac_sha256(key, msg):

@@ -1,12 +1,13 @@
 """The node's keys: an ES256 key born on the node, an optional HMAC secret, the operator's public key.
 
-The private key is generated on first use from os.urandom (the ESP32's hardware
-RNG, which per Espressif is only truly random while Wi-Fi or Bluetooth is on:
-activate the WLAN interface before the first public_key() call) and kept in
-`<base>/node.key` as 32 raw bytes. It is never
-returned, printed or logged: callers get the public key, and sign through
-NodeKeys.sign. A key file that exists but is damaged raises instead of being
-replaced, because a new key would silently change the node's identity.
+The private key is made only when asked (create(), by citynode-provision; rotate(), by
+the rotate_key command), never implicitly at boot, and only while the radio is on: per
+Espressif the ESP32's RNG (os.urandom) is truly random only while Wi-Fi or Bluetooth
+runs. It is kept in `<base>/node.key` as 32 raw bytes and is never returned, printed
+or logged: callers get the public key, and sign through NodeKeys.sign or the app's
+node.signer.Signer (the one borrower of the key). A key file that exists but is
+damaged raises instead of being replaced, because a new key would silently change the
+node's identity.
 """
 
 from node import p256
@@ -16,6 +17,30 @@ from node.hmac256 import hmac_sha256
 NODE_KEY = "node.key"
 HMAC_KEY = "hmac.key"
 OPERATOR_KEY = "operator.pub"
+
+
+class NoKey(ValueError):
+    """The node has no key yet: provisioning makes it (keys are never made implicitly)."""
+
+
+class RadioOff(ValueError):
+    """A key asked for while the radio is off, when the RNG is only pseudo-random."""
+
+
+def radio_on():
+    """Whether os.urandom is truly random now: on the ESP32 only with Wi-Fi on. A port
+    without a radio (the unix port of the host's tests) has no such condition."""
+    try:
+        import network
+    except ImportError:
+        return True
+    for interface in (network.STA_IF, network.AP_IF):
+        try:
+            if network.WLAN(interface).active():
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
 
 
 class NodeKeys:
@@ -37,12 +62,15 @@ class NodeKeys:
         if self._priv is None:
             raw = read(self._path(NODE_KEY))
             if raw is None:
-                return self._new_key()
+                raise NoKey("no node key: provision this node (citynode-provision keys)")
             p256.check_private(raw)  # raises ValueError if damaged
             self._priv = raw
         return self._priv
 
     def _new_key(self):
+        if not radio_on():
+            raise RadioOff("the radio is off, so the RNG is not random: switch the WLAN on "
+                           "(network.WLAN(network.STA_IF).active(True)) before making a key")
         makedirs(self.base)
         raw = p256.new_private_key()
         write_atomic(self._path(NODE_KEY), raw)
@@ -54,10 +82,24 @@ class NodeKeys:
         """True once the node key exists (without creating it)."""
         return self._priv is not None or read(self._path(NODE_KEY)) is not None
 
+    def check(self):
+        """NoKey if the node has no key, ValueError if its key file is damaged."""
+        self._private()
+
+    def create(self):
+        """Make the node key if it has none (RadioOff with the radio off); its public key."""
+        if not self.has_key():
+            self._new_key()
+        return self.public_key()
+
     def public_key(self):
-        """The node's public key, SEC1 uncompressed (65 bytes); creates the key on first use."""
+        """The node's public key, SEC1 uncompressed (65 bytes); NoKey before create()."""
+        return p256.finish(self.public_key_steps())
+
+    def public_key_steps(self):
+        """public_key() as a generator of steps (node.signer runs it in the event loop)."""
         if self._pub is None:
-            self._pub = p256.public_key(self._private())
+            self._pub = yield from p256.public_key_steps(self._private())
         return self._pub
 
     def public_key_hex(self):
@@ -69,8 +111,12 @@ class NodeKeys:
 
     def rotate(self):
         """Replace the node key with a fresh one (downlink `rotate_key`); returns the new public key."""
+        return p256.finish(self.rotate_steps())
+
+    def rotate_steps(self):
+        """rotate() as a generator of steps."""
         self._new_key()
-        return self.public_key()
+        return (yield from self.public_key_steps())
 
     # --- HMAC secret (low-power COSE_Mac0 option) -----------------------------
 

@@ -27,8 +27,12 @@ PINGRESP = 13
 DISCONNECT = 14
 JOIN_MAX = 1024
 
+# 4 and 5: the pole broker does not know this node's password (a registry it has not
+# reloaded, a node provisioned for another pole) or the node has none.
+FIX_LOGIN = " (re-run citynode-provision, then reload the pole's gateway)"
 REFUSED = {1: "unacceptable protocol version", 2: "client identifier rejected",
-           3: "server unavailable", 4: "bad user name or password", 5: "not authorized"}
+           3: "server unavailable", 4: "bad user name or password" + FIX_LOGIN,
+           5: "not authorized" + FIX_LOGIN}
 
 
 class MQTTError(Exception):

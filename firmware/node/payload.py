@@ -1,5 +1,6 @@
 """The uplink payload map (docs/wire-format.md): keys 1..7, SenML records with CBOR labels,
-and seal(): the one builder of the node's signed envelopes (the app's and the self-test's).
+and seal() / seal_async(): the builders of the node's signed envelopes (the self-test's /
+the running app's).
 
 Records are tuples (name, unit, value) or (name, unit, value, t), or dicts with
 SenML names ("n", "u", "v", "vs", "vb", "s", "t", "bn", "bt", "bu") or their
@@ -9,7 +10,13 @@ keys ascend, a tuple record is written n, u, v, t, and a dict record's labels ar
 sorted by their encoded bytes (non-negative labels first, then bn, bt, bu).
 """
 
+import asyncio
+
 from node import cbor, cose
+from node.ec import finish
+from node.signer import run_steps
+
+_STEP = 3                               # records encoded per step (~12 ms on the chip)
 
 KIND_READINGS = 0
 KIND_EVENT = 1
@@ -81,6 +88,12 @@ def unix_time():
 
 def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
     """The payload bytes: {1: device, 2: seq, 3: boot, [4: time], 5: uptime_ms, 6: kind, 7: records}."""
+    return finish(encode_steps(device, seq, boot, uptime_ms, kind, records, time))
+
+
+def encode_steps(device, seq, boot, uptime_ms, kind, records, time=None):
+    """encode_payload() as a generator: a step per _STEP records (a window's 20-30 records
+    are ~0.1 s of the chip's time in one piece)."""
     if not isinstance(device, str):
         raise ValueError("device must be a str")
     for n in (seq, boot, uptime_ms, kind):
@@ -93,8 +106,17 @@ def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
         pairs.append((4, int(time)))
     pairs.append((5, uptime_ms))
     pairs.append((6, kind))
-    pairs.append((7, [record(r) for r in records]))
-    return cbor.encode(cbor.Map(pairs))
+    # the map with a null (one byte) per record, then each null replaced by its record
+    pairs.append((7, [None] * len(records)))
+    head = cbor.encode(cbor.Map(pairs))
+    buf = bytearray(head[:len(head) - len(records)])
+    if len(records) > _STEP:
+        yield
+    for i in range(len(records)):
+        cbor.encode_into(buf, record(records[i]))
+        if i % _STEP == _STEP - 1:
+            yield
+    return bytes(buf)
 
 
 def seal(device, seq, key, kind, records, uptime_ms=None, alg="ES256"):
@@ -102,12 +124,31 @@ def seal(device, seq, key, kind, records, uptime_ms=None, alg="ES256"):
     seqno.Sequence), the uptime (ticks_ms now unless given), the Unix time once the clock
     is synced (absent before), then COSE_Sign1 (ES256) or, for alg HMAC256, COSE_Mac0
     with the node's key (keys.NodeKeys)."""
+    body = finish(_body_steps(device, seq, kind, records, uptime_ms))
+    if alg == "HMAC256":
+        return cose.mac0(body, device, key)
+    return cose.sign1(body, device, key)
+
+
+async def seal_async(device, seq, signer, kind, records, uptime_ms=None, alg="ES256",
+                     urgent=False):
+    """seal() for the running app, in pieces of ~15 ms of the chip's time at most: the
+    payload a few records at a time, then the signature through `signer`
+    (node.signer.Signer): with a nonce pair at once when there is one for it (urgent:
+    an impulse event), else in steps. An urgent payload (an event's two records, ~13 ms
+    of the chip's time) is built in one piece: each step costs a turn of the loop."""
+    steps = _body_steps(device, seq, kind, records, uptime_ms)
+    body = finish(steps) if urgent else await run_steps(steps)
+    await asyncio.sleep_ms(0)
+    if alg == "HMAC256":
+        return cose.mac0(body, device, signer)
+    return cose.sign1_envelope(body, device, await signer.sign(cose.sign1_tbs(body), urgent))
+
+
+def _body_steps(device, seq, kind, records, uptime_ms):
     import time
     if uptime_ms is None:
         uptime_ms = time.ticks_ms()
     synced = time.gmtime()[0] >= 2024
-    body = encode_payload(device, seq.next(), seq.boot, uptime_ms & 0x3FFFFFFF, kind, records,
-                          unix_time() if synced else None)
-    if alg == "HMAC256":
-        return cose.mac0(body, device, key)
-    return cose.sign1(body, device, key)
+    return encode_steps(device, seq.next(), seq.boot, uptime_ms & 0x3FFFFFFF, kind, records,
+                        unix_time() if synced else None)

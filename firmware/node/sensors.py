@@ -21,6 +21,8 @@ from drivers.pms5003 import PMS5003
 INTERVAL_S = 10     # a part's sampling interval when config.json gives none
 RATE = 48000        # the microphone's sample rate when config.json gives none
 RATES = (16000, 48000)
+IBUF = 32768        # the I2S DMA ring: 4096 frames, 85 ms at 48 kHz, over a collection
+                    # or a window's close (docs/decisions.md, "How the node reads...")
 
 
 class Sensor:
@@ -55,9 +57,13 @@ class Light(Sensor):
 
     def __init__(self, spec, bus):
         Sensor.__init__(self, spec)
-        self.part = BH1750(bus, spec.get("address", 0x23))
+        self.bus = bus
+        self.address = spec.get("address", 0x23)
+        self.part = None    # set up at the first reading: a part missing at boot is retried
 
     async def read(self):
+        if self.part is None:
+            self.part = BH1750(self.bus, self.address)
         return (await self.part.alux(),)
 
 
@@ -67,9 +73,13 @@ class Weather(Sensor):
 
     def __init__(self, spec, bus):
         Sensor.__init__(self, spec)
-        self.part = BME280(bus, spec.get("address", 0x76))
+        self.bus = bus
+        self.address = spec.get("address", 0x76)
+        self.part = None    # set up at the first reading: a part missing at boot is retried
 
     async def read(self):
+        if self.part is None:
+            self.part = BME280(self.bus, self.address)
         return await self.part.aread()
 
 
@@ -117,27 +127,45 @@ class Sound:
         from node.acoustic import SoundMeter
         rate = spec.get("rate", RATE)
         self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
-                       rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", 16384))
+                       rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", IBUF))
         self.meter = SoundMeter(rate=rate, cal_db=spec.get("calibration_db", 0.0),
                                 event_rise_db=impulse_db, on_event=on_event)
 
     async def run(self, beat):
-        """Read the microphone into the meter forever; beat() after every chunk."""
+        """Read the microphone into the meter forever; beat() after every read.
+
+        The first read waits on the I2S through asyncio, which puts the ESP32's driver
+        in its non-blocking mode; from then on the task wakes on a timer and takes all
+        the ring holds. A timer, not the I2S's readiness: asyncio queues a task woken by
+        I/O behind every task that merely yielded, so beside a busy task (the signer's
+        steps) a reader woken by I/O would run only every other turn.
+        """
+        import asyncio
         mic = self.mic
         meter = self.meter
+        n = await mic.aread()
         while True:
-            n = await mic.aread()
-            meter.process(mic.samples, n)
+            more = mic.ring_chunks
+            while n:
+                meter.process(mic.samples, n, mic.backlog)
+                if n < mic.chunk or not more:
+                    break
+                more -= 1
+                n = mic.read_held()
             lost = mic.take_overruns()
             if lost:
                 meter.add_overruns(lost)
             beat()
+            await asyncio.sleep_ms(mic.chunk_ms // 2)
+            n = mic.read_held()
 
     def records(self):
         """The sound records of the window that ends now; the meter starts the next one."""
         w = self.meter.close_window()
         if not w["blocks"]:
             return [("noise/status", None, "no audio")]
+        if w["laeq"] is None:   # blocks of digital silence: SD stuck at 0, a mic unplugged
+            return [("noise/status", None, "silent: check the microphone")]
         out = [(name, unit, round(w[name[name.find("/") + 1:]], 1))
                for name, unit in self.QUANTITIES]
         out.append(("noise/overruns", "count", w["overruns"]))

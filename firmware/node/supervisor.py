@@ -57,3 +57,5 @@ class Supervisor:
                 self._wdt.feed()
                 for name in self._beats:
                     self._beats[name] = False
+            else:  # the console tells a technician which task the dog will bite for
+                print("citynode: watchdog not fed: task %s stalled" % self.stalled)

@@ -11,6 +11,7 @@ firmware/node/payload.py; change all three together.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import struct
@@ -138,15 +139,69 @@ def _pub_hex(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def _sign1_with_protected(protected: bytes, payload: bytes, kid: str, key) -> bytes:
-    """A COSE_Sign1 with any protected header, validly signed (for the wrong-alg vector)."""
+    """A COSE_Sign1 with any protected header, validly signed (for the wrong-alg and
+    non-canonical vectors)."""
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
     tbs = cbor2.dumps(["Signature1", protected, b"", payload])
     r, s = decode_dss_signature(key.sign(tbs, ec.ECDSA(hashes.SHA256(),
                                                        deterministic_signing=True)))
     body = [protected, {wire.HDR_KID: kid.encode()}, payload,
-            r.to_bytes(32, "big") + s.to_bytes(32, "big")]
+            r.to_bytes(32, "big") + wire.low_s(s).to_bytes(32, "big")]
     return cbor2.dumps(cbor2.CBORTag(wire.TAG_SIGN1, body))
+
+
+def _mac0_with_protected(protected: bytes, payload: bytes, kid: str, secret: bytes) -> bytes:
+    """A COSE_Mac0 with any protected header, validly tagged."""
+    tag = hmac.new(secret, cbor2.dumps(["MAC0", protected, b"", payload]), "sha256").digest()
+    body = [protected, {wire.HDR_KID: kid.encode()}, payload, tag]
+    return cbor2.dumps(cbor2.CBORTag(wire.TAG_MAC0, body))
+
+
+def high_s_twin(envelope: bytes) -> bytes:
+    """The envelope with s replaced by n - s: still a valid ECDSA signature, made
+    without the key (what the low-S rule refuses)."""
+    item = cbor2.loads(envelope)
+    protected, unprotected, payload, sig = item.value
+    twin = sig[:32] + (wire.P256_N - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")
+    return cbor2.dumps(cbor2.CBORTag(item.tag, [protected, unprotected, payload, twin]))
+
+
+def padded(envelope: bytes) -> bytes:
+    """The envelope with padding under a private label beside the kid: the unprotected
+    header is not signed, so the signature still verifies."""
+    item = cbor2.loads(envelope)
+    protected, unprotected, payload, sig = item.value
+    extra = {**unprotected, -65537: bytes(16)}
+    return cbor2.dumps(cbor2.CBORTag(item.tag, [protected, extra, payload, sig]))
+
+
+def long_payload_head(envelope: bytes) -> bytes:
+    """The envelope with its payload's length in 4 bytes where 1 or 2 do: the same
+    content (the same valid signature) in other bytes."""
+    payload = cbor2.loads(envelope).value[2]
+    longer = b"\x5a" + len(payload).to_bytes(4, "big") + payload
+    return envelope.replace(cbor2.dumps(payload), longer, 1)
+
+
+# {1: -7} and {1: 5} with the alg in a one-byte argument: CBOR, but not the shortest form
+LONG_ES256 = b"\xa1\x01\x38\x06"
+LONG_HMAC256 = b"\xa1\x01\x18\x05"
+
+
+def _noncanonical_uplinks(raw: bytes, sign1: bytes, node) -> list[dict]:
+    """Genuinely signed envelopes that are not in the one canonical form: malformed."""
+    cases = [
+        ("high-s twin", "node", high_s_twin(sign1)),
+        ("protected es256 not shortest", "node", _sign1_with_protected(LONG_ES256, raw, DEVICE,
+                                                                       node)),
+        ("protected hmac256 not shortest", "hmac",
+         _mac0_with_protected(LONG_HMAC256, raw, DEVICE, HMAC_SECRET)),
+        ("unprotected padded", "node", padded(sign1)),
+        ("payload length not shortest", "node", long_payload_head(sign1)),
+    ]
+    return [{"name": name, "signer": signer, "envelope": env.hex(), "reason": "malformed"}
+            for name, signer, env in cases]
 
 
 def build() -> dict:
@@ -163,6 +218,8 @@ def build() -> dict:
         })
     cmd = wire.encode_command(COMMAND["device"], COMMAND["seq"], COMMAND["command"],
                               COMMAND["args"], COMMAND["time"])
+    cmd_sign1 = wire.sign_es256(cmd, wire.OPERATOR_KID, operator)
+    first = bytes.fromhex(payloads[0]["payload"])
     return {
         "about": "citynode wire-format vectors (docs/wire-format.md); regenerate with "
                  "tests/vectors/make_wire_vectors.py. TEST KEYS ONLY.",
@@ -174,14 +231,22 @@ def build() -> dict:
         },
         "reasons": list(wire.REASONS),
         "payloads": payloads,
+        "noncanonical": _noncanonical_uplinks(first, bytes.fromhex(payloads[0]["sign1"]), node),
         "command": {
             "input": COMMAND,
             "operator_private_key": f"{OPERATOR_PRIVATE:064x}",
             "operator_public_key": _pub_hex(operator),
             "payload": cmd.hex(),
-            "sign1": wire.sign_es256(cmd, wire.OPERATOR_KID, operator).hex(),
+            "sign1": cmd_sign1.hex(),
             "wrong_alg_sign1": _sign1_with_protected(cbor2.dumps({wire.HDR_ALG: -35}), cmd,
                                                      wire.OPERATOR_KID, operator).hex(),
+            # genuinely signed by the operator, not canonical: refused as malformed
+            "high_s_sign1": high_s_twin(cmd_sign1).hex(),
+            "long_alg_sign1": _sign1_with_protected(LONG_ES256, cmd, wire.OPERATOR_KID,
+                                                    operator).hex(),
+            "padded_sign1": padded(cmd_sign1).hex(),
+            "long_head_sign1": long_payload_head(cmd_sign1).hex(),
+            "long_kid_sign1": wire.sign_es256(cmd, "operator.example", operator).hex(),
         },
     }
 

@@ -1,0 +1,215 @@
+"""Chip speed: the VM process runs in short bursts and waits out the chip's extra time.
+
+The unix port runs the firmware ~40-200x faster than the chip (citynode/speed.py),
+so a signature that stalls a real node's event loop for half a second passes
+unnoticed here. At chip speed a controller thread per VM lets the process run a
+burst (SIGCONT), stops it (SIGSTOP), reads the CPU time it really used from
+/proc/PID/schedstat (first field, ns, exact) and keeps it stopped for
+used x factor - burst. The peripherals stay in real time meanwhile: the I2S ring
+fills at 48 kHz, the PMS5003 streams, the broker keeps its keepalive clock.
+
+Why this and not the alternatives (docs/decisions.md, "Chip speed"): a cgroup's
+cpu.max quota is granted per period with ~1 ms granularity, so a 1/150 share means
+1 ms of running per 150 ms: stalls 150x coarser than a chip's; dilating the VM's
+clock instead would make the firmware miss the real brokers' keepalives.
+
+The controller thread asks for SCHED_FIFO (tighter wake-ups; we are root in the
+emulator's environments) and runs without it if refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cache
+
+log = logging.getLogger(__name__)
+
+# How long the VM runs between checks. Shorter is finer but dearer: resuming a stopped
+# process costs it ~50 us of extra CPU (cold caches, the switch), measured as 2x CPU at
+# 100 us bursts, ~1.15x at 300 us, ~1.0x at 1 ms (docs/decisions.md, "Chip speed").
+BURST_S = 300e-6
+MAX_CARRY_S = 0.002       # oversleep credited to the next stop, at most
+FIFO_PRIORITY = 10
+_SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
+
+
+@dataclass
+class ThrottleStats:
+    """What the throttle did: enough to say how faithful chip speed was."""
+
+    cpu_ns: int = 0               # the VM's CPU time under the throttle
+    stopped_s: float = 0.0        # time held stopped
+    bursts: int = 0
+    burst_s: list[float] = field(default_factory=list)   # wall length of recent bursts
+    fifo: bool = False
+
+    def achieved(self, wall_s: float) -> float:
+        """Wall time per CPU time over `wall_s` of a CPU-bound run (the slowdown)."""
+        return wall_s / (self.cpu_ns / 1e9) if self.cpu_ns else 0.0
+
+
+def _read_cpu_ns(fd: int) -> int:
+    return int(os.pread(fd, 128, 0).split()[0])
+
+
+def _read_schedstat(fd: int) -> tuple[int, int]:
+    """(CPU ns, times scheduled in) of a process, from /proc/PID/schedstat."""
+    fields = os.pread(fd, 128, 0).split()
+    return int(fields[0]), int(fields[2])
+
+
+@cache
+def switch_cost_ns(wakes: int = 300) -> int:
+    """CPU time a unix-port VM spends per time it is scheduled in, on this host: waking
+    from a sleep or a poll, or being continued after a stop (the kernel's and the VM's
+    switch, cold caches). ~50 us in this project's VMs, where the chip's task switch
+    costs some us; charged at the chip's factor it made every event-loop wake-up cost
+    ~10 ms of chip time, more the faster the host. 80% of the median of a few rounds,
+    so that no real work goes uncharged."""
+    from .vm import micropython_binary
+
+    code = ("import time\nprint('go')\nwhile True:\n    time.sleep_ms(1)\n")
+    proc = subprocess.Popen([micropython_binary(), "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        fd = os.open(f"/proc/{proc.pid}/schedstat", os.O_RDONLY)
+        rounds = []
+        try:
+            for _ in range(5):
+                cpu0, n0 = _read_schedstat(fd)
+                time.sleep(wakes / 5 / 1000)
+                cpu1, n1 = _read_schedstat(fd)
+                if n1 > n0:
+                    rounds.append((cpu1 - cpu0) / (n1 - n0))
+        finally:
+            os.close(fd)
+    finally:
+        proc.kill()
+        proc.wait()
+    return int(0.8 * statistics.median(rounds)) if rounds else 0
+
+
+def _try_fifo() -> bool:
+    """SCHED_FIFO for this thread only: its wake-ups decide the burst length."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO,
+                              os.sched_param(FIFO_PRIORITY))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+class Throttle:
+    """Runs process `pid` at 1/`factor` of its speed; `stop()` leaves it running."""
+
+    def __init__(self, pid: int, factor: float, burst_s: float = BURST_S,
+                 free_ns: int = 0, switch_ns: int | None = None) -> None:
+        """`free_ns`: CPU the process may use before pacing starts (the wrapper's own
+        start-up: CPython and the unix port's set-up are no part of the chip's boot).
+        `switch_ns`: the CPU each time the process is scheduled in costs on this host
+        (default: measured once, switch_cost_ns()): not the chip's, so not charged."""
+        if factor < 1:
+            raise ValueError(f"speed factor {factor} < 1: the chip is not faster than the host")
+        self.pid, self.factor, self.burst_s = pid, factor, burst_s
+        self.free_ns = free_ns
+        self.stats = ThrottleStats()
+        self._halt = threading.Event()
+        self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY)
+        self._stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        self._signal(signal.SIGSTOP)        # from now on it runs only in bursts
+        self.switch_ns = switch_cost_ns() if switch_ns is None else switch_ns
+        self._thread = threading.Thread(target=self._run, name=f"chip-speed-{pid}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _signal(self, sig: int) -> bool:
+        try:
+            os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def _run(self) -> None:
+        self.stats.fifo = _try_fifo()
+        try:
+            self._loop()
+        except OSError:
+            pass  # the process is gone (exit, kill): nothing left to pace
+        finally:
+            self._signal(signal.SIGCONT)
+            os.close(self._fd)
+            os.close(self._stat_fd)
+
+    def _loop(self) -> None:
+        """Let it run a burst, read the CPU it used (cumulative: what runs between the
+        reading and a stop counts in the next cycle) less the host's cost of each time
+        it was scheduled in, and only if it used any, stop it for the chip's extra time.
+        Stopping and continuing a sleeping process, and each wake-up, cost it tens of us
+        of CPU here (switch_cost_ns), which charged at the chip's factor made an idle
+        node look busy, more so the faster the host (docs/decisions.md, "Chip speed")."""
+        stats, factor, burst = self.stats, self.factor, self.burst_s
+        last, switches = _read_schedstat(self._fd)
+        free = self.free_ns - last
+        carry = 0.0
+        clock = time.perf_counter
+        if not self._signal(signal.SIGCONT):
+            return
+        while not self._halt.is_set():
+            start = clock()
+            time.sleep(burst)
+            ran = clock() - start
+            # a running process's CPU time is only brought up to date when it leaves the
+            # CPU: stop it before reading; a sleeping one is read as it is
+            stopped = self._running()
+            if stopped and not self._signal(signal.SIGSTOP):
+                return
+            now, count = _read_schedstat(self._fd)
+            used, last = now - last, now
+            # the host's own cost of scheduling it in (wake-ups, our continues)
+            used, switches = max(0, used - (count - switches) * self.switch_ns), count
+            if free > 0:
+                free -= used
+                used = max(0, -free)
+            stats.cpu_ns += used
+            stats.bursts += 1
+            if len(stats.burst_s) < _SAMPLES:
+                stats.burst_s.append(ran)
+            else:
+                stats.burst_s[stats.bursts % _SAMPLES] = ran
+            owed = used / 1e9 * factor - ran - carry
+            if owed <= 0:
+                carry = 0.0          # idle (waiting for I/O): real time is chip time
+                free = 0             # and the start-up is over: what is left is not free
+                if stopped and not self._signal(signal.SIGCONT):
+                    return
+                continue
+            if not stopped and not self._signal(signal.SIGSTOP):
+                return
+            before = clock()
+            self._halt.wait(owed)
+            slept = clock() - before
+            stats.stopped_s += slept
+            carry = min(MAX_CARRY_S, max(0.0, slept - owed))
+            if not self._signal(signal.SIGCONT):
+                return
+
+    def _running(self) -> bool:
+        """Whether the process is on a CPU or waiting for one (state R in /proc/PID/stat)."""
+        try:
+            return os.pread(self._stat_fd, 256, 0).rsplit(b")", 1)[1][1:2] == b"R"
+        except (OSError, IndexError):
+            return True
+
+    def stop(self) -> None:
+        """Let the process run free (it is being killed, or chip speed is switched off)."""
+        self._halt.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)

@@ -1,0 +1,69 @@
+"""Chip speed (issue 11): the throttle slows compute by the factor and leaves idle time
+alone; citynode-emu --speed-factor runs a board that way; the host calibration runs."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.throttle import CPU_BOUND
+from citynode import speed
+from citynode.emulator.throttle import Throttle
+from citynode.emulator.vm import micropython_binary, startup_cpu_ns
+from citynode.testing.emulator import mpremote, start_emulator
+
+
+def _timed(code: str, factor: float | None) -> tuple[int, Throttle | None]:
+    binary = micropython_binary()
+    free_ns = startup_cpu_ns(binary)
+    proc = subprocess.Popen([binary, "-c", code], stdout=subprocess.PIPE, text=True)
+    throttle = Throttle(proc.pid, factor, free_ns=free_ns) if factor else None
+    out, _ = proc.communicate(timeout=120)
+    if throttle is not None:
+        throttle.stop()
+    return int(out.split()[-1]), throttle
+
+
+def test_throttle_slows_compute_by_about_the_factor():
+    code = CPU_BOUND.format(n=100_000)               # ~8 ms here
+    free = min(_timed(code, None)[0] for _ in range(3))
+    slowed, throttle = _timed(code, 20.0)
+    assert throttle is not None and throttle.stats.bursts > 10
+    # resuming a stopped process costs it extra CPU (cold caches): chip speed errs slow
+    assert 14 <= slowed / free <= 40, (free, slowed)
+
+
+def test_throttle_leaves_sleep_in_real_time():
+    code = "import time\nt = time.ticks_ms()\ntime.sleep_ms(300)\n" \
+           "print(time.ticks_diff(time.ticks_ms(), t))"
+    slept, _ = _timed(code, 100.0)
+    assert 295 <= slept < 450
+
+
+def test_throttle_refuses_a_faster_chip():
+    with pytest.raises(ValueError, match="not faster"):
+        Throttle(1, 0.5)
+
+
+def test_emulated_board_at_a_speed_factor(tmp_path: Path):
+    code = CPU_BOUND.format(n=30_000)
+    emu = start_emulator(tmp_path, chip_speed=25.0)
+    try:
+        assert emu.speed_factor == 25.0
+        link = emu.boards[0].link
+        t0 = time.monotonic()
+        took = [int(mpremote(link, "exec", code, timeout=120).split()[-1]) for _ in range(2)]
+        assert time.monotonic() - t0 < 60
+    finally:
+        emu.stop()
+    free = min(_timed(code, None)[0] for _ in range(3))
+    assert min(took) / free >= 12, (free, took)
+
+
+def test_host_calibration_quick_run_is_sane():
+    rates = speed.measure_host(quick=True)
+    assert 5_000 < rates.pystones < 2_000_000
+    assert 0.0005 < rates.pi1000_s < 0.2

@@ -1,0 +1,42 @@
+"""The node's configuration and its secrets (firmware/node/config.py) on the MicroPython
+unix port: the pole broker's login comes from /secret/broker.json, and report_config's
+view of the configuration holds neither password."""
+
+from __future__ import annotations
+
+import json
+
+from citynode.provisioning.device import last_json
+from citynode.testing.micropython import run_micropython
+
+LOAD = """
+import json
+from node import config
+cfg = config.load({cfg!r}, {wifi!r}, {broker!r})
+print(json.dumps([config.broker_login(cfg), config.public_view(cfg)]))
+"""
+
+
+def run(tmp_path, broker_secret: dict | None):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"device": "cn-240ac4e29526", "wifi": {"ssid": "pole"}}))
+    (tmp_path / "wifi.json").write_text(json.dumps({"password": "wifi-s3cret"}))
+    broker = tmp_path / "broker.json"
+    if broker_secret is not None:
+        broker.write_text(json.dumps(broker_secret))
+    return last_json(run_micropython(LOAD.format(cfg=str(cfg), wifi=str(tmp_path / "wifi.json"),
+                                                 broker=str(broker))))
+
+
+def test_the_node_logs_in_as_its_device_with_its_secret(tmp_path):
+    login, view = run(tmp_path, {"password": "broker-s3cret"})
+    assert login == ["cn-240ac4e29526", "broker-s3cret"]
+    shown = json.dumps(view)
+    assert "broker-s3cret" not in shown and "wifi-s3cret" not in shown
+    assert view["broker"]["user"] == "cn-240ac4e29526"
+
+
+def test_without_a_secret_the_node_connects_without_a_login(tmp_path):
+    # an open bench broker; the pole's refuses it with CONNACK 5 and a hint (node/mqtt.py)
+    assert run(tmp_path, None)[0] == [None, None]
+    assert run(tmp_path, {"password": 42})[0] == [None, None]       # damaged: no login
