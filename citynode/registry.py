@@ -6,6 +6,11 @@ reloads them on SIGHUP. A record names the device's key: an ES256 public key in
 PEM (`public_key_pem`), or for HMAC devices a `key_ref`, the path of a file that
 holds the shared secret in hex (relative paths are taken from the registry
 directory). Secrets never appear in error messages or in `repr`.
+
+During a key rollover (`rollover`) a record names a second ES256 key,
+`rollover_public_key_pem`, accepted until `rollover_until`: the node's old key, for
+what it signed before it switched, and until it switches (the node signs with the
+new key only once the registry knows it: firmware node/keys.py).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ DEVICE_ID = re.compile(r"^cn-[0-9a-f]{12}$")  # wire.device_id(mac)
 ALGS = ("ES256", "HMAC256")
 STATUSES = ("active", "revoked")
 FIELDS = ("device_id", "alg", "public_key_pem", "key_ref", "board", "site", "pole", "lat", "lon",
-          "firmware", "status", "provisioned_at", "broker_hash")
+          "firmware", "status", "provisioned_at", "broker_hash", "rollover_public_key_pem",
+          "rollover_until")
 
 
 class RegistryError(ValueError):
@@ -55,6 +61,8 @@ class DeviceRecord:
     public_key_pem: str | None = None
     key_ref: str | None = None
     broker_hash: str | None = None  # the pole broker's hash of the node's password
+    rollover_public_key_pem: str | None = None  # also accepted, until rollover_until
+    rollover_until: str | None = None           # ISO 8601 UTC
 
     @property
     def active(self) -> bool:
@@ -115,6 +123,17 @@ def record_from_dict(data: Any, source: str = "record") -> DeviceRecord:
     if broker_hash is not None and not broker_hash.startswith("$7$"):
         raise RegistryError(f"{source}: field 'broker_hash' must be a mosquitto $7$ hash "
                             "(re-run citynode-provision to make the node a new broker password)")
+    rollover_pem, rollover_until = (text("rollover_public_key_pem", False),
+                                    text("rollover_until", False))
+    if rollover_pem is not None:
+        if alg != "ES256":
+            raise RegistryError(f"{source}: 'rollover_public_key_pem' is for ES256 devices")
+        _load_p256(rollover_pem, source)
+        if rollover_until is None:
+            raise RegistryError(f"{source}: 'rollover_public_key_pem' needs 'rollover_until' "
+                                "(when the second key stops being accepted)")
+    if rollover_until is not None:
+        _parse_time(rollover_until, "rollover_until", source)
     provisioned_at = data.get("provisioned_at", "")
     if not isinstance(provisioned_at, str):
         raise RegistryError(f"{source}: field 'provisioned_at' must be an ISO 8601 string")
@@ -122,7 +141,19 @@ def record_from_dict(data: Any, source: str = "record") -> DeviceRecord:
         device_id=device_id, alg=alg, board=text("board"), site=text("site"), pole=text("pole"),
         lat=number("lat", -90, 90), lon=number("lon", -180, 180), firmware=text("firmware"),
         status=status, provisioned_at=provisioned_at, public_key_pem=pem, key_ref=key_ref,
-        broker_hash=broker_hash)
+        broker_hash=broker_hash, rollover_public_key_pem=rollover_pem,
+        rollover_until=rollover_until)
+
+
+def _parse_time(text: str, name: str, source: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise RegistryError(f"{source}: field {name!r} must be an ISO 8601 time such as "
+                            "2026-12-31T00:00:00Z") from None
+    if when.tzinfo is None:
+        raise RegistryError(f"{source}: field {name!r} needs its time zone (end it in Z)")
+    return when
 
 
 def _load_p256(pem: str, source: str) -> ec.EllipticCurvePublicKey:
@@ -162,8 +193,7 @@ class Credential:
         """A short, stable name of the key (not of a secret: a hash of it), for replay
         windows kept per key."""
         if self.public_key is not None:
-            material = self.public_key.public_bytes(Encoding.X962,
-                                                    PublicFormat.UncompressedPoint)
+            material = _point(self.public_key)
         else:
             material = b"hmac:" + (self.secret or b"")
         return hashlib.sha256(material).hexdigest()[:16]
@@ -180,6 +210,7 @@ class Registry:
         self.records = records
         self.errors = errors
         self._credentials: dict[str, Credential] = {}
+        self._rollover: dict[tuple[str, str], Credential] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -200,6 +231,21 @@ class Registry:
         self._credentials[record.device_id] = cred
         return cred
 
+    def _rollover_credential(self, record: DeviceRecord) -> Credential | None:
+        """A rollover's second key while it is accepted (rollover_until in the future)."""
+        if record.rollover_public_key_pem is None or record.rollover_until is None:
+            return None
+        if datetime.now(UTC) >= _parse_time(record.rollover_until, "rollover_until",
+                                            record.device_id):
+            return None
+        key = (record.device_id, record.rollover_public_key_pem)
+        cred = self._rollover.get(key)
+        if cred is None:
+            cred = Credential("ES256", public_key=_load_p256(record.rollover_public_key_pem,
+                                                            record.device_id))
+            self._rollover[key] = cred
+        return cred
+
     def key_id(self, device_id: str) -> str:
         """The id of the key a device's envelopes verify with now ("" if none)."""
         record = self.records.get(device_id)
@@ -208,8 +254,9 @@ class Registry:
         except RegistryError:
             return ""
 
-    def key_for(self, kid: str, alg: str) -> ec.EllipticCurvePublicKey | bytes:
-        """The key that verifies `kid`'s envelopes (wire.KeyLookup): EnvelopeError if none."""
+    def credentials_for(self, kid: str, alg: str) -> list[Credential]:
+        """The keys `kid`'s envelopes may verify with: its key, then during a rollover the
+        second one. EnvelopeError (with the gateway's reason) when there is none."""
         record = self.records.get(kid)
         if record is None:
             raise wire.EnvelopeError("unknown_device", f"{kid!r} is not in the fleet registry")
@@ -219,10 +266,29 @@ class Registry:
             raise wire.EnvelopeError("bad_signature", f"{kid} is registered for {record.alg}, "
                                      f"the envelope uses {alg}")
         try:
-            credential = self.credential(record)
+            found = [self.credential(record), self._rollover_credential(record)]
         except RegistryError as exc:
             raise wire.EnvelopeError("key_unavailable", str(exc)) from None
+        return [c for c in found if c is not None]
+
+    def key_for(self, kid: str, alg: str) -> ec.EllipticCurvePublicKey | bytes:
+        """The key that verifies `kid`'s envelopes (wire.KeyLookup): EnvelopeError if none."""
+        credential = self.credentials_for(kid, alg)[0]
         return credential.public_key or credential.secret or b""
+
+    def verify(self, envelope: wire.Envelope) -> str:
+        """Check an envelope's signature with its device's keys; the id of the key that
+        verified it (replay windows are kept per key). EnvelopeError says why not."""
+        alg = "HMAC256" if envelope.is_hmac else "ES256"
+        failure = None
+        for credential in self.credentials_for(envelope.kid, alg):
+            try:
+                wire.verify(envelope, credential.public_key or credential.secret or b"")
+                return credential.key_id
+            except wire.EnvelopeError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
 
 def read_secret(directory: Path, record: DeviceRecord) -> bytes:
@@ -294,3 +360,33 @@ def revoke(directory: str | Path, device_id: str) -> DeviceRecord:
     record = replace(load_record(path), status="revoked")
     write_record(directory, record)
     return record
+
+
+def rollover(directory: str | Path, device_id: str, new_public_pem: str,
+             keep_old_s: float) -> DeviceRecord:
+    """Make `new_public_pem` the device's key and keep its old key accepted for
+    `keep_old_s` seconds: what the node signed before it switches, and the node itself
+    until it does (0: the old key is refused at once, as after a theft). Asked again
+    with the same new key (a re-run after a break), it changes nothing."""
+    path = Path(directory) / f"{device_id}.json"
+    if not path.exists():
+        raise RegistryError(f"device {device_id} is not in the registry {directory}")
+    record = load_record(path)
+    if record.alg != "ES256":
+        raise RegistryError(f"{device_id} signs with HMAC256: give it a key with "
+                            "citynode-provision keys, not a rollover")
+    new = _point(_load_p256(new_public_pem, device_id))
+    if new == _point(_load_p256(record.public_key_pem or "", device_id)):
+        return record
+    until = datetime.now(UTC).timestamp() + keep_old_s
+    record = replace(
+        record, public_key_pem=new_public_pem, status="active",
+        rollover_public_key_pem=record.public_key_pem if keep_old_s > 0 else None,
+        rollover_until=(datetime.fromtimestamp(until, UTC).replace(microsecond=0)
+                        .isoformat().replace("+00:00", "Z")) if keep_old_s > 0 else None)
+    write_record(directory, record)
+    return record
+
+
+def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)

@@ -51,14 +51,15 @@ class Verifier:
         self.max_bytes = max_bytes
 
     def check(self, topic: str, data: bytes, received_at: float) -> Incoming:
-        registry = self.registry()
-        payload = wire.open_envelope(data, registry.key_for, self.max_bytes)
+        envelope = wire.decode_envelope(data, self.max_bytes)
+        key = self.registry().verify(envelope)     # during a rollover: either of two keys
+        payload = wire.decode_payload(envelope)
         if topic != wire.up_topic(payload.device):
             raise wire.EnvelopeError("malformed", f"{payload.device} published on {topic!r}, "
                                      f"expected {wire.up_topic(payload.device)}")
         return Incoming(payload.device, payload.seq, data, received_at,
                         event=payload.kind == wire.KIND_EVENT, node_time=payload.time,
-                        key=registry.key_id(payload.device))
+                        key=key)
 
 
 @dataclass(frozen=True)

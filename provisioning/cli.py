@@ -5,7 +5,8 @@
     citynode-provision deploy    --port P --board B --site S --pole P --broker H:P --wifi-ssid N
     citynode-provision keys      --port P --board B --registry DIR [--hmac] [--operator-key F]
     citynode-provision verify    --port P --registry DIR
-    citynode-provision rotate    DEVICE --port P --registry DIR
+    citynode-provision rotate    DEVICE --port P --registry DIR [--keep-old-days N]
+    citynode-provision rollover  DEVICE --registry DIR --key HEX [--keep-old-days N]
     citynode-provision revoke    DEVICE --registry DIR
     citynode-provision provision --port P... | --all  --board B --registry DIR --site S --pole P ...
 
@@ -116,10 +117,19 @@ def parser() -> argparse.ArgumentParser:
     _key_args(p)
 
     for name, text, fn in (("rotate", "new key on the node, registry updated", cmd_rotate),
+                           ("rollover", "accept a node's next key (from its rotate_key "
+                            "answer)", cmd_rollover),
                            ("revoke", "mark a device revoked in the registry", cmd_revoke)):
         p = command(name, text, fn)
         p.add_argument("device", help="device id, cn-<12 hex>")
         _registry_arg(p)
+        if fn is cmd_rollover:
+            p.add_argument("--key", required=True, help="the next key's public key, hex (the "
+                           "node's answer to rotate_key: 'next <hex>')")
+        if fn is not cmd_revoke:
+            p.add_argument("--keep-old-days", type=float, default=7.0,
+                           help="days the old key stays accepted, for what the node signed "
+                           "with it (default 7; 0 after a theft: refused at once)")
 
     p = command("verify", "signed self-test, checked against the registry", cmd_verify)
     _registry_arg(p)
@@ -330,28 +340,60 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
+    """A key rollover over the cable: the node makes its next key, the registry accepts
+    it beside the old one, then the node switches. A break at any point leaves a node
+    whose envelopes verify; a re-run finishes the job (the node keeps its next key)."""
     port = _one_port(args)
     old = fleet.read(args.registry, args.device)
     if old is None:
         raise UsageError(f"{args.device} is not in the registry {args.registry}",
                          "provision it first")
-    from dataclasses import replace
-
     with Session(port, timeout=args.timeout) as s:
         probe = s.probe()
         found = wire.device_id(probe.get("mac", ""))
         if found != args.device:
             raise UsageError(f"the board on {port} is {found}, not {args.device}",
                              "connect the right board")
-        key = keys.rotate_key(s)
-        record = replace(old, alg="ES256", public_key_pem=key.pem, key_ref=None, status="active")
-        fleet.register(args.registry, record, force_rekey=True)
+        key = keys.next_key(s)
+        if old.alg == "ES256":
+            fleet.rollover(args.registry, args.device, key.pem, _keep_old_s(args))
+        keys.commit_next_key(s)
+        if old.alg != "ES256":   # an HMAC node: its ES256 key is registered from now on
+            from dataclasses import replace
+
+            fleet.register(args.registry, replace(old, alg="ES256", public_key_pem=key.pem,
+                                                  key_ref=None), force_rekey=True)
         checked = verify.verify(s, args.registry, args.device)
         s.reset()
     out.result({"ok": True, "device": args.device, "key_fingerprint": key.fingerprint,
-                "verified": True, "seq": checked.seq},
-               f"{args.device}: new key {key.fingerprint[:16]} registered and verified")
+                "verified": True, "seq": checked.seq, "keep_old_days": args.keep_old_days},
+               f"{args.device}: new key {key.fingerprint[:16]} registered and verified; "
+               f"the old key is accepted for {args.keep_old_days:g} more day(s)")
     return 0
+
+
+def cmd_rollover(args: argparse.Namespace, out: Output) -> int:
+    """Phase one of a rollover over the air: the operator sent rotate_key, the node
+    answered with its next key (signed with its current one); the registry accepts both
+    from now on. Then the operator sends commit_key."""
+    try:
+        key = keys.NodeKey(keys.parse_public(args.key), created=False)
+    except ValueError as exc:
+        raise UsageError(f"--key: {exc}", "pass the hex after 'next' in the node's answer "
+                         "to rotate_key") from None
+    record = fleet.rollover(args.registry, args.device, key.pem, _keep_old_s(args))
+    out.result({"ok": True, "device": args.device, "key_fingerprint": key.fingerprint,
+                "rollover_until": record.rollover_until},
+               f"{args.device}: key {key.fingerprint[:16]} registered; the old key is "
+               f"accepted until {record.rollover_until or 'now only'}. Reload the gateways, "
+               "then send the node commit_key")
+    return 0
+
+
+def _keep_old_s(args: argparse.Namespace) -> float:
+    if args.keep_old_days < 0:
+        raise UsageError("--keep-old-days must be 0 or more", "pass the number of days")
+    return args.keep_old_days * 86400
 
 
 def cmd_revoke(args: argparse.Namespace, out: Output) -> int:

@@ -118,6 +118,18 @@ def register(directory: Path, record: reg.DeviceRecord, force_rekey: bool = Fals
         return record, "created" if old is None else "updated"
 
 
+def rollover(directory: Path, device_id: str, new_public_pem: str, keep_old_s: float
+             ) -> reg.DeviceRecord:
+    """registry.rollover under the registry's lock: the new key, the old one kept."""
+    with locked(directory):
+        try:
+            return reg.rollover(directory, device_id, new_public_pem, keep_old_s)
+        except reg.RegistryError as exc:
+            raise RegistryWriteError(str(exc), "check the device id and --registry") from None
+        except OSError as exc:
+            raise _not_writable(directory, exc) from None
+
+
 def revoke(directory: Path, device_id: str) -> reg.DeviceRecord:
     with locked(directory):
         try:

@@ -48,14 +48,23 @@ def fingerprint(public: bytes) -> str:
     return hashlib.sha256(public).hexdigest()
 
 
+def parse_public(text: str) -> bytes:
+    """A P-256 public key from hex (SEC1); ValueError if it is not one."""
+    try:
+        public = bytes.fromhex(text.strip())
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public)
+    except ValueError:
+        raise ValueError(f"{text[:20]!r}... is not a P-256 public key in hex "
+                         "(130 hex digits starting 04)") from None
+    return public
+
+
 def _parse_public(text: str) -> bytes:
     try:
-        public = bytes.fromhex(text)
-        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public)
+        return parse_public(text)
     except ValueError:
         raise DeviceError(f"the node returned an invalid public key ({text[:20]}...)",
                           "re-deploy the firmware (node/keys.py) and re-run") from None
-    return public
 
 
 @dataclass(frozen=True)
@@ -81,14 +90,21 @@ def broker_login(session: Session, registered_hash: str | None) -> BrokerLogin:
 def ensure_key(session: Session) -> NodeKey:
     """The node's ES256 public key, generating the key pair on the node the first time."""
     session.fresh()
-    out = session.run("node_key", rotate=False, timeout=60, what="reading the node key")
+    out = session.run("node_key", step="read", timeout=60, what="reading the node key")
     return NodeKey(_parse_public(out["public"]), created=not out["had"])
 
 
-def rotate_key(session: Session) -> NodeKey:
+def next_key(session: Session) -> NodeKey:
+    """Phase one of a rollover: the node's next key (the same one until it switches)."""
     session.fresh()
-    out = session.run("node_key", rotate=True, timeout=60, what="rotating the node key")
+    out = session.run("node_key", step="next", timeout=60, what="making the node's next key")
     return NodeKey(_parse_public(out["public"]), created=True)
+
+
+def commit_next_key(session: Session) -> NodeKey:
+    """Phase two: the node signs with its next key from now on; that key."""
+    out = session.run("node_key", step="commit", timeout=60, what="switching the node's key")
+    return NodeKey(_parse_public(out["public"]), created=False)
 
 
 def install_hmac_secret(session: Session, secret: bytes) -> None:

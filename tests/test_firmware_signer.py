@@ -328,9 +328,15 @@ def test_cooperative_verify_refuses_for_the_same_reasons(tmp_path, how):
 
 
 def test_commands_verify_in_steps_and_run_async_actions(tmp_path):
+    """A key rollover by downlink: rotate_key names the next key while the node still
+    signs with its own (the pool stays); commit_key switches (the pool goes: its nonces
+    came from the old key) and the next signature is the next key's."""
     key = ec.derive_private_key(int(CMD["operator_private_key"], 16), ec.SECP256R1())
-    rotate = wire.sign_es256(wire.encode_command(NODE["device"], 8, "rotate_key", {}, 1),
-                             "operator", key)
+
+    def command(seq: int, name: str) -> bytes:
+        return wire.sign_es256(wire.encode_command(NODE["device"], seq, name, {}, 1),
+                               "operator", key)
+
     code = f"""
 import asyncio, json
 from node import commands
@@ -341,41 +347,49 @@ keys.create()
 keys.install_operator_key(bytes.fromhex({CMD["operator_public_key"]!r}))
 signer = Signer(keys, 1, size=2, reserve=0)
 out = []
-
-
-async def rotate(args):
-    old = await signer.complete(keys.public_key_steps())
-    return old.hex() + ' ' + (await signer.rotate_key()).hex()
-
 cmds = commands.Commands({NODE["device"]!r}, keys, {{
-    'set_interval': lambda args: args['seconds'], 'rotate_key': rotate}}, base='data',
-    complete=signer.complete)
+    'set_interval': lambda args: args['seconds'],
+    'rotate_key': lambda args: signer.next_key(),
+    'commit_key': lambda args: signer.commit_next()}}, base='data', complete=signer.complete)
+
+
+async def handle(env):
+    try:
+        out.append(list(await cmds.handle(env)))
+    except commands.CommandRefused as e:
+        out.append(e.reason)
+    if isinstance(out[-1], list) and isinstance(out[-1][1], bytes):
+        out[-1][1] = out[-1][1].hex()
 
 
 async def main():
     asyncio.create_task(signer.run())
     while len(signer.pool) < 2:
         await asyncio.sleep_ms(5)
-    for env in [bytes.fromhex({CMD["sign1"]!r}), bytes.fromhex({CMD["sign1"]!r}), {rotate!r},
-                bytes.fromhex({CMD["sign1"]!r})[:-1]]:
-        try:
-            out.append(list(await cmds.handle(env)))
-        except commands.CommandRefused as e:
-            out.append(e.reason)
-    out.append(len(signer.pool))             # the old key's pairs are gone
+    old = (await signer.complete(keys.public_key_steps())).hex()
+    for env in [bytes.fromhex({CMD["sign1"]!r}), bytes.fromhex({CMD["sign1"]!r}),
+                {command(8, "rotate_key")!r}]:
+        await handle(env)
+    out.append(len(signer.pool))                        # still the current key's pairs
+    out.append((await signer.sign(b'between', False)).hex())
+    await handle({command(9, "commit_key")!r})
+    await handle(bytes.fromhex({CMD["sign1"]!r})[:-1])
+    out.append(len(signer.pool))                        # the old key's pairs are gone
     out.append((await signer.sign(b'after', True)).hex())
+    out.append(old)
 asyncio.run(main())
 print(json.dumps([out, cmds.refused, cmds.accepted]))
 """
     out, refused, accepted = mpy_json(code, tmp_path)
-    assert out[0] == ["set_interval", 60]
-    assert out[1] == "replayed" and out[3] == "malformed" and out[4] == 0
-    name, result = out[2]
-    old, new = result.split()
-    assert name == "rotate_key" and old != new
-    assert (tmp_path / "secret" / "node.key").exists()
-    _check(_pub(new), b"after", bytes.fromhex(out[5]))
-    assert refused == {"replayed": 1, "malformed": 1} and accepted == 2
+    assert out[0] == ["set_interval", 60] and out[1] == "replayed"
+    assert out[2][0] == "rotate_key"
+    nxt, old = out[2][1], out[9]
+    assert nxt != old and out[3] > 0
+    _check(_pub(old), b"between", bytes.fromhex(out[4]))     # not yet the next key
+    assert out[5] == ["commit_key", nxt] and out[6] == "malformed" and out[7] == 0
+    _check(_pub(nxt), b"after", bytes.fromhex(out[8]))
+    assert not (tmp_path / "secret" / "node.next").exists()
+    assert refused == {"replayed": 1, "malformed": 1} and accepted == 3
 
 
 def test_a_replayed_command_is_refused_before_its_signature_check(tmp_path):

@@ -12,6 +12,7 @@ verifies with citynode.wire and with pycose (an independent COSE implementation)
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pycose.keys import EC2Key, SymmetricKey
 from pycose.messages import Mac0Message, Sign1Message
 
 from citynode import wire
+from citynode.provisioning.cli import main as provision_main
 from citynode.registry import DeviceRecord, write_record
 from citynode.testing.gateway import GATEWAY_ID, PREFIX, Collector, GatewayProcess, Node
 from citynode.testing.keys import seq_of
@@ -42,6 +44,10 @@ if alg == 'ES256':
     k.create()
 if alg == 'HMAC256' and not k.has_hmac_secret():
     k.set_hmac_secret({secret!r})
+if {key_step!r} == 'next':
+    print('next', k.next_key().hex())
+if {key_step!r} == 'commit':
+    k.commit_next()
 s = seqno.Sequence('data')
 print('pub', k.public_key_hex() if alg == 'ES256' else '-')
 for i in range({count}):
@@ -64,18 +70,22 @@ class FirmwareNode:
     device: str
     alg: str = "ES256"
     public_key: bytes = b""
+    next_key: bytes = b""                   # a key rollover's next key, once asked for
     envelopes: list[bytes] = field(default_factory=list)
 
-    def boot(self, count: int, event_at: int = -1) -> list[bytes]:
+    def boot(self, count: int, event_at: int = -1, key_step: str = "") -> list[bytes]:
+        """`key_step` "next": the node makes its next key first; "commit": switches to it."""
         self.root.mkdir(parents=True, exist_ok=True)
         out = run_micropython(NODE_SCRIPT.format(
             root=str(self.root), device=self.device, alg=self.alg, secret=HMAC_SECRET,
-            count=count, event_at=event_at))
+            count=count, event_at=event_at, key_step=key_step))
         fresh: list[bytes] = []
         for line in out.splitlines():
             tag, _, value = line.partition(" ")
             if tag == "pub" and value != "-":
                 self.public_key = bytes.fromhex(value)
+            elif tag == "next":
+                self.next_key = bytes.fromhex(value)
             elif tag == "env":
                 fresh.append(bytes.fromhex(value))
         assert len(fresh) == count, out
@@ -195,6 +205,46 @@ def test_firmware_signed_envelopes_arrive_untouched_verified_in_order(
         assert gw.metric("forwarded_total") == len(sent) + 1
         gw.wait_for(lambda: gw.metric("buffered_messages") == 0, what="buffer emptied")
         assert gw.terminate() == 0
+    finally:
+        gw.kill()
+        node_client.close()
+        collector.close()
+
+
+def test_a_key_rollover_loses_no_envelope(tmp_path, local_broker, upstream_broker):
+    """The firmware's two phases against the real gateway: the node names its next key
+    and keeps signing with its current one; the operator registers the next key
+    (citynode-provision rollover) and the gateway reloads; the node switches. What it
+    signed before, during and after, spooled and sent late, all reaches the city."""
+    node = FirmwareNode(tmp_path / "node", ES256_DEVICE)
+    before = node.boot(3)
+    old_key = node.public_key
+    gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker)
+    node.register(gw.registry)
+    collector, node_client = Collector(upstream_broker), Node(local_broker)
+    try:
+        gw.start()
+        gw.wait_for(lambda: gw.health()["uplink"] == "up", what="uplink up")
+        node_client.publish_all([(ES256_DEVICE, e) for e in before])
+        during = node.boot(3, key_step="next")          # spooled: the uplink is down
+        assert node.public_key == old_key and node.next_key not in (b"", old_key)
+        assert provision_main(["rollover", ES256_DEVICE, "--registry", str(gw.registry),
+                               "--key", node.next_key.hex(), "--keep-old-days", "1"]) == 0
+        gw.signal(signal.SIGHUP)
+        gw.wait_for(lambda: gw.metric("registry_reloads_total") == 1, what="reload")
+        after = node.boot(3, key_step="commit")
+        assert node.public_key == node.next_key
+        node_client.publish_all([(ES256_DEVICE, e) for e in during + after])
+        gw.wait_for(lambda: len(collector.envelopes()) >= 9, what="forwarding")
+        assert [d for _, d, _ in collector.envelopes()] == before + during + after
+        assert gw.metric("rejected_total") == 0
+        for data in after:                               # signed with the next key only
+            node.verify(data)
+        node.public_key = old_key
+        for data in before + during:
+            node.verify(data)
+        with pytest.raises(wire.EnvelopeError):
+            node.verify(after[0])
     finally:
         gw.kill()
         node_client.close()

@@ -89,7 +89,10 @@ def _verify_rotate_revoke(env):
                       str(env["registry"]), "--json"))
     assert rotated["verified"] is True
     assert rotated["key_fingerprint"] != verified["key_fingerprint"]
-    assert load_registry(env["registry"], strict=True).get(env["device"]).public_key_pem != old_pem
+    record = load_registry(env["registry"], strict=True).get(env["device"])
+    # the new key, and the old one kept for what the node signed before it switched
+    assert record.public_key_pem != old_pem and record.rollover_public_key_pem == old_pem
+    assert record.rollover_until > record.provisioned_at
 
     revoked = _ok(cli("revoke", env["device"], "--registry", str(env["registry"]), "--json"))
     assert revoked["status"] == "revoked"

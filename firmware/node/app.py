@@ -52,6 +52,7 @@ class Node:
             "reboot": self._reboot,
             "report_config": lambda args: config.public_view(self.cfg),
             "rotate_key": self._rotate_key,
+            "commit_key": self._commit_key,
         }, complete=self.signer.complete)
         self.wifi = wifi.WiFi(cfg["wifi"]["ssid"], cfg["wifi"].get("password"))
         broker = cfg["broker"]
@@ -209,9 +210,13 @@ class Node:
         safemode.reset("command")
 
     async def _rotate_key(self, args):
-        old = await self.signer.complete(self.keys.public_key_steps())
-        new = await self.signer.rotate_key()
-        return "rotated %s -> %s" % (old.hex()[:16], new.hex())
+        """Phase one of a key rollover: the next key's public key, in this answer signed
+        with the current key (which the registry trusts). The node switches on commit_key."""
+        return "next " + (await self.signer.next_key()).hex()
+
+    async def _commit_key(self, args):
+        """Phase two: sign with the next key from now on (this answer already is)."""
+        return "switched " + (await self.signer.commit_next()).hex()
 
     # --- main -----------------------------------------------------------------------------
     async def run(self):

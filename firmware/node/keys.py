@@ -1,20 +1,28 @@
 """The node's keys: an ES256 key born on the node, an optional HMAC secret, the operator's public key.
 
-The private key is made only when asked (create(), by citynode-provision; rotate(), by
-the rotate_key command), never implicitly at boot, and only while the radio is on: per
+The private key is made only when asked (create(), by citynode-provision; next_key(),
+by a rollover), never implicitly at boot, and only while the radio is on: per
 Espressif the ESP32's RNG (os.urandom) is truly random only while Wi-Fi or Bluetooth
 runs. It is kept in `<base>/node.key` as 32 raw bytes and is never returned, printed
 or logged: callers get the public key, and sign through NodeKeys.sign or the app's
 node.signer.Signer (the one borrower of the key). A key file that exists but is
 damaged raises instead of being replaced, because a new key would silently change the
 node's identity.
+
+A key is replaced in two phases, so that no envelope is ever signed with a key the
+registry does not know: next_key() makes the next key (`node.next`) and gives its public
+key while the node goes on signing with the current one; once the registry accepts the
+next key (citynode-provision rollover), commit_next() makes it the node key.
 """
+
+import os
 
 from node import p256
 from node.fsutil import join, makedirs, read, write_atomic
 from node.hmac256 import hmac_sha256
 
 NODE_KEY = "node.key"
+NEXT_KEY = "node.next"
 HMAC_KEY = "hmac.key"
 OPERATOR_KEY = "operator.pub"
 
@@ -67,15 +75,13 @@ class NodeKeys:
             self._priv = raw
         return self._priv
 
-    def _new_key(self):
+    def _new_key(self, name):
         if not radio_on():
             raise RadioOff("the radio is off, so the RNG is not random: switch the WLAN on "
                            "(network.WLAN(network.STA_IF).active(True)) before making a key")
         makedirs(self.base)
         raw = p256.new_private_key()
-        write_atomic(self._path(NODE_KEY), raw)
-        self._priv = raw
-        self._pub = None
+        write_atomic(self._path(name), raw)
         return raw
 
     def has_key(self):
@@ -89,7 +95,8 @@ class NodeKeys:
     def create(self):
         """Make the node key if it has none (RadioOff with the radio off); its public key."""
         if not self.has_key():
-            self._new_key()
+            self._priv = self._new_key(NODE_KEY)
+            self._pub = None
         return self.public_key()
 
     def public_key(self):
@@ -109,14 +116,33 @@ class NodeKeys:
         """ES256 signature r || s of `msg` with the node key."""
         return p256.sign(self._private(), msg)
 
-    def rotate(self):
-        """Replace the node key with a fresh one (downlink `rotate_key`); returns the new public key."""
-        return p256.finish(self.rotate_steps())
+    # --- rollover: the next key, then the switch ----------------------------------
 
-    def rotate_steps(self):
-        """rotate() as a generator of steps."""
-        self._new_key()
-        return (yield from self.public_key_steps())
+    def next_key(self):
+        """The next key's public key, made the first time (phase one of a rollover)."""
+        return p256.finish(self.next_key_steps())
+
+    def next_key_steps(self):
+        """next_key() as a generator of steps. The same next key until commit_next(): a
+        rollover asked twice (a lost answer, a re-run) names one key."""
+        raw = read(self._path(NEXT_KEY))
+        if raw is not None:
+            p256.check_private(raw)
+        if raw is None or raw == self._private():   # a cut after the switch left a copy
+            raw = self._new_key(NEXT_KEY)
+        return (yield from p256.public_key_steps(raw))
+
+    def commit_next(self):
+        """Sign with the next key from now on (phase two); NoKey if there is none."""
+        raw = read(self._path(NEXT_KEY))
+        if raw is None:
+            raise NoKey("no next key to switch to: ask for one first (rotate_key)")
+        p256.check_private(raw)
+        if raw != self._private():
+            write_atomic(self._path(NODE_KEY), raw)
+        os.remove(self._path(NEXT_KEY))     # a cut before this: the switch is done anyway
+        self._priv = raw
+        self._pub = None
 
     # --- HMAC secret (low-power COSE_Mac0 option) -----------------------------
 

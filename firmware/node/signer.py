@@ -17,7 +17,7 @@ whole, in steps, with a hedged nonce. Why the pairs are safe (docs/decisions.md)
   read or a fault alone still gets fresh randomness. A fault in k*G (off the curve)
   is refused.
 - A pair is taken out of the pool before it is used, so it signs once; the pool lives
-  in RAM only (gone at reset) and is emptied when the key is rotated.
+  in RAM only (gone at reset) and is emptied when the node switches keys.
 """
 
 import asyncio
@@ -114,11 +114,17 @@ class Signer:
             raise job.error
         return job.value
 
-    async def rotate_key(self):
-        """keys.rotate() in steps; returns the new public key. The pool goes with the old
-        key (its nonces were derived from it); none is made while the job runs."""
+    async def next_key(self):
+        """keys.next_key() in steps: the next key's public key (the node still signs with
+        the current one)."""
+        return await self.complete(self.keys.next_key_steps())
+
+    async def commit_next(self):
+        """Sign with the next key from now on; its public key. The pool goes with the old
+        key (its nonces were derived from it)."""
+        self.keys.commit_next()
         self.forget()
-        return await self.complete(self.keys.rotate_steps())
+        return await self.complete(self.keys.public_key_steps())
 
     def forget(self):
         """Drop every pair and the one being made."""
