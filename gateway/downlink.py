@@ -5,7 +5,10 @@ the pole's broker, bytes untouched) only when it is a COSE_Sign1 that verifies a
 the operator's public key and names that device, and only at a pace the node can take:
 checking a command's signature holds a node's event loop for a second or more at chip
 speed, so a burst of BURST commands per node passes, then one every REFILL_S (a script
-gone wrong, or a stolen operator key, cannot keep a node from its sensors). Without
+gone wrong, or a stolen operator key, cannot keep a node from its sensors). A command
+issued more than MAX_AGE_S ago (its time, key 4: the city's broker kept it while the
+pole was offline) or more than MAX_AHEAD_S ahead of the pole's clock is refused as
+`expired`: yesterday's "lamp 100" must not light a street today. Without
 `gateway.operator_key` the gateway has no relay and does not subscribe to downlinks.
 """
 
@@ -29,6 +32,8 @@ log = logging.getLogger("citynode.gateway.downlink")
 
 BURST = 3          # commands a node may get at once
 REFILL_S = 5.0     # then one more per this many seconds
+MAX_AGE_S = 600    # a command older than this is not carried out
+MAX_AHEAD_S = 60   # the operator's clock may be this far ahead of the pole's (NTP on both)
 
 
 def load_operator_key(path: Path) -> ec.EllipticCurvePublicKey:
@@ -48,21 +53,31 @@ class DownlinkRelay:
 
     def __init__(self, operator_key: ec.EllipticCurvePublicKey,
                  publish: Callable[[str, bytes], bool], metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.operator_key = operator_key
         self.publish = publish
         self.metrics = metrics
         self.clock = clock
+        self.wall_clock = wall_clock
         self.rlog = RateLimitedLog(log)
         self._tokens: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
 
     def handle(self, device: str, data: bytes) -> None:
         """One command for `device`: relayed or refused, counted by result either way."""
         try:
-            wire.open_command(data, self.operator_key, device)
+            command = wire.open_command(data, self.operator_key, device)
         except wire.EnvelopeError as exc:
             self.metrics.inc("downlink_total", result=exc.reason)
             self.rlog.warning("down-" + exc.reason, "downlink for %r refused: %s", device, exc)
+            return
+        age = self.wall_clock() - command.time
+        if not -MAX_AHEAD_S <= age <= MAX_AGE_S:
+            self.metrics.inc("downlink_total", result="expired")
+            self.rlog.warning("down-expired", "downlink for %s refused: issued %.0f s %s, "
+                              "more than %d s; send it again (or check the sender's clock)",
+                              device, abs(age), "ago" if age > 0 else "ahead of this pole",
+                              MAX_AGE_S if age > 0 else MAX_AHEAD_S)
             return
         if not self._take(device):
             self.metrics.inc("downlink_total", result="rate_limited")

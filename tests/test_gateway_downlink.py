@@ -97,3 +97,29 @@ def test_a_node_gets_commands_only_at_a_pace_it_can_take(tmp_path):
     relay.handle(a, command(a, 11))
     relay.handle(a, command(a, 12))
     assert sent.count(wire.down_topic(a)) == BURST + 1
+
+
+def test_a_stale_or_future_command_is_refused_as_expired(tmp_path):
+    """A command the city's broker kept while the pole was offline (or one from an
+    operator's clock far ahead) is not carried out; a fresh one is."""
+    from citynode.gateway.downlink import MAX_AGE_S, MAX_AHEAD_S, DownlinkRelay
+    from citynode.gateway.metrics import Metrics
+
+    operator = ec.generate_private_key(ec.SECP256R1())
+    sent: list[bytes] = []
+    metrics = Metrics()
+    now = 1_800_000_000.0
+    relay = DownlinkRelay(operator.public_key(), lambda t, d: sent.append(d) or True, metrics,
+                          wall_clock=lambda: now)
+    device = "cn-0000000000a2"
+
+    def command(seq: int, issued: float) -> bytes:
+        payload = wire.encode_command(device, seq, "lamp", {"level": 100}, int(issued))
+        return wire.sign_es256(payload, wire.OPERATOR_KID, operator)
+
+    stale, ahead = command(1, now - MAX_AGE_S - 1), command(2, now + MAX_AHEAD_S + 1)
+    edge, fresh = command(3, now - MAX_AGE_S), command(4, now + MAX_AHEAD_S)
+    for data in (stale, ahead, edge, fresh):
+        relay.handle(device, data)
+    assert sent == [edge, fresh]
+    assert metrics.value("downlink_total", result="expired") == 2
