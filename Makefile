@@ -1,6 +1,7 @@
 # citynode: every target installs what it needs first, so a fresh clone needs nothing else.
 #   make demo    the whole system on one machine (embedded defaults)
 #   make test    the whole test suite, emulated boards included
+#   sudo make install-gateway   on a pole: the gateway as a systemd service
 
 PYTHON ?= python3
 VENV   := .venv
@@ -16,7 +17,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision bench-throttle lint flash provision clean
+.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision bench-throttle lint flash provision install-gateway clean
 
 setup: $(STAMP)
 
@@ -58,6 +59,13 @@ lint: setup
 ARGS ?=
 flash provision: setup
 	$(BIN)/citynode-provision $@ --port $(PORT) --board $(BOARD) $(ARGS)
+
+# On the pole (a Raspberry Pi): the gateway, the locked broker and the unit, where the
+# unit expects them (deploy/install-gateway.sh). DESTDIR=DIR stages it under DIR only.
+DESTDIR ?=
+SOURCE  ?=
+install-gateway:
+	DESTDIR="$(DESTDIR)" SOURCE="$(SOURCE)" PYTHON="$(PYTHON)" sh deploy/install-gateway.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

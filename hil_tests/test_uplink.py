@@ -46,12 +46,15 @@ def check_downlink(node: Bench, answer_s: float = 15) -> None:
     sender.connect(*node.broker)
     sender.loop_start()
 
+    said: list[dict] = []
+
     def answer(command: bytes) -> str:
         """What the node says to a command (its cmd/ status record, sent at once)."""
         seen = len(sub.bodies(wire.KIND_STATUS))
         sender.publish(f"citynode/down/{node.device}", command, qos=1).wait_for_publish(10)
         answers = sub.wait(seen + 1, timeout=answer_s, kind=wire.KIND_STATUS)
-        return next(v for n, v in records(answers[seen]).items() if n.startswith("cmd/"))
+        said.append(records(answers[seen]))
+        return next(v for n, v in said[-1].items() if n.startswith("cmd/") and n != "cmd/seq")
 
     try:
         with node.listen() as sub:
@@ -61,6 +64,10 @@ def check_downlink(node: Bench, answer_s: float = 15) -> None:
             assert answer(lamp) == "replayed"             # the same bytes again
             stranger = ec.generate_private_key(ec.SECP256R1())
             assert answer(_command(node, 2, {"level": 100}, stranger)) == "bad_signature"
+        # each answer, a refusal too, confirms the settings the node runs with, signed
+        assert [a.get("set/lamp") for a in said] == [40, 40, 40]
+        assert [a.get("cmd/seq") for a in said] == [1, 1, 1]
+        assert all(a["set/window_s"] == node.window_s for a in said)
     finally:
         sender.loop_stop()
         sender.disconnect()

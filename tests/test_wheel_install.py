@@ -23,6 +23,8 @@ from citynode.testing.provisioning import operator_key, password_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("citynode-emu", "citynode-gateway", "citynode-provision")
+# builds from this checkout, as tests/test_gateway_install.py does: one at a time
+pytestmark = pytest.mark.xdist_group("wheel")
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ class Node:
         self.window_started = time.ticks_ms()
         self.sensors = sensors.build(cfg)
         self.lamp = None
+        self.lamp_level = None      # percent, once a command set it
         self.errors = {}
         self.urgent = []            # (kind, records, ticks_ms): sent at once by event_loop
         self.urgent_ready = asyncio.Event()
@@ -168,12 +169,26 @@ class Node:
 
     # --- downlink -----------------------------------------------------------------------
     async def _downlink(self, envelope):
+        """Every answer, refusal or not, is signed and says what the node now runs with:
+        the last command number it accepted (the operator's next must be above it) and
+        every setting a command can change, so the operator sees what took effect."""
         try:
             name, result = await self.commands.handle(envelope)
             records = [("cmd/" + name, None, "ok" if result is None else str(result))]
         except commands.CommandRefused as exc:
             records = [("cmd/refused", None, exc.reason)]
-        await self._status(records, time.ticks_ms())
+        if self.commands.highest.value >= 0:
+            records.append(("cmd/seq", None, self.commands.highest.value))
+        await self._status(records + self.settings(), time.ticks_ms())
+
+    def settings(self):
+        """The settings commands change, as status records."""
+        records = [("set/window_s", "s", self.cfg["window_s"])]
+        for sensor in self.sensors:
+            records.append(("set/%s/interval_s" % sensor.name, "s", sensor.interval_s))
+        if self.lamp_level is not None:
+            records.append(("set/lamp", "%", self.lamp_level))
+        return records
 
     def _set_interval(self, args):
         seconds = args["seconds"]
@@ -199,6 +214,7 @@ class Node:
                 raise ValueError("no lamp_pin configured")
             self.lamp = machine.PWM(machine.Pin(pin), freq=1000, duty_u16=0)
         self.lamp.duty_u16(level * 65535 // 100)
+        self.lamp_level = level
         return None
 
     def _reboot(self, args):
