@@ -22,6 +22,8 @@ INTERVAL_S = 10     # a part's sampling interval when config.json gives none
 RATE = 48000        # the microphone's sample rate when config.json gives none
 RATES = (16000, 48000)
 IBUF = 32768        # the I2S DMA ring: 4096 frames, 85 ms at 48 kHz, over a collection
+AUDIO_DUTY_PCT = 60  # the audio's share of the CPU at most: a slower chip drops audio
+                     # (counted as overruns), never the node's windows and events
                     # or a window's close (docs/decisions.md, "How the node reads...")
 
 
@@ -139,12 +141,18 @@ class Sound:
         the ring holds. A timer, not the I2S's readiness: asyncio queues a task woken by
         I/O behind every task that merely yielded, so beside a busy task (the signer's
         steps) a reader woken by I/O would run only every other turn.
+
+        After a turn it sleeps at least long enough to keep its share of the CPU within
+        AUDIO_DUTY_PCT: a chip too slow for the audio then loses audio, not everything
+        (without it, a chip ~1.7x slower than the emulated one published no window).
         """
-        import asyncio
+        import time
         mic = self.mic
         meter = self.meter
+        rest = 100 - AUDIO_DUTY_PCT
         n = await mic.aread()
         while True:
+            started = time.ticks_ms()
             more = mic.ring_chunks
             while n:
                 meter.process(mic.samples, n, mic.backlog)
@@ -156,7 +164,8 @@ class Sound:
             if lost:
                 meter.add_overruns(lost)
             beat()
-            await asyncio.sleep_ms(mic.chunk_ms // 2)
+            spent = time.ticks_diff(time.ticks_ms(), started)
+            await asyncio.sleep_ms(max(mic.chunk_ms // 2, spent * rest // AUDIO_DUTY_PCT))
             n = mic.read_held()
 
     def records(self):
