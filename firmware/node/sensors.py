@@ -13,6 +13,7 @@ MicroPython without one (the host's test).
 """
 
 import asyncio
+import time
 
 from drivers.bh1750 import BH1750
 from drivers.bme280 import BME280
@@ -22,9 +23,9 @@ INTERVAL_S = 10     # a part's sampling interval when config.json gives none
 RATE = 48000        # the microphone's sample rate when config.json gives none
 RATES = (16000, 48000)
 IBUF = 32768        # the I2S DMA ring: 4096 frames, 85 ms at 48 kHz, over a collection
+                    # or a window's close (docs/decisions.md, "How the node reads...")
 AUDIO_DUTY_PCT = 60  # the audio's share of the CPU at most: a slower chip drops audio
                      # (counted as overruns), never the node's windows and events
-                    # or a window's close (docs/decisions.md, "How the node reads...")
 
 
 class Sensor:
@@ -146,7 +147,6 @@ class Sound:
         AUDIO_DUTY_PCT: a chip too slow for the audio then loses audio, not everything
         (without it, a chip ~1.7x slower than the emulated one published no window).
         """
-        import time
         mic = self.mic
         meter = self.meter
         rest = 100 - AUDIO_DUTY_PCT
