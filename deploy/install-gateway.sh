@@ -31,6 +31,7 @@ if [ -z "$root" ]; then
         say "run it as root: sudo make install-gateway" >&2
         exit 1
     fi
+    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         mosquitto python3-venv
 fi
