@@ -361,6 +361,29 @@ print(json.dumps({"aligned": all(k % 4 == 0 and k > 0 for k in sizes), "db": db,
     assert 150 < r["ms"] < 2000                       # paced by the sample clock
 
 
+# The node's audio task beside a task of busy steps, on the board, for 3 s (MicroPython).
+AUDIO_BESIDE_BUSY = """
+import sys, time, json, asyncio
+sys.path.append('/fw')
+from node.sensors import Sound, AUDIO_DUTY_PCT
+steps = [0]
+
+async def busy(step_ms):
+    while True:
+        t = time.ticks_ms()
+        while time.ticks_diff(time.ticks_ms(), t) < step_ms:
+            pass
+        steps[0] += 1
+        await asyncio.sleep_ms(0)
+
+async def beside(sound, step_ms):
+    asyncio.create_task(sound.run(lambda: None))
+    await asyncio.sleep_ms(100)  # its first read (through asyncio) before the busy task
+    asyncio.create_task(busy(step_ms))
+    await asyncio.sleep_ms(3000)
+    sound.mic.deinit()          # the ring stops here: what it dropped so far is all
+"""
+
 
 def test_microphone_task_keeps_up_when_loop_turns_outlast_a_chunk(pole: Pole) -> None:
     """The node's audio task beside a task whose steps take 25 ms: longer than a chunk
@@ -369,31 +392,11 @@ def test_microphone_task_keeps_up_when_loop_turns_outlast_a_chunk(pole: Pole) ->
     taking all the ring holds in each turn loses nothing."""
     shutil.copytree(FIRMWARE, pole.fs / "fw", dirs_exist_ok=True)
     before = pole.parts.state()["i2s_dropped_bytes"]
-    code = """
-import sys, time, json, asyncio
-sys.path.append('/fw')
-from node.sensors import Sound
+    code = AUDIO_BESIDE_BUSY + """
 sound = Sound({"sck": 26, "ws": 25, "sd": 33, "ibuf": 16384}, 15.0, None)
-turns = [0]
-
-async def busy():
-    while True:
-        t = time.ticks_ms()
-        while time.ticks_diff(time.ticks_ms(), t) < 25:
-            pass
-        turns[0] += 1
-        await asyncio.sleep_ms(0)
-
-async def main():
-    asyncio.create_task(sound.run(lambda: None))
-    await asyncio.sleep_ms(100)  # its first read (through asyncio) before the busy task
-    asyncio.create_task(busy())
-    await asyncio.sleep_ms(3000)
-    sound.mic.deinit()          # the ring stops here: what it dropped so far is all
-
-asyncio.run(main())
+asyncio.run(beside(sound, 25))
 laeq = [v for k, u, v in sound.records() if k == "noise/laeq"]
-print(json.dumps({"turns": turns[0], "overruns": sound.mic.overruns, "laeq": laeq}))
+print(json.dumps({"turns": steps[0], "overruns": sound.mic.overruns, "laeq": laeq}))
 """
     r = pole.run(code)
     dropped = pole.parts.state()["i2s_dropped_bytes"] - before
@@ -411,13 +414,9 @@ def test_a_chip_too_slow_for_the_audio_drops_audio_not_the_node(pole: Pole) -> N
     other tasks still get their turns. Before the cap, a node ~1.7x slower than the
     emulated chip published no window at all."""
     shutil.copytree(FIRMWARE, pole.fs / "fw", dirs_exist_ok=True)
-    code = """
-import sys, time, json, asyncio
-sys.path.append('/fw')
-from node.sensors import Sound, AUDIO_DUTY_PCT
+    code = AUDIO_BESIDE_BUSY + """
 sound = Sound({"sck": 26, "ws": 25, "sd": 33}, 15.0, None)
 process = sound.meter.process
-work = [0]
 
 def slow(buf, n, behind=0):
     t = time.ticks_us()
@@ -426,24 +425,8 @@ def slow(buf, n, behind=0):
     process(buf, n, behind)
 
 sound.meter.process = slow
-
-async def others():
-    while True:
-        t = time.ticks_ms()
-        while time.ticks_diff(time.ticks_ms(), t) < 2:
-            pass
-        work[0] += 2
-        await asyncio.sleep_ms(0)
-
-async def main():
-    asyncio.create_task(sound.run(lambda: None))
-    await asyncio.sleep_ms(100)
-    asyncio.create_task(others())
-    await asyncio.sleep_ms(3000)
-    sound.mic.deinit()
-
-asyncio.run(main())
-print(json.dumps({"work_ms": work[0], "overruns": sound.mic.overruns,
+asyncio.run(beside(sound, 2))
+print(json.dumps({"work_ms": 2 * steps[0], "overruns": sound.mic.overruns,
                   "duty": AUDIO_DUTY_PCT}))
 """
     r = pole.run(code)
