@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,13 +156,13 @@ def decode_envelope(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelop
         raise EnvelopeError("malformed", f"not CBOR ({exc.__class__.__name__})") from None
     if not isinstance(item, cbor2.CBORTag) or item.tag not in (TAG_SIGN1, TAG_MAC0):
         raise EnvelopeError("malformed", "not a COSE_Sign1 or COSE_Mac0 tag")
-    body = item.value
-    if not (isinstance(body, list) and len(body) == 4):
+    body = item.value   # cbor2 >= 6 decodes a tag's array as a tuple, its maps as frozendict
+    if not (isinstance(body, list | tuple) and len(body) == 4):
         raise EnvelopeError("malformed", "COSE structure must be an array of 4")
     protected, unprotected, payload, signature = body
     if not all(isinstance(x, bytes) for x in (protected, payload, signature)):
         raise EnvelopeError("malformed", "protected, payload and signature must be byte strings")
-    if not isinstance(unprotected, dict):
+    if not isinstance(unprotected, Mapping):
         raise EnvelopeError("malformed", "unprotected header must be a map")
     alg = _alg(item.tag, protected)
     kid = _kid(unprotected)
@@ -203,7 +203,7 @@ def _alg(tag: int, protected: bytes) -> int:
                         "with no other key")
 
 
-def _kid(unprotected: dict) -> str:
+def _kid(unprotected: Mapping) -> str:
     """The kid, the unprotected header's one entry. That header is not signed: anything
     else in it would let anyone make another valid envelope of the same signature."""
     labels = list(unprotected)

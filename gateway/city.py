@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import Config, ConfigError, credential
+from .config import Config, ConfigError, credential, read_credential
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqttio import BufferedClient
@@ -92,8 +92,8 @@ class CityLink:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"upstream TLS files cannot be used: {exc}") from None
         if up.username:
-            secret = credential(up.password_file)
-            password = secret.read_text().strip() if secret else None
+            password = (read_credential(up.password_file, "upstream.password_file")
+                        if up.password_file else None)
             client.username_pw_set(up.username, password)
         client.max_inflight_messages_set(max(up.inflight + 4, 20))
         client.max_queued_messages_set(0)

@@ -32,6 +32,21 @@ def credential(path: Path | None) -> Path | None:
     return path
 
 
+def read_credential(path: Path, key: str) -> str:
+    """The one-line secret that the setting `key` names, read where credential() finds it."""
+    source = credential(path)
+    try:
+        secret = source.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key} = '{path}' cannot be read ({exc.strerror}); under systemd the unit hands "
+            f"it to the service (LoadCredential={path.name}:{path}), elsewhere it must be "
+            "readable by the gateway's user") from None
+    if not secret or "\n" in secret:
+        raise ConfigError(f"{key} = '{path}' must hold one line, the secret")
+    return secret
+
+
 @dataclass(frozen=True)
 class LocalBroker:
     host: str = "127.0.0.1"

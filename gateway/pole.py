@@ -26,7 +26,7 @@ from citynode import wire
 from citynode.registry import Registry
 
 from . import unverified
-from .config import Config, credential
+from .config import Config, read_credential
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqttio import BufferedClient
@@ -114,8 +114,8 @@ class PoleLink:
         client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=local.client_id,
                                 protocol=mqtt.MQTTv311, clean_session=False, manual_ack=True)
         if local.username:
-            secret = credential(local.password_file)
-            password = secret.read_text().strip() if secret else None
+            password = (read_credential(local.password_file, "local.password_file")
+                        if local.password_file else None)
             client.username_pw_set(local.username, password)
         client.reconnect_delay_set(1, 10)
         client.on_connect = self._on_connect

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -36,6 +37,13 @@ PREFIX = "city/test"
 GATEWAY_ID = "pole-t1"
 
 
+def config_text(sections: dict[str, dict]) -> str:
+    """A gateway.toml from {section: {key: value}} (strings, numbers, booleans)."""
+    return "\n".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        for name, values in sections.items())
+
+
 class GatewayProcess:
     def __init__(self, workdir: Path, local: Mosquitto, upstream: Mosquitto,
                  devices: Iterable[TestDevice] = (), *, store: dict | None = None,
@@ -60,22 +68,29 @@ class GatewayProcess:
                     "local": {"host": local.host, "port": local.port, **(local_extra or {})},
                     "upstream": upstream_cfg, "store": store_cfg,
                     "metrics": {"address": f"127.0.0.1:{self.metrics_port}"}}
-        self.config.write_text("\n".join(
-            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-            for name, values in sections.items()))
+        self.config.write_text(config_text(sections))
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "gateway.log"
         self.starts = 0
 
     def start(self, wait: bool = True, timeout: float = 15.0,
-              env: dict[str, str] | None = None) -> GatewayProcess:
+              env: dict[str, str] | None = None, program: str | None = None,
+              user: str | None = None) -> GatewayProcess:
+        """`program` (default: this Python's citynode) runs as `user` (default: ours) with
+        the unit's UMask; the log stays ours."""
         self.starts += 1
+        command = [program] if program else [sys.executable, "-m", "citynode.gateway.cli"]
+        as_user: dict = {}
+        if user:
+            account = pwd.getpwnam(user)
+            as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": [],
+                       "umask": 0o077}
         with self.log_path.open("a") as log:
             log.write(f"--- start {self.starts}\n")
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "citynode.gateway.cli", "run", "--config",
-                 str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                [*command, "run", "--config", str(self.config)], stdout=log,
+                stderr=subprocess.STDOUT, cwd=self.workdir,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **as_user)
         if wait:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
