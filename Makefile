@@ -8,8 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# systemd: its systemd-analyze checks the shipped unit (tests/test_gateway_deploy.py)
-APT_PACKAGES := mosquitto systemd
+# systemd: its systemd-analyze checks the shipped unit (tests/test_gateway_deploy.py);
+# chrony: the pole's time server for its nodes (deploy/chrony.conf), in tests and the demo
+APT_PACKAGES := mosquitto systemd chrony
 
 PORT  ?=
 BOARD ?= esp32-devkitc

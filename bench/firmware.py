@@ -18,8 +18,10 @@ wakes: the loop's stalls), and the host fires one gunshot, sends one signed
 downlink command and cuts Wi-Fi for 60 s. Measured there, in real (chip) time:
 max_loop_stall_ms_chip, impulse_to_publish_ms_chip (gunshot -> its event at the
 broker), downlink_to_answer_ms_chip, audio_overruns (how often the emulator's I2S DMA
-ring, which holds ibuf/8 frames as on the ESP32, overflowed) and audio_lost_pct (the
-share of the run's audio it dropped). Heap is in the chip's terms (objects at half
+ring, which holds ibuf/8 frames as on the ESP32, overflowed), audio_lost_pct (the
+share of the run's audio it dropped) and clock_error_ms_p95_chip (the node's clock,
+synced over SNTP from a chronyd with deploy/chrony.conf through the emulated Wi-Fi,
+against the host's, every 10 s). Heap is in the chip's terms (objects at half
 their 64-bit size, byte buffers and loaded code in full). Writes
 bench/results/firmware.json with the targets.
 """
@@ -36,6 +38,7 @@ from bench import firmware_crypto, firmware_dsp
 from bench.output import save
 from citynode import speed, wire
 from citynode.boards import get_board
+from citynode.chrony import PoleTimeServer
 from citynode.emulator.vm import WORD_SCALE
 from citynode.mosquitto import Mosquitto
 from citynode.provisioning.deploy import build_plan
@@ -55,7 +58,8 @@ BOARD = "esp32-devkitc"
 MIC_RATE = 48000               # the node's microphone (boards.yaml)
 STOCK_MEASURE_HEAP_KB = 400     # room to measure a firmware larger than the board's heap
 TARGETS = {"max_loop_stall_ms_chip": 20, "impulse_to_publish_ms_chip": 250, "audio_overruns": 0,
-           "heap_high_water_kb": 80, "heap_high_water_kb_stock": 80}
+           "heap_high_water_kb": 80, "heap_high_water_kb_stock": 80,
+           "clock_error_ms_p95_chip": 5}
 
 CYCLE = """
 import asyncio, gc, json, time
@@ -144,8 +148,17 @@ asyncio.run(main())
 STALLS_MAIN = """
 import asyncio, os, time
 import node.app as app
+from node.clock import CLOCK
 from array import array
 h = array('H', bytes(2 * 202))
+errors = array('h', bytes(2 * 600))  # the node's clock - the host's (truth), ms
+n_errors = [0]
+def save(name, values):
+    f = open('/%s.tmp' % name, 'w')    # then renamed: the host reads it any time
+    for x in values:                    # number by number: a tight heap has no 2 KB block
+        f.write('%d ' % x)
+    f.close()
+    os.rename('/%s.tmp' % name, '/%s.txt' % name)
 async def probe():
     open('/bench_up', 'w').close()       # the app's loop runs: the host starts its clock
     await asyncio.sleep_ms(WARMUP_MS)
@@ -156,11 +169,13 @@ async def probe():
         h[min(201, time.ticks_diff(time.ticks_ms(), t) // 10 - 5 + 1)] += 1
         if time.ticks_diff(t, last) > WRITE_MS:
             last = t
-            f = open('/bench_stalls.tmp', 'w')   # then renamed: the host reads it any time
-            for x in h:                 # number by number: a tight heap has no 2 KB block
-                f.write('%d ' % x)
-            f.close()
-            os.rename('/bench_stalls.tmp', '/bench_stalls.txt')
+            now = CLOCK.unix_ms()
+            if now is not None and n_errors[0] < len(errors):
+                error = now - time._real.time_ns() // 1000000   # the emulator's truth
+                errors[n_errors[0]] = max(-32000, min(32000, error))
+                n_errors[0] += 1
+            save('bench_stalls', h)
+            save('bench_clock', errors[:n_errors[0]])
 run = app.Node.run
 async def probed(self):
     asyncio.create_task(probe())
@@ -296,6 +311,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, device: str, operator,
         board.control("wifi", up=True)
         _sleep_until(t0 + seconds)
         result["stalls"] = _stall_stats(stalls.read_text()) if stalls.exists() else {}
+        clock = board.state / "fs" / "bench_clock.txt"
+        result["clock"] = _clock_stats(clock.read_text()) if clock.exists() else {}
         overruns, dropped = _overruns(board)
         result["audio_overruns"] = overruns - overruns_before[0]
         # the microphone's 32-bit mono samples, as a share of the audio of the whole run
@@ -339,6 +356,15 @@ def _stall_stats(text: str) -> dict:
             "over_20": sum(counts[3:])}
 
 
+def _clock_stats(text: str) -> dict:
+    """p50, p95 and max of |node clock - host clock| (ms) over the probe's samples."""
+    errors = sorted(abs(int(x)) for x in text.split())
+    if not errors:
+        return {"samples": 0}
+    return {"samples": len(errors), "p50": errors[len(errors) // 2],
+            "p95": errors[min(len(errors) - 1, int(0.95 * len(errors)))], "max": errors[-1]}
+
+
 def _sleep_until(when: float) -> None:
     time.sleep(max(0.0, when - time.time()))
 
@@ -358,7 +384,8 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
     factors = speed.factors(get_board(BOARD))
     window_s = 5 if quick else 60
     with tempfile.TemporaryDirectory(prefix="cn-bench-fw-") as name, \
-            Mosquitto(Path(name) / "broker") as broker:
+            Mosquitto(Path(name) / "broker") as broker, \
+            PoleTimeServer(Path(name) / "chrony") as clock:
         tmp = Path(name)
         scenario = tmp / "scenario.json"
         scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
@@ -368,7 +395,8 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
         emu = start_emulator(tmp, blank=not quick, extra=extra)
         try:
             device = provision_one(tmp, emu.boards[0].url, f"{broker.host}:{broker.port}",
-                                   window_s, pem, flash=not quick)
+                                   window_s, pem, flash=not quick,
+                                   ntp=f"{clock.host}:{clock.port}")
             host = host_speed(emu.boards[0], quick)
         finally:
             emu.stop()
@@ -416,9 +444,14 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),
+        # the node's clock against the host's, sampled by the probe (SNTP from chronyd
+        # through the emulated Wi-Fi's delays, a crystal 10 ppm fast)
+        "clock_error_ms_p95_chip": chip.get("clock", {}).get("p95"),
+        "clock_error_ms_max_chip": chip.get("clock", {}).get("max"),
         "chip_speed_run": {"minutes": minutes, "windows": chip.get("windows"),
                            "wifi_outage_s": chip.get("outage_s"), "impulses": 1,
                            "downlinks": 1, "probes": stalls.get("probes"),
+                           "clock_samples": chip.get("clock", {}).get("samples"),
                            "boot_s": chip.get("boot_s")},
         # the stock image has no ROMFS: the firmware's .mpy files load into the heap
         "heap_high_water_kb_stock": _chip_heap_kb(host.get("water_stock", host["water"])),

@@ -41,7 +41,10 @@ PROTECTED = {ALG_ES256: b"\xa1\x01\x26",     # {1: -7}
 MAX_KID_BYTES = len("cn-") + 12     # a device id; the operator's kid ("operator") is shorter
 
 KIND_READINGS, KIND_EVENT, KIND_STATUS, KIND_SELFTEST = 0, 1, 2, 3
-K_DEVICE, K_SEQ, K_BOOT, K_TIME, K_UPTIME, K_KIND, K_RECORDS = 1, 2, 3, 4, 5, 6, 7
+K_VERSION, K_DEVICE, K_SEQ, K_BOOT, K_TIME, K_UPTIME, K_KIND, K_RECORDS = 0, 1, 2, 3, 4, 5, 6, 7
+# Payload versions: 1 (no key 0) time in Unix seconds, uptime wrapping at 2**30 ms;
+# 2 time in Unix milliseconds, uptime in full.
+WIRE_VERSION = 2
 K_COMMAND, K_ARGS = 10, 11
 OPERATOR_KID = "operator"
 
@@ -64,6 +67,7 @@ REASONS = (
     "no_operator_key",  # the node has no operator key to check a command with
     "unknown_command",  # a command the node does not carry out
     "bad_args",         # a command's arguments do not fit it
+    "expired",          # a command issued too long ago (or ahead) by the node's clock
 )
 
 
@@ -133,7 +137,8 @@ class Payload:
     uptime_ms: int
     kind: int
     records: list[dict[int, Any]] = field(default_factory=list)
-    time: int | None = None
+    time_ms: int | None = None      # Unix ms when the node's clock was synced
+    version: int = WIRE_VERSION
 
 
 def _loads_exact(data: bytes) -> Any:
@@ -264,12 +269,17 @@ def decode_payload(envelope: Envelope) -> Payload:
     records = body.get(K_RECORDS, [])
     if not isinstance(records, list):
         raise EnvelopeError("malformed", "records must be an array")
+    version = body.get(K_VERSION, 1)
+    if version not in (1, WIRE_VERSION):
+        raise EnvelopeError("malformed", f"payload version {_show(version)}: this gateway "
+                            f"reads versions 1 and {WIRE_VERSION} (upgrade it)")
     time = body.get(K_TIME)
     if time is not None and not _is_uint(time):
         raise EnvelopeError("malformed", f"payload key {K_TIME} (time) must be an unsigned integer")
     return Payload(
         device=device, seq=seq, boot=_uint(body, K_BOOT), uptime_ms=_uint(body, K_UPTIME),
-        kind=_uint(body, K_KIND), records=records, time=time)
+        kind=_uint(body, K_KIND), records=records,
+        time_ms=time * 1000 if time is not None and version == 1 else time, version=version)
 
 
 def _is_uint(value: Any) -> bool:

@@ -10,6 +10,7 @@
 #   /etc/citynode/pole-broker.secret    the gateway's pole-broker secret, made once, 0600
 #   /etc/mosquitto/conf.d/citynode.conf kept if there (its access-point address)
 #   /etc/mosquitto/citynode/acl         the ACL, root:mosquitto 0640
+#   /etc/chrony/conf.d/citynode.conf    the nodes' time server (kept if there: its subnet)
 #   /etc/systemd/system/citynode-gateway.service
 #
 # Then it writes the broker's password file and starts both services. Re-running it
@@ -33,7 +34,7 @@ if [ -z "$root" ]; then
     fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        mosquitto python3-venv
+        mosquitto chrony python3-venv
 fi
 
 say "the program into $venv"
@@ -63,6 +64,11 @@ install -d -m 0755 "$root/etc/mosquitto/conf.d"
 install -d -m 0750 -g "$group" "$root/etc/mosquitto/citynode"
 install -m 0640 -g "$group" "$here/deploy/mosquitto.acl" "$root/etc/mosquitto/citynode/acl"
 
+say "the nodes' time server (chrony)"
+install -d -m 0755 "$root/etc/chrony/conf.d"
+[ -e "$root/etc/chrony/conf.d/citynode.conf" ] ||
+    install -m 0644 "$here/deploy/chrony.conf" "$root/etc/chrony/conf.d/citynode.conf"
+
 say "the systemd unit (and the README it names as its documentation)"
 install -d "$root/usr/share/doc/citynode" "$root/etc/systemd/system"
 install -m 0644 "$here/README.md" "$root/usr/share/doc/citynode/README.md"
@@ -76,9 +82,10 @@ fi
 /usr/local/bin/citynode-gateway broker-accounts --config /etc/citynode/gateway.toml \
     --out /etc/mosquitto/citynode/passwd
 systemctl daemon-reload
-systemctl enable mosquitto citynode-gateway
-systemctl restart mosquitto
+systemctl enable mosquitto chrony citynode-gateway
+systemctl restart mosquitto chrony
 systemctl restart citynode-gateway
-say "running; edit /etc/citynode/gateway.toml (id, [upstream]) and the access-point"
-say "address in /etc/mosquitto/conf.d/citynode.conf, then: systemctl restart mosquitto"
-say "citynode-gateway; status: citynode-gateway status --config /etc/citynode/gateway.toml"
+say "running; edit /etc/citynode/gateway.toml (id, [upstream]), the access-point address"
+say "in /etc/mosquitto/conf.d/citynode.conf and its subnet in /etc/chrony/conf.d/citynode.conf,"
+say "then: systemctl restart mosquitto chrony citynode-gateway"
+say "status: citynode-gateway status --config /etc/citynode/gateway.toml"

@@ -45,6 +45,12 @@ def _new_mac() -> str:
     return "240ac4" + os.urandom(3).hex()
 
 
+# How fast the board's crystal runs, in parts per million: its ticks, and so any clock the
+# firmware keeps from them, drift by this much against the host's (true) time. ESP-IDF
+# asks for a 40 MHz crystal within +-10 ppm (Wi-Fi needs it): the worst of it, fast.
+XTAL_PPM = 10
+
+
 class EmulatedBoard:
     def __init__(self, board: Board, state: Path, *, link: Path | None = None,
                  rfc2217_port: int | None = None, blank: bool = False,
@@ -60,6 +66,7 @@ class EmulatedBoard:
             self.storage.flash.write(board.firmware_offset, build_image(board))
         self.peripherals = peripherals
         self.radio = radio or Radio()
+        self.xtal_ppm = XTAL_PPM
         self.bus = bus.BusServer(self._bus_call)
         self._lock = threading.RLock()
         self.mode = "off"
@@ -196,6 +203,7 @@ class EmulatedBoard:
             "CITYNODE_EMU_BOOT": boot,
             # ticks_ms()/ticks_us() count from the chip's reset (board_side/emu_time.py)
             "CITYNODE_EMU_TICKS0_US": str(int(self._booted_at * 1_000_000)),
+            "CITYNODE_EMU_XTAL_PPM": str(self.xtal_ppm),
             "CITYNODE_EMU_VERSION": f"{self.app.version} on {self.app.date}",
             "CITYNODE_EMU_MACHINE": f"{self.board.description} with {self.board.chip.upper()}",
         }
@@ -265,8 +273,9 @@ class EmulatedBoard:
     @property
     def uptime_ms(self) -> int:
         """Milliseconds since the chip's last reset: its ticks_ms() now, before the 2**30
-        wrap (the unix port's ticks and time.monotonic() are both CLOCK_MONOTONIC)."""
-        return int((time.monotonic() - self._booted_at) * 1000)
+        wrap (the unix port's ticks and time.monotonic() are both CLOCK_MONOTONIC), by the
+        board's crystal."""
+        return int((time.monotonic() - self._booted_at) * (1000 + self.xtal_ppm / 1000))
 
     def _wdt_report(self) -> str:
         """What the ESP-IDF task watchdog prints before its panic restarts the chip."""

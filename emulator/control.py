@@ -68,6 +68,7 @@ COMMANDS = {
     "status": lambda b: _status(b),
     "wifi": lambda b, up: b.radio.set_ap(bool(up)),
     "rssi": lambda b, dbm: setattr(b.radio, "rssi", int(dbm)),
+    "link": lambda b, **settings: b.radio.set_link(**settings),
     "power": _power,
     "press": _press,
     "hang": lambda b: b.hang(),

@@ -1,19 +1,24 @@
-"""The board's Wi-Fi: an access point the board joins, and the path its TCP takes.
+"""The board's Wi-Fi: an access point the board joins, and the path its traffic takes.
 
 Names the board resolves (socket.getaddrinfo) map to a loopback relay port owned
-here, so the firmware's real sockets reach the real destination only while the
-link is up; when the link drops every relayed connection is cut, as a lost
-association cuts them on the chip.
+here, for TCP and for UDP alike (the same port number), so the firmware's real
+sockets reach the real destination only while the link is up; when the link drops
+every relayed connection is cut, as a lost association cuts them on the chip.
+Datagrams cross the air as on Wi-Fi (Link): a delay each way, jitter, some lost.
+TCP is not delayed (not modelled: its retransmissions would hide loss anyway).
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import random
 import select
 import socket
 import threading
 import time
+from dataclasses import asdict, dataclass
 
 from .sockets import Listener
 
@@ -27,6 +32,7 @@ STAT_NO_AP_FOUND, STAT_WRONG_PASSWORD, STAT_BEACON_TIMEOUT = 201, 202, 200
 ASSOCIATION_S = 1.0
 NO_AP_SCAN_S = 2.0
 AUTH_FAIL_S = 1.0
+MAX_DATAGRAM_PEERS = 16   # board sockets a UDP relay keeps a far socket for
 
 
 class WifiStateError(OSError):
@@ -36,6 +42,25 @@ class WifiStateError(OSError):
 
 class WifiNotStarted(OSError):
     """connect()/disconnect() with the station inactive: OSError('Wifi Not Started')."""
+
+
+@dataclass
+class Link:
+    """The air between the board and the access point, for datagrams. Each way a fixed
+    delay plus an exponential part (Wi-Fi's contention and retries: mostly a few ms, now
+    and then tens), and a share lost. Uplink and downlink differ, as on a real link: an
+    NTP client cannot see that asymmetry, half of it is its error."""
+    up_ms: float = 3.0
+    down_ms: float = 2.0
+    jitter_ms: float = 3.0      # mean of the exponential part, each way
+    loss: float = 0.02
+
+    def delay_s(self, base_ms: float) -> float:
+        extra = random.expovariate(1 / self.jitter_ms) if self.jitter_ms > 0 else 0.0
+        return (base_ms + extra) / 1000
+
+    def lost(self) -> bool:
+        return random.random() < self.loss
 
 
 class Radio:
@@ -55,6 +80,7 @@ class Radio:
         self.ap_password = password
         self.ap_up = True
         self.rssi = -61
+        self.link = Link()
         self._relays: dict[tuple[str, int], _Relay] = {}
         self._lock = threading.Lock()
         self._state = threading.RLock()
@@ -178,12 +204,22 @@ class Radio:
                     if self._requested:
                         self._start_attempt(time.monotonic())
 
+    def set_link(self, **settings: float) -> dict:
+        """Fault injection and realism: the datagram link's delays and loss (Link)."""
+        for name, value in settings.items():
+            if name not in Link.__dataclass_fields__ or float(value) < 0:
+                raise ValueError(f"link setting {name}={value!r}: one of "
+                                 f"{', '.join(Link.__dataclass_fields__)}, >= 0")
+            setattr(self.link, name, float(value))
+        return asdict(self.link)
+
     def signal_dbm(self) -> int:
         return self.rssi + random.randint(-3, 3) if self.connected() else 0
 
-    # --- TCP --------------------------------------------------------------------
+    # --- TCP and UDP --------------------------------------------------------------
     def resolve(self, host: str, port: int) -> int:
-        """The loopback port of a relay to (host, port); fails while the link is down."""
+        """The loopback port of the relays to (host, port), TCP and UDP on the same number;
+        fails while the link is down."""
         if not self.connected():
             raise OSError(errno.ENETUNREACH, "Wi-Fi link is down")
         try:
@@ -209,12 +245,28 @@ class Radio:
             relay.close()
 
 
+def _twin_sockets() -> tuple[socket.socket, socket.socket]:
+    """A listening TCP socket and a UDP socket bound to the same free loopback port."""
+    for _ in range(50):
+        tcp = socket.create_server(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(tcp.getsockname())
+            return tcp, udp
+        except OSError:  # that number is taken for UDP: try another
+            tcp.close()
+            udp.close()
+    raise OSError(errno.EADDRINUSE, "no loopback port free for both TCP and UDP")
+
+
 class _Relay:
     def __init__(self, radio: Radio, host: str, port: int):
         self._radio = radio
         self._target = (host, port)
-        self._listener = Listener()
+        tcp, udp = _twin_sockets()
+        self._listener = Listener(tcp)
         self.port = self._listener.port
+        self._datagrams = _DatagramRelay(radio, udp, self._target)
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         # one at a time: the connection to the far end is made before the next accept
@@ -275,6 +327,72 @@ class _Relay:
     def close(self) -> None:
         self.cut()
         self._listener.close()
+        self._datagrams.close()
+
+
+class _DatagramRelay:
+    """UDP between the board and (host, port), across the air (radio.link): one socket
+    to the far end per board socket, so answers find their way back; a datagram is
+    lost while the link is down, at either end of its flight."""
+
+    def __init__(self, radio: Radio, sock: socket.socket, target: tuple[str, int]):
+        self._radio = radio
+        self._board_side = sock
+        self._target = target
+        self._far: dict[tuple[str, int], socket.socket] = {}    # board address -> socket
+        self._board_of: dict[socket.socket, tuple[str, int]] = {}
+        self._flights: list[tuple[float, int, socket.socket, bytes, tuple[str, int]]] = []
+        self._order = itertools.count()
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, name=f"udp relay {target}", daemon=True).start()
+
+    def _send_later(self, base_ms: float, sock: socket.socket, data: bytes,
+                    to: tuple[str, int]) -> None:
+        link = self._radio.link
+        if self._radio.connected() and not link.lost():
+            heapq.heappush(self._flights, (time.monotonic() + link.delay_s(base_ms),
+                                           next(self._order), sock, data, to))
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            wait = 0.2
+            if self._flights:
+                wait = max(0.0, min(wait, self._flights[0][0] - time.monotonic()))
+            try:
+                ready, _, _ = select.select([self._board_side, *self._board_of], [], [], wait)
+                for sock in ready:
+                    data, sender = sock.recvfrom(65536)
+                    if sock is self._board_side:
+                        self._send_later(self._radio.link.up_ms, self._far_for(sender), data,
+                                         self._target)
+                    else:
+                        self._send_later(self._radio.link.down_ms, self._board_side, data,
+                                         self._board_of[sock])
+                while self._flights and self._flights[0][0] <= time.monotonic():
+                    _, _, sock, data, to = heapq.heappop(self._flights)
+                    if self._radio.connected():
+                        sock.sendto(data, to)
+            except OSError:
+                if self._closed.is_set():
+                    return
+                # an ICMP error from a closed far port (ECONNREFUSED) or a full buffer:
+                # the datagram is lost, as it would be on the air
+
+    def _far_for(self, board: tuple[str, int]) -> socket.socket:
+        far = self._far.get(board)
+        if far is None:
+            if len(self._far) >= MAX_DATAGRAM_PEERS:    # the oldest board socket is gone
+                gone = self._far.pop(next(iter(self._far)))
+                del self._board_of[gone]
+                gone.close()
+            far = self._far[board] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._board_of[far] = board
+        return far
+
+    def close(self) -> None:
+        self._closed.set()
+        for sock in (self._board_side, *list(self._board_of)):
+            sock.close()
 
 
 def _reset(sock: socket.socket) -> None:

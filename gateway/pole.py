@@ -58,7 +58,8 @@ class Verifier:
             raise wire.EnvelopeError("malformed", f"{payload.device} published on {topic!r}, "
                                      f"expected {wire.up_topic(payload.device)}")
         return Incoming(payload.device, payload.seq, data, received_at,
-                        event=payload.kind == wire.KIND_EVENT, node_time=payload.time,
+                        event=payload.kind == wire.KIND_EVENT,
+                        node_time=None if payload.time_ms is None else payload.time_ms / 1000,
                         key=key)
 
 

@@ -89,7 +89,7 @@ class Incoming:
     data: bytes
     received_at: float
     event: bool = False
-    node_time: int | None = None
+    node_time: float | None = None   # Unix seconds, from the payload
     key: str = ""           # the verifying key's id (registry.Registry.key_id)
     outcome: str = ""
     prio: int = PRIO_LIVE

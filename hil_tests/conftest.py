@@ -23,6 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from citynode.chrony import PoleTimeServer
 from citynode.mosquitto import Mosquitto
 from citynode.registry import load_registry
 from citynode.testing.emulator import start_emulator
@@ -44,6 +45,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the bench's Wi-Fi (real board; default $CITYNODE_WIFI_SSID)")
     group.addoption("--wifi-password-file", default=os.environ.get("CITYNODE_WIFI_PASSWORD_FILE"),
                     help="its password, in a file (default $CITYNODE_WIFI_PASSWORD_FILE)")
+    group.addoption("--ntp", help="HOST:PORT of the time server a real board syncs from "
+                    "(default: the broker's host, port 123: chrony on this PC)")
     group.addoption("--image", help="MicroPython image to flash (default: the firmware cache)")
     group.addoption("--no-chip-speed", action="store_true",
                     help="skip the second emulated node that runs at the chip's speed")
@@ -87,11 +90,11 @@ def _operator_key(tmp: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
 
 
 def _provision(tmp: Path, port: str, board: str, broker: str, ssid: str, pwfile: Path,
-               image: Path | None, operator_pem: Path) -> str:
+               image: Path | None, operator_pem: Path, ntp: str | None = None) -> str:
     args = ["provision", "--port", port, "--board", board, "--registry", str(tmp / "fleet"),
             "--site", "hil", "--pole", "HIL-1", "--broker", broker, "--wifi-ssid", ssid,
             "--wifi-password-file", str(pwfile), "--window-s", str(WINDOW_S),
-            "--operator-key", str(operator_pem), "--json"]
+            "--operator-key", str(operator_pem), "--json", *(["--ntp", ntp] if ntp else [])]
     run = cli(*args, *(["--image", str(image)] if image else []), logs=tmp / "logs")
     assert run.code == 0, f"provisioning failed ({run.code}):\n{run.stdout}\n{run.stderr}"
     return run.result["boards"][0]["device"]
@@ -111,11 +114,13 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                 broker = f"{_lan_address()}:{mosquitto.port}"
             device = _provision(tmp, port, board, broker, config.getoption("--wifi-ssid"),
                                 Path(config.getoption("--wifi-password-file")),
-                                Path(image) if image else None, operator_pem)
+                                Path(image) if image else None, operator_pem,
+                                config.getoption("--ntp"))
             host, _, broker_port = broker.rpartition(":")
             yield _bench(tmp, device, port, (host, int(broker_port)), operator)
         return
-    with Mosquitto(tmp / "broker", persistence=True) as mosquitto:
+    with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
+            PoleTimeServer(tmp / "chrony") as clock:
         scenario = tmp / "scenario.json"
         # a spring noon (daylight on the BH1750); impulses only when a test fires one
         scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
@@ -124,7 +129,8 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             handle = emu.boards[0]
             device = _provision(tmp, handle.url, board, f"{mosquitto.host}:{mosquitto.port}",
                                 "city", password_file(tmp),
-                                Path(image) if image else make_image(tmp, board), operator_pem)
+                                Path(image) if image else make_image(tmp, board), operator_pem,
+                                f"{clock.host}:{clock.port}")
             yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
                          handle)
         finally:
@@ -146,7 +152,8 @@ def chip_bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     tmp = tmp_path_factory.mktemp("hil-chip")
     operator, operator_pem = _operator_key(tmp)
     board = config.getoption("--board")
-    with Mosquitto(tmp / "broker", persistence=True) as mosquitto:
+    with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
+            PoleTimeServer(tmp / "chrony") as clock:
         scenario = tmp / "scenario.json"
         scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
         extra = ["--scenario", str(scenario)]
@@ -154,7 +161,7 @@ def chip_bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         try:
             device = _provision(tmp, emu.boards[0].url, board,
                                 f"{mosquitto.host}:{mosquitto.port}", "city", password_file(tmp),
-                                make_image(tmp, board), operator_pem)
+                                make_image(tmp, board), operator_pem, f"{clock.host}:{clock.port}")
         finally:
             emu.stop()
         emu = start_emulator(tmp, board=board, extra=extra, chip_speed=True, timeout=120)

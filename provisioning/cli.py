@@ -54,6 +54,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lat", type=float, default=0.0)
     p.add_argument("--lon", type=float, default=0.0)
     p.add_argument("--broker", default="192.168.4.1:1883", help="the pole gateway's MQTT HOST:PORT")
+    p.add_argument("--ntp", metavar="HOST:PORT",
+                   help="the pole's time server (default: the broker's host, port 123)")
     p.add_argument("--wifi-ssid", required=True)
     p.add_argument("--wifi-password-file", help="file holding the Wi-Fi password")
     p.add_argument("--wifi-password-env", metavar="VAR",
@@ -264,7 +266,8 @@ def _plan_for(args: argparse.Namespace, board, probe: dict) -> deploy.Plan:
     plan = deploy.build_plan(fw, probe, False if args.no_mpy else None)
     device = wire.device_id(probe["mac"])
     cfg = deploy.build_config(board, device, args.site, args.pole, args.lat, args.lon,
-                              args.broker, args.wifi_ssid, window_s=args.window_s)
+                              args.broker, args.wifi_ssid, window_s=args.window_s,
+                              ntp=args.ntp)
     plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
     password = read_password(args)
     if password is not None:
@@ -444,7 +447,7 @@ def cmd_provision(args: argparse.Namespace, out: Output) -> int:
                 raise
     opts = provision.Options(
         board=board, registry=args.registry, site=args.site, pole=args.pole, lat=args.lat,
-        lon=args.lon, broker=args.broker, wifi_ssid=args.wifi_ssid,
+        lon=args.lon, broker=args.broker, ntp=args.ntp, wifi_ssid=args.wifi_ssid,
         wifi_password=read_password(args), image=image, force_flash=args.force_flash,
         firmware_dir=args.firmware_dir, use_mpy=False if args.no_mpy else None,
         window_s=args.window_s,
@@ -452,7 +455,7 @@ def cmd_provision(args: argparse.Namespace, out: Output) -> int:
         force_rekey=args.force_rekey, labels_dir=args.labels,
         technician=args.technician or receipts.technician(), timeout=args.timeout)
     deploy.build_config(board, "cn-000000000000", args.site, args.pole, args.lat, args.lon,
-                        args.broker, args.wifi_ssid)  # bad --broker fails before any board
+                        args.broker, args.wifi_ssid, ntp=args.ntp)  # bad options: before any board
     results = provision.provision_many(opts, port_list, out.events)
     lines = [f"{'port':<28} {'device':<16} {'result':<12} {'flash':<8} {'deploy':<12} "
              f"{'key':<9} {'registry':<10} {'time':>6}"]

@@ -223,11 +223,11 @@ def check_micropython(fw: Path, probe: dict[str, Any]) -> None:
 
 
 def build_config(board: Board, device: str, site: str, pole: str, lat: float, lon: float,
-                 broker: str, ssid: str, alg: str = "ES256", window_s: int = 60) -> dict:
-    """/config.json as firmware/node/config.py validates it; sensors wired per boards.yaml."""
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--broker {broker!r} must be HOST:PORT", "e.g. --broker 192.168.4.1:1883")
+                 broker: str, ssid: str, alg: str = "ES256", window_s: int = 60,
+                 ntp: str | None = None) -> dict:
+    """/config.json as firmware/node/config.py validates it; sensors wired per boards.yaml.
+    `ntp` (HOST:PORT): the time server, when not the broker's host on port 123."""
+    host, port = _host_port("--broker", broker, "192.168.4.1:1883")
     pins = board.pins
     sensors: dict[str, dict[str, Any]] = {}
     for name, spec in board.sensors.items():
@@ -244,10 +244,21 @@ def build_config(board: Board, device: str, site: str, pole: str, lat: float, lo
             sensors[name] = {"i2s": spec.get("i2s", 0), "sck": pins["i2s_sck"],
                              "ws": pins["i2s_ws"], "sd": pins["i2s_sd"],
                              "rate": spec.get("rate", 48000), "model": spec.get("model", "")}
-    return {"device": device, "site": site, "pole": pole, "lat": lat, "lon": lon,
-            "broker": {"host": host, "port": int(port)}, "wifi": {"ssid": ssid},
-            "window_s": window_s, "alg": alg, "sensors": sensors,
-            "lamp_pin": pins.get("lamp_pwm")}
+    cfg = {"device": device, "site": site, "pole": pole, "lat": lat, "lon": lon,
+           "broker": {"host": host, "port": port}, "wifi": {"ssid": ssid},
+           "window_s": window_s, "alg": alg, "sensors": sensors,
+           "lamp_pin": pins.get("lamp_pwm")}
+    if ntp:
+        ntp_host, ntp_port = _host_port("--ntp", ntp, "192.168.4.1:123")
+        cfg["ntp"] = {"host": ntp_host, "port": ntp_port}
+    return cfg
+
+
+def _host_port(option: str, value: str, example: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{option} {value!r} must be HOST:PORT", f"e.g. {option} {example}")
+    return host, int(port)
 
 
 def config_bytes(cfg: dict) -> bytes:

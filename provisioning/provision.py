@@ -36,6 +36,7 @@ class Options:
     lat: float = 0.0
     lon: float = 0.0
     broker: str = "192.168.4.1:1883"
+    ntp: str | None = None          # HOST:PORT; None: the broker's host, port 123
     wifi_ssid: str = ""
     wifi_password: str | None = None  # None: leave the node's secret as it is
     image: flash.Image | None = None
@@ -170,7 +171,8 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         # 2. firmware and config
         plan = deploy.build_plan(fw, probe, opts.use_mpy)
         cfg = deploy.build_config(opts.board, device, opts.site, opts.pole, opts.lat, opts.lon,
-                                  opts.broker, opts.wifi_ssid, opts.alg, opts.window_s)
+                                  opts.broker, opts.wifi_ssid, opts.alg, opts.window_s,
+                                  opts.ntp)
         plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
         if opts.wifi_password is not None:
             plan.extra[deploy.WIFI_SECRET_PATH] = deploy.secret_bytes(opts.wifi_password)

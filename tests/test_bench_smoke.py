@@ -40,6 +40,9 @@ def test_bench_firmware_quick(tmp_path: Path):
     for key in ("max_loop_stall_ms_chip", "impulse_to_publish_ms_chip"):
         assert result[key] is None or 0 <= result[key] < 60_000, (key, result[key])
     assert result["targets"]["audio_overruns"]["target"] == "<= 0"
+    # the node synced its clock from the bench's chronyd and the probe sampled its error
+    assert result["chip_speed_run"]["clock_samples"] > 0
+    assert 0 <= result["clock_error_ms_p95_chip"] < 1000
 
 
 def test_bench_gateway_quick(tmp_path: Path):

@@ -9,6 +9,7 @@ chip's terms, are in docs/decisions.md: python -m tests.firmware_step_costs).
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -462,3 +463,43 @@ print(json.dumps([out, cmds.refused, cmds.highest.value]))
     out, refused, highest = mpy_json(code, tmp_path)
     assert out == ["malformed", "malformed", "set_interval"]
     assert refused == {"malformed": 2} and highest == 7
+
+
+def test_commands_expire_by_the_nodes_clock_once_it_is_synced(tmp_path):
+    """A command issued 11 minutes ago, or 2 minutes ahead, is refused once the node's
+    clock is synced, before it takes a sequence number; unsynced, the gateway's check
+    stands alone and the node takes it."""
+    key = ec.derive_private_key(int(CMD["operator_private_key"], 16), ec.SECP256R1())
+    now = int(time.time())
+
+    def command(seq: int, issued: int) -> bytes:
+        return wire.sign_es256(wire.encode_command(NODE["device"], seq, "set_interval",
+                                                   {"seconds": 30}, issued), "operator", key)
+
+    unsynced = [command(1, now - 660)]
+    synced = [command(2, now - 660), command(3, now + 120), command(4, now - 5)]
+    code = f"""
+import asyncio, json, time
+from node import commands
+from node.clock import Clock
+from node.keys import NodeKeys
+keys = NodeKeys('secret')
+keys.install_operator_key(bytes.fromhex({CMD["operator_public_key"]!r}))
+clock = Clock()
+cmds = commands.Commands({NODE["device"]!r}, keys, {{'set_interval': lambda args: args}},
+                         base='data', clock=clock)
+out = []
+async def handle(envelopes):
+    for env in envelopes:
+        try:
+            out.append(list(await cmds.handle(env))[0])
+        except commands.CommandRefused as e:
+            out.append(e.reason)
+asyncio.run(handle({unsynced!r}))
+clock._apply(0, time.time_ns() // 1000 - clock.uptime_us())   # synced to this host
+asyncio.run(handle({synced!r}))
+print(json.dumps([out, cmds.highest.value, cmds.refused]))
+"""
+    out, highest, refused = mpy_json(code, tmp_path)
+    assert out == ["set_interval", "expired", "expired", "set_interval"]
+    assert highest == 4 and refused == {"expired": 2}

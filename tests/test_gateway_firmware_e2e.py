@@ -37,6 +37,7 @@ REPLAY_WINDOW = 64  # the gateway's smallest window: one firmware block (seqno.B
 NODE_SCRIPT = """
 import os
 os.chdir({root!r})
+import time
 from node import cose, keys, payload, seqno
 device, alg = {device!r}, {alg!r}
 k = keys.NodeKeys('secret')
@@ -56,7 +57,7 @@ for i in range({count}):
     records = [('light/lux', 'lx', 412.5 + i), ('noise/laeq', 'dBA', 61.25),
                ('air/pm2_5', 'ug/m3', 12.5)]
     raw = payload.encode_payload(device, seq, s.boot, 60000 * (i + 1), kind, records,
-                                 payload.unix_time())
+                                 time.time_ns() // 1000000)   # as a synced node stamps
     env = cose.sign1(raw, device, k) if alg == 'ES256' else cose.mac0(raw, device, k)
     print('env', env.hex())
 """

@@ -88,6 +88,9 @@ def test_make_install_gateway_puts_everything_where_the_unit_expects_it(system, 
     assert staged(root, acl).read_text() == (ROOT / "deploy" / "mosquitto.acl").read_text()
     assert stat.S_IMODE(staged(root, acl).stat().st_mode) == 0o640
     assert staged(root, passwd).parent.is_dir()
+    # the nodes' time server: what tests and the demo run (citynode.chrony)
+    assert (staged(root, "/etc/chrony/conf.d/citynode.conf").read_text()
+            == (ROOT / "deploy" / "chrony.conf").read_text())
     # the staged program, config and secret together: what ExecStartPre does
     text = staged(root, "/etc/citynode/gateway.toml").read_text()
     local = tmp_path / "gateway.toml"

@@ -54,8 +54,9 @@ def test_sign1_vector_decodes_and_verifies(vec):
     wire.verify_es256(env, NODE_PUB)
     body = wire.decode_payload(env)
     inp = vec["input"]
-    assert (body.device, body.seq, body.boot, body.uptime_ms, body.kind, body.time) == (
-        inp["device"], inp["seq"], inp["boot"], inp["uptime_ms"], inp["kind"], inp.get("time"))
+    assert (body.device, body.seq, body.boot, body.uptime_ms, body.kind, body.time_ms) == (
+        inp["device"], inp["seq"], inp["boot"], inp["uptime_ms"], inp["kind"], inp.get("time_ms"))
+    assert body.version == 2
     assert len(body.records) == len(inp["records"])
 
 
@@ -84,7 +85,7 @@ def test_pycose_verifies_the_vectors(vec):
 def test_payload_records_use_senml_cbor_labels_and_float32():
     raw = bytes.fromhex(VECTORS["payloads"][0]["payload"])
     body = cbor2.loads(raw)
-    assert list(body) == [1, 2, 3, 4, 5, 6, 7]
+    assert list(body) == [0, 1, 2, 3, 4, 5, 6, 7] and body[0] == 2
     assert body[7][0] == {0: "light/lux", 1: "lx", 2: 412.5}
     assert body[7][5][2] == pytest.approx(81.1, abs=1e-5)    # float32, not float64
     assert body[7][3][2] == 12 and isinstance(body[7][3][2], int)  # integral -> int
@@ -281,7 +282,7 @@ def _payload_env(body: dict, kid: str = DEVICE) -> wire.Envelope:
     return wire.Envelope(wire.ALG_ES256, kid, PROT_ES256, cbor2.dumps(body), b"\x00" * 64)
 
 
-GOOD_BODY = {1: DEVICE, 2: 5, 3: 1, 5: 1000, 6: 0, 7: []}
+GOOD_BODY = {0: 2, 1: DEVICE, 2: 5, 3: 1, 5: 1000, 6: 0, 7: []}
 
 
 @pytest.mark.parametrize("change", [
@@ -290,8 +291,9 @@ GOOD_BODY = {1: DEVICE, 2: 5, 3: 1, 5: 1000, 6: 0, 7: []}
     {5: None}, {3: -2}, {6: 1.5},    # bad or missing required uints
     {4: -5}, {4: "today"},           # bad time
     {7: {"n": 1}},                   # records not an array
+    {0: 3}, {0: "2"},                # a version this gateway cannot read
 ], ids=["device-kid", "seq-neg", "seq-bool", "seq-text", "no-uptime", "boot-neg", "kind-float",
-        "time-neg", "time-text", "records-map"])
+        "time-neg", "time-text", "records-map", "version-3", "version-text"])
 def test_malformed_payloads(change):
     body = dict(GOOD_BODY)
     for key, value in change.items():
@@ -308,4 +310,13 @@ def test_payload_not_cbor_or_with_trailing_bytes():
     assert _reason(wire.decode_payload, trailing) == "malformed"
     cut = wire.Envelope(env.alg, env.kid, env.protected, env.payload[:-3], env.signature)
     assert _reason(wire.decode_payload, cut) == "malformed"
-    assert wire.decode_payload(env).time is None
+    assert wire.decode_payload(env).time_ms is None
+
+
+def test_a_version_1_payload_reads_its_seconds_as_milliseconds():
+    # nodes still on firmware before wire version 2: no key 0, time in Unix seconds
+    old = {k: v for k, v in GOOD_BODY.items() if k != 0} | {4: 1_763_900_000}
+    body = wire.decode_payload(_payload_env(old))
+    assert (body.version, body.time_ms) == (1, 1_763_900_000_000)
+    new = wire.decode_payload(_payload_env(GOOD_BODY | {4: 1_763_900_000_125}))
+    assert (new.version, new.time_ms) == (2, 1_763_900_000_125)

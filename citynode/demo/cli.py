@@ -159,7 +159,7 @@ class Demo:
             self.view.progress(f"{board.name}: {board.url}  {board.device}")
         self.view.phase("provisioning all boards at once (citynode-provision provision)")
         started = time.monotonic()
-        provision(self.procs, self.workdir, boards, self.pole, self.registry,
+        provision(self.procs, self.workdir, boards, self.pole, self.clock, self.registry,
                   self.args.window_s, lambda e: self.on_provision(names, e))
         self.gateway.reload()
         self.view.event(f"provisioned {len(boards)} boards in "
@@ -169,15 +169,18 @@ class Demo:
         return self.finish()
 
     def start_brokers(self) -> None:
-        self.view.phase("starting the pole's broker and the city's broker (mosquitto)")
+        self.view.phase("starting the pole's broker and time server, and the city's broker "
+                        "(mosquitto, chronyd)")
         self.pole = self.procs.pole_broker("pole-broker")
+        self.clock = self.procs.time_server("pole-chrony")
         self.city = self.procs.broker("city-broker")
-        for broker in (self.pole, self.city):
-            self.procs.start_broker(broker)
+        for server in (self.pole, self.clock, self.city):
+            self.procs.start_broker(server)
         self.watches = [city_watch(self.city, TOPIC_PREFIX, self.ledger)]
         self.view.progress(f"pole broker 127.0.0.1:{self.pole.port} (gateway) and "
                            f":{self.pole.node_port} (nodes), locked as deploy/ ships it; "
-                           f"city broker 127.0.0.1:{self.city.port}")
+                           f"city broker 127.0.0.1:{self.city.port}; pole time server "
+                           f"UDP {self.clock.port}")
 
     def try_outsider(self) -> None:
         """Someone on the pole's Wi-Fi without an account: the broker must refuse them."""

@@ -25,7 +25,7 @@ from citynode.subscriber import Subscriber
 
 # SenML names (firmware/node) of the quantities the view shows, by column.
 SHOWN = {"light/lux": "lux", "noise/laeq": "laeq", "air/pm2_5": "pm25",
-         "env/temperature": "temp"}
+         "env/temperature": "temp", "clock/step_ms": "clock"}
 REGISTRY_RELOAD_S = 1.0
 
 Key = tuple[str, int]  # (device, seq): never repeats for a device

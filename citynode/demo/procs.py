@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from citynode.chrony import PoleTimeServer
 from citynode.gateway.scrape import fetch_health, fetch_metrics
 from citynode.mosquitto import Mosquitto, PoleBroker, free_port, free_port_range
 
@@ -108,7 +109,7 @@ class Processes:
     def __init__(self, logs: Path):
         self.logs = logs
         self.children: list[Child] = []
-        self.brokers: list[Mosquitto] = []
+        self.brokers: list[Mosquitto | PoleTimeServer] = []   # the servers, stopped last
 
     def spawn(self, name: str, argv: list[str], pipe_stdout: bool = False) -> Child:
         log = self.logs / f"{name}.log"
@@ -134,7 +135,13 @@ class Processes:
         self.brokers.append(broker)
         return broker
 
-    def start_broker(self, broker: Mosquitto) -> None:
+    def time_server(self, name: str) -> PoleTimeServer:
+        """The pole's time server as deploy/ ships it (chronyd), for the nodes' clocks."""
+        server = PoleTimeServer(self.logs / name, own_group=True)
+        self.brokers.append(server)
+        return server
+
+    def start_broker(self, broker: Mosquitto | PoleTimeServer) -> None:
         with GUARD.hold():
             broker.start()
 
@@ -255,8 +262,8 @@ def wifi_password_file(workdir: Path) -> Path:
 
 
 def provision(procs: Processes, workdir: Path, boards: list[Board], broker: PoleBroker,
-              registry: Path, window_s: int, on_event: Callable[[dict], None],
-              timeout: float = 420.0) -> dict:
+              clock: PoleTimeServer, registry: Path, window_s: int,
+              on_event: Callable[[dict], None], timeout: float = 420.0) -> dict:
     """All boards in one `citynode-provision provision --json` run (they go in parallel);
     every progress event goes to `on_event`; returns the final result object."""
     image = write_image(procs, workdir)
@@ -266,6 +273,7 @@ def provision(procs: Processes, workdir: Path, boards: list[Board], broker: Pole
     argv += ["--board", BOARD, "--image", str(image), "--registry", str(registry),
              "--site", SITE, "--pole", POLE, "--lat", str(LAT), "--lon", str(LON),
              "--broker", f"{broker.host}:{broker.node_port}", "--wifi-ssid", "city",
+             "--ntp", f"{clock.host}:{clock.port}",
              "--wifi-password-file", str(wifi_password_file(workdir)),
              "--window-s", str(window_s), "--json"]
     child = procs.spawn("provision", argv, pipe_stdout=True)

@@ -148,8 +148,8 @@ def render(status: Status, events: list[str], logs: str) -> list[str]:
         f"citynode demo   {status.elapsed:3.0f}/{status.duration:.0f} s   {status.phase}",
         "",
         "At the city broker, verified against the fleet registry:",
-        f"  {'node':<16}{'lux':>9}{'LAeq dBA':>10}{'PM2.5 ug/m3':>13}{'temp C':>8}"
-        f"{'readings':>10}{'last seen':>11}",
+        f"  {'node':<16}{'lux':>8}{'LAeq dBA':>9}{'PM2.5':>6}{'temp C':>7}{'clock':>7}"
+        f"{'readings':>9}{'last seen':>11}",
     ]
     now = time.time()
     for device in sorted(status.nodes):
@@ -186,5 +186,7 @@ def _node_row(device: str, node: NodeState, now: float) -> str:
 
     seen = f"{now - node.last_seen:.0f} s ago" if node.last_seen else "-"
     count = f"{node.readings}" + (f"+{node.events}ev" if node.events else "")
-    return (f"{device:<16}{cell('lux', 9)}{cell('laeq', 10)}{cell('pm25', 13)}"
-            f"{cell('temp', 8)}{count:>10}{seen:>11}")
+    clock = node.values.get("clock")   # how far the node's last sync moved its clock
+    clock_cell = f"{clock:>+5.0f}ms" if clock is not None else f"{'-':>7}"
+    return (f"{device:<16}{cell('lux', 8)}{cell('laeq', 9)}{cell('pm25', 6)}"
+            f"{cell('temp', 7)}{clock_cell:>7}{count:>9}{seen:>11}")

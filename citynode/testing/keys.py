@@ -48,11 +48,13 @@ class TestDevice:
             (registry_dir / "keys" / f"{self.device_id}.hex").write_text(self.secret.hex())
         write_record(registry_dir, self.record(status))
 
-    def payload(self, seq: int, kind: int = wire.KIND_READINGS, node_time: int | None = None,
+    def payload(self, seq: int, kind: int = wire.KIND_READINGS, node_time: float | None = None,
                 device: str | None = None) -> bytes:
-        body = {wire.K_DEVICE: device or self.device_id, wire.K_SEQ: seq, wire.K_BOOT: 1,
-                wire.K_UPTIME: seq * 1000, wire.K_KIND: kind,
-                wire.K_TIME: int(time.time()) if node_time is None else node_time,
+        """A version-2 payload; `node_time` in Unix seconds (default now)."""
+        unix_ms = int(1000 * (time.time() if node_time is None else node_time))
+        body = {wire.K_VERSION: wire.WIRE_VERSION, wire.K_DEVICE: device or self.device_id,
+                wire.K_SEQ: seq, wire.K_BOOT: 1, wire.K_UPTIME: seq * 1000, wire.K_KIND: kind,
+                wire.K_TIME: unix_ms,
                 wire.K_RECORDS: [{-2: "light/", 0: "lux", 1: "lx", 2: 120.5 + seq}]}
         return cbor2.dumps(body)
 

@@ -94,14 +94,15 @@ def operator_key(tmp: Path):
 
 
 def provision_one(tmp: Path, port: str, broker: str, window_s: int, operator_pem: Path,
-                  board: str = "esp32-devkitc", flash: bool = True) -> str:
+                  board: str = "esp32-devkitc", flash: bool = True,
+                  ntp: str | None = None) -> str:
     """One board provisioned as a technician does it (flash unless `flash` is False: a
     board that has MicroPython; deploy, keys, registry in tmp/fleet, verified self-test);
     returns its device id."""
     args = ["provision", "--port", port, "--board", board, "--registry", str(tmp / "fleet"),
             "--site", "bench", "--pole", "B-1", "--broker", broker, "--wifi-ssid", "city",
             "--wifi-password-file", str(password_file(tmp)), "--window-s", str(window_s),
-            "--operator-key", str(operator_pem), "--json"]
+            "--operator-key", str(operator_pem), "--json", *(["--ntp", ntp] if ntp else [])]
     args += ["--image", str(make_image(tmp, board))] if flash else ["--no-flash"]
     run = cli(*args, logs=tmp / "logs", timeout=600)
     if run.code != 0:

@@ -15,21 +15,29 @@ _MASK = _PERIOD - 1
 _HALF = _PERIOD >> 1
 # the host's CLOCK_MONOTONIC (the unix port's ticks) at the chip's last reset
 _T0_US = int(_os.getenv("CITYNODE_EMU_TICKS0_US") or "0")
-_T0_MS = _T0_US // 1000
+# the crystal's error: the chip's ticks run this many parts per million fast (integers
+# only: a float would allocate on every tick read)
+_PPM = int(_os.getenv("CITYNODE_EMU_XTAL_PPM") or "0")
+
+
+def _us():
+    """Microseconds since the reset, by the board's crystal."""
+    t = _real.ticks_us() - _T0_US
+    return t + t * _PPM // 1000000
 
 
 def ticks_ms():
-    return (_real.ticks_ms() - _T0_MS) & _MASK
+    return (_us() // 1000) & _MASK
 
 
 def ticks_us():
-    return (_real.ticks_us() - _T0_US) & _MASK
+    return _us() & _MASK
 
 
 def ticks_cpu():
     # the CPU's cycle counter (CCOUNT) since the reset, at the current machine.freq()
     import emu_machine
-    return ((_real.ticks_us() - _T0_US) * (emu_machine._freq // 1000000)) & _MASK
+    return (_us() * (emu_machine._freq // 1000000)) & _MASK
 
 
 def ticks_diff(end, start):

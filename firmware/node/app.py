@@ -19,6 +19,7 @@ import machine
 
 from node import aggregate, commands, config, fsutil, keys, payload, safemode, seqno
 from node import sensors, signer, supervisor, uplink, version, wifi
+from node.clock import CLOCK
 from node.spool import EVENT, ROUTINE
 
 HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
@@ -44,7 +45,7 @@ class Node:
         self.lamp = None
         self.lamp_level = None      # percent, once a command set it
         self.errors = {}
-        self.urgent = []            # (kind, records, ticks_ms): sent at once by event_loop
+        self.urgent = []            # (kind, records, uptime_ms): sent at once by event_loop
         self.urgent_ready = asyncio.Event()
         self.healthy_marked = False
         self.commands = commands.Commands(self.device, self.keys, {
@@ -96,7 +97,8 @@ class Node:
 
     def _impulse(self, t_ms, level, rise):
         records = [("noise/impulse", "dBA", round(level, 1)), ("noise/rise", "dB", round(rise, 1))]
-        self.urgent.append((payload.KIND_EVENT, records, t_ms))
+        uptime_ms = CLOCK.uptime_ms() - time.ticks_diff(time.ticks_ms(), t_ms)  # its onset
+        self.urgent.append((payload.KIND_EVENT, records, uptime_ms))
         self.urgent_ready.set()
 
     async def _status(self, records, t_ms):
@@ -157,6 +159,10 @@ class Node:
             ("node/heap_free", "B", gc.mem_free()),
             ("node/firmware", None, version.VERSION),
         ]
+        if CLOCK.synced:    # the last sync: how far it moved the clock, its round trip
+            records += [("clock/step_ms", "ms", CLOCK.last_step_us // 1000),
+                        ("clock/rtt_ms", "ms", CLOCK.last_rtt_us // 1000),
+                        ("clock/drift_ppm", "ppm", CLOCK.drift_ppm)]
         if not fsutil.keep_reserve():
             records.append(("node/fs_status", None, "full: free flash space; the spool "
                                                     "keeps readings in RAM meanwhile"))
@@ -179,7 +185,7 @@ class Node:
             records = [("cmd/refused", None, exc.reason)]
         if self.commands.highest.value >= 0:
             records.append(("cmd/seq", None, self.commands.highest.value))
-        await self._status(records + self.settings(), time.ticks_ms())
+        await self._status(records + self.settings(), None)
 
     def settings(self):
         """The settings commands change, as status records."""
@@ -239,8 +245,10 @@ class Node:
         crash = safemode.take_last_crash()
         if crash:
             asyncio.create_task(self._status([("node/last_crash", None, crash[-200:])], 0))
+        ntp = self.cfg["ntp"]
         tasks = [self.signer.run(), self.wifi.run(), self.uplink.run(), self.window_loop(),
-                 self.event_loop(), self.supervisor.run()]
+                 self.event_loop(), self.supervisor.run(),
+                 CLOCK.run(ntp["host"], ntp["port"], self.wifi.isconnected)]
         tasks += [self.sensor_loop(s) for s in self.sensors]
         if self.sound is not None:
             tasks.append(self.audio_loop())

@@ -6,14 +6,21 @@ the last accepted one, kept across resets) is refused, before the signature chec
 its number can be read (that check costs the chip ~1.5 s; a forged number can only get
 a command refused sooner, since only a verified one is ever accepted). Every refusal is
 counted and reported upstream in a status record; nothing is done.
+
+A command is for now: issued more than MAX_AGE_S ago, or more than MAX_AHEAD_S ahead, by
+the node's clock it is refused as expired (yesterday's "lamp 100" must not light a street
+today). Before the node's first clock sync only the gateway's same check stands.
 """
 
 from node import cose, seqno
+from node.clock import CLOCK
 from node.signer import run_steps
 
 # The host's words (citynode/wire.py REASONS, tests/vectors/wire.json "reasons").
 REFUSED_REASONS = ("oversized", "malformed", "bad_signature", "wrong_device", "replayed",
-                   "no_operator_key", "unknown_command", "bad_args")
+                   "no_operator_key", "unknown_command", "bad_args", "expired")
+MAX_AGE_S = 600     # the gateway's limits too (gateway/downlink.py)
+MAX_AHEAD_S = 60
 
 
 class CommandRefused(ValueError):
@@ -27,11 +34,12 @@ class Commands:
     a coroutine function. `complete` runs the signature check's steps (node.signer:
     Signer.complete; by default in the calling task), so the loop never waits ~2 s for it."""
 
-    def __init__(self, device, keys, actions, base="/data", complete=run_steps):
+    def __init__(self, device, keys, actions, base="/data", complete=run_steps, clock=CLOCK):
         self.device = device
         self.keys = keys
         self.actions = actions
         self.complete = complete
+        self.clock = clock
         self.highest = seqno.Highest(base, "cmdseq")
         self.accepted = 0
         self.refused = {}
@@ -42,6 +50,17 @@ class Commands:
 
     def _refuse_replay(self, seq):
         self._refuse("replayed", "command seq %d is not above %d" % (seq, self.highest.value))
+
+    def _check_time(self, issued):
+        now = self.clock.unix_ms()
+        if now is None:
+            return
+        if not isinstance(issued, int):
+            self._refuse("malformed", "the command has no issue time (key 4)")
+        age = now // 1000 - issued
+        if age > MAX_AGE_S or age < -MAX_AHEAD_S:
+            self._refuse("expired", "issued %d s %s by the node's clock" % (
+                abs(age), "ago" if age > 0 else "ahead"))
 
     async def handle(self, envelope):
         """Verify and carry out one command; returns (name, result) or raises CommandRefused."""
@@ -57,6 +76,7 @@ class Commands:
             text = str(exc)
             reason = text.split(":", 1)[0]
             self._refuse(reason if reason in REFUSED_REASONS else "malformed", text)
+        self._check_time(cmd.get(4))
         name, args = cmd[10], cmd.get(11, {})
         action = self.actions.get(name)
         if action is None:

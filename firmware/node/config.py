@@ -51,6 +51,12 @@ def validate(cfg):
     _need(isinstance(broker, dict) and isinstance(broker.get("host"), str), "broker.host",
           "must name the gateway's MQTT broker, e.g. 192.168.4.1")
     _need(_number(broker.get("port", 1883), 1, 65535), "broker.port", "must be a TCP port")
+    ntp = cfg.setdefault("ntp", {})
+    _need(isinstance(ntp, dict), "ntp", "must be an object: the pole's time server")
+    ntp.setdefault("host", broker["host"])    # the pole: its chrony serves the nodes
+    ntp.setdefault("port", 123)
+    _need(isinstance(ntp["host"], str), "ntp.host", "must name the pole's time server")
+    _need(_number(ntp["port"], 1, 65535), "ntp.port", "must be a UDP port")
     wifi = cfg.get("wifi")
     _need(isinstance(wifi, dict) and isinstance(wifi.get("ssid"), str) and wifi["ssid"],
           "wifi.ssid", "must name the pole's Wi-Fi network")

@@ -1,4 +1,4 @@
-"""The uplink payload map (docs/wire-format.md): keys 1..7, SenML records with CBOR labels,
+"""The uplink payload map (docs/wire-format.md): keys 0..7, SenML records with CBOR labels,
 and seal() / seal_async(): the builders of the node's signed envelopes (the self-test's /
 the running app's).
 
@@ -13,10 +13,12 @@ sorted by their encoded bytes (non-negative labels first, then bn, bt, bu).
 import asyncio
 
 from node import cbor, cose
+from node.clock import CLOCK
 from node.ec import finish
 from node.signer import run_steps
 
 _STEP = 3                               # records encoded per step (~12 ms on the chip)
+WIRE_VERSION = 2                        # payload key 0; 2: time in ms, uptime in full
 
 KIND_READINGS = 0
 KIND_EVENT = 1
@@ -73,25 +75,13 @@ def record(rec):
     return cbor.Map(pairs)
 
 
-def unix_time():
-    """Unix seconds from the RTC for key 4 (time), whatever the port's epoch.
-
-    MicroPython ports have counted from 2000-01-01 (ESP32) or 1970 (unix); the
-    wire format wants Unix time. Only call it once the clock is synced (NTP).
-    """
-    import time
-    t = int(time.time())
-    if time.gmtime(0)[0] == 2000:
-        t += 946684800
-    return t
+def encode_payload(device, seq, boot, uptime_ms, kind, records, time_ms=None):
+    """The payload bytes: {0: 2, 1: device, 2: seq, 3: boot, [4: Unix ms], 5: uptime_ms,
+    6: kind, 7: records}."""
+    return finish(encode_steps(device, seq, boot, uptime_ms, kind, records, time_ms))
 
 
-def encode_payload(device, seq, boot, uptime_ms, kind, records, time=None):
-    """The payload bytes: {1: device, 2: seq, 3: boot, [4: time], 5: uptime_ms, 6: kind, 7: records}."""
-    return finish(encode_steps(device, seq, boot, uptime_ms, kind, records, time))
-
-
-def encode_steps(device, seq, boot, uptime_ms, kind, records, time=None):
+def encode_steps(device, seq, boot, uptime_ms, kind, records, time_ms=None):
     """encode_payload() as a generator: a step per _STEP records (a window's 20-30 records
     are ~0.1 s of the chip's time in one piece)."""
     if not isinstance(device, str):
@@ -99,11 +89,11 @@ def encode_steps(device, seq, boot, uptime_ms, kind, records, time=None):
     for n in (seq, boot, uptime_ms, kind):
         if not isinstance(n, int) or n < 0:
             raise ValueError("seq, boot, uptime_ms and kind must be unsigned integers")
-    if time is not None and time < 0:
-        raise ValueError("time must be Unix seconds (>= 0) or None")
-    pairs = [(1, device), (2, seq), (3, boot)]
-    if time is not None:
-        pairs.append((4, int(time)))
+    if time_ms is not None and (not isinstance(time_ms, int) or time_ms < 0):
+        raise ValueError("time_ms must be Unix milliseconds (an int >= 0) or None")
+    pairs = [(0, WIRE_VERSION), (1, device), (2, seq), (3, boot)]
+    if time_ms is not None:
+        pairs.append((4, time_ms))
     pairs.append((5, uptime_ms))
     pairs.append((6, kind))
     # the map with a null (one byte) per record, then each null replaced by its record
@@ -121,8 +111,8 @@ def encode_steps(device, seq, boot, uptime_ms, kind, records, time=None):
 
 def seal(device, seq, key, kind, records, uptime_ms=None, alg="ES256"):
     """A signed envelope of `records`: the payload with seq.next() and seq.boot (a
-    seqno.Sequence), the uptime (ticks_ms now unless given), the Unix time once the clock
-    is synced (absent before), then COSE_Sign1 (ES256) or, for alg HMAC256, COSE_Mac0
+    seqno.Sequence), the uptime (now unless given, node.clock's: never wrapping), its Unix
+    time in ms once the clock is synced (absent before), then COSE_Sign1 (ES256) or, for alg HMAC256, COSE_Mac0
     with the node's key (keys.NodeKeys)."""
     body = finish(_body_steps(device, seq, kind, records, uptime_ms))
     if alg == "HMAC256":
@@ -146,9 +136,7 @@ async def seal_async(device, seq, signer, kind, records, uptime_ms=None, alg="ES
 
 
 def _body_steps(device, seq, kind, records, uptime_ms):
-    import time
     if uptime_ms is None:
-        uptime_ms = time.ticks_ms()
-    synced = time.gmtime()[0] >= 2024
-    return encode_steps(device, seq.next(), seq.boot, uptime_ms & 0x3FFFFFFF, kind, records,
-                        unix_time() if synced else None)
+        uptime_ms = CLOCK.uptime_ms()
+    return encode_steps(device, seq.next(), seq.boot, uptime_ms, kind, records,
+                        CLOCK.wall_ms_at(uptime_ms))

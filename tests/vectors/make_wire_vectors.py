@@ -38,7 +38,7 @@ PAYLOADS = [
         "name": "window readings, clock synced",
         "input": {
             "device": DEVICE, "seq": 4711, "boot": 3, "uptime_ms": 3_600_125, "kind": 0,
-            "time": 1_763_900_000,
+            "time_ms": 1_763_900_000_125,
             "records": [
                 ["light/lux", "lx", 412.5],
                 ["noise/laeq", "dBA", 61.3],
@@ -51,9 +51,9 @@ PAYLOADS = [
         },
     },
     {
-        "name": "impulse event before clock sync, large seq",
+        "name": "impulse event before clock sync, large seq, 58 days up",
         "input": {
-            "device": DEVICE, "seq": 4_294_967_301, "boot": 70_000, "uptime_ms": 12_345,
+            "device": DEVICE, "seq": 4_294_967_301, "boot": 70_000, "uptime_ms": 5_000_012_345,
             "kind": 1,
             "records": [["noise/impulse", "dBA", 104.5, -0.125]],
         },
@@ -62,7 +62,7 @@ PAYLOADS = [
         "name": "status with base name and dict records",
         "input": {
             "device": DEVICE, "seq": 0, "boot": 1, "uptime_ms": 0, "kind": 2,
-            "time": 1_763_900_060,
+            "time_ms": 1_763_900_060_500,
             "records": [
                 {"bn": "status/", "n": "wifi", "u": "dBm", "v": -67},
                 {"n": "pms5003", "vs": "missing"},
@@ -124,9 +124,10 @@ def _record(rec) -> dict:
 
 
 def payload_bytes(inp: dict) -> bytes:
-    body = {wire.K_DEVICE: inp["device"], wire.K_SEQ: inp["seq"], wire.K_BOOT: inp["boot"]}
-    if inp.get("time") is not None:
-        body[wire.K_TIME] = inp["time"]
+    body = {wire.K_VERSION: wire.WIRE_VERSION, wire.K_DEVICE: inp["device"],
+            wire.K_SEQ: inp["seq"], wire.K_BOOT: inp["boot"]}
+    if inp.get("time_ms") is not None:
+        body[wire.K_TIME] = inp["time_ms"]
     body[wire.K_UPTIME] = inp["uptime_ms"]
     body[wire.K_KIND] = inp["kind"]
     body[wire.K_RECORDS] = [_record(r) for r in inp["records"]]
