@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import time
 from pathlib import Path
 
+from citynode.localserver import LocalServer
 from citynode.mosquitto import DEPLOY
 
 CHRONYD = os.environ.get("CITYNODE_CHRONYD") or shutil.which(
@@ -51,7 +51,7 @@ def sntp_answer(host: str, port: int, timeout: float = 0.5) -> bytes | None:
     return answer if len(answer) >= 48 and answer[24:32] == request[40:48] else None
 
 
-class PoleTimeServer:
+class PoleTimeServer(LocalServer):
     def __init__(self, workdir: Path, *, own_group: bool = False, deploy: Path = DEPLOY):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ class PoleTimeServer:
         self.own_group = own_group
         self.conf = self.workdir / "chrony.conf"
         self.log_path = self.workdir / "chronyd.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
 
     def config_text(self) -> str:
         try:
@@ -96,24 +96,5 @@ class PoleTimeServer:
         self.stop()
         raise RuntimeError(f"chronyd did not answer on UDP {self.port}:\n{self.log()}")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
-
     def __enter__(self) -> PoleTimeServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -27,6 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from citynode.localserver import LocalServer
+
 MOSQUITTO = os.environ.get("CITYNODE_MOSQUITTO") or shutil.which(
     "mosquitto", path="/usr/sbin:/usr/local/sbin:/usr/bin") or "/usr/sbin/mosquitto"
 
@@ -72,7 +74,7 @@ def mosquitto_binary() -> str:
         "`sudo apt-get install mosquitto`, or set CITYNODE_MOSQUITTO to the binary")
 
 
-class Mosquitto:
+class Mosquitto(LocalServer):
     def __init__(self, workdir: Path, *, persistence: bool = False, port: int | None = None,
                  extra_config: str = "", autosave_interval: int | None = None,
                  unlimited_queues: bool = True, own_group: bool = False,
@@ -127,28 +129,6 @@ class Mosquitto:
         self.kill()
         raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log()}")
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
     def restart(self) -> Mosquitto:
         self.stop()
         return self.start()
@@ -159,17 +139,8 @@ class Mosquitto:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGHUP)
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
-
     def __enter__(self) -> Mosquitto:
         return self.start() if not self.running else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

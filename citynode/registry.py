@@ -38,8 +38,9 @@ DEVICE_ID = re.compile(r"^cn-[0-9a-f]{12}$")  # wire.device_id(mac)
 ALGS = ("ES256", "HMAC256")
 STATUSES = ("active", "revoked")
 FIELDS = ("device_id", "alg", "public_key_pem", "key_ref", "board", "site", "pole", "lat", "lon",
-          "firmware", "status", "provisioned_at", "broker_hash", "rollover_public_key_pem",
-          "rollover_until")
+          "height_m", "firmware", "status", "provisioned_at", "broker_hash",
+          "rollover_public_key_pem", "rollover_until")
+MAX_HEIGHT_M = 100.0   # a pole's mounting height; more is a typo
 
 
 class RegistryError(ValueError):
@@ -63,6 +64,7 @@ class DeviceRecord:
     broker_hash: str | None = None  # the pole broker's hash of the node's password
     rollover_public_key_pem: str | None = None  # also accepted, until rollover_until
     rollover_until: str | None = None           # ISO 8601 UTC
+    height_m: float | None = None   # mounting height above the ground (the node's microphone)
 
     @property
     def active(self) -> bool:
@@ -134,6 +136,9 @@ def record_from_dict(data: Any, source: str = "record") -> DeviceRecord:
                                 "(when the second key stops being accepted)")
     if rollover_until is not None:
         _parse_time(rollover_until, "rollover_until", source)
+    height_m = None
+    if data.get("height_m") is not None:
+        height_m = number("height_m", 0, MAX_HEIGHT_M)
     provisioned_at = data.get("provisioned_at", "")
     if not isinstance(provisioned_at, str):
         raise RegistryError(f"{source}: field 'provisioned_at' must be an ISO 8601 string")
@@ -142,7 +147,7 @@ def record_from_dict(data: Any, source: str = "record") -> DeviceRecord:
         lat=number("lat", -90, 90), lon=number("lon", -180, 180), firmware=text("firmware"),
         status=status, provisioned_at=provisioned_at, public_key_pem=pem, key_ref=key_ref,
         broker_hash=broker_hash, rollover_public_key_pem=rollover_pem,
-        rollover_until=rollover_until)
+        rollover_until=rollover_until, height_m=height_m)
 
 
 def _parse_time(text: str, name: str, source: str) -> datetime:

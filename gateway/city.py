@@ -9,7 +9,9 @@ connection came up) first, then the backlog (what was buffered before, and backf
 from nodes' spools), rate limited, leaving slots free for live data, and marked
 `historical=1`; each lane keeps per-device order (row id order). Reconnects back off
 exponentially with jitter. The retained `<prefix>/<gateway>/status` says online, and
-the broker publishes the last will (offline) if the gateway vanishes.
+the broker publishes the last will (offline) if the gateway vanishes. The retained
+`<prefix>/<gateway>/meta/<device>` says where each node stands (citynode/place.py),
+kept as the daemon's registry says (`set_places`).
 
 What is in flight is held in the store (`Store.sending`), so it is neither evicted nor
 merged into; PUBACKed rows go to the store, which deletes them inside its next group
@@ -57,6 +59,14 @@ class CityLink:
         base = f"{self.up.topic_prefix}/{config.gateway_id}"
         self.up_topic, self.gap_topic = f"{base}/up/", f"{base}/gap/"
         self.down_topic, self.status_topic = f"{base}/down/", f"{base}/status"
+        self.meta_topic = f"{base}/meta/"
+        # Places: what the registry says (any thread sets it), what this gateway has
+        # published upstream, and what an earlier connection may have left there.
+        self._places_lock = threading.Lock()
+        self._places: dict[str, bytes] = {}
+        self._places_sent: dict[str, bytes] | None = None   # the dict last synced
+        self._published_places: dict[str, bytes] = {}
+        self._stale_places: set[str] = set()
         self.rlog = RateLimitedLog(log)
         self.connected = False
         self.heartbeat = time.monotonic()
@@ -137,6 +147,8 @@ class CityLink:
                   and now - self._connecting_since > CONNACK_TIMEOUT_S):
                 self._lost("no CONNACK")
                 self.client.disconnect()
+            if self.connected:
+                self._sync_places()
             if self.connected and (self._more or self.store.new_rows.is_set()
                                    or now - self._last_query > QUERY_EVERY_S):
                 self._last_query = now
@@ -204,6 +216,9 @@ class CityLink:
         self._live_cursor = self._hist_cursor = 0
         self._retry = []
         client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        # every place again: the city's broker may have lost what it retained
+        self._stale_places |= set(self._published_places)
+        self._published_places, self._places_sent = {}, None
         if self.on_command is not None:
             client.subscribe(self.down_topic + "+", qos=1)
         log.info("connected upstream to %s:%d; %d rows buffered", self.up.host, self.up.port,
@@ -230,6 +245,35 @@ class CityLink:
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if self.on_command is not None:
             self.on_command(message.topic[len(self.down_topic):], message.payload)
+
+    # --- places -----------------------------------------------------------------------------
+
+    def set_places(self, places: dict[str, bytes]) -> None:
+        """The registry's places now (citynode.place.places); sent on the next turn."""
+        with self._places_lock:
+            self._places = places
+
+    def _sync_places(self) -> None:
+        with self._places_lock:
+            want = self._places
+        if want is self._places_sent:
+            return
+        for device, pack in want.items():
+            if self._published_places.get(device) != pack:
+                self._publish_place(device, pack)
+        for device in (set(self._published_places) | self._stale_places) - set(want):
+            self._publish_place(device, b"")         # revoked or gone: cleared
+        self._stale_places = set()
+        self._places_sent = want
+
+    def _publish_place(self, device: str, pack: bytes) -> None:
+        info = self.client.publish(self.meta_topic + device, pack, qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return  # the connection went: the next one publishes every place again
+        if pack:
+            self._published_places[device] = pack
+        else:
+            self._published_places.pop(device, None)
 
     # --- dispatch ---------------------------------------------------------------------------
 

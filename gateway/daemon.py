@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from citynode.place import places
 from citynode.registry import Registry, RegistryError, load_registry
 
 from .city import CityLink
@@ -74,6 +75,7 @@ class Gateway:
                          if config.operator_key else None)
         self.city = CityLink(config, self.store, self.metrics,
                              on_command=self.downlink.handle if self.downlink else None)
+        self.city.set_places(places(self.registry))
         self.metrics.collector(self._gauges)
         self.http = (MetricsServer(config.metrics_address, self.metrics, self.health)
                      if config.metrics_address else None)
@@ -100,6 +102,7 @@ class Gateway:
             log.error("registry reload failed, keeping the previous one: %s", exc)
             return
         self.pole.retry_unverified()  # what arrived before the registry knew its node
+        self.city.set_places(places(self.registry))
 
     def _on_drop(self, device: str, reason: str, count: int, stored: bool) -> None:
         self.metrics.inc("dropped_total", count, device=device, reason=reason)

@@ -53,6 +53,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pole", required=True)
     p.add_argument("--lat", type=float, default=0.0)
     p.add_argument("--lon", type=float, default=0.0)
+    p.add_argument("--height", type=float, metavar="M",
+                   help="mounting height above the ground, in metres (for locating sounds)")
     p.add_argument("--broker", default="192.168.4.1:1883", help="the pole gateway's MQTT HOST:PORT")
     p.add_argument("--ntp", metavar="HOST:PORT",
                    help="the pole's time server (default: the broker's host, port 123)")
@@ -267,7 +269,7 @@ def _plan_for(args: argparse.Namespace, board, probe: dict) -> deploy.Plan:
     device = wire.device_id(probe["mac"])
     cfg = deploy.build_config(board, device, args.site, args.pole, args.lat, args.lon,
                               args.broker, args.wifi_ssid, window_s=args.window_s,
-                              ntp=args.ntp)
+                              ntp=args.ntp, height_m=args.height)
     plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
     password = read_password(args)
     if password is not None:
@@ -332,7 +334,7 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> int:
         device_id=device, alg="HMAC256" if args.hmac else "ES256", board=board.name,
         site=cfg.get("site") or "unknown", pole=cfg.get("pole") or "unknown",
         lat=float(cfg.get("lat") or 0.0), lon=float(cfg.get("lon") or 0.0),
-        firmware=probe.get("firmware") or "unknown",
+        height_m=cfg.get("height_m"), firmware=probe.get("firmware") or "unknown",
         public_key_pem=None if args.hmac else key.pem, key_ref=key_ref, broker_hash=login.hash)
     _, how = fleet.register(args.registry, record, args.force_rekey)
     out.result({"ok": True, "device": device, "registry": how, "key_fingerprint": key.fingerprint,
@@ -447,7 +449,8 @@ def cmd_provision(args: argparse.Namespace, out: Output) -> int:
                 raise
     opts = provision.Options(
         board=board, registry=args.registry, site=args.site, pole=args.pole, lat=args.lat,
-        lon=args.lon, broker=args.broker, ntp=args.ntp, wifi_ssid=args.wifi_ssid,
+        lon=args.lon, height_m=args.height, broker=args.broker, ntp=args.ntp,
+        wifi_ssid=args.wifi_ssid,
         wifi_password=read_password(args), image=image, force_flash=args.force_flash,
         firmware_dir=args.firmware_dir, use_mpy=False if args.no_mpy else None,
         window_s=args.window_s,

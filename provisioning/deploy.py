@@ -23,6 +23,7 @@ from typing import Any
 
 from citynode.boards import Board
 from citynode.parts import PARTS
+from citynode.registry import MAX_HEIGHT_M
 
 from .device import Session
 from .errors import DeviceError, ProvisionError, UsageError
@@ -224,7 +225,7 @@ def check_micropython(fw: Path, probe: dict[str, Any]) -> None:
 
 def build_config(board: Board, device: str, site: str, pole: str, lat: float, lon: float,
                  broker: str, ssid: str, alg: str = "ES256", window_s: int = 60,
-                 ntp: str | None = None) -> dict:
+                 ntp: str | None = None, height_m: float | None = None) -> dict:
     """/config.json as firmware/node/config.py validates it; sensors wired per boards.yaml.
     `ntp` (HOST:PORT): the time server, when not the broker's host on port 123."""
     host, port = _host_port("--broker", broker, "192.168.4.1:1883")
@@ -248,6 +249,11 @@ def build_config(board: Board, device: str, site: str, pole: str, lat: float, lo
            "broker": {"host": host, "port": port}, "wifi": {"ssid": ssid},
            "window_s": window_s, "alg": alg, "sensors": sensors,
            "lamp_pin": pins.get("lamp_pwm")}
+    if height_m is not None:
+        if not 0 <= height_m <= MAX_HEIGHT_M:
+            raise UsageError(f"--height {height_m} is not a pole's mounting height",
+                             f"give metres above the ground, 0 to {MAX_HEIGHT_M:.0f}")
+        cfg["height_m"] = height_m
     if ntp:
         ntp_host, ntp_port = _host_port("--ntp", ntp, "192.168.4.1:123")
         cfg["ntp"] = {"host": ntp_host, "port": ntp_port}

@@ -37,6 +37,7 @@ class Options:
     lon: float = 0.0
     broker: str = "192.168.4.1:1883"
     ntp: str | None = None          # HOST:PORT; None: the broker's host, port 123
+    height_m: float | None = None   # mounting height, for the registry
     wifi_ssid: str = ""
     wifi_password: str | None = None  # None: leave the node's secret as it is
     image: flash.Image | None = None
@@ -172,7 +173,7 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         plan = deploy.build_plan(fw, probe, opts.use_mpy)
         cfg = deploy.build_config(opts.board, device, opts.site, opts.pole, opts.lat, opts.lon,
                                   opts.broker, opts.wifi_ssid, opts.alg, opts.window_s,
-                                  opts.ntp)
+                                  opts.ntp, opts.height_m)
         plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
         if opts.wifi_password is not None:
             plan.extra[deploy.WIFI_SECRET_PATH] = deploy.secret_bytes(opts.wifi_password)
@@ -200,6 +201,7 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         firmware_version = deploy.firmware_version(fw)
         record = reg.DeviceRecord(device_id=device, alg="ES256", board=opts.board.name,
                                   site=opts.site, pole=opts.pole, lat=opts.lat, lon=opts.lon,
+                                  height_m=opts.height_m,
                                   firmware=firmware_version, public_key_pem=key.pem,
                                   broker_hash=login.hash)
         _, how = fleet.register(opts.registry, record, opts.force_rekey)

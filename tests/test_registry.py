@@ -1,5 +1,6 @@
 import json
 import stat
+from dataclasses import replace
 
 import pytest
 
@@ -23,6 +24,13 @@ def test_write_load_roundtrip_is_atomic_and_readable_by_the_gateway(tmp_path):
     assert hdev.secret.hex() not in repr(cred)
 
 
+def test_a_mounting_height_is_kept_and_optional(tmp_path):
+    dev = TestDevice.random()
+    write_record(tmp_path, replace(dev.record(), height_m=6.5))
+    assert load_registry(tmp_path, strict=True).get(dev.device_id).height_m == 6.5
+    assert "height_m" not in dev.record().to_dict()       # records from before still load
+
+
 def test_revoke_marks_the_record(tmp_path):
     dev = TestDevice.random()
     dev.register(tmp_path)
@@ -40,6 +48,7 @@ def test_revoke_marks_the_record(tmp_path):
     ({"public_key_pem": "not a key"}, "not a PEM public key"),
     ({"colour": "red"}, "unknown field"),
     ({"board": ""}, "'board'"),
+    ({"height_m": 600}, "'height_m'"), ({"height_m": "6 m"}, "'height_m'"),
 ])
 def test_invalid_records_name_the_field(change, message):
     data = {**TestDevice.random().record().to_dict(), **change}

@@ -30,7 +30,7 @@ from citynode.mosquitto import Mosquitto, PoleBroker, free_port, free_port_range
 BOARD = "esp32-devkitc"
 GATEWAY_ID = "pole-demo"
 TOPIC_PREFIX = "city/demo"
-SITE, POLE, LAT, LON = "demo", "P-1", 48.2082, 16.3738
+SITE, POLE, LAT, LON, HEIGHT_M = "demo", "P-1", 48.2082, 16.3738, 6.0
 BIN = Path(sys.executable).parent
 
 
@@ -272,6 +272,7 @@ def provision(procs: Processes, workdir: Path, boards: list[Board], broker: Pole
         argv += ["--port", board.url]
     argv += ["--board", BOARD, "--image", str(image), "--registry", str(registry),
              "--site", SITE, "--pole", POLE, "--lat", str(LAT), "--lon", str(LON),
+             "--height", str(HEIGHT_M),
              "--broker", f"{broker.host}:{broker.node_port}", "--wifi-ssid", "city",
              "--ntp", f"{clock.host}:{clock.port}",
              "--wifi-password-file", str(wifi_password_file(workdir)),
