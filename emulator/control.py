@@ -64,6 +64,12 @@ def _scenario(board: EmulatedBoard):
     return board.peripherals.scenario
 
 
+def _impulse(scenario, kind: str, level_db: float, after_s: float) -> dict:
+    """A sound event `after_s` from now; with `unix`, the host's time of its onset."""
+    event = scenario.add_event(kind, level_db, after_s)
+    return {**asdict(event), "unix": scenario.unix_at(event.time)}
+
+
 COMMANDS = {
     "status": lambda b: _status(b),
     "wifi": lambda b, up: b.radio.set_ap(bool(up)),
@@ -79,8 +85,8 @@ COMMANDS = {
     "stuck": lambda b, sensor: _fault(b, "stuck", sensor=sensor),
     "unstuck": lambda b, sensor: _fault(b, "unstuck", sensor=sensor),
     "pin": lambda b, **values: _scenario(b).override(**values),
-    "impulse": lambda b, kind="gunshot", level_db=120.0, after_s=0.5: asdict(
-        _scenario(b).add_event(kind, float(level_db), float(after_s))),
+    "impulse": lambda b, kind="gunshot", level_db=120.0, after_s=0.5: _impulse(
+        _scenario(b), kind, float(level_db), float(after_s)),
 }
 
 

@@ -184,6 +184,11 @@ class Scenario:
     def at_wall(self, wall: float) -> float:
         return wall * self.time_scale
 
+    def unix_at(self, t: float) -> float:
+        """The host's Unix time when scenario time `t` is (was) played: the truth a
+        node's clock and onset stamps are measured against."""
+        return time.time() + t / self.time_scale - self.wall()
+
     def datetime_at(self, t: float) -> datetime:
         return self.start + timedelta(seconds=t)
 

@@ -1,5 +1,6 @@
 """Sound level meter: A-weighting, 125 ms energy blocks, window statistics, impulse events
-(looked for in every quarter block, so one is found within ~31 ms of its onset).
+(looked for in every quarter block, so one is found within ~31 ms of its onset, and
+stamped at its onset's sample).
 
 Input is 24-bit integer samples (drivers.mic). Raw audio never leaves this module:
 only levels, statistics and events come out.
@@ -27,11 +28,16 @@ SUBS = 4                    # an impulse is looked for in each quarter block (31
 HIST_LO_DB = 20.0           # histogram range [HIST_LO_DB, HIST_LO_DB + HIST_BINS / 10) dB
 HIST_BINS = 1200            # 0.1 dB bins: 2.4 KB, any window length up to 65535 blocks
 MS_FULL_SCALE_SINE = 35184372088832.0   # 2**45: mean square of a sine peaking at 2**23
+ONSET_DB = 6.0              # an onset: the first sample this far above the event's rise
 _OFF = 1 << 29              # states are stored offset-positive (see _filter_energy)
 
 # co[] layout: per high-pass section k (0..3): D, F at 2k, 2k+1; LP: P, Q, F at 8, 9, 10.
 # st[] layout: 0 start, 1 count, 2..9 section states, 10..13 HP error feedback,
-#              14..15 LP error feedback, 16..18 energy words (base 2**24).
+#              14..15 LP error feedback, 16..18 energy words (base 2**24),
+#              19 onset threshold (|sample|; 0 until the background forms), in the
+#              quarter (1-based places, 0 = none): 20 first crossing, 21 peak |sample|,
+#              22 the peak's place; 23 the place of xb[0] in the quarter, plus one.
+ST_WORDS = 24
 
 
 @micropython.viper
@@ -63,6 +69,11 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
     w0 = st[16]
     w1 = st[17]
     w2 = st[18]
+    thr = st[19]
+    cross = st[20]
+    pk = st[21]
+    at = st[22]
+    base = st[23]                       # xb index -> place in the quarter, plus one
     d1 = co[0]
     f1 = co[1]
     k1 = f1 - 12
@@ -150,6 +161,11 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
                 y = -y
             if y > 0xFFFFFF:
                 y = 0xFFFFFF
+            if y > pk:                  # the quarter's peak so far; a first crossing of
+                pk = y                  # the onset threshold is always one
+                at = i + base
+                if cross == 0 and thr > 0 and y > thr:
+                    cross = at
             h = y >> 12
             y = y & 0xFFF
             sa += h * h
@@ -179,6 +195,9 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
     st[16] = w0
     st[17] = w1
     st[18] = w2
+    st[20] = cross
+    st[21] = pk
+    st[22] = at
 
 
 @micropython.viper
@@ -285,7 +304,7 @@ class SoundMeter:
 
     def __init__(self, rate=48000, window_s=0, cal_db=0.0, fs_db_spl=120.0,
                  event_rise_db=15.0, background_s=10.0, on_event=None, on_window=None,
-                 clock_ms=None, max_events=8):
+                 clock_us=None, max_events=8):
         if rate % (8 * SUBS):
             raise ValueError('rate must be a multiple of %d Hz (125 ms blocks in %d parts)'
                              % (8 * SUBS, SUBS))
@@ -300,9 +319,9 @@ class SoundMeter:
         self._alpha = 1.0 / (8.0 * background_s)
         self.on_event = on_event
         self.on_window = on_window
-        self._clock = clock_ms or time.ticks_ms
+        self._clock = clock_us or time.ticks_us
         # zeroed from raw bytes: a [0] * n list first would cost n words of heap
-        self._st = array('i', bytes(4 * 19))
+        self._st = array('i', bytes(4 * ST_WORDS))
         self._hist = array('H', bytes(2 * HIST_BINS))
         self._events = []
         self._behind = 0                # samples waiting in the driver after this chunk
@@ -314,7 +333,7 @@ class SoundMeter:
     def reset(self):
         """Start from silence: filter state, block, window and background."""
         st = self._st
-        for k in range(19):
+        for k in range(ST_WORDS):
             st[k] = 0
         for k in range(2, 10):
             st[k] = _OFF
@@ -337,7 +356,6 @@ class SoundMeter:
         self._max = -1e9
         self._min = 1e9
         self._over = 0
-        self._t0 = self._clock()
 
     def add_overruns(self, samples):
         """Count samples the driver lost (they are in no block)."""
@@ -355,6 +373,7 @@ class SoundMeter:
                 m = self._left
             st[0] = i
             st[1] = m
+            st[23] = self.sub_len - self._left - i
             _filter_energy(buf, st, self._co)
             i += m
             self._left -= m
@@ -373,16 +392,20 @@ class SoundMeter:
         q2 = st[18]
         q1 = st[17]
         q0 = st[16]
+        onset = (st[20] or st[22] or 1) - 1     # the first crossing, else the peak
         st[16] = 0
         st[17] = 0
         st[18] = 0
+        st[20] = 0
+        st[21] = 0
+        st[22] = 0
         b0 = self._b0 + q0
         b1 = self._b1 + q1 + (b0 >> 24)
         self._b0 = b0 & 0xFFFFFF
         self._b2 += q2 + (b1 >> 24)
         self._b1 = b1 & 0xFFFFFF
         if self._gate is not None:
-            self._detect(q2, q1, q0, pending)
+            self._detect(q2, q1, q0, pending, onset)
         self._p2 = q2
         self._p1 = q1
         self._p0 = q0
@@ -427,11 +450,16 @@ class SoundMeter:
             e = self.sub_len * 10.0 ** ((bg - self._base - self.cal_db) / 10.0)
             self._gate = _words(e * 10.0 ** (self.event_rise_db / 10.0))
             self._rearm = _words(e * 10.0 ** (self.event_rise_db / 20.0))
+            # a sample this far above the background's RMS: an onset, never the noise
+            # (ONSET_DB above the gate's rise: 11x the RMS for a 15 dB rise)
+            thr = math.sqrt(e / self.sub_len) * 10.0 ** ((self.event_rise_db + ONSET_DB) / 20)
+            self._st[19] = int(min(thr, 0xFFFFFF))
 
-    def _detect(self, q2, q1, q0, pending):
+    def _detect(self, q2, q1, q0, pending, onset):
         """An impulse: a quarter block event_rise_db above the background, most of the
-        rise sudden (half of it since the previous quarter). Stamped at the quarter's
-        first sample. Re-armed once a quarter is back within half the rise."""
+        rise sudden (half of it since the previous quarter). Stamped at its onset, the
+        quarter's first sample ONSET_DB above the rise (else its peak): `onset` samples
+        into the quarter. Re-armed once a quarter is back within half the rise."""
         if not self._armed:
             h2, h1 = self._rearm
             if q2 < h2 or (q2 == h2 and q1 < h1):
@@ -445,9 +473,9 @@ class SoundMeter:
         if lvl - prev <= 0.5 * self.event_rise_db:
             return
         self._armed = False
-        # the quarter's first sample: now, minus the samples after it, in this chunk and
-        # waiting in the driver
-        back = (pending + self._behind + self.sub_len) * 1000 // self.rate
+        # the onset's sample: now, minus the samples after it, in this chunk and waiting
+        # in the driver
+        back = (pending + self._behind + self.sub_len - onset) * 1000000 // self.rate
         ev = (time.ticks_add(self._clock(), -back), round(lvl, 1),
               round(lvl - self.background, 1))
         if self.on_event:
@@ -459,7 +487,7 @@ class SoundMeter:
             self._events.append(ev)
 
     def pop_event(self):
-        """Oldest queued event (t_ms, level_dBA, rise_dB) or None (when no on_event)."""
+        """Oldest queued event (t_us, level_dBA, rise_dB) or None (when no on_event)."""
         return self._events.pop(0) if self._events else None
 
     def _percentile(self, pct):
@@ -471,7 +499,7 @@ class SoundMeter:
         """Finish the current window and start the next one: dict of its statistics.
 
         laeq / lamax / lamin / l10 / l90 in dB(A) (None when no block), blocks
-        (125 ms each), overruns (samples lost), t0_ms (clock at window start).
+        (125 ms each), overruns (samples lost).
         """
         nb = self._nb
         r = {
@@ -483,7 +511,6 @@ class SoundMeter:
             'l90': self._percentile(90) if nb else None,
             'blocks': nb,
             'overruns': self._over,
-            't0_ms': self._t0,
         }
         self._new_window()
         self.last_window = r

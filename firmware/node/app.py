@@ -95,10 +95,10 @@ class Node:
         self.supervisor.register("audio")
         await self.sound.run(lambda: self.supervisor.beat("audio"))
 
-    def _impulse(self, t_ms, level, rise):
+    def _impulse(self, t_us, level, rise):
         records = [("noise/impulse", "dBA", round(level, 1)), ("noise/rise", "dB", round(rise, 1))]
-        uptime_ms = CLOCK.uptime_ms() - time.ticks_diff(time.ticks_ms(), t_ms)  # its onset
-        self.urgent.append((payload.KIND_EVENT, records, uptime_ms))
+        onset_ms = CLOCK.uptime_us(t_us) // 1000    # the envelope's uptime: its onset
+        self.urgent.append((payload.KIND_EVENT, records, onset_ms))
         self.urgent_ready.set()
 
     async def _status(self, records, t_ms):
