@@ -80,10 +80,25 @@ report(n=len(s), dropped=s.dropped, order=drain(s))
     events = names(3, 13, 23, 33, 43, 53)
     assert all(e in order for e in events)  # events are kept longest
     assert got["dropped"] == 60 - got["n"] > 0
-    assert order == sorted(order)  # what is left is still oldest first
     routine = [r for r in order if r not in events]
+    assert routine == sorted(routine)  # what is left is still oldest first (events jump)
     last = int(routine[0][1:])
     assert routine == names(*[i for i in range(last, 60) if i % 10 != 3])  # the newest kept
+
+
+def test_an_event_jumps_the_backlog(tmp_path):
+    # an hour offline spooled to flash; back online, an impulse: its event goes next
+    got = mpy(tmp_path, """
+s = Spool(BASE, ram_count=8, ram_bytes=4096, flash_bytes=65536)
+for i in range(40):
+    s.put(rec(i))
+first = [s.pop().decode()[:6] for _ in range(3)]
+s.put(rec(40))
+s.put(rec(41), EVENT)
+s.put(rec(42), EVENT)
+report(order=first + drain(s))
+""")
+    assert got["order"] == names(0, 1, 2, 41, 42, *range(3, 41))
 
 
 def test_only_events_left_then_the_oldest_event_goes(tmp_path):
@@ -93,7 +108,8 @@ for i in range(20):
     s.put(rec(i), EVENT)
 report(n=len(s), dropped=s.dropped, order=drain(s))
 """)
-    assert got["order"] == names(*range(20 - got["n"], 20))
+    # the newest kept (those in RAM sent before those in flash: events jump)
+    assert sorted(got["order"]) == names(*range(20 - got["n"], 20))
     assert got["dropped"] == 20 - got["n"] > 0
 
 

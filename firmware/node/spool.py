@@ -3,7 +3,10 @@
 New records go to a RAM ring; when it is full (or flush() is called, e.g. after
 a while offline) the whole ring is appended to a flash file in one write, so
 flash is written once per batch, not per reading. Flash records are always
-older than RAM ones, so the drain order is flash (from the head) then RAM.
+older than RAM ones, so the drain order is flash (from the head) then RAM, except
+that an event (priority EVENT) in RAM goes before everything: an impulse must not
+wait for an hour of spooled windows. An event that reached flash in an outage keeps
+its place there.
 
 Flash: `<base>/spool.dat`, append-only records `<H len><B prio><I crc32>` +
 data (the CRC covers len, prio and data), and `<base>/spool.hd` with the byte
@@ -97,14 +100,31 @@ class Spool:
             if not self.flush():
                 self._trim_ram()
 
+    def _event_in_ram(self):
+        """Index of the oldest event in RAM, or -1."""
+        ram = self._ram
+        for i in range(len(ram)):
+            if ram[i][0] == EVENT:
+                return i
+        return -1
+
     def peek(self):
-        """The oldest record's bytes, or None when empty; it stays queued."""
+        """The next record's bytes (an event in RAM, else the oldest), or None when empty;
+        it stays queued."""
+        i = self._event_in_ram()
+        if i >= 0:
+            return self._ram[i][1]
         if self._count and self._read_head():
             return self._cache[2]
         return self._ram[0][1] if self._ram else None
 
     def pop(self):
-        """Remove and return the oldest record (None when empty)."""
+        """Remove and return the record peek() gives (None when empty)."""
+        i = self._event_in_ram()
+        if i >= 0:
+            data = self._ram.pop(i)[1]
+            self._ram_used -= HDR + len(data)
+            return data
         if self._count and self._read_head():
             off, size, data = self._cache
             self._cache = None
