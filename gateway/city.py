@@ -7,7 +7,9 @@ that was in flight is sent again, oldest first (the upstream may see a duplicate
 device and seq). Two lanes share a small in-flight window: live rows (stored since the
 connection came up) first, then the backlog (what was buffered before, and backfill
 from nodes' spools), rate limited, leaving slots free for live data, and marked
-`historical=1`; each lane keeps per-device order (row id order). Reconnects back off
+`historical=1`; each lane keeps per-device order (row id order), except that the
+backlog's impulse events go before the rest of it (an event must not wait an outage's
+worth of readings). Reconnects back off
 exponentially with jitter. The retained `<prefix>/<gateway>/status` says online, and
 the broker publishes the last will (offline) if the gateway vanishes. The retained
 `<prefix>/<gateway>/meta/<device>` says where each node stands (citynode/place.py),
@@ -85,7 +87,8 @@ class CityLink:
         self._more = False  # a PUBACK freed a slot: dispatch on the next turn
         self._last_query = 0.0
         # The lanes: rows up to `_boundary` are backlog; each lane walks by row id.
-        self._boundary = self._live_cursor = self._hist_cursor = 0
+        self._boundary = self._live_cursor = self._hist_cursor = self._event_cursor = 0
+        self._events_sent: set[int] = set()   # backlog events sent ahead on this connection
         self._tokens = 0.0  # the backlog's rate limit (token bucket)
         self._tokens_at = time.monotonic()
         self.client = self._make_client()
@@ -213,7 +216,8 @@ class CityLink:
         # what arrives from now on is live. Both lanes start over: anything that was in
         # flight on the last connection goes out again.
         self._boundary = self.store.max_id()
-        self._live_cursor = self._hist_cursor = 0
+        self._live_cursor = self._hist_cursor = self._event_cursor = 0
+        self._events_sent = set()
         self._retry = []
         client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         # every place again: the city's broker may have lost what it retained
@@ -293,10 +297,19 @@ class CityLink:
         free -= sent
         if sent < len(rows) or free <= 0:
             return
+        events = self.store.backlog_events(self._event_cursor, self._boundary, free)
+        sent = self._publish(events, historical=True)
+        if sent:
+            self._event_cursor = events[sent - 1].id
+            self._events_sent.update(row.id for row in events[:sent])
+        free -= sent
+        if sent < len(events) or free <= 0:
+            return
         self._dispatch_backlog(free)
 
     def _dispatch_backlog(self, free: int) -> None:
-        """Backlog rows within the rate limit, leaving slots for live data."""
+        """Backlog rows within the rate limit, leaving slots for live data (and without
+        the events already sent ahead)."""
         mono = time.monotonic()
         reserve = max(1, self.up.inflight // 4)  # slots the backlog leaves for live data
         rate = self.up.backlog_max_per_s
@@ -304,9 +317,12 @@ class CityLink:
         self._tokens_at = mono
         budget = min(free - (reserve if len(self._mids) >= reserve else 0), int(self._tokens))
         if budget > 0:
-            backlog = self.store.backlog_rows(self._hist_cursor, self._boundary, budget)
+            walked = self.store.backlog_rows(self._hist_cursor, self._boundary, budget)
+            backlog = [row for row in walked if row.id not in self._events_sent]
             sent = self._publish(backlog, historical=True)
-            if sent:
+            if sent == len(backlog) and walked:
+                self._hist_cursor = walked[-1].id
+            elif sent:
                 self._hist_cursor = backlog[sent - 1].id
             self._tokens -= sent
 

@@ -410,6 +410,12 @@ class Store:
                                      (max(after, boundary), limit - len(rows)), self._reader)
             return rows
 
+    def backlog_events(self, after: int, boundary: int, limit: int) -> list[Row]:
+        """The backlog's events, in id order from `after`: they go before the rest of it."""
+        with self._read_lock:
+            return self._select("WHERE prio = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                                (PRIO_EVENT, after, boundary, limit), self._reader)
+
     def rows(self, ids: Iterable[int]) -> list[Row]:
         ids = list(ids)
         with self._read_lock:
