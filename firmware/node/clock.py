@@ -81,6 +81,10 @@ class Clock:
         """Unix milliseconds now, or None before the first sync."""
         return self.wall_ms_at(self.uptime_ms())
 
+    def unix_us(self):
+        """Unix microseconds now, or None before the first sync."""
+        return None if self._base_up_us is None else self._wall_us(self.uptime_us())
+
     # --- SNTP -----------------------------------------------------------------------
     def exchange(self, sock, address):
         """One request: (round trip us, offset us = Unix time - uptime) or None."""
