@@ -217,6 +217,7 @@ class Demo:
         peak = 0
         while (elapsed := time.monotonic() - start) < duration:
             self.poll()
+            self.show_impulses()
             if self.forged is None and elapsed >= FORGE_AT * duration:
                 self.inject_forged()
             if not cut and elapsed >= CUT_AT * duration:
@@ -232,6 +233,14 @@ class Demo:
                 self.view.event(f"backlog drained: {peak} buffered at the peak, 0 now")
             self.view.tick(self.status(self.phase_name(elapsed, cut, restored), elapsed))
             time.sleep(TICK_S)
+
+    def show_impulses(self) -> None:
+        for device, level, onset_ms in self.ledger.take_impulses():
+            when = ("its node's clock not synced" if onset_ms is None else
+                    time.strftime("%H:%M:%S", time.gmtime(onset_ms / 1000))
+                    + f".{onset_ms % 1000:03d} UTC")
+            loud = "?" if level is None else f"{level:.0f}"
+            self.view.event(f"{device}: impulse, {loud} dBA, onset {when}")
 
     def phase_name(self, elapsed: float, cut: bool, restored: bool) -> str:
         duration = self.args.duration

@@ -57,6 +57,7 @@ class Ledger:
         self.upstream_invalid = 0   # failed verification at the city: must stay 0
         self.nodes: dict[str, NodeState] = {}
         self.last_envelope: tuple[str, bytes] | None = None
+        self._impulses: list[tuple[str, float | None, int | None]] = []  # not shown yet
 
     # --- verification -----------------------------------------------------------------
     def verify(self, data: bytes) -> wire.Payload | None:
@@ -109,6 +110,9 @@ class Ledger:
         node.last_seen = time.time()
         if payload.kind == wire.KIND_EVENT:
             node.events += 1
+            level = next((r.get(2) for r in payload.records if r.get(0) == "noise/impulse"),
+                         None)
+            self._impulses.append((payload.device, level, payload.time_ms))
             return
         node.readings += 1
         for record in payload.records:
@@ -116,6 +120,13 @@ class Ledger:
             value = record.get(2)
             if column and isinstance(value, int | float) and not isinstance(value, bool):
                 node.values[column] = float(value)
+
+    def take_impulses(self) -> list[tuple[str, float | None, int | None]]:
+        """(device, level dBA, onset in Unix ms) of the impulse events that reached the
+        city since the last call."""
+        with self.lock:
+            taken, self._impulses = self._impulses, []
+        return taken
 
     # --- counts -------------------------------------------------------------------------
     def produced(self) -> set[Key]:
