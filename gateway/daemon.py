@@ -138,7 +138,7 @@ class Gateway:
             "gateway": self.config.gateway_id,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "local": "up" if self.pole.connected else "down",
+            "local": "up" if self.pole.connected and self.pole.subscribed else "down",
             "uplink": "up" if self.city.connected else "down",
             "buffered": stats["rows"], "buffered_bytes": stats["bytes"],
             "oldest_buffered_age_s": round(time.time() - oldest, 1) if oldest else 0,

@@ -101,6 +101,7 @@ class PoleLink:
         self._ready = threading.Condition()
         self._last_arrival = 0.0
         self.connected = False
+        self.subscribed = False      # the broker took our subscription (SUBACK)
         self.down_since: float | None = time.monotonic()
         self.heartbeat = time.monotonic()
         self.failed: str | None = None  # set when a commit failed: the daemon exits
@@ -122,6 +123,7 @@ class PoleLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def start(self) -> None:
@@ -137,15 +139,24 @@ class PoleLink:
             return
         self._generation += 1
         self.connected, self.down_since = True, None
+        self.subscribed = False
         self.metrics.set("local_up", 1)
         client.subscribe(wire.UP_PREFIX + "+", qos=1)
         log.info("connected to the local broker %s:%d (session present: %s)",
                  self.config.local.host, self.config.local.port, flags.session_present)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """The broker took the subscription: from now on the nodes' envelopes come here
+        (before it, on a first start, what they publish has no subscriber)."""
+        self.subscribed = not any(code.is_failure for code in reason_codes)
+        if not self.subscribed:
+            log.error("the local broker refused the subscription to %s+: %s (its ACL)",
+                      wire.UP_PREFIX, reason_codes)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected:
             log.warning("lost the local broker (%s); paho reconnects", reason_code)
-        self.connected = False
+        self.connected = self.subscribed = False
         self.down_since = self.down_since or time.monotonic()
         self.metrics.set("local_up", 0)
 
