@@ -101,6 +101,8 @@ class Clock:
                 got = time.ticks_us()
                 if len(answer) >= 48 and answer[24:32] == packet[40:48]:
                     break
+                if time.ticks_diff(got, sent) > WAIT_MS * 1000:
+                    return None                         # a stream of strays: give up
         except OSError:                                 # timed out: lost on the air
             return None
         if answer[0] & 0x07 != 4 or not 0 < answer[1] < 16 or answer[0] >> 6 == 3:
