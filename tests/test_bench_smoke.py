@@ -28,6 +28,7 @@ def test_bench_firmware_quick(tmp_path: Path):
     result = _load(tmp_path, "firmware")
     assert set(FIRMWARE_KEYS) <= set(result)
     assert 0.1 < result["es256_sign_ms"] < 100
+    assert result["dsp_realtime_factor_48k"] > 1          # the DSP benchmark ran
     assert result["es256_sign_ms_chip"] > 10 * result["es256_sign_ms"]
     assert result["verify_ms_chip"] > result["es256_sign_ms_chip"] * 0.5
     assert 5 < result["heap_high_water_kb"] < 110
