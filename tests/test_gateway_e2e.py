@@ -79,8 +79,10 @@ def test_upstream_outage_loses_nothing_and_drains_in_order(rig, devices, upstrea
     assert_per_device_order(historical)
 
 
-def test_live_readings_overtake_a_rate_limited_backlog(tmp_path, local_broker, upstream_broker,
-                                                      devices):
+@pytest.fixture
+def outage(tmp_path, local_broker, upstream_broker, devices):
+    """A gateway whose uplink is down, its backlog lane limited to 50/s: (gateway, a node
+    publisher, the city's collector)."""
     collector, node = Collector(upstream_broker), Node(local_broker)
     gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker, devices,
                         upstream_extra={"backlog_max_per_s": 50})
@@ -88,56 +90,49 @@ def test_live_readings_overtake_a_rate_limited_backlog(tmp_path, local_broker, u
         gw.start()
         upstream_broker.stop()
         gw.wait_for(lambda: gw.health()["uplink"] == "down", what="uplink down")
-        backlog = [(d.device_id, d.envelope()) for _ in range(50) for d in devices]
-        node.publish_all(backlog)
-        gw.wait_for(lambda: gw.metric("buffered_messages") == len(backlog), what="buffered")
-        upstream_broker.start()
-        gw.wait_for(lambda: gw.health()["uplink"] == "up", what="uplink up")
-        live = [(d.device_id, d.envelope()) for d in devices]
-        node.publish_all(live)
-        gw.wait_for(lambda: set(collector.keys()) >= {seq_of(e) for _, e in backlog + live},
-                    what="everything delivered")
-        arrival = collector.envelopes()
-        live_keys = {seq_of(e) for _, e in live}
-        positions = [i for i, (_, p, _) in enumerate(arrival) if seq_of(p) in live_keys]
-        assert max(positions) < len(backlog) / 2  # well before the backlog finished
-        assert all(arrival[i][2]["historical"] == "0" for i in positions)
-        assert_per_device_order([seq_of(p) for _, p, u in arrival if u["historical"] == "1"])
+        yield gw, node, collector
     finally:
         gw.kill()
         node.close()
         collector.close()
 
 
-def test_an_event_buffered_in_an_outage_goes_before_the_backlog(
-        tmp_path, local_broker, upstream_broker, devices):
+def test_live_readings_overtake_a_rate_limited_backlog(outage, upstream_broker, devices):
+    gw, node, collector = outage
+    backlog = [(d.device_id, d.envelope()) for _ in range(50) for d in devices]
+    node.publish_all(backlog)
+    gw.wait_for(lambda: gw.metric("buffered_messages") == len(backlog), what="buffered")
+    upstream_broker.start()
+    gw.wait_for(lambda: gw.health()["uplink"] == "up", what="uplink up")
+    live = [(d.device_id, d.envelope()) for d in devices]
+    node.publish_all(live)
+    gw.wait_for(lambda: set(collector.keys()) >= {seq_of(e) for _, e in backlog + live},
+                what="everything delivered")
+    arrival = collector.envelopes()
+    live_keys = {seq_of(e) for _, e in live}
+    positions = [i for i, (_, p, _) in enumerate(arrival) if seq_of(p) in live_keys]
+    assert max(positions) < len(backlog) / 2  # well before the backlog finished
+    assert all(arrival[i][2]["historical"] == "0" for i in positions)
+    assert_per_device_order([seq_of(p) for _, p, u in arrival if u["historical"] == "1"])
+
+
+def test_an_event_buffered_in_an_outage_goes_before_the_backlog(outage, upstream_broker,
+                                                               devices):
     # a gunshot at the end of an uplink outage: when the uplink returns, its event must
-    # not wait for the outage's readings (rate limited to 50/s here)
-    collector, node = Collector(upstream_broker), Node(local_broker)
-    gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker, devices,
-                        upstream_extra={"backlog_max_per_s": 50})
-    try:
-        gw.start()
-        upstream_broker.stop()
-        gw.wait_for(lambda: gw.health()["uplink"] == "down", what="uplink down")
-        backlog = [(d.device_id, d.envelope()) for _ in range(40) for d in devices]
-        shooter = devices[0]
-        shot = (shooter.device_id, shooter.envelope(kind=wire.KIND_EVENT))
-        node.publish_all([*backlog, shot])
-        gw.wait_for(lambda: gw.metric("buffered_messages") == len(backlog) + 1,
-                    what="buffered")
-        upstream_broker.start()
-        gw.wait_for(lambda: set(collector.keys()) >= {seq_of(e) for _, e in [*backlog, shot]},
-                    timeout=30, what="everything delivered")
-        arrival = [seq_of(p) for _, p, _ in collector.envelopes()]
-        assert arrival.index(seq_of(shot[1])) < 5, arrival[:10]   # not after 120 readings
-        assert len(arrival) == len(set(arrival))                  # and sent once
-        readings = [k for k in arrival if k != seq_of(shot[1])]
-        assert_per_device_order(readings)
-    finally:
-        gw.kill()
-        node.close()
-        collector.close()
+    # not wait for the outage's readings
+    gw, node, collector = outage
+    backlog = [(d.device_id, d.envelope()) for _ in range(40) for d in devices]
+    shooter = devices[0]
+    shot = (shooter.device_id, shooter.envelope(kind=wire.KIND_EVENT))
+    node.publish_all([*backlog, shot])
+    gw.wait_for(lambda: gw.metric("buffered_messages") == len(backlog) + 1, what="buffered")
+    upstream_broker.start()
+    gw.wait_for(lambda: set(collector.keys()) >= {seq_of(e) for _, e in [*backlog, shot]},
+                timeout=30, what="everything delivered")
+    arrival = [seq_of(p) for _, p, _ in collector.envelopes()]
+    assert arrival.index(seq_of(shot[1])) < 5, arrival[:10]   # not after 120 readings
+    assert len(arrival) == len(set(arrival))                  # and sent once
+    assert_per_device_order([k for k in arrival if k != seq_of(shot[1])])
 
 
 def test_sighup_reloads_the_registry(rig, devices):
