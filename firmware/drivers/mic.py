@@ -88,6 +88,11 @@ class Mic:
         return self._took(self.i2s.readinto(self._raw), None)
 
     @property
+    def read_us(self):
+        """ticks_us() when the last chunk was read (its last sample, less the backlog)."""
+        return self._last
+
+    @property
     def backlog(self):
         """Samples estimated still waiting in the driver ring after the last read."""
         return self._backlog
@@ -95,9 +100,9 @@ class Mic:
     def _took(self, nb, t_call):
         if not nb:
             return 0
+        now = self._clock()         # before the conversion: the chunk's arrival
         n = nb >> 2
         convert(self._raw, n, self.samples)
-        now = self._clock()
         self.received = (self.received + n) & 0x3FFFFFFF
         if self._last is None:
             self._last = now

@@ -325,6 +325,7 @@ class SoundMeter:
         self._hist = array('H', bytes(2 * HIST_BINS))
         self._events = []
         self._behind = 0                # samples waiting in the driver after this chunk
+        self._read_us = None            # when this chunk was read (ticks_us)
         self._max_events = max_events
         self.events_dropped = 0
         self.last_window = None
@@ -361,10 +362,13 @@ class SoundMeter:
         """Count samples the driver lost (they are in no block)."""
         self._over += samples
 
-    def process(self, buf, n, behind=0):
+    def process(self, buf, n, behind=0, read_us=None):
         """Consume buf[0:n] (array('i') of 24-bit samples), `behind` more samples already
-        waiting in the driver (for event stamps). Allocation-free between blocks."""
+        waiting in the driver when it was read at ticks_us() `read_us` (for event stamps:
+        now, by default; at chip speed a chunk is processed well after it was read).
+        Allocation-free between blocks."""
         self._behind = behind
+        self._read_us = read_us
         st = self._st
         i = 0
         while i < n:
@@ -473,10 +477,11 @@ class SoundMeter:
         if lvl - prev <= 0.5 * self.event_rise_db:
             return
         self._armed = False
-        # the onset's sample: now, minus the samples after it, in this chunk and waiting
-        # in the driver
+        # the onset's sample: when the chunk was read, minus the samples after it, in this
+        # chunk and then waiting in the driver
+        read = self._clock() if self._read_us is None else self._read_us
         back = (pending + self._behind + self.sub_len - onset) * 1000000 // self.rate
-        ev = (time.ticks_add(self._clock(), -back), round(lvl, 1),
+        ev = (time.ticks_add(read, -back), round(lvl, 1),
               round(lvl - self.background, 1))
         if self.on_event:
             self.on_event(*ev)
