@@ -457,7 +457,8 @@ class EmulatedBoard:
 
     def _op_i2s_init(self, sub: int, payload: bytes) -> bytes:
         mode, bits, fmt, rate, ibuf = struct.unpack("<BBBIi", payload)
-        return struct.pack("<H", self._parts().i2s_open(sub, mode, bits, fmt, rate, ibuf))
+        stream = self._parts().i2s_open(sub, mode, bits, fmt, rate, ibuf)
+        return struct.pack("<HIq", stream.port, stream.ring_frames, stream.start_us)
 
     def _op_adc(self, sub: int, payload: bytes) -> bytes:
         return struct.pack("<H", self._parts().adc_read(payload[0]))

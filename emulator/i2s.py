@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,7 +27,9 @@ from .devices.mic import to_slots
 from .sockets import Listener
 
 I2S_TICK = 0.003                 # how often the DMA pump wakes (a DMA buffer is 5.3 ms)
-I2S_SNDBUF = 4096                # the kernel's share of the ring: what the board can read
+HOLD_S = 2.0                     # audio kept for a board that stopped reading (the kernel's
+                                 # buffers and then ours); the board drops all but its ring
+ACK_DROPPED = 1 << 31            # an acknowledgement of bytes the board's ring overwrote
 I2S_BLOCK = 2048                 # samples generated per numpy call (FFT-friendly)
 DMA_FRAME_BYTES = 8              # RX DMA frame on the ESP32: 32-bit stereo, always
 DMA_BUF_FRAMES = 256             # frames per DMA buffer (DMA_BUF_LEN_IN_I2S_FRAMES)
@@ -50,14 +53,17 @@ class SampleSource(Protocol):
 class I2SStream:
     """Paces samples to the board over a loopback socket, as DMA fills the ring.
 
-    Wire: raw slots host -> board; board -> host, after every socket read, the number
-    of bytes it took (<I, little-endian). So the host knows exactly what the ring
-    holds (handed over but unread, plus not yet handed over) and drops samples when
-    it would exceed the ring (dma_ring_frames of `ibuf`). The whole ring is handed
-    over as soon as it is due, so a read that drains the ring gets all the chip's
-    would; what the kernel holds can no longer be dropped, so on an overflow the
-    newest samples go where the chip's DMA drops its oldest buffer: the same count,
-    the gap at the other end of the stall.
+    Wire: raw slots host -> board, everything as soon as it is due (in whole DMA
+    buffers); board -> host, after every socket read, the number of bytes it took
+    (<I, little-endian), with ACK_DROPPED set for bytes it threw away unread. The
+    ring's bound is kept on the board side (board_side/emu_machine.py, I2S): before
+    each read it drops what the chip's DMA would have overwritten, the oldest, by
+    the sample clock it shares with this end (`start_us`, the host's CLOCK_MONOTONIC,
+    which the unix port's ticks follow). What is in the kernel's buffers can no
+    longer be taken back from here, so a drop at this end would lose the newest
+    samples, and a read after a stall would return audio older than the chip's:
+    an event in it stamped late by the length of the stall. This end drops only
+    beyond HOLD_S, a stall no node survives anyway.
     """
 
     def __init__(self, mic: SampleSource | None, wall: Callable[[], float], rate: int, bits: int,
@@ -65,10 +71,13 @@ class I2SStream:
         self.mic, self.rate, self.bits, self.stereo = mic, rate, bits, stereo
         self._wall = wall
         self.start = mic.start_wall if mic is not None else wall()
+        # the stream's start on the host's CLOCK_MONOTONIC, which the board's ticks read
+        self.start_us = round((self.start + time.monotonic() - wall()) * 1e6)
         self.frame_bytes = (bits // 8) * (2 if stereo else 1)
         # the ring in the firmware's bytes: its frames as readinto() hands them over
         self.ring_frames = dma_ring_frames(ibuf)
         self.ibuf = self.ring_frames * self.frame_bytes
+        self._hold = int(HOLD_S * rate) * self.frame_bytes
         self._silent = silent
         self.overruns = 0
         self.dropped_bytes = 0
@@ -87,7 +96,7 @@ class I2SStream:
     def _run(self, conn: socket.socket) -> None:
         """The DMA pump for the board's one connection; the stream ends with it."""
         try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, I2S_SNDBUF)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._hold)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setblocking(False)
             self._conn = conn
@@ -99,30 +108,32 @@ class I2SStream:
             self._closed.set()  # one connection per stream: accept no other
 
     def _pump(self, conn: socket.socket) -> None:
-        wall, start = self._wall, self.start
+        wall, start, hold = self._wall, self.start, self._hold
         produced = 0            # samples released into the DMA ring so far
-        pending = bytearray()   # in the ring, not yet handed to the socket
+        pending = bytearray()   # due, not yet handed to the socket
         ahead = bytearray()     # generated in efficient blocks, not yet due
-        sent = consumed = 0     # bytes handed to the socket / acknowledged read by the board
+        sent = consumed = 0     # bytes handed to the socket / acknowledged by the board
         acks = bytearray()
         while not self._closed.is_set():
             acks += _drain(conn)
             while len(acks) >= 4:
-                consumed += struct.unpack_from("<I", acks)[0]
+                ack = struct.unpack_from("<I", acks)[0]
                 del acks[:4]
+                consumed += ack & ~ACK_DROPPED
+                if ack & ACK_DROPPED:
+                    self._overrun(ack & ~ACK_DROPPED)
             due = int((wall() - start) * self.rate)
             due -= due % DMA_BUF_FRAMES     # the driver hands over whole DMA buffers
             backlog = due - produced
-            capacity = self.ring_frames
-            if backlog > capacity + I2S_BLOCK:  # far behind: skip what DMA would drop
-                skip = backlog - capacity
+            hold_frames = hold // self.frame_bytes
+            if backlog > hold_frames + I2S_BLOCK:  # far behind: skip what nobody keeps
+                skip = backlog - hold_frames
                 from_ahead = min(skip, len(ahead) // self.frame_bytes)
                 del ahead[:from_ahead * self.frame_bytes]
                 if self.mic:
                     self.mic.skip(skip - from_ahead)
                 produced += skip
-                self._overrun(skip * self.frame_bytes + len(pending))
-                pending.clear()
+                self._overrun(skip * self.frame_bytes)
             if due > produced:
                 need = (due - produced) * self.frame_bytes
                 while len(ahead) < need:
@@ -133,17 +144,14 @@ class I2SStream:
                     pending += ahead[:need]
                 del ahead[:need]
                 produced = due
-            # The ring holds what the board has not read yet: in flight plus pending.
-            in_flight = sent - consumed
-            excess = in_flight + len(pending) - self.ibuf
-            if excess > 0:  # full: the oldest samples still in our hands go
+            excess = sent - consumed + len(pending) - hold
+            if excess > 0:  # a board stalled for seconds: the oldest we still hold go
                 excess = min(len(pending), -(-excess // self.frame_bytes) * self.frame_bytes)
                 del pending[:excess]
                 self._overrun(excess)
-            room = self.ibuf - in_flight
-            if pending and room > 0:
+            if pending:
                 try:
-                    n = conn.send(pending[:room])
+                    n = conn.send(pending)
                     del pending[:n]
                     sent += n
                 except BlockingIOError:
@@ -166,7 +174,8 @@ class I2SStream:
 
 
 def _drain(conn: socket.socket) -> bytes:
-    """Whatever the board sent back (its read acknowledgements); EOF when it closed."""
+    """Whatever the board sent back (its read acknowledgements); EOF when it closed and
+    everything it sent before is taken."""
     data = bytearray()
     while True:
         try:
@@ -174,5 +183,7 @@ def _drain(conn: socket.socket) -> bytes:
         except BlockingIOError:
             return bytes(data)
         if not chunk:
+            if data:
+                return bytes(data)  # the EOF again on the next call
             raise EOFError
         data += chunk

@@ -241,7 +241,8 @@ class Peripherals:
             clock.sleep(max(0.0, min(wake - now, UART_LOOKAHEAD)) or 0.0005)
 
     # -- I2S ---------------------------------------------------------------------------------
-    def i2s_open(self, i2s_id: int, mode: int, bits: int, fmt: int, rate: int, ibuf: int) -> int:
+    def i2s_open(self, i2s_id: int, mode: int, bits: int, fmt: int, rate: int,
+                 ibuf: int) -> I2SStream:
         if mode != I2S_RX:
             raise OSError(errno.EINVAL, "only I2S RX: no I2S transmitter part is attached")
         if bits not in (16, 32) or not 8000 <= rate <= 96000:
@@ -253,7 +254,7 @@ class Peripherals:
             stream = I2SStream(source, self.scenario.wall, rate, bits, fmt == I2S_STEREO, ibuf,
                                silent=lambda: not self._plugged(part))
             self.streams[i2s_id] = stream
-            return stream.port
+            return stream
 
     def microphone(self, rate: int) -> Microphone:
         """A fresh sample stream from this board's microphone, starting now."""

@@ -501,46 +501,15 @@ def test_i2s_dma_ring_holds_ibuf_over_8_frames_whatever_the_format() -> None:
             stream.close()
 
 
-def test_i2s_a_stall_longer_than_the_ring_overruns_at_48k() -> None:
-    """The node's microphone (ibuf 16384, mono, 32 bits): 60 ms without a read
-    overruns (the ring holds 42.7 ms), 30 ms does not."""
-    s = Scenario(seed=3, events=[])
-    periph = Peripherals(get_board("esp32-devkitc"), s)
-    try:
-        port = periph.i2s_open(0, 0, 32, 0, 48000, 16384)
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.settimeout(2)
-        got = 0
-
-        def drain(seconds: float) -> None:
-            nonlocal got
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                chunk = sock.recv(4096)
-                sock.sendall(struct.pack("<I", len(chunk)))
-                got += len(chunk)
-
-        drain(0.2)
-        time.sleep(0.03)
-        drain(0.15)
-        assert periph.state()["i2s_overruns"] == 0
-        time.sleep(0.06)
-        drain(0.1)
-        assert periph.state()["i2s_overruns"] > 0
-        sock.close()
-    finally:
-        periph.close()
-
-
-def test_i2s_stream_paced_format_unplug_overrun_reset() -> None:
+def test_i2s_stream_paced_format_unplug_stall_reset() -> None:
     s = Scenario(seed=2, events=[])
     s.override(noise_dba=70.0)
     periph = Peripherals(get_board("esp32-devkitc"), s)
     try:
         rate = 16000
-        port = periph.i2s_open(0, 0, 32, 0, rate, 20000)
+        port = periph.i2s_open(0, 0, 32, 0, rate, 20000).port
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # as the board's I2S does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # small: the host holds the rest
         sock.connect(("127.0.0.1", port))
         sock.settimeout(2)
 
@@ -567,17 +536,13 @@ def test_i2s_stream_paced_format_unplug_overrun_reset() -> None:
         assert not np.any(np.frombuffer(read(4 * rate // 10), "<i4"))  # SD reads 0
         assert periph.state()["i2s_overruns"] == 0
         time.sleep(1.0)                                # the firmware stalls for 1 s
-        state = periph.state()
-        assert state["i2s_overruns"] > 0
-        stalled = 4 * rate                             # bytes produced in the second
-        ring = dma_ring_frames(20000) * 4              # frames the DMA ring holds, as read
-        assert stalled - ring - 6400 < state["i2s_dropped_bytes"] <= 1.05 * stalled - ring
         t0 = time.monotonic()
-        read(ring)                                     # the ring was full: all of it at once
-        assert time.monotonic() - t0 < 0.08
+        read(4 * rate * 9 // 10)                       # all of it is there at once: the
+        assert time.monotonic() - t0 < 0.2             # board's end keeps the ring's bound
+        assert periph.state()["i2s_overruns"] == 0     # (test_emu_sensors_board.py)
         t0 = time.monotonic()
-        read(4 * rate // 10)                           # then paced again: 0.1 s of audio
-        assert time.monotonic() - t0 > 0.05
+        read(4 * rate // 2)                            # then paced again: 0.5 s of audio
+        assert time.monotonic() - t0 > 0.25
         periph.reset()
         sock.settimeout(2)
         with pytest.raises((ConnectionError, AssertionError, OSError)):

@@ -18,6 +18,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from citynode.boards import get_board
@@ -313,6 +314,65 @@ print(json.dumps({"level": level()[0]}))
         assert pole.parts.state()["i2s_overruns"] > before
     finally:
         pole.parts.fault("plug", sensor="mic")
+
+
+class _CountingMic:
+    """A microphone whose every sample is its own index (24 bits), from start_wall: what
+    a read returns then says which samples the ring kept."""
+
+    def __init__(self, start_wall: float) -> None:
+        self.start_wall, self._next = start_wall, 0
+
+    def block(self, n: int) -> np.ndarray:
+        out = np.arange(self._next, self._next + n, dtype=np.int64) & 0x7FFFFF
+        self._next += n
+        return out
+
+    def skip(self, n: int) -> None:
+        self._next += n
+
+
+def test_a_stall_longer_than_the_ring_loses_the_oldest_audio(pole: Pole, monkeypatch) -> None:
+    """As on the ESP32, whose DMA overwrites its oldest buffer: after a stall the ring
+    holds the newest 42.7 ms (the node's ibuf 16384 at 48 kHz), so the gap is before
+    what the firmware reads next, not after it; a stall shorter than the ring loses
+    nothing. (Were the newest lost, the audio read after a stall would be older than
+    the firmware's sample clock says, and an event in it stamped late by the stall.)"""
+    part = pole.parts.i2s_parts[0]
+    monkeypatch.setattr(part, "stream", lambda rate: _CountingMic(pole.scenario.wall()))
+    code = """
+import machine, time, struct, json
+mic = machine.I2S(0, sck=machine.Pin(26), ws=machine.Pin(25), sd=machine.Pin(33),
+                  mode=machine.I2S.RX, bits=32, format=machine.I2S.MONO, rate=48000, ibuf=16384)
+buf = bytearray(4 * 256)
+
+def read():
+    mic.readinto(buf)
+    return struct.unpack_from("<i", buf, 0)[0] >> 8, struct.unpack_from("<i", buf, 1020)[0] >> 8
+
+def gap_after(stall_ms):
+    for _ in range(20):             # 107 ms of reads: the ring is empty, reads are paced
+        last = read()[1]
+    time.sleep_ms(stall_ms)
+    first, end = read()
+    out = [first - last - 1]
+    for _ in range(7):              # the rest of the ring, then paced: no further gap
+        nxt = read()
+        out.append(nxt[0] - end - 1)
+        end = nxt[1]
+    return out
+
+print(json.dumps({"short": gap_after(25), "long": gap_after(300)}))
+mic.deinit()
+"""
+    dropped = pole.parts.state()["i2s_dropped_bytes"]
+    r = pole.run(code)
+    assert r["short"] == [0] * 8
+    stalled = 300 * 48                       # samples due during the stall
+    ring = 2048                              # the ESP32 port's DMA ring for ibuf 16384
+    assert stalled - ring - 512 <= r["long"][0] <= stalled - ring + 40 * 48, r
+    assert r["long"][1:] == [0] * 7
+    assert pole.parts.state()["i2s_dropped_bytes"] - dropped == 4 * r["long"][0]
 
 
 def test_adc_pins_and_lamp_pwm(pole: Pole) -> None:

@@ -492,12 +492,19 @@ class I2S(_io.IOBase):
     rate, as DMA fills the ring on the chip. A blocking readinto() fills the whole
     buffer. Once asyncio polls the object (asyncio.StreamReader), readinto()
     returns what the ring holds, in whole frames, 0 when it is empty, as the ESP32
-    port's asyncio mode does; polling uses the socket's descriptor."""
+    port's asyncio mode does; polling uses the socket's descriptor.
+
+    The ring's bound is kept here: the host sends everything due, and before each
+    read this end drops what the chip's DMA would have overwritten by now, the
+    oldest, so a read after a stall returns the newest ring's worth, as on the chip
+    (emulator/i2s.py)."""
 
     RX = 1      # I2S_DIR_RX, I2S_DIR_TX on the ESP32 port
     TX = 2
     MONO = 0
     STEREO = 1
+    _DMA_BUF_FRAMES = 256       # the driver hands over whole DMA buffers
+    _ACK_DROPPED = 1 << 31
 
     def __init__(self, id, *, sck, ws, sd, mode, bits, format, rate, ibuf):
         import emu_socket
@@ -507,26 +514,52 @@ class I2S(_io.IOBase):
         self._desc = (id, _pin_no(sck), _pin_no(ws), _pin_no(sd), mode, bits, format, rate,
                       ibuf)
         wire_mode = 0 if mode == I2S.RX else 1  # the host's numbering (peripherals.py)
-        port = struct.unpack("<H", _link.call(
-            _link.I2S_INIT, id, struct.pack("<BBBIi", wire_mode, bits, format, rate, ibuf)))[0]
+        port, ring_frames, self._start_us = struct.unpack("<HIq", _link.call(
+            _link.I2S_INIT, id, struct.pack("<BBBIi", wire_mode, bits, format, rate, ibuf)))
         self._sock = _s.socket()
-        try:  # SOL_SOCKET, SO_RCVBUF: room for the whole ring, which the host bounds
-            self._sock.setsockopt(1, 8, max(4096, ibuf))
+        try:  # SOL_SOCKET, SO_RCVBUF: the host sends all that is due, the ring's bound is ours
+            self._sock.setsockopt(1, 8, 1 << 20)
         except OSError:
             pass
         self._sock.connect(_s.getaddrinfo("127.0.0.1", port)[0][-1])
         self._rate = rate
         self._frame = (bits // 8) * (2 if format == I2S.STEREO else 1)
+        self._ring = ring_frames * self._frame      # bytes the DMA ring holds
+        self._taken = 0                              # bytes read or dropped since the start
+        import emu_time
+        self._host_us = emu_time._real.ticks_us      # the host's CLOCK_MONOTONIC, in us
         self._step = max(self._frame, min(1024, ibuf - ibuf % self._frame))
         self._async = False
         self._ack = bytearray(4)  # reused: the emulator's own work must not churn the heap
 
+    def _ack_host(self, k):
+        self._taken += k & ~I2S._ACK_DROPPED
+        struct.pack_into("<I", self._ack, 0, k)
+        self._sock.write(self._ack)
+
+    def _drop_overwritten(self, mv, n):
+        """Throw away what the chip's DMA would have overwritten by now: all but the
+        newest ring's worth of what is due by the sample clock (the host's monotonic
+        clock, which the unix port's ticks read). Only after a stall longer than the
+        ring; the host has sent it all by then (it lags the clock by one DMA tick)."""
+        due = (self._host_us() - self._start_us) * self._rate // 1000000
+        due -= due % I2S._DMA_BUF_FRAMES
+        excess = due * self._frame - self._taken - self._ring
+        dropped = 0
+        while excess > 0:
+            k = self._sock.readinto(mv[:min(excess, n)])
+            if not k:  # None: not here yet, or 0: closed (the next read says so)
+                break
+            excess -= k
+            dropped += k
+        if dropped:
+            self._ack_host(I2S._ACK_DROPPED | dropped)
+
     def _recv(self, mv, wait=True):
         """One socket read; the host then hears how much left its DMA ring. A blocking
-        read asks for at most one step: socket readinto waits for all it asks for, and
-        the host hands over no more than the ring until it hears back. Once asyncio
-        polls, the socket is non-blocking for good: the fewest calls per read, since
-        the emulator's own work here is charged as the chip's at chip speed."""
+        read asks for at most one step: socket readinto waits for all it asks for. Once
+        asyncio polls, the socket is non-blocking for good: the fewest calls per read,
+        since the emulator's own work here is charged as the chip's at chip speed."""
         if not self._async:
             k = self._sock.readinto(mv[:self._step])
         else:
@@ -538,8 +571,7 @@ class I2S(_io.IOBase):
                 k = self._sock.readinto(mv)
         if not k:
             raise OSError(5)
-        struct.pack_into("<I", self._ack, 0, k)
-        self._sock.write(self._ack)
+        self._ack_host(k)
         return k
 
     def _fill(self, mv, got, want):
@@ -550,6 +582,8 @@ class I2S(_io.IOBase):
     def readinto(self, buf):
         mv = memoryview(buf)
         n = len(buf) - len(buf) % self._frame
+        if n:
+            self._drop_overwritten(mv, n)
         if not self._async or not n:
             return self._fill(mv, 0, n)
         got = self._recv(mv[:n], False)  # poll said readable: this does not wait
