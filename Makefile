@@ -18,7 +18,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision bench-throttle lint flash provision install-gateway clean
+.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision bench-throttle bench-events lint flash provision install-gateway clean
 
 setup: $(STAMP)
 
@@ -49,10 +49,10 @@ endif
 demo: setup
 	$(BIN)/python -m citynode.demo $(DEMO_ARGS)
 
-bench: bench-firmware bench-gateway bench-provision bench-throttle
+bench: bench-firmware bench-gateway bench-provision bench-throttle bench-events
 	$(BIN)/python -m bench.table
 
-bench-firmware bench-gateway bench-provision bench-throttle: setup
+bench-firmware bench-gateway bench-provision bench-throttle bench-events: setup
 	$(BIN)/python -m bench.$(subst -,_,$(subst bench-,,$@)) --out bench/results
 
 lint: setup

@@ -14,10 +14,12 @@ factor, citynode/speed.py; big integers for the crypto).
 
 Then the same board at chip speed (`citynode-emu run --chip-speed`) runs the node
 app for `--minutes` with a probe task in its event loop (how late a 50 ms sleep
-wakes: the loop's stalls), and the host fires one gunshot, sends one signed
-downlink command and cuts Wi-Fi for 60 s. Measured there, in real (chip) time:
-max_loop_stall_ms_chip, impulse_to_publish_ms_chip (gunshot -> its event at the
-broker), downlink_to_answer_ms_chip, audio_overruns (how often the emulator's I2S DMA
+wakes: the loop's stalls), and the host fires a gunshot every 20 s, sends one signed
+downlink command and cuts Wi-Fi for 60 s; the pole's gateway forwards to a city broker.
+Measured there, in real (chip) time: max_loop_stall_ms_chip,
+impulse_to_publish_ms_chip (gunshot -> its event at the pole's broker, median),
+event_to_city_ms_p99_chip (-> the city's broker, through the gateway; shots in the
+outage left out), downlink_to_answer_ms_chip, audio_overruns (how often the emulator's I2S DMA
 ring, which holds ibuf/8 frames as on the ESP32, overflowed), audio_lost_pct (the
 share of the run's audio it dropped) and clock_error_ms_p95_chip (the node's clock,
 synced over SNTP from a chronyd with deploy/chrony.conf through the emulated Wi-Fi,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -52,12 +55,17 @@ from citynode.testing.emulator import (
     start_emulator,
     vm_mpy,
 )
+from citynode.testing.gateway import PREFIX as CITY_PREFIX
+from citynode.testing.gateway import GatewayProcess
 from citynode.testing.provisioning import operator_key, provision_one
 
 BOARD = "esp32-devkitc"
 MIC_RATE = 48000               # the node's microphone (boards.yaml)
+SHOT_EVERY_S = 20              # gunshots in the chip-speed run
+SHOT_MATCH_S = 0.1             # an event stamped this close to a shot is that shot's
 STOCK_MEASURE_HEAP_KB = 400     # room to measure a firmware larger than the board's heap
-TARGETS = {"max_loop_stall_ms_chip": 20, "impulse_to_publish_ms_chip": 250, "audio_overruns": 0,
+TARGETS = {"max_loop_stall_ms_chip": 20, "impulse_to_publish_ms_chip": 250,
+           "event_to_city_ms_p99_chip": 1000, "audio_overruns": 0,
            "heap_high_water_kb": 80, "heap_high_water_kb_stock": 80,
            "clock_error_ms_p95_chip": 5}
 
@@ -236,12 +244,12 @@ def _stock_high_water(tmp: Path, extra: list[str], seconds: int) -> dict:
 
 
 class Watch(Subscriber):
-    """The node's envelopes on the pole broker: (arrival time, kind, body)."""
+    """A node's envelopes on a broker (the pole's, or the city's as the gateway forwards
+    them): (arrival time, body)."""
 
-    def __init__(self, broker: Mosquitto, device: str):
+    def __init__(self, broker: Mosquitto, topic: str):
         self.seen: list[tuple[float, wire.Payload]] = []
-        super().__init__(broker.host, broker.port, topic=wire.up_topic(device),
-                         on_message=self._got)
+        super().__init__(broker.host, broker.port, topic=topic, on_message=self._got)
 
     def _got(self, message: Message) -> None:
         try:
@@ -252,16 +260,18 @@ class Watch(Subscriber):
         with self.lock:
             self.seen.append((time.time(), payload))
 
-    def wait_kind(self, kind: int, after: float, timeout: float) -> float | None:
+    def first(self, kind: int, after: float) -> float | None:
         """Arrival time of the first envelope of `kind` that arrived after `after`."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            with self.lock:
-                for at, body in self.seen:
-                    if at > after and body.kind == kind:
-                        return at
-            time.sleep(0.02)
-        return None
+        with self.lock:
+            return next((at for at, body in self.seen if at > after and body.kind == kind),
+                        None)
+
+    def event_of(self, onset: float) -> tuple[float, wire.Payload] | None:
+        """The event stamped within SHOT_MATCH_S of `onset` (Unix s), with its arrival."""
+        with self.lock:
+            return next(((at, body) for at, body in self.seen if body.kind == wire.KIND_EVENT
+                         and body.time_ms is not None
+                         and abs(body.time_ms / 1000 - onset) <= SHOT_MATCH_S), None)
 
 
 def _downlink(broker: Mosquitto, device: str, operator, seq: int) -> None:
@@ -285,36 +295,52 @@ def _overruns(board: BoardHandle) -> tuple[int, int]:
     return int(peripherals["i2s_overruns"]), int(peripherals["i2s_dropped_bytes"])
 
 
-def chip_speed_run(emu: Emulator, broker: Mosquitto, device: str, operator,
+def _shot_times(start: float, end: float, outage: tuple[float, float]) -> list[float]:
+    """When to fire (run seconds): every SHOT_EVERY_S, none from just before the Wi-Fi
+    outage until its backlog is through (an event in it waits for the link, by design)."""
+    times, t = [], start
+    while t < end - 5:
+        if not outage[0] - 3 <= t <= outage[1] + 15:
+            times.append(t)
+        t += SHOT_EVERY_S
+    return times or [start]
+
+
+def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: str, operator,
                    seconds: float) -> dict:
-    """The app at chip speed for `seconds`: one gunshot, one downlink, one Wi-Fi outage."""
+    """The app at chip speed for `seconds`: gunshots every SHOT_EVERY_S, one downlink, one
+    Wi-Fi outage; events timed at the pole's broker and, through the gateway, the city's."""
     board = emu.boards[0]
     warmup = min(60.0, seconds / 5)          # precompute, first connect
     stalls = board.state / "fs" / "bench_stalls.txt"
     result: dict = {"boot_s": _wait_for_app(board, started=time.time())}
-    with Watch(broker, device) as watch:
+    with Watch(broker, wire.up_topic(device)) as pole, \
+            Watch(city, f"{CITY_PREFIX}/+/up/{device}") as upstream:
         overruns_before = _overruns(board)
         t0 = time.time()
-        plan = {"impulse": warmup + 0.15 * (seconds - warmup),
-                "downlink": warmup + 0.35 * (seconds - warmup),
-                "outage": warmup + 0.55 * (seconds - warmup)}
         outage_s = min(60.0, 0.2 * (seconds - warmup))
-        _sleep_until(t0 + plan["impulse"])
-        fired = time.time() + 0.5
-        board.control("impulse", kind="gunshot", level_db=118.0, after_s=0.5)
-        wait_s = min(30.0, max(5.0, seconds / 3))     # a quick run cannot wait long
-        at = watch.wait_kind(wire.KIND_EVENT, fired, timeout=wait_s)
-        result["impulse_ms"] = round((at - fired) * 1000) if at else None
-        _sleep_until(t0 + plan["downlink"])
-        sent = time.time()
-        _downlink(broker, device, operator, seq=1)
-        at = watch.wait_kind(wire.KIND_STATUS, sent, timeout=2 * wait_s)
-        result["downlink_ms"] = round((at - sent) * 1000) if at else None
-        _sleep_until(t0 + plan["outage"])
-        board.control("wifi", up=False)
-        time.sleep(outage_s)
-        board.control("wifi", up=True)
+        outage = (warmup + 0.55 * (seconds - warmup),) * 2
+        outage = (outage[0], outage[0] + outage_s)
+        plan = [(t, "shot") for t in _shot_times(warmup, seconds, outage)]
+        plan += [(warmup + 0.35 * (seconds - warmup), "downlink"), (outage[0], "wifi down"),
+                 (outage[1], "wifi up")]
+        shots: list[float] = []
+        sent = None
+        for when, action in sorted(plan):
+            _sleep_until(t0 + when)
+            if action == "shot":
+                shots.append(board.control("impulse", kind="gunshot", level_db=118.0,
+                                           after_s=0.5)["unix"])
+            elif action == "downlink":
+                sent = time.time()
+                _downlink(broker, device, operator, seq=1)
+            else:
+                board.control("wifi", up=action == "wifi up")
         _sleep_until(t0 + seconds)
+        time.sleep(3)                        # the last shot's event on its way
+        result["shots"] = _shot_stats(shots, pole, upstream)
+        answer = pole.first(wire.KIND_STATUS, sent) if sent else None
+        result["downlink_ms"] = round((answer - sent) * 1000) if answer else None
         result["stalls"] = _stall_stats(stalls.read_text()) if stalls.exists() else {}
         clock = board.state / "fs" / "bench_clock.txt"
         result["clock"] = _clock_stats(clock.read_text()) if clock.exists() else {}
@@ -323,9 +349,38 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, device: str, operator,
         # the microphone's 32-bit mono samples, as a share of the audio of the whole run
         lost = (dropped - overruns_before[1]) / 4 / MIC_RATE
         result["audio_lost_pct"] = round(100 * lost / (time.time() - t0), 2)
-        result["windows"] = sum(1 for _, b in watch.seen if b.kind == wire.KIND_READINGS)
+        result["windows"] = sum(1 for _, b in pole.seen if b.kind == wire.KIND_READINGS)
         result["outage_s"] = outage_s
     return result
+
+
+def _shot_stats(shots: list[float], pole: Watch, city: Watch) -> dict:
+    """Per shot fired (its Unix time): its event's delay to each broker and its stamp's
+    error; the shots no event came for (audio the node dropped, or a stamp off by more
+    than SHOT_MATCH_S) are `missed`."""
+    to_pole, to_city, stamp = [], [], []
+    for fired in shots:
+        at_pole, at_city = pole.event_of(fired), city.event_of(fired)
+        if at_pole:
+            to_pole.append((at_pole[0] - fired) * 1000)
+            stamp.append(abs(at_pole[1].time_ms / 1000 - fired) * 1000)
+        if at_city:
+            to_city.append((at_city[0] - fired) * 1000)
+    return {"fired": len(shots), "missed": len(shots) - len(to_city),
+            "to_pole_ms": _quantiles(to_pole), "to_city_ms": _quantiles(to_city),
+            "stamp_error_ms": _quantiles(stamp)}
+
+
+def _quantiles(values: list[float]) -> dict:
+    """p50, p99 (nearest rank) and max, rounded; {} for no values."""
+    if not values:
+        return {}
+    ranked = sorted(values)
+
+    def rank(q: float) -> float:
+        return round(ranked[min(len(ranked) - 1, math.ceil(q * len(ranked)) - 1)], 1)
+
+    return {"p50": rank(0.5), "p99": rank(0.99), "max": round(ranked[-1], 1), "n": len(ranked)}
 
 
 def _wait_for_app(board: BoardHandle, started: float, timeout: float = 300) -> float:
@@ -416,17 +471,23 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
         (tmp / "state" / "node0" / "fs" / "main.py").write_text(
             STALLS_MAIN.replace("WARMUP_MS", str(warmup_ms))
             .replace("WRITE_MS", "2000" if quick else "10000"))
-        emu = start_emulator(tmp, extra=extra, chip_speed=True, timeout=120)
-        try:
-            chip = chip_speed_run(emu, broker, device, operator, minutes * 60)
-        finally:
-            emu.stop()
+        with Mosquitto(tmp / "city") as city:
+            # the pole's gateway, reading the registry provisioning wrote, to the city
+            gateway = GatewayProcess(tmp / "gateway", broker, city,
+                                     gateway_extra={"registry_dir": str(tmp / "fleet")})
+            gateway.start()
+            emu = start_emulator(tmp, extra=extra, chip_speed=True, timeout=120)
+            try:
+                chip = chip_speed_run(emu, broker, city, device, operator, minutes * 60)
+            finally:
+                emu.stop()
+                gateway.kill()
     return _report(host, chip, factors, minutes, quick, romfs=bool(get_board(BOARD).romfs_kb))
 
 
 def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
             quick: bool, romfs: bool) -> dict:
-    crypto, stalls = host["crypto"], chip.get("stalls", {})
+    crypto, stalls, shots = host["crypto"], chip.get("stalls", {}), chip.get("shots", {})
     dsp = host.get("dsp", {})
     result = {
         "es256_sign_ms": round(crypto["es256_sign_ms"], 2),
@@ -448,7 +509,11 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "max_loop_stall_ms_chip": stalls.get("max"),
         "loop_stall_p99_ms_chip": stalls.get("p99"),
         "loop_stalls_over_20ms": stalls.get("over_20"),
-        "impulse_to_publish_ms_chip": chip.get("impulse_ms"),
+        "impulse_to_publish_ms_chip": shots.get("to_pole_ms", {}).get("p50"),
+        "event_to_city_ms_p99_chip": shots.get("to_city_ms", {}).get("p99"),
+        "event_to_city_ms_p50_chip": shots.get("to_city_ms", {}).get("p50"),
+        "event_stamp_error_ms_p99_chip": shots.get("stamp_error_ms", {}).get("p99"),
+        "shots_missed": shots.get("missed"),
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),
@@ -458,7 +523,7 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "clock_error_ms_max_chip": chip.get("clock", {}).get("max"),
         "clock_error_ms_mean_chip": chip.get("clock", {}).get("mean"),
         "chip_speed_run": {"minutes": minutes, "windows": chip.get("windows"),
-                           "wifi_outage_s": chip.get("outage_s"), "impulses": 1,
+                           "wifi_outage_s": chip.get("outage_s"), "shots": shots.get("fired"),
                            "downlinks": 1, "probes": stalls.get("probes"),
                            "clock_samples": chip.get("clock", {}).get("samples"),
                            "boot_s": chip.get("boot_s")},

@@ -63,6 +63,18 @@ def _speed_factor(args: argparse.Namespace, board) -> float | None:
     return max(1.0, factor)
 
 
+def _places(scenario_doc: dict, boards: int) -> list[list[float]]:
+    """Where each board stands (the scenario's "positions", metres on the street plan,
+    one [x, y] per board in --count order); all at the origin if it has none."""
+    places = scenario_doc.pop("positions", None)
+    if places is None:
+        return [[0.0, 0.0]] * boards
+    if (not isinstance(places, list) or len(places) != boards
+            or not all(isinstance(p, list) and len(p) == 2 for p in places)):
+        raise ValueError(f"scenario \"positions\": one [x, y] in metres per board ({boards})")
+    return places
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     board = get_board(args.board)
     if args.heap_kb is not None:  # what the firmware would need: not the board's truth
@@ -76,10 +88,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario_doc = json.loads(Path(args.scenario).read_text()) if args.scenario else {}
     if args.time_scale is not None:
         scenario_doc["time_scale"] = args.time_scale
+    places = _places(scenario_doc, len(links))
     try:
         for i, link in enumerate(links):
-            # one world for all boards of a run; each board's parts have their own noise
-            scenario = Scenario.from_dict(scenario_doc)
+            # one world for all boards of a run, each board at its place in it; each
+            # board's parts have their own noise
+            scenario = Scenario.from_dict({**scenario_doc, "position": places[i]})
             emu = EmulatedBoard(board, Path(args.state) / link.name, link=link,
                                 rfc2217_port=args.rfc2217 + i, blank=args.blank,
                                 radio=Radio(args.wifi_ssid, password),
@@ -146,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wifi-ssid", help="the access point's SSID (default: accept any)")
     run.add_argument("--wifi-password-file", help="file holding the access point's password")
     run.add_argument("--scenario", help="JSON scenario: start, time_scale, events, episodes, "
-                                        "levels (see emulator/scenario.py)")
+                                        "levels, positions (of the boards, metres; see "
+                                        "emulator/scenario.py)")
     run.add_argument("--time-scale", type=float, help="scenario seconds per wall second "
                                                       "(720: a day in two minutes)")
     run.add_argument("--heap-kb", type=int,

@@ -44,7 +44,8 @@ DEFAULT_START = datetime(2026, 4, 15, 0, 0, 0, tzinfo=DEFAULT_TZ)
 TRAFFIC_PROFILE_DBA = (48, 45, 43, 42, 44, 52, 62, 69, 71, 68, 66, 66,
                        67, 66, 66, 67, 69, 71, 69, 65, 61, 58, 55, 51)
 
-IMPULSE_KINDS = ("gunshot", "crash", "tone")
+SPEED_OF_SOUND = 343.0           # m/s, air at 20 C
+IMPULSE_KINDS = ("gunshot", "firework", "door_slam", "crash", "tone")
 
 
 class Clock(Protocol):
@@ -86,9 +87,12 @@ class ManualClock:
 class Event:
     """Something the microphone hears at a known scenario time.
 
-    gunshot / crash: an impulse; `level_db` is its peak sound pressure (LZpeak,
-    dB re 20 uPa). tone: a sine of `freq` Hz at `level_db` RMS SPL for `duration`
-    seconds of audio, like an acoustic calibrator held over the microphone.
+    gunshot / firework / door_slam / crash: an impulse (devices/mic.py, IMPULSES);
+    `level_db` is its peak sound pressure (LZpeak, dB re 20 uPa) at the microphone, or,
+    for a sound with a place (`x`, `y`, metres on the street plan), 1 m from it: each
+    board then hears it later and quieter by its distance (Scenario.heard).
+    tone: a sine of `freq` Hz at `level_db` RMS SPL for `duration` seconds of audio,
+    like an acoustic calibrator held over the microphone.
     """
 
     time: float
@@ -96,10 +100,14 @@ class Event:
     level_db: float
     duration: float = 0.0
     freq: float = 1000.0
+    x: float | None = None
+    y: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in IMPULSE_KINDS:
             raise ValueError(f"event kind {self.kind!r}: use one of {', '.join(IMPULSE_KINDS)}")
+        if (self.x is None) != (self.y is None):
+            raise ValueError("an event's place needs both x and y (metres)")
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,9 @@ class Scenario:
                  events: list[Event | dict] | tuple = DEFAULT_EVENTS,
                  episodes: list[Episode | dict] | tuple = DEFAULT_EPISODES,
                  clock: Clock | None = None, pinned: dict[str, float] | None = None,
+                 position: tuple[float, float] | list[float] = (0.0, 0.0),
                  **params: Any) -> None:
+        """position: where this board's microphone stands (metres on the street plan)."""
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         self.seed = seed
@@ -155,6 +165,8 @@ class Scenario:
         self.events = sorted((e if isinstance(e, Event) else Event(**e) for e in events),
                              key=lambda e: e.time)
         self.episodes = [e if isinstance(e, Episode) else Episode(**e) for e in episodes]
+        x, y = position
+        self.position = (float(x), float(y))
         unknown = set(params) - set(Params.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown scenario parameter(s): {', '.join(sorted(unknown))}")
@@ -279,6 +291,16 @@ class Scenario:
         self.events = sorted([*self.events, event], key=lambda e: e.time)  # one atomic swap
         return event
 
+    def heard(self, event: Event) -> tuple[float, float]:
+        """(scenario time, LZpeak dB) at which this board's microphone hears `event`: a
+        sound with a place arrives after its distance at SPEED_OF_SOUND and spreads
+        spherically (-6 dB per doubling; air absorption and the ground are not modelled)."""
+        if event.x is None or event.y is None:
+            return event.time, event.level_db
+        d = max(1.0, math.hypot(event.x - self.position[0], event.y - self.position[1]))
+        return (event.time + d / SPEED_OF_SOUND * self.time_scale,
+                event.level_db - 20.0 * math.log10(d))
+
     def events_between(self, t0: float, t1: float) -> list[Event]:
         """Events starting in [t0, t1) scenario seconds."""
         return [e for e in self.events if t0 <= e.time < t1]
@@ -351,7 +373,8 @@ class Scenario:
                 "start": self.start.isoformat(),
                 "events": [asdict(e) for e in self.events],
                 "episodes": [asdict(e) for e in self.episodes],
-                "pinned": dict(self._overrides), **asdict(self.params)}
+                "pinned": dict(self._overrides), "position": list(self.position),
+                **asdict(self.params)}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], clock: Clock | None = None) -> Scenario:

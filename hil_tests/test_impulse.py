@@ -17,7 +17,8 @@ def test_an_impulse_arrives_within_two_seconds_with_its_time(node: Bench):
 
 
 def fire_impulse(node: Bench, shots: int = 1) -> tuple[float, float]:
-    """Fire a gunshot; its event must carry the level and the rise. Returns (delay of its
+    """Fire a gunshot; its event must carry the level, the rise, its peak and be called a
+    gunshot. Returns (delay of its
     arrival after the shot, error of its stamp), seconds. Shared with the
     chip-speed suite (test_chip_speed.py), which may fire up to `shots`, 10 s apart: a
     node that still drops audio at chip speed misses a shot in a dropped gap (how much
@@ -39,6 +40,9 @@ def fire_impulse(node: Bench, shots: int = 1) -> tuple[float, float]:
         arrived = next(at for at, body in sub.timed() if body is event)
     assert event.time_ms is not None, "the node's clock never synced"
     values = records(event)
-    assert values["noise/impulse"] > 80      # a 125 ms energy average of a 118 dB peak
+    assert values["noise/impulse"] > 80      # a 31 ms energy average of a 118 dB peak
     assert values["noise/rise"] >= 15
+    assert abs(values["noise/lzpeak"] - 118.0) <= 1.0, values      # the shot's peak
+    assert values["noise/class"] == "gunshot", values
+    assert 0 < values["noise/duration"] <= 125 and values["noise/risetime"] <= 1, values
     return arrived - fired, event.time_ms / 1000 - fired

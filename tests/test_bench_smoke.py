@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import firmware, gateway, provision, throttle
+from bench import events, firmware, gateway, provision, throttle
 
 
 def _load(out: Path, name: str) -> dict:
@@ -70,3 +70,15 @@ def test_bench_throttle_quick(tmp_path: Path):
     bound = result["cpu_bound"]
     assert bound["achieved"] == pytest.approx(bound["target"], rel=0.8)
     assert bound["burst_us"]["p50"] > 0 and result["speed_factor"] > 1
+
+
+def test_bench_events_quick(tmp_path: Path):
+    """The node's classifier on the emulator's impulse shapes, at the quiet end of the
+    levels: every shot heard is called a gunshot, nothing else is, a crash is a crash."""
+    result = events.main(["--quick", "--out", str(tmp_path)])
+    assert _load(tmp_path, "events") == result
+    table = result["confusion"]
+    assert table["gunshot"]["gunshot"] >= 5 and result["gunshot_false_alarms"] == 0, table
+    assert table["crash"]["crash"] >= 5, table
+    assert table["door_slam"]["other"] + table["firework"]["other"] >= 9, table
+    assert result["onset_error_ms_p95_gunshot"] <= 2.0      # issue 13: the onset's sample

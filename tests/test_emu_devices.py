@@ -471,6 +471,11 @@ def test_mic_traffic_noise_is_the_scenario_dba(clock, rate, level) -> None:
     assert la == pytest.approx(level, abs=0.5)
 
 
+def lzpeak(sample: float) -> float:
+    """dB re 20 uPa of a sample's pressure (-26 dBFS = 94 dB SPL)."""
+    return 20 * math.log10(abs(sample) / (FULL_SCALE * 10 ** (-26 / 20) / math.sqrt(2)) / 20e-6)
+
+
 def test_mic_impulse_at_scenario_time(clock) -> None:
     s = Scenario(seed=2, time_scale=60, clock=clock,
                  events=[Event(150.0, "gunshot", 118.0)])  # 2.5 s of device time at 60x
@@ -482,9 +487,31 @@ def test_mic_impulse_at_scenario_time(clock) -> None:
     assert mic.sample_of(150.0) == onset
     peak = int(np.argmax(np.abs(x)))
     assert onset <= peak < onset + 48                  # within 1 ms of the scheduled time
-    lpeak = 20 * math.log10(abs(x[peak]) / (FULL_SCALE * 10 ** (-26 / 20) / math.sqrt(2)) / 20e-6)
-    assert lpeak == pytest.approx(118.0, abs=0.1)
+    assert lzpeak(x[peak]) == pytest.approx(118.0, abs=0.1)
     assert dbfs(x[onset - 4800:onset - 100]) < -50     # quiet street before it
+
+
+def test_a_sound_with_a_place_is_heard_later_and_quieter_by_distance(clock) -> None:
+    """One shot, 130 dB 1 m from it, beside one board and 343 m from another: the near
+    one hears it 29 ms on at 110 dB, the far one a second on at 79 dB."""
+    shot = Event(2.0, "gunshot", 130.0, x=0.0, y=10.0)
+    heard = {}
+    for name, place, seed in (("near", (0.0, 0.0), 1), ("far", (343.0, 10.0), 2)):
+        s = Scenario(seed=2, clock=clock, events=[shot], position=place)
+        s.override(noise_dba=45.0)
+        mic = Microphone(s, 48000, seed=seed)
+        x = np.concatenate([mic.block(4800) for _ in range(35)])
+        peak = int(np.argmax(np.abs(x)))
+        heard[name] = (peak / 48000, lzpeak(x[peak]), s.heard(shot))
+    near, far = heard["near"], heard["far"]
+    assert near[2] == pytest.approx((2.0 + 10 / 343, 110.0))
+    assert far[2] == pytest.approx((3.0, 130.0 - 20 * math.log10(343)))
+    assert near[0] == pytest.approx(2.0 + 10 / 343, abs=0.001)       # the peak, within 1 ms
+    assert far[0] == pytest.approx(3.0, abs=0.001)
+    assert near[1] == pytest.approx(110.0, abs=0.2)
+    assert far[1] == pytest.approx(79.3, abs=0.5)
+    with pytest.raises(ValueError, match="both x and y"):
+        Event(1.0, "gunshot", 120.0, x=3.0)
 
 
 def test_i2s_dma_ring_holds_ibuf_over_8_frames_whatever_the_format() -> None:

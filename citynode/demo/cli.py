@@ -89,14 +89,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def scenario(duration: float) -> dict:
     """The emulated world: an hour of it per wall minute from a spring dawn (light and
-    traffic rising), a pollution episode and a crash during the live phase."""
+    traffic rising), a pollution episode, a crash and a gunshot during the live phase."""
     scale, setup_s = 60.0, 40.0
     return {"seed": 7, "time_scale": scale, "start": "2026-04-15T06:00:00+02:00",
             "latitude": 48.2, "longitude": 16.37,
             "episodes": [{"start": (setup_s + 0.2 * duration) * scale,
                           "duration": 0.6 * duration * scale, "pm25": 30}],
             "events": [{"time": (setup_s + 0.45 * duration) * scale, "kind": "crash",
-                        "level_db": 115}]}
+                        "level_db": 115},
+                       {"time": (setup_s + 0.6 * duration) * scale, "kind": "gunshot",
+                        "level_db": 120}]}
 
 
 @dataclass
@@ -235,12 +237,14 @@ class Demo:
             time.sleep(TICK_S)
 
     def show_impulses(self) -> None:
-        for device, level, onset_ms in self.ledger.take_impulses():
-            when = ("its node's clock not synced" if onset_ms is None else
-                    time.strftime("%H:%M:%S", time.gmtime(onset_ms / 1000))
-                    + f".{onset_ms % 1000:03d} UTC")
-            loud = "?" if level is None else f"{level:.0f}"
-            self.view.event(f"{device}: impulse, {loud} dBA, onset {when}")
+        for ev in self.ledger.take_impulses():
+            when = ("its node's clock not synced" if ev.onset_ms is None else
+                    time.strftime("%H:%M:%S", time.gmtime(ev.onset_ms / 1000))
+                    + f".{ev.onset_ms % 1000:03d} UTC")
+            level = "?" if ev.level_dba is None else f"{ev.level_dba:.0f} dBA"
+            peak = "?" if ev.lzpeak_db is None else f"{ev.lzpeak_db:.0f} dB"
+            self.view.event(f"{ev.device}: {ev.kind or 'impulse'}, {level} (peak {peak}), "
+                            f"onset {when}")
 
     def phase_name(self, elapsed: float, cut: bool, restored: bool) -> str:
         duration = self.args.duration

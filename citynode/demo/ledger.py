@@ -41,6 +41,23 @@ class NodeState:
     events: int = 0
 
 
+@dataclass(frozen=True)
+class Impulse:
+    """An impulse event as the city got it: its device, class, levels and onset."""
+
+    device: str
+    kind: str | None
+    level_dba: float | None
+    lzpeak_db: float | None
+    onset_ms: int | None         # Unix ms, None if the node's clock had not synced
+
+    @classmethod
+    def of(cls, payload: wire.Payload) -> Impulse:
+        got = {r.get(0): r.get(2, r.get(3)) for r in payload.records}
+        return cls(payload.device, got.get("noise/class"), got.get("noise/impulse"),
+                   got.get("noise/lzpeak"), payload.time_ms)
+
+
 class Ledger:
     """Thread-safe tallies of both brokers' traffic; the paho threads write, the view reads."""
 
@@ -57,7 +74,7 @@ class Ledger:
         self.upstream_invalid = 0   # failed verification at the city: must stay 0
         self.nodes: dict[str, NodeState] = {}
         self.last_envelope: tuple[str, bytes] | None = None
-        self._impulses: list[tuple[str, float | None, int | None]] = []  # not shown yet
+        self._impulses: list[Impulse] = []  # not shown yet
 
     # --- verification -----------------------------------------------------------------
     def verify(self, data: bytes) -> wire.Payload | None:
@@ -110,9 +127,7 @@ class Ledger:
         node.last_seen = time.time()
         if payload.kind == wire.KIND_EVENT:
             node.events += 1
-            level = next((r.get(2) for r in payload.records if r.get(0) == "noise/impulse"),
-                         None)
-            self._impulses.append((payload.device, level, payload.time_ms))
+            self._impulses.append(Impulse.of(payload))
             return
         node.readings += 1
         for record in payload.records:
@@ -121,9 +136,8 @@ class Ledger:
             if column and isinstance(value, int | float) and not isinstance(value, bool):
                 node.values[column] = float(value)
 
-    def take_impulses(self) -> list[tuple[str, float | None, int | None]]:
-        """(device, level dBA, onset in Unix ms) of the impulse events that reached the
-        city since the last call."""
+    def take_impulses(self) -> list[Impulse]:
+        """The impulse events that reached the city since the last call."""
         with self.lock:
             taken, self._impulses = self._impulses, []
         return taken

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,33 @@ COUNTS_PER_PA_RMS = FULL_SCALE / math.sqrt(2) * 10 ** (SENSITIVITY_DBFS / 20)
 SELF_NOISE_DBA = 33.0
 FIR_TAPS = 2047
 
-# Impulse shapes (audio seconds): rise, decay time constant, total length.
-IMPULSES = {"gunshot": (0.0003, 0.012, 0.35), "crash": (0.004, 0.15, 1.2)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An impulse as a microphone some tens of metres away hears it: a leading
+    overpressure rising to the peak in `rise_s`, then a ringing that decays with time
+    constant `decay_s` (reflections, debris), band-limited to `corner_hz` (None:
+    broadband), `length_s` in all; `repeat_s`: a second, weaker report (a crash's
+    secondary impacts)."""
+
+    rise_s: float
+    decay_s: float
+    length_s: float
+    corner_hz: float | None = None
+    repeat_s: float = 0.0
+
+
+# Muzzle blast: N-wave rise ~0.1-0.5 ms, broadband, gone in a few reflections. A
+# firework's report (an aerial shell) is a blast too, but of a larger, slower charge,
+# with a long rumble. A door slam: a panel's thud, slow and low. A vehicle crash:
+# impacts and debris for about a second.
+IMPULSES = {
+    "gunshot": Shape(0.0003, 0.012, 0.35),
+    "firework": Shape(0.0008, 0.06, 0.8, corner_hz=2500.0),
+    "door_slam": Shape(0.004, 0.03, 0.3, corner_hz=300.0),
+    "crash": Shape(0.004, 0.15, 1.2, corner_hz=3000.0, repeat_s=0.25),
+}
 
 
 def spl_to_rms_counts(spl_db: float) -> float:
@@ -96,7 +122,7 @@ class Microphone:
         self._white_a = math.sqrt(a_weighted_power_ratio(None, rate))
         self._history = np.zeros(FIR_TAPS - 1)
         self._taps_fft: dict[int, np.ndarray] = {}
-        self._waveforms: dict[int, np.ndarray] = {}
+        self._waveforms: dict[Event, np.ndarray] = {}
 
     # -- time base ------------------------------------------------------------------------
     def scenario_time(self, sample: float) -> float:
@@ -144,14 +170,15 @@ class Microphone:
 
     def _add_events(self, signal: np.ndarray, k0: int) -> None:
         n = len(signal)
-        longest = max(max(shape[2] for shape in IMPULSES.values()),
+        longest = max(max(shape.length_s for shape in IMPULSES.values()),
                       max((e.duration for e in self.scenario.events), default=0.0))
         t0 = self.scenario_time(k0 - longest * self.rate)
         t1 = self.scenario_time(k0 + n)
         for index, event in enumerate(self.scenario.events):
-            if not t0 <= event.time < t1:
+            at, level_db = self.scenario.heard(event)   # its distance from this microphone
+            if not t0 <= at < t1:
                 continue
-            onset = self.sample_of(event.time)
+            onset = self.sample_of(at)
             if event.kind == "tone":  # computed in place: a calibrator may run for hours
                 length = int((event.duration or 1.0) * self.rate)
                 a, b = max(onset, k0), min(onset + length, k0 + n)
@@ -159,15 +186,16 @@ class Microphone:
                     t = (np.arange(a, b) - onset) / self.rate
                     signal[a - k0:b - k0] += tone(event, t)
                 continue
-            wave = self._waveform(index, event)
+            wave = self._waveform(index, replace(event, level_db=level_db))
             a, b = max(onset, k0), min(onset + len(wave), k0 + n)
             if a < b:
                 signal[a - k0:b - k0] += wave[a - onset:b - onset]
 
     def _waveform(self, index: int, event: Event) -> np.ndarray:
-        if index not in self._waveforms:
-            self._waveforms[index] = event_waveform(event, self.rate, self._seed + index)
-        return self._waveforms[index]
+        """Its samples, made once (by the event: a bench test's added event shifts indices)."""
+        if event not in self._waveforms:
+            self._waveforms[event] = event_waveform(event, self.rate, self._seed + index)
+        return self._waveforms[event]
 
 
 def tone(event: Event, t: np.ndarray) -> np.ndarray:
@@ -179,16 +207,24 @@ def event_waveform(event: Event, rate: int, seed: int) -> np.ndarray:
     """The event's samples in counts (float), from its onset."""
     if event.kind == "tone":
         return tone(event, np.arange(int((event.duration or 1.0) * rate)) / rate)
-    rise, tau, length = IMPULSES[event.kind]
-    if event.duration:
-        length = event.duration
+    shape = IMPULSES[event.kind]
+    length = event.duration or shape.length_s
     rng = np.random.default_rng([seed, zlib.crc32(event.kind.encode())])
     t = np.arange(int(length * rate)) / rate
-    # The leading overpressure rises to the peak; a broadband ringing decays after it.
     carrier = rng.standard_normal(len(t))
     carrier *= 0.7 / np.max(np.abs(carrier))
-    wave = np.where(t < rise, t / rise, carrier * np.exp(-(t - rise) / tau))
-    wave[min(len(t) - 1, math.ceil(rise * rate))] = 1.0
+    envelope = np.exp(-np.maximum(t - shape.rise_s, 0.0) / shape.decay_s)
+    if shape.repeat_s:
+        later = t >= shape.repeat_s
+        envelope[later] += 0.5 * np.exp(-(t[later] - shape.repeat_s) / shape.decay_s)
+    # The leading overpressure rises to the peak; the ringing decays after it.
+    wave = np.where(t < shape.rise_s, t / shape.rise_s, carrier * envelope)
+    wave[min(len(t) - 1, math.ceil(shape.rise_s * rate))] = 1.0
+    if shape.corner_hz:     # a second-order low-pass: the sound's own spectrum
+        f = np.fft.rfftfreq(2 * len(t), 1 / rate)   # zero-padded: no wrap-around
+        wave = np.fft.irfft(np.fft.rfft(wave, 2 * len(t)) / (1 + 1j * f / shape.corner_hz) ** 2,
+                            2 * len(t))[:len(t)]
+        wave /= np.max(np.abs(wave))                # its LZpeak is still level_db
     peak_counts = COUNTS_PER_PA_RMS * P_REF * 10 ** (event.level_db / 20)  # LZpeak
     return wave * peak_counts
 

@@ -29,15 +29,26 @@ HIST_LO_DB = 20.0           # histogram range [HIST_LO_DB, HIST_LO_DB + HIST_BIN
 HIST_BINS = 1200            # 0.1 dB bins: 2.4 KB, any window length up to 65535 blocks
 MS_FULL_SCALE_SINE = 35184372088832.0   # 2**45: mean square of a sine peaking at 2**23
 ONSET_DB = 6.0              # an onset: the first sample this far above the event's rise
+EVENT_QUARTERS = 8          # an event is sent once it has died down, or after 250 ms
+# the classifier (classify(), docs/events.md), from the emulator's shapes: what a
+# gunshot's muzzle blast is and a door slam, a firework's report or a crash is not
+GUNSHOT_RISE_US = 1000      # from ~10 % to ~50 % of the peak (A-weighted): a blast's front
+GUNSHOT_DECAY_DB = 7.0      # its tail falls this much per quarter (31 ms) or more: gone
+CRASH_DECAY_DB = 3.0        # a crash's within this: it goes on
+GUNSHOT_TILT_DB = 8.0       # LZpeak - LApeak: little of its peak below ~500 Hz
 _OFF = 1 << 29              # states are stored offset-positive (see _filter_energy)
 
+RUNGS = 12                  # the onset ladder: the first samples 1, 2, 4 .. 2**11 x the
+                            # onset threshold, for the rise time from ~10 % to the peak
 # co[] layout: per high-pass section k (0..3): D, F at 2k, 2k+1; LP: P, Q, F at 8, 9, 10.
 # st[] layout: 0 start, 1 count, 2..9 section states, 10..13 HP error feedback,
 #              14..15 LP error feedback, 16..18 energy words (base 2**24),
 #              19 onset threshold (|sample|; 0 until the background forms), in the
-#              quarter (1-based places, 0 = none): 20 first crossing, 21 peak |sample|,
-#              22 the peak's place; 23 the place of xb[0] in the quarter, plus one.
-ST_WORDS = 24
+#              quarter (1-based places, 0 = none): 20 ladder rungs crossed, 21 peak
+#              |sample| (A-weighted), 22 the peak's place; 23 the place of xb[0] in
+#              the quarter, plus one; 24 peak |sample| unweighted (Z); 25.. the places
+#              of the rungs crossed (rung 0, the threshold itself: the onset).
+ST_WORDS = 37                # 25, then the places of RUNGS rungs
 
 
 @micropython.viper
@@ -70,10 +81,18 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
     w1 = st[17]
     w2 = st[18]
     thr = st[19]
-    cross = st[20]
+    r = st[20]
     pk = st[21]
     at = st[22]
     base = st[23]                       # xb index -> place in the quarter, plus one
+    zp = st[24]
+    nxt = thr                           # the next rung's |sample|; 2**24: none left
+    k = 0
+    while k < r and nxt < 0x800000:
+        nxt = nxt << 1
+        k += 1
+    if thr == 0 or r >= 12 or k < r:
+        nxt = 0x1000000
     d1 = co[0]
     f1 = co[1]
     k1 = f1 - 12
@@ -111,6 +130,10 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
         while i < j:
             x = ((xb[i] + 0x800000) & 0xFFFFFF) - 0x800000   # sign-extend on 64-bit ports too
             i += 1
+            if x > zp:
+                zp = x
+            elif x + zp < 0:
+                zp = -x
             # high-pass: y = y1 + x - x1 - d*y1   (pole 1 - d, zero at z = 1)
             t = (s1 >> 12) * d1
             a = ((t & m1) << 12) + (s1 & 0xFFF) * d1 + e1
@@ -161,11 +184,16 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
                 y = -y
             if y > 0xFFFFFF:
                 y = 0xFFFFFF
-            if y > pk:                  # the quarter's peak so far; a first crossing of
-                pk = y                  # the onset threshold is always one
+            if y > pk:                  # the quarter's peak so far; a rung's first
+                pk = y                  # crossing is always one
                 at = i + base
-                if cross == 0 and thr > 0 and y > thr:
-                    cross = at
+                while y > nxt:
+                    st[25 + r] = at
+                    r += 1
+                    if r >= 12 or nxt >= 0x800000:
+                        nxt = 0x1000000
+                    else:
+                        nxt = nxt << 1
             h = y >> 12
             y = y & 0xFFF
             sa += h * h
@@ -195,9 +223,10 @@ def _filter_energy(xb: ptr32, st: ptr32, co: ptr32):
     st[16] = w0
     st[17] = w1
     st[18] = w2
-    st[20] = cross
+    st[20] = r
     st[21] = pk
     st[22] = at
+    st[24] = zp
 
 
 @micropython.viper
@@ -290,6 +319,55 @@ def design(rate):
     return co, math.sqrt(g2)
 
 
+def classify(rise_us, tilt_db, decay_db):
+    """gunshot, crash or other, from what the node measures of an impulse: its rise
+    time, LZpeak - LApeak (how much of its peak is below ~500 Hz) and how fast its
+    tail decays (dB per quarter block, from 16-47 ms after its onset).
+
+    A muzzle blast's front rises within a millisecond, it is broadband, and it is
+    gone within a few reflections; a crash's impacts and debris go on; a door slam
+    rises slower and is low; a firework's report is a blast too but of a larger,
+    slower charge, with a rumble after it. docs/events.md has the confusion table
+    on the emulator's shapes (python -m bench.events).
+    """
+    if decay_db < CRASH_DECAY_DB:
+        return 'crash'
+    if decay_db >= GUNSHOT_DECAY_DB and rise_us <= GUNSHOT_RISE_US and tilt_db <= GUNSHOT_TILT_DB:
+        return 'gunshot'
+    return 'other'
+
+
+class _Sounding:
+    """An impulse still sounding: what is known of it so far (made only for an event)."""
+
+    def __init__(self, t_us, level, rise, rise_us, tail):
+        self.t_us = t_us            # ticks_us at its onset
+        self.level = level          # dB(A) of the quarter it was found in
+        self.rise = rise            # dB above the background
+        self.rise_us = rise_us
+        self.zpk = 0                # peak |sample|, unweighted and A-weighted
+        self.apk = 0
+        self.quarters = 1           # quarter blocks heard, its first included
+        # its decay is measured between two whole quarters of its tail, the first one
+        # starting 16-47 ms after its onset (whatever its place in its first quarter):
+        # the quarters numbered tail and tail + 1 after its first
+        self.tail = tail
+        self._tail_db = None
+        self.decay = None           # dB per quarter
+
+    def heard(self, zpk, apk):
+        if zpk > self.zpk:
+            self.zpk = zpk
+        if apk > self.apk:
+            self.apk = apk
+
+    def tail_level(self, db):
+        if self._tail_db is None:
+            self._tail_db = db
+        else:
+            self.decay = self._tail_db - db
+
+
 class SoundMeter:
     """Continuous A-weighted level meter for one microphone.
 
@@ -315,6 +393,8 @@ class SoundMeter:
         self._co, gain = design(rate)
         self.cal_db = cal_db
         self._base = fs_db_spl - 10.0 * math.log10(MS_FULL_SCALE_SINE * gain * gain)
+        # peak levels: 20 log10 |sample| plus these (the A path's samples carry its gain)
+        self._zbase = self._base + 20.0 * math.log10(gain)
         self.event_rise_db = event_rise_db
         self._alpha = 1.0 / (8.0 * background_s)
         self.on_event = on_event
@@ -346,6 +426,7 @@ class SoundMeter:
         self._rearm = None
         self.background = None
         self._armed = True
+        self._open = None               # the event still sounding (see _detect)
         self._warm = 0
         self.level = None               # last fast (125 ms) level, dB(A)
         self._new_window()
@@ -389,27 +470,28 @@ class SoundMeter:
         ms = e / samples
         return 10.0 * math.log10(ms) + self._base + self.cal_db if ms > 0.0 else 0.0
 
-    def _close_sub(self, pending):
-        """A quarter block ends: its energy joins the block's and is looked at for an
-        impulse. Integers only (no heap) unless the quarter is loud."""
+    def _close_sub(self, after):
+        """A quarter block ends (`after` samples of the chunk follow it): its energy
+        joins the block's and is looked at for an impulse. Integers only (no heap)
+        unless the quarter is loud."""
         st = self._st
         q2 = st[18]
         q1 = st[17]
         q0 = st[16]
-        onset = (st[20] or st[22] or 1) - 1     # the first crossing, else the peak
+        if self._gate is not None:
+            self._detect(q2, q1, q0, after)
         st[16] = 0
         st[17] = 0
         st[18] = 0
         st[20] = 0
         st[21] = 0
         st[22] = 0
+        st[24] = 0
         b0 = self._b0 + q0
         b1 = self._b1 + q1 + (b0 >> 24)
         self._b0 = b0 & 0xFFFFFF
         self._b2 += q2 + (b1 >> 24)
         self._b1 = b1 & 0xFFFFFF
-        if self._gate is not None:
-            self._detect(q2, q1, q0, pending, onset)
         self._p2 = q2
         self._p1 = q1
         self._p0 = q0
@@ -459,14 +541,25 @@ class SoundMeter:
             thr = math.sqrt(e / self.sub_len) * 10.0 ** ((self.event_rise_db + ONSET_DB) / 20)
             self._st[19] = int(min(thr, 0xFFFFFF))
 
-    def _detect(self, q2, q1, q0, pending, onset):
+    def _detect(self, q2, q1, q0, after):
         """An impulse: a quarter block event_rise_db above the background, most of the
         rise sudden (half of it since the previous quarter). Stamped at its onset, the
-        quarter's first sample ONSET_DB above the rise (else its peak): `onset` samples
-        into the quarter. Re-armed once a quarter is back within half the rise."""
-        if not self._armed:
+        quarter's first sample ONSET_DB above the rise (else its peak). It lasts until
+        a quarter is back within half the rise, which re-arms the detector; it is sent
+        then, or after EVENT_QUARTERS if it goes on."""
+        st = self._st
+        ev = self._open
+        if ev is not None or not self._armed:
             h2, h1 = self._rearm
-            if q2 < h2 or (q2 == h2 and q1 < h1):
+            quiet = q2 < h2 or (q2 == h2 and q1 < h1)
+            if ev is not None:
+                ev.heard(st[24], st[21])
+                if ev.tail <= ev.quarters <= ev.tail + 1:
+                    ev.tail_level(self._level(_energy(q2, q1, q0), self.sub_len))
+                ev.quarters += 1
+                if quiet or ev.quarters >= EVENT_QUARTERS:
+                    self._finish()
+            if quiet:
                 self._armed = True
             return
         t2, t1 = self._gate
@@ -477,12 +570,40 @@ class SoundMeter:
         if lvl - prev <= 0.5 * self.event_rise_db:
             return
         self._armed = False
+        onset = (st[25] if st[20] else st[22] or 1) - 1
         # the onset's sample: when the chunk was read, minus the samples after it, in this
         # chunk and then waiting in the driver
         read = self._clock() if self._read_us is None else self._read_us
-        back = (pending + self._behind + self.sub_len - onset) * 1000000 // self.rate
-        ev = (time.ticks_add(read, -back), round(lvl, 1),
-              round(lvl - self.background, 1))
+        back = (after + self._behind + self.sub_len - onset) * 1000000 // self.rate
+        self._open = _Sounding(time.ticks_add(read, -back), lvl, lvl - self.background,
+                               self._rise_us(), 1 if onset < self.sub_len // 2 else 2)
+        self._open.heard(st[24], st[21])
+
+    def _rise_us(self):
+        """The quarter's rise time: from its first sample at or above ~10 % of its peak
+        to its first above ~50 % (rungs of the onset ladder, so each within 2x): a
+        clipped or ringing peak does not move it."""
+        st = self._st
+        r = st[20]
+        if not r:
+            return 0
+        v = st[19]
+        k = 0
+        while k < r - 1 and v * 10 < st[21]:
+            v <<= 1
+            k += 1
+        return (st[24 + r] - st[25 + k]) * 1000000 // self.rate
+
+    def _finish(self):
+        ev = self._open
+        self._open = None
+        lz = 20.0 * math.log10(ev.zpk or 1) + self._zbase + self.cal_db
+        la = 20.0 * math.log10(ev.apk or 1) + self._base + self.cal_db
+        # not measured: it was back near the background before its second tail quarter
+        decay = ev.rise if ev.decay is None else ev.decay
+        ev = (ev.t_us, round(ev.level, 1), round(ev.rise, 1), round(lz, 1), round(la, 1),
+              round(ev.rise_us / 1000, 2), ev.quarters * BLOCK_MS // SUBS, round(decay, 1),
+              classify(ev.rise_us, lz - la, decay))
         if self.on_event:
             self.on_event(*ev)
         else:
@@ -492,7 +613,9 @@ class SoundMeter:
             self._events.append(ev)
 
     def pop_event(self):
-        """Oldest queued event (t_us, level_dBA, rise_dB) or None (when no on_event)."""
+        """Oldest queued event or None (when no on_event): (t_us at its onset, level dB(A)
+        of its first quarter, its rise above the background dB, LZpeak dB, LApeak dB,
+        rise time ms, duration ms (to EVENT_QUARTERS), decay dB per quarter, class)."""
         return self._events.pop(0) if self._events else None
 
     def _percentile(self, pct):

@@ -95,8 +95,11 @@ class Node:
         self.supervisor.register("audio")
         await self.sound.run(lambda: self.supervisor.beat("audio"))
 
-    def _impulse(self, t_us, level, rise):
-        records = [("noise/impulse", "dBA", round(level, 1)), ("noise/rise", "dB", round(rise, 1))]
+    def _impulse(self, t_us, level, rise, lzpeak, lapeak, rise_ms, duration_ms, decay, kind):
+        records = [("noise/impulse", "dBA", level), ("noise/rise", "dB", rise),
+                   ("noise/lzpeak", "dB", lzpeak), ("noise/lapeak", "dB", lapeak),
+                   ("noise/risetime", "ms", rise_ms), ("noise/duration", "ms", duration_ms),
+                   ("noise/decay", "dB", decay), ("noise/class", None, kind)]
         onset_ms = CLOCK.uptime_us(t_us) // 1000    # the envelope's uptime: its onset
         self.urgent.append((payload.KIND_EVENT, records, onset_ms))
         self.urgent_ready.set()
