@@ -39,7 +39,7 @@ GUNSHOT_TILT_DB = 8.0       # LZpeak - LApeak: little of its peak below ~500 Hz
 _OFF = 1 << 29              # states are stored offset-positive (see _filter_energy)
 
 RUNGS = 12                  # the onset ladder: the first samples 1, 2, 4 .. 2**11 x the
-                            # onset threshold, for the rise time from ~10 % to the peak
+                            # onset threshold (the rise time; the kernel spells it 12)
 # co[] layout: per high-pass section k (0..3): D, F at 2k, 2k+1; LP: P, Q, F at 8, 9, 10.
 # st[] layout: 0 start, 1 count, 2..9 section states, 10..13 HP error feedback,
 #              14..15 LP error feedback, 16..18 energy words (base 2**24),
@@ -549,7 +549,7 @@ class SoundMeter:
         then, or after EVENT_QUARTERS if it goes on."""
         st = self._st
         ev = self._open
-        if ev is not None or not self._armed:
+        if not self._armed:                 # an event is sounding, or just was
             h2, h1 = self._rearm
             quiet = q2 < h2 or (q2 == h2 and q1 < h1)
             if ev is not None:
@@ -592,7 +592,7 @@ class SoundMeter:
         while k < r - 1 and v * 10 < st[21]:
             v <<= 1
             k += 1
-        return (st[24 + r] - st[25 + k]) * 1000000 // self.rate
+        return (st[25 + r - 1] - st[25 + k]) * 1000000 // self.rate
 
     def _finish(self):
         ev = self._open
@@ -601,16 +601,16 @@ class SoundMeter:
         la = 20.0 * math.log10(ev.apk or 1) + self._base + self.cal_db
         # not measured: it was back near the background before its second tail quarter
         decay = ev.rise if ev.decay is None else ev.decay
-        ev = (ev.t_us, round(ev.level, 1), round(ev.rise, 1), round(lz, 1), round(la, 1),
-              round(ev.rise_us / 1000, 2), ev.quarters * BLOCK_MS // SUBS, round(decay, 1),
-              classify(ev.rise_us, lz - la, decay))
+        out = (ev.t_us, round(ev.level, 1), round(ev.rise, 1), round(lz, 1), round(la, 1),
+               round(ev.rise_us / 1000, 2), ev.quarters * BLOCK_MS // SUBS, round(decay, 1),
+               classify(ev.rise_us, lz - la, decay))
         if self.on_event:
-            self.on_event(*ev)
+            self.on_event(*out)
         else:
             if len(self._events) >= self._max_events:
                 self._events.pop(0)
                 self.events_dropped += 1
-            self._events.append(ev)
+            self._events.append(out)
 
     def pop_event(self):
         """Oldest queued event or None (when no on_event): (t_us at its onset, level dB(A)
