@@ -368,7 +368,7 @@ def _shot_stats(shots: list[float], pole: Watch, city: Watch) -> dict:
             to_city.append((at_city[0] - fired) * 1000)
     return {"fired": len(shots), "missed": len(shots) - len(to_city),
             "to_pole_ms": _quantiles(to_pole), "to_city_ms": _quantiles(to_city),
-            "stamp_error_ms": _quantiles(stamp)}
+            "stamp_error_ms": _quantiles(stamp), "to_city_ms_each": [round(d) for d in to_city]}
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -514,6 +514,7 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "event_to_city_ms_p50_chip": shots.get("to_city_ms", {}).get("p50"),
         "event_stamp_error_ms_p99_chip": shots.get("stamp_error_ms", {}).get("p99"),
         "shots_missed": shots.get("missed"),
+        "event_to_city_ms_each_chip": shots.get("to_city_ms_each"),   # in firing order
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),
