@@ -349,7 +349,11 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         # the microphone's 32-bit mono samples, as a share of the audio of the whole run
         lost = (dropped - overruns_before[1]) / 4 / MIC_RATE
         result["audio_lost_pct"] = round(100 * lost / (time.time() - t0), 2)
-        result["windows"] = sum(1 for _, b in pole.seen if b.kind == wire.KIND_READINGS)
+        windows = [b for _, b in pole.seen if b.kind == wire.KIND_READINGS]
+        result["windows"] = len(windows)
+        last = {r.get(0): r.get(2) for r in windows[-1].records} if windows else {}
+        result["signed"] = {"pooled": last.get("node/signed_pooled"),
+                            "whole": last.get("node/signed_whole")}
         result["outage_s"] = outage_s
     return result
 
@@ -515,6 +519,9 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "event_stamp_error_ms_p99_chip": shots.get("stamp_error_ms", {}).get("p99"),
         "shots_missed": shots.get("missed"),
         "event_to_city_ms_each_chip": shots.get("to_city_ms_each"),   # in firing order
+        # the node's signatures by the run's last window: from its pool of nonce pairs, or
+        # whole in steps (an event signed whole is ~1 s late)
+        "signatures_pooled_whole": [chip.get("signed", {}).get(k) for k in ("pooled", "whole")],
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),

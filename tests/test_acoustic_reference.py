@@ -271,6 +271,39 @@ def test_bang_is_one_event_at_its_time(tmp_path):
     assert rise > 15 and level > 70
 
 
+def test_an_event_right_after_lost_audio_says_how_much(tmp_path):
+    """A bang heard in the first chunk after the driver lost audio may have begun in the
+    gap: its event says how much was lost (ms); the same bang heard whole says 0."""
+    fs = 16000
+    x = pink(fs, 4.0, 55, seed=3)
+    k = int(2.6 * fs)
+    burst = np.random.default_rng(7).standard_normal(160) * amplitude(110) / np.sqrt(2)
+    x[k:k + 160] += burst * np.exp(-np.arange(160) / 48)
+    path = tmp_path / "audio.raw"
+    path.write_bytes(i2s_bytes(x))
+    code = f"""
+import json
+from drivers.mic import Mic
+from node.acoustic import SoundMeter
+for gap in (0, 480):
+    mic = Mic(open({str(path)!r}, 'rb'), rate={fs}, chunk=200, ibuf=3200)
+    m = SoundMeter(rate={fs})
+    got = 0
+    while True:
+        n = mic.read()
+        if not n:
+            break
+        lost = gap if got <= {k - 40} < got + n else 0   # the chunk 2.5 ms before the bang
+        m.process(mic.samples, n, 0, None, lost)
+        got += n
+    m.close_window()
+    ev = m.pop_event()
+    print(json.dumps([ev[8], ev[9]]))
+"""
+    out = [json.loads(line) for line in run_micropython(code).splitlines()]
+    assert out == [["gunshot", 0], ["gunshot", 30]], out      # 480 samples at 16 kHz
+
+
 def test_steady_and_slowly_rising_noise_make_no_event(tmp_path):
     fs = 16000
     steady = pink(fs, 4.0, 65, seed=5) + tone(440, fs, 4.0, 60)

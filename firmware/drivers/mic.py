@@ -61,6 +61,7 @@ class Mic:
             raise ValueError('chunk larger than the driver ring (ibuf / 8 frames)')
         self.received = 0           # samples delivered, modulo 2**30 (a long int would allocate)
         self.overruns = 0           # samples lost, total
+        self.lost_before = 0        # samples lost just before the chunk in self.samples
         self._taken = 0
         self._last = None
         self._frac = 0              # 1e-4 sample units
@@ -101,6 +102,7 @@ class Mic:
         if not nb:
             return 0
         now = self._clock()         # before the conversion: the chunk's arrival
+        self.lost_before = 0
         n = nb >> 2
         convert(self._raw, n, self.samples)
         self.received = (self.received + n) & 0x3FFFFFFF
@@ -128,8 +130,9 @@ class Mic:
             return
         b = self._backlog + due - n
         room = self._cap - n
-        if b > room:
-            self.overruns += b - room
+        if b > room:                # the ring overflowed: its oldest samples, the ones
+            self.overruns += b - room   # just before this chunk, are gone (ESP32 DMA)
+            self.lost_before = b - room
             b = room
         self._backlog = b if b > 0 else 0
 

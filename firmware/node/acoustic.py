@@ -340,8 +340,9 @@ def classify(rise_us, tilt_db, decay_db):
 class _Sounding:
     """An impulse still sounding: what is known of it so far (made only for an event)."""
 
-    def __init__(self, t_us, level, rise, rise_us, tail):
+    def __init__(self, t_us, level, rise, rise_us, tail, lost_ms):
         self.t_us = t_us            # ticks_us at its onset
+        self.lost_ms = lost_ms      # audio lost just before it: its onset may be later
         self.level = level          # dB(A) of the quarter it was found in
         self.rise = rise            # dB above the background
         self.rise_us = rise_us
@@ -427,6 +428,8 @@ class SoundMeter:
         self.background = None
         self._armed = True
         self._open = None               # the event still sounding (see _detect)
+        self._gap = 0                   # samples lost in this quarter and the one before
+        self._gap_prev = 0
         self._warm = 0
         self.level = None               # last fast (125 ms) level, dB(A)
         self._new_window()
@@ -443,13 +446,15 @@ class SoundMeter:
         """Count samples the driver lost (they are in no block)."""
         self._over += samples
 
-    def process(self, buf, n, behind=0, read_us=None):
+    def process(self, buf, n, behind=0, read_us=None, lost_before=0):
         """Consume buf[0:n] (array('i') of 24-bit samples), `behind` more samples already
         waiting in the driver when it was read at ticks_us() `read_us` (for event stamps:
-        now, by default; at chip speed a chunk is processed well after it was read).
-        Allocation-free between blocks."""
+        now, by default; at chip speed a chunk is processed well after it was read);
+        `lost_before` samples the driver lost just before it (an event right after such a
+        gap may have begun in it: it says so). Allocation-free between blocks."""
         self._behind = behind
         self._read_us = read_us
+        self._gap += lost_before
         st = self._st
         i = 0
         while i < n:
@@ -480,6 +485,8 @@ class SoundMeter:
         q0 = st[16]
         if self._gate is not None:
             self._detect(q2, q1, q0, after)
+        self._gap_prev = self._gap
+        self._gap = 0
         st[16] = 0
         st[17] = 0
         st[18] = 0
@@ -576,7 +583,8 @@ class SoundMeter:
         read = self._clock() if self._read_us is None else self._read_us
         back = (after + self._behind + self.sub_len - onset) * 1000000 // self.rate
         self._open = _Sounding(time.ticks_add(read, -back), lvl, lvl - self.background,
-                               self._rise_us(), 1 if onset < self.sub_len // 2 else 2)
+                               self._rise_us(), 1 if onset < self.sub_len // 2 else 2,
+                               (self._gap + self._gap_prev) * 1000 // self.rate)
         self._open.heard(st[24], st[21])
 
     def _rise_us(self):
@@ -603,7 +611,7 @@ class SoundMeter:
         decay = ev.rise if ev.decay is None else ev.decay
         out = (ev.t_us, round(ev.level, 1), round(ev.rise, 1), round(lz, 1), round(la, 1),
                round(ev.rise_us / 1000, 2), ev.quarters * BLOCK_MS // SUBS, round(decay, 1),
-               classify(ev.rise_us, lz - la, decay))
+               classify(ev.rise_us, lz - la, decay), ev.lost_ms)
         if self.on_event:
             self.on_event(*out)
         else:
@@ -615,7 +623,9 @@ class SoundMeter:
     def pop_event(self):
         """Oldest queued event or None (when no on_event): (t_us at its onset, level dB(A)
         of its first quarter, its rise above the background dB, LZpeak dB, LApeak dB,
-        rise time ms, duration ms (to EVENT_QUARTERS), decay dB per quarter, class)."""
+        rise time ms, duration ms (to EVENT_QUARTERS), decay dB per quarter, class, audio
+        lost in its quarter or the one before, ms: if not 0, it may have begun earlier and
+        louder)."""
         return self._events.pop(0) if self._events else None
 
     def _percentile(self, pct):

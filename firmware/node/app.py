@@ -95,11 +95,13 @@ class Node:
         self.supervisor.register("audio")
         await self.sound.run(lambda: self.supervisor.beat("audio"))
 
-    def _impulse(self, t_us, level, rise, lzpeak, lapeak, rise_ms, duration_ms, decay, kind):
+    def _impulse(self, t_us, level, rise, lzpeak, lapeak, rise_ms, duration_ms, decay, kind,
+                 lost_ms):
         records = [("noise/impulse", "dBA", level), ("noise/rise", "dB", rise),
                    ("noise/lzpeak", "dB", lzpeak), ("noise/lapeak", "dB", lapeak),
                    ("noise/risetime", "ms", rise_ms), ("noise/duration", "ms", duration_ms),
-                   ("noise/decay", "dB", decay), ("noise/class", None, kind)]
+                   ("noise/decay", "dB", decay), ("noise/class", None, kind),
+                   ("noise/lost_ms", "ms", lost_ms)]
         onset_ms = CLOCK.uptime_us(t_us) // 1000    # the envelope's uptime: its onset
         self.urgent.append((payload.KIND_EVENT, records, onset_ms))
         self.urgent_ready.set()
@@ -161,6 +163,10 @@ class Node:
             ("node/dropped", "count", stats["dropped"]),
             ("node/heap_free", "B", gc.mem_free()),
             ("node/firmware", None, version.VERSION),
+            # signatures from the pool of nonce pairs, and whole in steps (~1 s of the
+            # chip's time each): an event signed whole is an event late
+            ("node/signed_pooled", "count", self.signer.pairs),
+            ("node/signed_whole", "count", self.signer.whole),
         ]
         if CLOCK.synced:    # the last sync: how far it moved the clock, its round trip
             records += [("clock/step_ms", "ms", CLOCK.last_step_us // 1000),
