@@ -478,11 +478,11 @@ def test_a_chip_too_slow_for_the_audio_drops_audio_not_the_node(pole: Pole) -> N
 sound = Sound({"sck": 26, "ws": 25, "sd": 33}, 15.0, None)
 process = sound.meter.process
 
-def slow(buf, n, behind=0, read_us=None):
+def slow(buf, n, *rest):
     t = time.ticks_us()
     while time.ticks_diff(time.ticks_us(), t) < n * 2000000 // 48000:
         pass
-    process(buf, n, behind, read_us)
+    process(buf, n, *rest)
 
 sound.meter.process = slow
 asyncio.run(beside(sound, 2))
