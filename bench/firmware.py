@@ -147,14 +147,73 @@ def buffer_bytes():
 asyncio.run(main())
 """
 
+# Which task holds the loop: each task's coroutine wrapped in one that times its steps
+# (send/throw: all asyncio's core calls); per task, the steps, how many took over OVER_US
+# and the longest (us). Tasks are named by their coroutine's function; Node.run's tasks
+# named `run` are, in its order, the signer's, Wi-Fi's, the uplink's, the supervisor's
+# and the clock's.
+TASK_TIMER = """
+import asyncio, os, time
+held = {}
+RUNS = ['signer', 'wifi', 'uplink', 'supervisor', 'clock']
+class Timed:
+    def __init__(self, coro):
+        self.coro = coro
+        r = repr(coro)
+        self.name = r.split("'")[1] if "'" in r else r[:24]
+        if self.name == 'run' and RUNS:
+            self.name = RUNS.pop(0)
+    def _timed(self, step, arg):
+        t = time.ticks_us()
+        try:
+            return step(arg)
+        finally:
+            us = time.ticks_diff(time.ticks_us(), t)
+            n, over, top = held.get(self.name, (0, 0, 0))
+            held[self.name] = (n + 1, over + (us > OVER_US), max(top, us))
+    def send(self, v):
+        return self._timed(self.coro.send, v)
+    def throw(self, e):
+        return self._timed(self.coro.throw, e)
+    def close(self):
+        return self.coro.close()
+_create = asyncio.core.create_task
+asyncio.core.create_task = lambda coro: _create(Timed(coro))
+asyncio.create_task = asyncio.core.create_task
+def save_held():
+    f = open('/bench_held.tmp', 'w')
+    for name in held:
+        f.write('%s %d %d %d\\n' % ((name,) + held[name]))
+    f.close()
+    os.rename('/bench_held.tmp', '/bench_held.txt')
+"""
+
+# The app at host speed for SECONDS with its tasks timed: each step's host time x the
+# board's factor is what it holds the chip's loop for, without the grain of chip speed's
+# pacing (a burst, ~20 ms of chip time, docs/decisions.md); host scheduling noise can
+# only make a step look longer.
+STEPS = TASK_TIMER + """
+import gc
+from node import app, config
+gc.collect()                            # the mic's buffers need contiguous blocks
+node = app.Node(config.load())
+async def the_app():                    # Node.run's own `run` not taken for the signer's
+    await node.run()
+async def main():
+    task = asyncio.create_task(the_app())
+    await asyncio.sleep_ms(SECONDS * 1000)
+    task.cancel()
+    save_held()
+asyncio.run(main())
+"""
+
 # main.py for the chip-speed run: the node app as shipped (node.app.main, boot path and
 # all), plus a probe task in its loop. How late a 50 ms sleep wakes is how long the loop
 # was held by something else; at chip speed these are chip times. The probe keeps a
 # histogram (10 ms bins, bin 0: on time, 201: >= 2 s; a few hundred bytes: the node's
 # heap is tight) and writes it every WRITE_MS to /bench_stalls.txt, which the host reads
 # from the board's filesystem folder (no serial session disturbs the run).
-STALLS_MAIN = """
-import asyncio, os, time
+STALLS_MAIN = TASK_TIMER + """
 import node.app as app
 from node.clock import CLOCK
 from array import array
@@ -188,6 +247,7 @@ async def probe():
                 n_errors[0] += 1
             save('bench_stalls', h)
             save('bench_clock', errors[:n_errors[0]])
+            save_held()
 run = app.Node.run
 async def probed(self):
     asyncio.create_task(probe())
@@ -197,7 +257,7 @@ app.main()
 """
 
 
-def host_speed(board: BoardHandle, quick: bool) -> dict:
+def host_speed(board: BoardHandle, quick: bool, factor: float) -> dict:
     """The micro-benchmarks, the cycle and the heap high-water, at host speed."""
     link = board.link
     crypto = last_json(mpremote(link, "exec", firmware_crypto.SCRIPT.replace("HEAP", "110"),
@@ -209,7 +269,19 @@ def host_speed(board: BoardHandle, quick: bool) -> dict:
     out["dsp"] = last_json(mpremote(link, "exec", dsp_code, timeout=900))
     out["cycle"] = last_json(mpremote(link, "exec", CYCLE.replace("RUNS", "3" if quick else "20"),
                                       timeout=300))
+    out["steps"] = _task_steps(board, 5 if quick else 60, factor)
     out["water"] = _high_water(board, 5 if quick else 20)
+    return out
+
+
+def _task_steps(board: BoardHandle, seconds: int, factor: float) -> dict:
+    """The app's tasks' steps at host speed, in chip terms (STEPS)."""
+    mpremote(board.link, "soft-reset")
+    code = STEPS.replace("SECONDS", str(seconds)).replace("OVER_US", str(int(20000 / factor)))
+    mpremote(board.link, "exec", code, timeout=seconds + 120)
+    held = board.state / "fs" / "bench_held.txt"
+    out = _held_stats(held.read_text(), factor)
+    held.unlink()
     return out
 
 
@@ -342,6 +414,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         answer = pole.first(wire.KIND_STATUS, sent) if sent else None
         result["downlink_ms"] = round((answer - sent) * 1000) if answer else None
         result["stalls"] = _stall_stats(stalls.read_text()) if stalls.exists() else {}
+        held = board.state / "fs" / "bench_held.txt"
+        result["held"] = _held_stats(held.read_text()) if held.exists() else {}
         clock = board.state / "fs" / "bench_clock.txt"
         result["clock"] = _clock_stats(clock.read_text()) if clock.exists() else {}
         overruns, dropped = _overruns(board)
@@ -420,6 +494,15 @@ def _stall_stats(text: str) -> dict:
             "over_20": sum(counts[3:])}
 
 
+def _held_stats(text: str, scale: float = 1.0) -> dict:
+    """{task: [steps, steps over the limit, longest step in ms x scale]} from TASK_TIMER's
+    file, the worst first."""
+    rows = [line.split() for line in text.splitlines() if line.strip()]
+    rows.sort(key=lambda row: -int(row[3]))
+    return {name: [int(n), int(over), round(int(top) / 1000 * scale, 1)]
+            for name, n, over, top in rows}
+
+
 def _clock_stats(text: str) -> dict:
     """p50, p95 and max of |node clock - host clock| (ms) over the probe's samples (in
     0.1 ms), and their mean (the sign says which way: + the node is ahead)."""
@@ -464,7 +547,7 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
             device = provision_one(tmp, emu.boards[0].url, f"{broker.host}:{broker.port}",
                                    window_s, pem, flash=not quick,
                                    ntp=f"{clock.host}:{clock.port}")
-            host = host_speed(emu.boards[0], quick)
+            host = host_speed(emu.boards[0], quick, factors.interp)
         finally:
             emu.stop()
         if get_board(BOARD).romfs_kb:
@@ -473,7 +556,7 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
         warmup_ms = int(min(60.0, minutes * 12) * 1000)
         (tmp / "state" / "node0" / "fs" / "bench_up").unlink(missing_ok=True)
         (tmp / "state" / "node0" / "fs" / "main.py").write_text(
-            STALLS_MAIN.replace("WARMUP_MS", str(warmup_ms))
+            STALLS_MAIN.replace("WARMUP_MS", str(warmup_ms)).replace("OVER_US", "20000")
             .replace("WRITE_MS", "2000" if quick else "10000"))
         with Mosquitto(tmp / "city") as city:
             # the pole's gateway, reading the registry provisioning wrote, to the city
@@ -513,6 +596,12 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "max_loop_stall_ms_chip": stalls.get("max"),
         "loop_stall_p99_ms_chip": stalls.get("p99"),
         "loop_stalls_over_20ms": stalls.get("over_20"),
+        # per task: [steps, steps over 20 ms, longest ms]; at chip speed (grain: one
+        # burst of the pacing, ~20 ms), and from host time x factor (no grain)
+        "loop_held_by_task_chip": chip.get("held"),
+        "task_steps_ms_chip": host.get("steps"),
+        "max_task_step_ms_chip": max((v[2] for k, v in host.get("steps", {}).items()
+                                      if k not in ("main", "the_app")), default=None),
         "impulse_to_publish_ms_chip": shots.get("to_pole_ms", {}).get("p50"),
         "event_to_city_ms_p99_chip": shots.get("to_city_ms", {}).get("p99"),
         "event_to_city_ms_p50_chip": shots.get("to_city_ms", {}).get("p50"),

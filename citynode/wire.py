@@ -46,6 +46,7 @@ K_VERSION, K_DEVICE, K_SEQ, K_BOOT, K_TIME, K_UPTIME, K_KIND, K_RECORDS = 0, 1, 
 # 2 time in Unix milliseconds, uptime in full.
 WIRE_VERSION = 2
 K_COMMAND, K_ARGS = 10, 11
+K_EXPIRES = 12      # a command's own deadline (Unix s), shorter than the relays' MAX_AGE_S
 OPERATOR_KID = "operator"
 
 UP_PREFIX = "citynode/up/"      # node -> pole broker
@@ -328,6 +329,7 @@ class Command:
     time: int
     name: str
     args: dict
+    expires: int | None = None
 
 
 def open_command(data: bytes, operator_key: ec.EllipticCurvePublicKey,
@@ -353,7 +355,10 @@ def open_command(data: bytes, operator_key: ec.EllipticCurvePublicKey,
         raise EnvelopeError("malformed", "command needs device, seq and command name")
     if not isinstance(args, dict):
         raise EnvelopeError("malformed", "command args must be a map")
-    return Command(target, body[K_SEQ], body.get(K_TIME, 0), name, args)
+    expires = body.get(K_EXPIRES)
+    if expires is not None and not _is_uint(expires):
+        raise EnvelopeError("malformed", "command expiry (key 12) must be Unix seconds")
+    return Command(target, body[K_SEQ], body.get(K_TIME, 0), name, args, expires)
 
 
 # --- gap records: what the gateway lost, published beside the envelopes ----------
@@ -404,6 +409,9 @@ def mac_hmac(payload: bytes, kid: str, secret: bytes) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(TAG_MAC0, [protected, {HDR_KID: kid.encode()}, payload, tag]))
 
 
-def encode_command(device: str, seq: int, command: str, args: dict, time: int) -> bytes:
-    return cbor2.dumps({K_DEVICE: device, K_SEQ: seq, K_TIME: time, K_COMMAND: command,
-                        K_ARGS: args})
+def encode_command(device: str, seq: int, command: str, args: dict, time: int,
+                   expires: int | None = None) -> bytes:
+    body = {K_DEVICE: device, K_SEQ: seq, K_TIME: time, K_COMMAND: command, K_ARGS: args}
+    if expires is not None:
+        body[K_EXPIRES] = expires
+    return cbor2.dumps(body)

@@ -79,6 +79,12 @@ class DownlinkRelay:
                               device, abs(age), "ago" if age > 0 else "ahead of this pole",
                               MAX_AGE_S if age > 0 else MAX_AHEAD_S)
             return
+        if command.expires is not None and self.wall_clock() > command.expires:
+            self.metrics.inc("downlink_total", result="expired")
+            self.rlog.warning("down-expired", "downlink for %s refused: it expired %.0f s ago "
+                              "(its own deadline); send it again", device,
+                              self.wall_clock() - command.expires)
+            return
         if not self._take(device):
             self.metrics.inc("downlink_total", result="rate_limited")
             self.rlog.warning("down-rate", "downlink for %s refused: more than %d commands, "

@@ -39,6 +39,7 @@ class Bench:
     broker: tuple[str, int]
     window_s: int
     emulated: BoardHandle | None = None
+    ops_home: Path | None = None   # citynode-ops's folder: the operator key, the city broker
 
     # -- serial ----------------------------------------------------------------------
     def mpremote(self, *args: str, timeout: float = 60, check: bool = True,

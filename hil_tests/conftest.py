@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from citynode.chrony import PoleTimeServer
 from citynode.mosquitto import Mosquitto
 from citynode.registry import load_registry
 from citynode.testing.emulator import start_emulator
+from citynode.testing.gateway import PREFIX, GatewayProcess
 from citynode.testing.provisioning import cli, make_image, password_file
-from hil_tests.bench import Bench
+from hil_tests.bench import VENV_BIN, Bench
 
 WINDOW_S = 5
 
@@ -80,13 +82,19 @@ def _lan_address() -> str:
         return probe.getsockname()[0]
 
 
-def _operator_key(tmp: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
-    """The operator's downlink key: the private half stays with the test (the operator)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = tmp / "operator.pub.pem"
-    pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
-    return key, pem
+def _operator_key(tmp: Path, city: tuple[str, int] = ("127.0.0.1", 1883)
+                  ) -> tuple[ec.EllipticCurvePrivateKey, Path]:
+    """The operator's downlink key, made as an operator makes it (`citynode-ops init`, in
+    tmp/ops): its public half is provisioned onto the node and given to the gateway."""
+    home = tmp / "ops"
+    run = subprocess.run([str(VENV_BIN / "citynode-ops"), "--home", str(home), "init",
+                          "--broker", f"{city[0]}:{city[1]}", "--no-tls", "--prefix", PREFIX,
+                          "--registry", str(tmp / "fleet"), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"citynode-ops init failed:\n{run.stdout}\n{run.stderr}"
+    key = serialization.load_pem_private_key((home / "operator.key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key, home / "operator.pub.pem"
 
 
 def _provision(tmp: Path, port: str, board: str, broker: str, ssid: str, pwfile: Path,
@@ -119,21 +127,29 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             host, _, broker_port = broker.rpartition(":")
             yield _bench(tmp, device, port, (host, int(broker_port)), operator)
         return
+    # the pole as deployed: the node's broker, and a gateway relaying to a city broker
+    # (where citynode-ops reaches the node, as an operator does)
     with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
-            PoleTimeServer(tmp / "chrony") as clock:
+            Mosquitto(tmp / "city") as city, PoleTimeServer(tmp / "chrony") as clock:
+        operator, operator_pem = _operator_key(tmp, (city.host, city.port))
         scenario = tmp / "scenario.json"
         # a spring noon (daylight on the BH1750); impulses only when a test fires one
         scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
         emu = start_emulator(tmp, board=board, blank=True, extra=["--scenario", str(scenario)])
+        gateway = GatewayProcess(tmp / "gateway", mosquitto, city, gateway_extra={
+            "registry_dir": str(tmp / "fleet"), "operator_key": str(operator_pem),
+            "id": "HIL-1"})
         try:
             handle = emu.boards[0]
             device = _provision(tmp, handle.url, board, f"{mosquitto.host}:{mosquitto.port}",
                                 "city", password_file(tmp),
                                 Path(image) if image else make_image(tmp, board), operator_pem,
                                 f"{clock.host}:{clock.port}")
+            gateway.start()
             yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
-                         handle)
+                         handle, ops_home=tmp / "ops")
         finally:
+            gateway.kill()
             emu.stop()
 
 
@@ -174,12 +190,14 @@ def chip_bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def _bench(tmp: Path, device: str, port: str, broker: tuple[str, int],
-           operator: ec.EllipticCurvePrivateKey, emulated=None) -> Bench:
+           operator: ec.EllipticCurvePrivateKey, emulated=None,
+           ops_home: Path | None = None) -> Bench:
     registry = load_registry(tmp / "fleet", strict=True)
     record = registry.get(device)
     assert record is not None and record.active, f"{device} is not in the registry"
     return Bench(port=port, device=device, public_key=registry.credential(record).public_key,
-                 operator=operator, broker=broker, window_s=WINDOW_S, emulated=emulated)
+                 operator=operator, broker=broker, window_s=WINDOW_S, emulated=emulated,
+                 ops_home=ops_home)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import json
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -88,6 +89,45 @@ print(json.dumps([asyncio.run(c.sync("127.0.0.1", {port}, samples=2)), c.unix_ms
     finally:
         sock.close()
     assert out == [False, None]
+
+
+def _ntp_now() -> bytes:
+    t = time.time() + 2208988800
+    return struct.pack(">II", int(t), int((t % 1) * 2**32))
+
+
+def test_a_slow_answer_is_waited_for_on_the_loop_not_by_holding_it():
+    # every answer 60 ms late, past HOLD_MS (15): the sync still succeeds, from answers
+    # read on the loop, while a ticker beside it is never held for the wait
+    def late(req: bytes) -> bytes:
+        time.sleep(0.06)
+        now = _ntp_now()
+        return bytes([0x24, 2]) + bytes(22) + req[40:48] + now + now
+
+    sock, port = rogue_server(late)
+    try:
+        out = run_micropython_json(f"""
+import asyncio, json, time
+from node.clock import Clock, HOLD_MS
+c = Clock()
+gaps = []
+async def ticker():
+    while True:
+        t = time.ticks_ms()
+        await asyncio.sleep_ms(1)
+        gaps.append(time.ticks_diff(time.ticks_ms(), t))
+async def main():
+    asyncio.create_task(ticker())
+    return await c.sync("127.0.0.1", {port}, samples=3)
+ok = asyncio.run(main())
+print(json.dumps({{"ok": ok, "hold": HOLD_MS, "longest": max(gaps), "rtt": c.last_rtt_us,
+                   "error": c.unix_ms() - time.time_ns() // 1000000}}))
+""")
+    finally:
+        sock.close()
+    assert out["ok"] and out["rtt"] >= 60_000, out
+    assert out["longest"] < out["hold"] + 25, out     # blocked for the answer: >= 60 ms
+    assert abs(out["error"]) <= out["rtt"] // 2000 + 5, out
 
 
 def test_uptime_carries_over_the_tick_counters_wrap():

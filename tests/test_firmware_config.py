@@ -40,3 +40,27 @@ def test_without_a_secret_the_node_connects_without_a_login(tmp_path):
     # an open bench broker; the pole's refuses it with CONNACK 5 and a hint (node/mqtt.py)
     assert run(tmp_path, None)[0] == [None, None]
     assert run(tmp_path, {"password": 42})[0] == [None, None]       # damaged: no login
+
+
+def test_lighting_settings_a_street_cannot_use_are_refused_by_name():
+    code = """
+import json
+from node import config
+out = []
+for lighting in ({LIGHTINGS}):
+    try:
+        config.validate({"device": "cn-240ac4e29526", "wifi": {"ssid": "pole"},
+                         "lighting": lighting})
+        out.append("ok")
+    except config.ConfigError as exc:
+        out.append(str(exc))
+print(json.dumps(out))
+"""
+    cases = [{"quiet_level": 30, "on_at": "19:15"}, {"quiet_level": 130}, {"on_at": "25:00"},
+             {"dusk_lux": 60}, {"glow": 1}]
+    out = last_json(run_micropython(code.replace("{LIGHTINGS}", repr(cases))))
+    assert out[0] == "ok"
+    assert "lighting.quiet_level" in out[1] and "0..100 %" in out[1]
+    assert "lighting.on_at" in out[2] and "HH:MM" in out[2]
+    assert "lighting.dawn_lux" in out[3] and "above dusk_lux" in out[3]
+    assert "lighting.glow" in out[4] and "dusk_lux" in out[4]

@@ -472,12 +472,15 @@ def test_commands_expire_by_the_nodes_clock_once_it_is_synced(tmp_path):
     key = ec.derive_private_key(int(CMD["operator_private_key"], 16), ec.SECP256R1())
     now = int(time.time())
 
-    def command(seq: int, issued: int) -> bytes:
+    def command(seq: int, issued: int, expires: int | None = None) -> bytes:
         return wire.sign_es256(wire.encode_command(NODE["device"], seq, "set_interval",
-                                                   {"seconds": 30}, issued), "operator", key)
+                                                   {"seconds": 30}, issued, expires),
+                               "operator", key)
 
     unsynced = [command(1, now - 660)]
-    synced = [command(2, now - 660), command(3, now + 120), command(4, now - 5)]
+    # stale, ahead, past its own deadline (citynode-ops --expires), fresh
+    synced = [command(2, now - 660), command(3, now + 120), command(4, now - 30, now - 10),
+              command(5, now - 5, now + 60)]
     code = f"""
 import asyncio, json, time
 from node import commands
@@ -501,5 +504,5 @@ asyncio.run(handle({synced!r}))
 print(json.dumps([out, cmds.highest.value, cmds.refused]))
 """
     out, highest, refused = mpy_json(code, tmp_path)
-    assert out == ["set_interval", "expired", "expired", "set_interval"]
-    assert highest == 4 and refused == {"expired": 2}
+    assert out == ["set_interval", "expired", "expired", "expired", "set_interval"]
+    assert highest == 5 and refused == {"expired": 3}

@@ -113,13 +113,16 @@ def test_a_stale_or_future_command_is_refused_as_expired(tmp_path):
                           wall_clock=lambda: now)
     device = "cn-0000000000a2"
 
-    def command(seq: int, issued: float) -> bytes:
-        payload = wire.encode_command(device, seq, "lamp", {"level": 100}, int(issued))
+    def command(seq: int, issued: float, expires: float | None = None) -> bytes:
+        payload = wire.encode_command(device, seq, "lamp", {"level": 100}, int(issued),
+                                      None if expires is None else int(expires))
         return wire.sign_es256(payload, wire.OPERATOR_KID, operator)
 
     stale, ahead = command(1, now - MAX_AGE_S - 1), command(2, now + MAX_AHEAD_S + 1)
     edge, fresh = command(3, now - MAX_AGE_S), command(4, now + MAX_AHEAD_S)
-    for data in (stale, ahead, edge, fresh):
+    # the operator's own deadline (citynode-ops --expires): passed, and not yet
+    overdue, due = command(5, now - 30, now - 1), command(6, now - 30, now)
+    for data in (stale, ahead, edge, fresh, overdue, due):
         relay.handle(device, data)
-    assert sent == [edge, fresh]
-    assert metrics.value("downlink_total", result="expired") == 2
+    assert sent == [edge, fresh, due]
+    assert metrics.value("downlink_total", result="expired") == 3

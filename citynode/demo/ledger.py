@@ -25,7 +25,7 @@ from citynode.subscriber import Subscriber
 
 # SenML names (firmware/node) of the quantities the view shows, by column.
 SHOWN = {"light/lux": "lux", "noise/laeq": "laeq", "air/pm2_5": "pm25",
-         "env/temperature": "temp", "clock/step_ms": "clock"}
+         "env/temperature": "temp", "clock/step_ms": "clock", "lamp/level": "lamp"}
 REGISTRY_RELOAD_S = 1.0
 
 Key = tuple[str, int]  # (device, seq): never repeats for a device
@@ -39,6 +39,7 @@ class NodeState:
     last_seen: float | None = None
     readings: int = 0
     events: int = 0
+    lamp_source: str | None = None  # what set the lamp: a rule, an event, the operator
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class Ledger:
             value = record.get(2)
             if column and isinstance(value, int | float) and not isinstance(value, bool):
                 node.values[column] = float(value)
+            if record.get(0) == "lamp/source" and isinstance(record.get(3), str):
+                node.lamp_source = record[3]
 
     def take_impulses(self) -> list[Impulse]:
         """The impulse events that reached the city since the last call."""

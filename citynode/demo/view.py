@@ -153,7 +153,11 @@ def render(status: Status, events: list[str], logs: str) -> list[str]:
     ]
     now = time.time()
     for device in sorted(status.nodes):
-        lines.append("  " + _node_row(device, status.nodes[device], now))
+        node = status.nodes[device]
+        lines.append("  " + _node_row(device, node, now))
+        if node.lamp_source is not None and "lamp" in node.values:
+            why = _LAMP_BY.get(node.lamp_source, node.lamp_source)
+            lines.append(f"    lamp {node.values['lamp']:.0f}% ({why})")
     if not status.nodes:
         lines.append("  (nothing yet: the nodes' first window is on its way)")
     lines += [
@@ -170,6 +174,12 @@ def render(status: Status, events: list[str], logs: str) -> list[str]:
     lines += [f"  {e}" for e in events[-EVENTS_SHOWN:]] or ["  -"]
     lines += ["", "Ctrl-C stops everything.", f"Logs: {logs}"]
     return lines
+
+
+# what set a lamp (node/lighting.py), in the demo's words
+_LAMP_BY = {"day": "daylight", "dark": "dark by its light sensor", "quiet": "quiet hours",
+            "event": "an impulse", "operator": "the operator", "schedule": "the schedule",
+            "no clock": "no light reading, no clock yet"}
 
 
 def _bar(count: int, width: int = 50) -> str:

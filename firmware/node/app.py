@@ -17,7 +17,7 @@ import time
 
 import machine
 
-from node import aggregate, commands, config, fsutil, keys, payload, safemode, seqno
+from node import aggregate, commands, config, fsutil, keys, lighting, payload, safemode, seqno
 from node import sensors, signer, supervisor, uplink, version, wifi
 from node.clock import CLOCK
 from node.spool import EVENT, ROUTINE
@@ -42,8 +42,14 @@ class Node:
         self.window = aggregate.Window()
         self.window_started = time.ticks_ms()
         self.sensors = sensors.build(cfg)
-        self.lamp = None
-        self.lamp_level = None      # percent, once a command set it
+        self.lamp = None            # the lamp's PWM, when config.json names its pin
+        self.lighting = None
+        self.lamp_level = None      # percent, as the PWM is set
+        if cfg.get("lamp_pin") is not None:
+            self.lighting = lighting.Lighting(cfg.get("lighting"))
+            self.lamp = machine.PWM(machine.Pin(cfg["lamp_pin"]), freq=1000, duty_u16=0)
+            self.lamp_level = self.lighting.level   # as before a reset, before anything else
+            self._light(self.lamp_level)
         self.errors = {}
         self.urgent = []            # (kind, records, uptime_ms): sent at once by event_loop
         self.urgent_ready = asyncio.Event()
@@ -51,6 +57,7 @@ class Node:
         self.commands = commands.Commands(self.device, self.keys, {
             "set_interval": self._set_interval,
             "lamp": self._set_lamp,
+            "lamp_auto": self._lamp_auto,
             "reboot": self._reboot,
             "report_config": lambda args: config.public_view(self.cfg),
             "rotate_key": self._rotate_key,
@@ -80,6 +87,8 @@ class Node:
             try:
                 for quantity, unit, value in await sensor.sample():
                     self.window.add(quantity, unit, value, trimmed=quantity.startswith("air/pm"))
+                    if quantity == "light/lux" and self.lighting is not None:
+                        self.lighting.lux(value)
                 self.window.flags.pop(sensor.name + "/status", None)
             except MemoryError as exc:
                 gc.collect()
@@ -105,6 +114,25 @@ class Node:
         onset_ms = CLOCK.uptime_us(t_us) // 1000    # the envelope's uptime: its onset
         self.urgent.append((payload.KIND_EVENT, records, onset_ms))
         self.urgent_ready.set()
+        if self.lighting is not None:
+            self.lighting.impulse()
+            self._follow_rules()                    # light the street now, not next second
+
+    def _light(self, level):
+        self.lamp.duty_u16(level * 65535 // 100)
+
+    def _follow_rules(self):
+        level, _ = self.lighting.decide()
+        if level != self.lamp_level:
+            self._light(level)
+            self.lamp_level = level
+
+    async def lighting_loop(self):
+        self.supervisor.register("lighting")
+        while True:
+            self._follow_rules()
+            self.supervisor.beat("lighting")
+            await asyncio.sleep_ms(1000)
 
     async def _status(self, records, t_ms):
         """Command results and crash reports: kind status, sent at once like events (signed
@@ -168,6 +196,9 @@ class Node:
             ("node/signed_pooled", "count", self.signer.pairs),
             ("node/signed_whole", "count", self.signer.whole),
         ]
+        if self.lighting is not None:   # the lamp, and what set it (docs/operations.md)
+            records += [("lamp/level", "%", self.lighting.level),
+                        ("lamp/source", None, self.lighting.source)]
         if CLOCK.synced:    # the last sync: how far it moved the clock, its round trip
             records += [("clock/step_ms", "ms", CLOCK.last_step_us // 1000),
                         ("clock/rtt_ms", "ms", CLOCK.last_rtt_us // 1000),
@@ -201,8 +232,9 @@ class Node:
         records = [("set/window_s", "s", self.cfg["window_s"])]
         for sensor in self.sensors:
             records.append(("set/%s/interval_s" % sensor.name, "s", sensor.interval_s))
-        if self.lamp_level is not None:
-            records.append(("set/lamp", "%", self.lamp_level))
+        if self.lighting is not None:
+            records += [("set/lamp", "%", self.lighting.level),
+                        ("set/lamp_source", None, self.lighting.source)]
         return records
 
     def _set_interval(self, args):
@@ -220,16 +252,24 @@ class Node:
         raise ValueError("no sensor %s" % target)
 
     def _set_lamp(self, args):
-        level = args["level"]
+        """The operator's override: `level` % for `minutes` (default 60), then the rules."""
+        level, minutes = args["level"], args.get("minutes", 60)
         if not (isinstance(level, int) and 0 <= level <= 100):
             raise ValueError("level must be 0..100 %")
-        if self.lamp is None:
-            pin = self.cfg.get("lamp_pin")
-            if pin is None:
-                raise ValueError("no lamp_pin configured")
-            self.lamp = machine.PWM(machine.Pin(pin), freq=1000, duty_u16=0)
-        self.lamp.duty_u16(level * 65535 // 100)
-        self.lamp_level = level
+        if not (isinstance(minutes, int) and 1 <= minutes <= 1440):
+            raise ValueError("minutes must be 1..1440")
+        if self.lighting is None:
+            raise ValueError("no lamp_pin configured")
+        self.lighting.override(level, minutes)
+        self._follow_rules()
+        return None
+
+    def _lamp_auto(self, args):
+        """The operator's override ends: the rules decide again."""
+        if self.lighting is None:
+            raise ValueError("no lamp_pin configured")
+        self.lighting.release()
+        self._follow_rules()
         return None
 
     def _reboot(self, args):
@@ -259,6 +299,8 @@ class Node:
                  self.event_loop(), self.supervisor.run(),
                  CLOCK.run(ntp["host"], ntp["port"], self.wifi.isconnected)]
         tasks += [self.sensor_loop(s) for s in self.sensors]
+        if self.lighting is not None:
+            tasks.append(self.lighting_loop())
         if self.sound is not None:
             tasks.append(self.audio_loop())
         await asyncio.gather(*tasks)

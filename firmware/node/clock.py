@@ -8,10 +8,13 @@ drift measured from the last two. Before the first sync unix_ms() is None, and a
 uptime can be turned into wall time once it is known (wall_ms_at), so nothing taken
 before the sync has to stay without a time.
 
-One request waits at most WAIT_MS on its socket, blocking the loop: a wait on the
-event loop would read the answer's arrival a loop turn late (tens of ms at chip
-speed), which is the error itself. The answer must echo the request's random
-transmit time, so a stray or forged datagram is dropped.
+A request first waits HOLD_MS on its socket, blocking the loop: a wait on the event
+loop would read the answer's arrival a loop turn late (tens of ms at chip speed), which
+is the error itself, and on the pole's Wi-Fi most answers come within it. A later
+answer is waited for on the loop (no stall over HOLD_MS), up to WAIT_MS: read late, its
+round trip looks longer by as much, so the best-of-SAMPLES choice ranks it below any
+answer read at once. The answer must echo the request's random transmit time, so a
+stray or forged datagram is dropped.
 """
 
 import os
@@ -21,7 +24,9 @@ import time
 
 NTP_PORT = 123
 NTP_TO_UNIX_S = 2208988800      # 1900-01-01 to 1970-01-01
-WAIT_MS = 40                    # per request: longer than the pole's Wi-Fi round trip
+HOLD_MS = 15                    # per request, blocking: most of the pole's Wi-Fi round trips
+WAIT_MS = 250                   # per request, in all: then it counts as lost
+POLL_MS = 5                     # between looks at the socket after HOLD_MS
 SAMPLES = 6                     # requests per sync, the best one kept
 GAP_MS = 150                    # between requests: the loop runs meanwhile
 SYNC_S = 300                    # between syncs once synced
@@ -86,25 +91,30 @@ class Clock:
         return None if self._base_up_us is None else self._wall_us(self.uptime_us())
 
     # --- SNTP -----------------------------------------------------------------------
-    def exchange(self, sock, address):
+    async def exchange(self, sock, address):
         """One request: (round trip us, offset us = Unix time - uptime) or None."""
+        import asyncio
         packet = self._packet
         packet[0] = 0x23                                # LI 0, version 4, client
         for i in range(1, 40):
             packet[i] = 0
         packet[40:48] = os.urandom(8)                   # echoed by the server
+        sock.settimeout(HOLD_MS / 1000)
         sent = time.ticks_us()
         sock.sendto(packet, address)
-        try:
-            while True:
+        while True:
+            try:
                 answer = sock.recv(64)
-                got = time.ticks_us()
-                if len(answer) >= 48 and answer[24:32] == packet[40:48]:
-                    break
-                if time.ticks_diff(got, sent) > WAIT_MS * 1000:
-                    return None                         # a stream of strays: give up
-        except OSError:                                 # timed out: lost on the air
-            return None
+            except OSError:                             # nothing yet
+                answer = None
+            got = time.ticks_us()
+            if answer is not None and len(answer) >= 48 and answer[24:32] == packet[40:48]:
+                break
+            if time.ticks_diff(got, sent) > WAIT_MS * 1000:
+                return None                             # lost on the air, or only strays
+            if answer is None:                          # past HOLD_MS: on the loop
+                sock.settimeout(0)
+                await asyncio.sleep_ms(POLL_MS)
         if answer[0] & 0x07 != 4 or not 0 < answer[1] < 16 or answer[0] >> 6 == 3:
             return None                                 # not a server, or unsynchronised
         t0, t3 = self.uptime_us(sent), self.uptime_us(got)
@@ -118,11 +128,10 @@ class Clock:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         best = None
         try:
-            sock.settimeout(WAIT_MS / 1000)
             for i in range(samples):
                 if i:
                     await asyncio.sleep_ms(GAP_MS)
-                got = self.exchange(sock, address)
+                got = await self.exchange(sock, address)
                 if got is None and i == 1 and best is None:
                     break                   # two misses: no server there, try later
                 if got is not None and (best is None or got[0] < best[0]):

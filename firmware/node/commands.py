@@ -7,9 +7,10 @@ its number can be read (that check costs the chip ~1.5 s; a forged number can on
 a command refused sooner, since only a verified one is ever accepted). Every refusal is
 counted and reported upstream in a status record; nothing is done.
 
-A command is for now: issued more than MAX_AGE_S ago, or more than MAX_AHEAD_S ahead, by
-the node's clock it is refused as expired (yesterday's "lamp 100" must not light a street
-today). Before the node's first clock sync only the gateway's same check stands.
+A command is for now: issued more than MAX_AGE_S ago, or more than MAX_AHEAD_S ahead, or
+past its own deadline (key 12, when the operator set one), by the node's clock it is
+refused as expired (yesterday's "lamp 100" must not light a street today). Before the
+node's first clock sync only the gateway's same checks stand.
 """
 
 from node import cose, seqno
@@ -51,7 +52,7 @@ class Commands:
     def _refuse_replay(self, seq):
         self._refuse("replayed", "command seq %d is not above %d" % (seq, self.highest.value))
 
-    def _check_time(self, issued):
+    def _check_time(self, issued, expires):
         now = self.clock.unix_ms()
         if now is None:
             return
@@ -61,6 +62,8 @@ class Commands:
         if age > MAX_AGE_S or age < -MAX_AHEAD_S:
             self._refuse("expired", "issued %d s %s by the node's clock" % (
                 abs(age), "ago" if age > 0 else "ahead"))
+        if expires is not None and now // 1000 > expires:
+            self._refuse("expired", "its deadline passed %d s ago" % (now // 1000 - expires))
 
     async def handle(self, envelope):
         """Verify and carry out one command; returns (name, result) or raises CommandRefused."""
@@ -76,7 +79,7 @@ class Commands:
             text = str(exc)
             reason = text.split(":", 1)[0]
             self._refuse(reason if reason in REFUSED_REASONS else "malformed", text)
-        self._check_time(cmd.get(4))
+        self._check_time(cmd.get(4), cmd.get(12))
         name, args = cmd[10], cmd.get(11, {})
         action = self.actions.get(name)
         if action is None:

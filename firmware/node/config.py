@@ -75,7 +75,36 @@ def validate(cfg):
               "must be 16000 or 48000")
         _need(_number(mic.get("calibration_db", 0.0), -20, 20), "sensors.mic.calibration_db",
               "must be a dB offset between -20 and 20")
+    _check_lighting(cfg.get("lighting", {}))
     return cfg
+
+
+# lighting settings (node/lighting.py DEFAULTS): (low, high, what) or None for HH:MM
+_LIGHTING = {"dusk_lux": (0, 1000, "lux"), "dawn_lux": (0, 5000, "lux"),
+             "hold_s": (1, 600, "s"),
+             "night_level": (0, 100, "%"), "quiet_level": (0, 100, "%"),
+             "event_level": (0, 100, "%"), "event_s": (1, 3600, "s"),
+             "utc_offset_min": (-720, 840, "minutes"), "quiet_from": None,
+             "quiet_until": None, "on_at": None, "off_at": None}
+
+
+def _check_lighting(settings):
+    from node.lighting import minutes
+    _need(isinstance(settings, dict), "lighting", "must be an object of lighting settings")
+    for key in settings:
+        _need(key in _LIGHTING, "lighting." + key, "is not a lighting setting (%s)"
+              % ", ".join(sorted(_LIGHTING)))
+        limits = _LIGHTING[key]
+        if limits is None:
+            try:
+                minutes(settings[key])
+            except (ValueError, AttributeError, TypeError):
+                _need(False, "lighting." + key, "must be a time of day, HH:MM")
+        else:
+            _need(_number(settings[key], limits[0], limits[1]), "lighting." + key,
+                  "must be %s..%s %s" % limits)
+    _need(settings.get("dawn_lux", 50) > settings.get("dusk_lux", 20), "lighting.dawn_lux",
+          "must be above dusk_lux (and above what the lamp itself adds on the sensor)")
 
 
 def _secret(path):

@@ -100,7 +100,8 @@ def open_command(envelope, operator_key, device):
 
     The envelope must be a COSE_Sign1 with kid "operator" signed by
     `operator_key`; the payload must be a map with 1 == device, 2 a uint seq,
-    10 a command name and 11 (if present) an args map. Raises ValueError with
+    10 a command name, 11 (if present) an args map and 12 (if present) its deadline
+    in Unix seconds. Raises ValueError with
     reason oversized, malformed, bad_signature or wrong_device (citynode/wire.py
     REASONS: the host says the same).
     Refusing replays (seq not above the last accepted) is the caller's job:
@@ -139,6 +140,9 @@ def open_command_steps(envelope, operator_key, device):
         raise ValueError("malformed: command name missing")
     if not isinstance(cmd.get(11, {}), dict):
         raise ValueError("malformed: command args must be a map")
+    expires = cmd.get(12)
+    if expires is not None and (not isinstance(expires, int) or isinstance(expires, bool)):
+        raise ValueError("malformed: command expiry (key 12) must be Unix seconds")
     return cmd
 
 
