@@ -49,7 +49,7 @@ def lit_node(node: Bench):
         node.boot_app()
 
 
-def test_dusk_an_impulse_an_override_a_reboot_and_its_end(lit_node: Bench):
+def test_dusk_an_override_a_reboot_its_end_and_an_impulse(lit_node: Bench):
     node, board = lit_node, lit_node.emulated
     with node.listen() as sub:
         board.control("pin", lux=800.0)
@@ -58,16 +58,14 @@ def test_dusk_an_impulse_an_override_a_reboot_and_its_end(lit_node: Bench):
         wait_lamp(node, 0.60, 40, "dark, night_level")
         assert last_source(node, sub) == "dark"
 
-        board.control("impulse", kind="gunshot", level_db=118.0, after_s=0.2)
-        wait_lamp(node, 1.0, 10, "raised by the impulse")
-        wait_lamp(node, 0.60, 20, "back to night_level after event_s")
-
         code, result = ops(node, "send", "lamp", "level=20", "minutes=1",
                            "--device", node.device, "--wait", str(ANSWER_S))
         [answer] = result["nodes"]
         assert code == 0 and answer["settings"]["lamp_source"] == "operator", answer
         wait_lamp(node, 0.20, 5, "the operator's override")
-        assert last_source(node, sub) == "operator"
+        board.control("impulse", kind="gunshot", level_db=118.0, after_s=0.2)
+        assert last_source(node, sub) == "operator"     # the operator's word beats an event
+        assert abs(lamp(node) - 0.20) < 0.01
 
         code, result = ops(node, "send", "reboot", "--device", node.device,
                            "--wait", str(ANSWER_S))
@@ -76,5 +74,9 @@ def test_dusk_an_impulse_an_override_a_reboot_and_its_end(lit_node: Bench):
         wait_for(lambda: board.control("status")["boots"] > boots, timeout=30,
                  what="the node's reboot")
         wait_lamp(node, 0.20, 15, "the override, kept across the reboot")
-        assert last_source(node, sub) == "operator"
         wait_lamp(node, 0.60, 90, "the rules again once the override's minute is up")
+        assert last_source(node, sub) == "dark"
+
+        board.control("impulse", kind="gunshot", level_db=118.0, after_s=0.2)
+        wait_lamp(node, 1.0, 10, "raised by the impulse")
+        wait_lamp(node, 0.60, 20, "back to night_level after event_s")

@@ -95,7 +95,8 @@ def test_headless_demo_accounts_for_every_reading(tmp_path):
     assert int(rejected) >= 1 and why == "forged"
     for event in ("uplink cut", "uplink restored", "backlog drained",
                   "rejected the forged envelope", "without an account was refused",
-                  "with its stolen broker password"):
+                  "with its stolen broker password",
+                  "(operator): confirmed by the node, signed"):
         assert event in out, out[-4000:]
     peak = re.search(r"uplink restored after buffering (\d+)", out)
     assert peak and int(peak.group(1)) >= 1, out[-4000:]  # the outage did hold readings back
@@ -108,6 +109,9 @@ def test_headless_demo_accounts_for_every_reading(tmp_path):
     logs = [p.read_text(errors="replace") for p in (workdir / "logs").rglob("*.log")]
     for secret in secrets:
         assert secret not in out and not any(secret in log for log in logs)
+    # the operator's private key stays in its 0600 file
+    assert "PRIVATE KEY" not in out and not any("PRIVATE KEY" in log for log in logs)
+    assert oct((workdir / "ops" / "operator.key.pem").stat().st_mode & 0o777) == "0o600"
 
 
 @pytest.mark.timeout(120)

@@ -22,7 +22,7 @@ from citynode.testing.emulator import start_emulator
 from citynode.testing.provisioning import operator_key, password_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("citynode-emu", "citynode-gateway", "citynode-provision")
+SCRIPTS = ("citynode-emu", "citynode-gateway", "citynode-ops", "citynode-provision")
 # builds from this checkout, as tests/test_gateway_install.py does: one at a time
 pytestmark = pytest.mark.xdist_group("wheel")
 
@@ -66,6 +66,11 @@ def test_the_wheel_carries_the_catalogue_the_firmware_and_the_scripts(installed,
     for script in SCRIPTS:
         run = _run(installed, script, "--help", cwd=tmp_path)
         assert run.returncode == 0 and "usage" in run.stdout.lower(), (script, run.stderr)
+    # the operator's first step, as docs/operations.md gives it
+    run = _run(installed, "citynode-ops", "--home", str(tmp_path / "ops"), "init", "--broker",
+               "mqtt.city.example:8883", cwd=tmp_path)
+    assert run.returncode == 0 and "operator key created" in run.stdout, run.stderr
+    assert (tmp_path / "ops" / "operator.key.pem").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_installed_cli_provisions_a_blank_board(installed, tmp_path):

@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .procs import (
     Interrupted,
     Processes,
     StepFailed,
+    ops_init,
+    ops_send,
     provision,
     start_boards,
     start_gateway,
@@ -46,6 +49,7 @@ MIN_DURATION_S = 20
 DRAIN_TIMEOUT_S = 60.0
 TICK_S = 0.25
 CUT_AT, RESTORE_AT, FORGE_AT = 0.3, 0.6, 0.15  # fractions of the live phase
+OPERATOR_AT = 0.7   # the operator's lamp override, once the uplink is back
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,6 +150,8 @@ class Demo:
     # --- phases -------------------------------------------------------------------------
     def run(self) -> Outcome:
         self.start_brokers()
+        self.view.phase("creating the operator key (citynode-ops init)")
+        ops_init(self.procs, self.workdir, self.city, self.registry)
         self.view.phase("starting the gateway (citynode-gateway broker-accounts, run)")
         self.gateway = start_gateway(self.procs, self.workdir, self.pole, self.city,
                                      self.registry)
@@ -217,6 +223,7 @@ class Demo:
         start = time.monotonic()
         cut = restored = drained = False
         peak = 0
+        operator: threading.Thread | None = None
         while (elapsed := time.monotonic() - start) < duration:
             self.poll()
             self.show_impulses()
@@ -230,6 +237,9 @@ class Demo:
                 self.restore_uplink(peak)
             if cut and not restored:
                 peak = max(peak, self.counters.buffered)
+            if operator is None and elapsed >= OPERATOR_AT * duration:
+                operator = threading.Thread(target=self.operator_override, daemon=True)
+                operator.start()
             if restored and not drained and self.counters.buffered == 0:
                 drained = True
                 self.view.event(f"backlog drained: {peak} buffered at the peak, 0 now")
@@ -297,6 +307,22 @@ class Demo:
             forger.close()
         self.view.event(f"forged envelope injected as {device} with its stolen broker "
                         "password (signature byte flipped)")
+
+    def operator_override(self) -> None:
+        """The operator holds one node's lamp at 30% for a minute, through the city broker
+        and the gateway, as `citynode-ops send` does it; the node's answer as an event."""
+        device = sorted(self.boards)[0]
+        self.view.event(f"operator: citynode-ops send lamp level=30 minutes=1 --device {device}")
+        result = ops_send(self.procs, self.workdir, ["lamp", "level=30", "minutes=1",
+                                                     "--device", device, "--wait", "30"])
+        for node in result.get("nodes", []):
+            said = ("confirmed by the node, signed" if node["result"] == "ok" else
+                    f"{node['result']} {node['detail']}")
+            self.view.event(f"operator: lamp {node['settings'].get('lamp', '?')}% on "
+                            f"{node['device']} ({node['settings'].get('lamp_source', '?')}): "
+                            f"{said} (command #{node['seq']}, {node['answer_ms']} ms)")
+        if not result.get("nodes"):
+            self.view.event(f"operator: the command failed: {result.get('message')}")
 
     def cut_uplink(self) -> None:
         assert self.city is not None

@@ -256,6 +256,32 @@ def write_image(procs: Processes, workdir: Path) -> Path:
     return image
 
 
+def ops_init(procs: Processes, workdir: Path, city: Mosquitto, registry: Path) -> Path:
+    """The operator's folder (`citynode-ops init`): the key nodes and gateway trust."""
+    home = workdir / "ops"
+    child = procs.spawn("ops-init", tool("citynode-ops", "citynode.ops.cli") + [
+        "--home", str(home), "init", "--broker", f"{city.host}:{city.port}", "--no-tls",
+        "--prefix", TOPIC_PREFIX, "--registry", str(registry)])
+    if child.proc.wait(60) != 0:
+        raise StepFailed("creating the operator key", "citynode-ops init failed", child.log)
+    return home
+
+
+def operator_public(workdir: Path) -> Path:
+    return workdir / "ops" / "operator.pub.pem"
+
+
+def ops_send(procs: Processes, workdir: Path, words: list[str]) -> dict:
+    """`citynode-ops send WORDS --json`: its result object (the nodes' answers)."""
+    child = procs.spawn("ops-send", tool("citynode-ops", "citynode.ops.cli") + [
+        "--home", str(workdir / "ops"), "send", *words, "--json"], pipe_stdout=True)
+    out, _ = child.proc.communicate(timeout=120)
+    with child.log.open("a") as log:
+        log.write(out)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return lines[-1]["result"] if lines else {"message": f"no result; see {child.log}"}
+
+
 def wifi_password_file(workdir: Path) -> Path:
     """A fresh Wi-Fi password: provisioning reads it from there, never argv."""
     return secret_file(workdir / "wifi-password")
@@ -276,7 +302,8 @@ def provision(procs: Processes, workdir: Path, boards: list[Board], broker: Pole
              "--broker", f"{broker.host}:{broker.node_port}", "--wifi-ssid", "city",
              "--ntp", f"{clock.host}:{clock.port}",
              "--wifi-password-file", str(wifi_password_file(workdir)),
-             "--window-s", str(window_s), "--json"]
+             "--window-s", str(window_s), "--operator-key", str(operator_public(workdir)),
+             "--json"]
     child = procs.spawn("provision", argv, pipe_stdout=True)
     lines, result = Lines(child), None
     deadline = time.monotonic() + timeout
@@ -375,6 +402,7 @@ def gateway_config(workdir: Path, local: PoleBroker, upstream: Mosquitto, regist
 id = {q(GATEWAY_ID)}
 state_dir = {q(workdir / "gateway-state")}
 registry_dir = {q(registry)}
+operator_key = {q(operator_public(workdir))}
 stall_exit_s = 60
 
 [local]
