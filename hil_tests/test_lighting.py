@@ -11,10 +11,9 @@ from citynode.testing.emulator import wait_for
 from hil_tests.bench import Bench, records
 from hil_tests.test_ops import ANSWER_S, ops
 
-# fast rules for a test: dusk counts after 2 s, an impulse lights the street for 8 s;
-# never quiet hours (a window from 00:00 to 00:00 is empty), whatever the time of the run
-LIGHTING = {"hold_s": 2, "event_s": 8, "night_level": 60, "quiet_from": "00:00",
-            "quiet_until": "00:00"}
+# fast rules for a test, set over the air: dusk counts after 2 s, an impulse lights the
+# street for 8 s; never quiet hours (00:00 to 00:00 is empty), whatever the time of the run
+LIGHTING = ("hold_s=2", "event_s=8", "night_level=60", "quiet_from=00:00", "quiet_until=00:00")
 
 
 def lamp(node: Bench) -> float:
@@ -36,17 +35,23 @@ def last_source(node: Bench, sub) -> str:
 @pytest.fixture
 def lit_node(node: Bench):
     board = node.require_emulator("pins the light level and fires an impulse")
-    original = node.config()
-    node.write_config({**original, "lighting": LIGHTING})
     # an override an earlier test left (a lamp command holds 60 minutes) would rule
-    node.exec("import os\ntry:\n    os.remove('/data/lamp.json')\nexcept OSError:\n    pass")
-    node.boot_app()
+    forget_lighting(node)
+    code, result = ops(node, "send", "set_lighting", *LIGHTING, "--device", node.device,
+                       "--wait", str(ANSWER_S))
+    assert code == 0, result
     try:
         yield node
     finally:
         board.control("pin", lux=None)
-        node.write_config(original)
-        node.boot_app()
+        forget_lighting(node)
+
+
+def forget_lighting(node: Bench) -> None:
+    """The node's lamp state and over-the-air lighting settings gone; the app restarted."""
+    node.exec("import os\nfor f in ('/data/lamp.json', '/data/lighting.json'):\n"
+              "    try:\n        os.remove(f)\n    except OSError:\n        pass")
+    node.boot_app()
 
 
 def test_dusk_an_override_a_reboot_its_end_and_an_impulse(lit_node: Bench):

@@ -29,6 +29,14 @@ def _int_in(low: int, high: int, unit: str) -> Callable[[str], int]:
     return parse
 
 
+def _time_of_day(text: str) -> str:
+    hours, sep, mins = text.partition(":")
+    if not (sep and hours.isdigit() and mins.isdigit() and len(mins) == 2
+            and int(hours) < 24 and int(mins) < 60):
+        raise ValueError("a time of day, HH:MM")
+    return f"{int(hours):02d}:{mins}"
+
+
 @dataclass(frozen=True)
 class Spec:
     help: str
@@ -41,6 +49,18 @@ COMMANDS: dict[str, Spec] = {
                  "node's lighting rules", {"level": _int_in(0, 100, "%"),
                                            "minutes": _int_in(1, 1440, "minutes")}, ("level",)),
     "lamp_auto": Spec("end an override: the node's lighting rules decide again", {}),
+    "set_lighting": Spec("change the node's lighting rules (kept across resets; "
+                         "docs/operations.md)", {
+                             "dusk_lux": _int_in(0, 1000, "lx"),
+                             "dawn_lux": _int_in(0, 5000, "lx"),
+                             "hold_s": _int_in(1, 600, "s"),
+                             "night_level": _int_in(0, 100, "%"),
+                             "quiet_level": _int_in(0, 100, "%"),
+                             "event_level": _int_in(0, 100, "%"),
+                             "event_s": _int_in(1, 3600, "s"),
+                             "utc_offset_min": _int_in(-720, 840, "minutes"),
+                             "quiet_from": _time_of_day, "quiet_until": _time_of_day,
+                             "on_at": _time_of_day, "off_at": _time_of_day}),
     "set_interval": Spec("the window (no sensor=) or one sensor's sampling interval",
                          {"seconds": _int_in(5, 3600, "s"), "sensor": str}, ("seconds",)),
     "reboot": Spec("restart the node (it answers first)", {}),
@@ -67,6 +87,9 @@ def parse_args(name: str, pairs: list[str]) -> dict:
         except ValueError as exc:
             raise OpsError(f"{name}: {key}={text!r} is not {exc}", f"give {key} as {exc}") \
                 from None
+    if spec.args and not spec.required and not args:
+        raise OpsError(f"{name} needs at least one of " + ", ".join(spec.args),
+                       f"e.g. {name} {next(iter(spec.args))}=...")
     missing = [k for k in spec.required if k not in args]
     if missing:
         raise OpsError(f"{name} needs {', '.join(missing)}",

@@ -126,3 +126,23 @@ os.remove(BASE + '/lamp.json')
 print(json.dumps(r))
 """.replace("BASE", repr(str(tmp_path))))
     assert out == [[55, "operator"], [55, "operator"], [100, "dark"]]
+
+
+def test_settings_changed_over_the_air_apply_at_once_and_outlast_a_reset(tmp_path):
+    out = run(tmp_path, """
+l = make(night_level=90)
+r = [step(l, 10, 2)]                        # dark: config.json's night level
+l.configure({"night_level": 70, "dusk_lux": 5})
+r.append(list(l.decide()))
+try:
+    l.configure({"dawn_lux": 3})            # below dusk_lux: refused, nothing changed
+except ValueError as exc:
+    r.append(str(exc))
+r.append([l.s["night_level"], l.s["dusk_lux"], l.s["dawn_lux"]])
+again = make(night_level=90)                # after a reset, config.json as before
+r.append([again.s["night_level"], again.s["dusk_lux"]])
+print(json.dumps(r))
+""")
+    assert out[0] == [90, "dark"] and out[1] == [70, "dark"]
+    assert "lighting.dawn_lux" in out[2] and "above dusk_lux" in out[2]
+    assert out[3] == [70, 5, 50] and out[4] == [70, 5]

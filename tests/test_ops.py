@@ -64,6 +64,8 @@ def test_a_key_others_can_read_is_refused_with_the_fix(tmp_path, capsys):
     ("set_interval", ["seconds=2"], "5..3600"),
     ("reboot", ["now=1"], "no arguments"),
     ("dance", [], "one of"),
+    ("set_lighting", [], "at least one of"),
+    ("set_lighting", ["on_at=7pm"], "HH:MM"),
 ])
 def test_arguments_a_node_would_refuse_are_caught_on_the_laptop(name, words, says):
     with pytest.raises(OpsError) as caught:

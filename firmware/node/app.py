@@ -47,6 +47,7 @@ class Node:
         self.lamp_level = None      # percent, as the PWM is set
         if cfg.get("lamp_pin") is not None:
             self.lighting = lighting.Lighting(cfg.get("lighting"))
+            cfg["lighting"] = self.lighting.s       # in force: report_config shows them
             self.lamp = machine.PWM(machine.Pin(cfg["lamp_pin"]), freq=1000, duty_u16=0)
             self.lamp_level = self.lighting.level   # as before a reset, before anything else
             self._light(self.lamp_level)
@@ -58,6 +59,7 @@ class Node:
             "set_interval": self._set_interval,
             "lamp": self._set_lamp,
             "lamp_auto": self._lamp_auto,
+            "set_lighting": self._set_lighting,
             "reboot": self._reboot,
             "report_config": lambda args: config.public_view(self.cfg),
             "rotate_key": self._rotate_key,
@@ -261,6 +263,14 @@ class Node:
         if self.lighting is None:
             raise ValueError("no lamp_pin configured")
         self.lighting.override(level, minutes)
+        self._follow_rules()
+        return None
+
+    def _set_lighting(self, args):
+        """Lighting settings changed over the air, kept across resets (node/lighting.py)."""
+        if self.lighting is None:
+            raise ValueError("no lamp_pin configured")
+        self.cfg["lighting"] = self.lighting.configure(args)   # report_config shows them
         self._follow_rules()
         return None
 

@@ -75,7 +75,7 @@ def validate(cfg):
               "must be 16000 or 48000")
         _need(_number(mic.get("calibration_db", 0.0), -20, 20), "sensors.mic.calibration_db",
               "must be a dB offset between -20 and 20")
-    _check_lighting(cfg.get("lighting", {}))
+    check_lighting(cfg.get("lighting", {}))
     return cfg
 
 
@@ -88,7 +88,8 @@ _LIGHTING = {"dusk_lux": (0, 1000, "lux"), "dawn_lux": (0, 5000, "lux"),
              "quiet_until": None, "on_at": None, "off_at": None}
 
 
-def _check_lighting(settings):
+def check_lighting(settings):
+    """Raise ConfigError naming the first lighting setting a street cannot use."""
     from node.lighting import minutes
     _need(isinstance(settings, dict), "lighting", "must be an object of lighting settings")
     for key in settings:

@@ -13,7 +13,9 @@ The lamp's level is the first of these that applies:
 
 The level and what set it survive a reset (/data/lamp.json, written only when they
 change): a node that reboots at night lights its street at once. An operator's
-override keeps the minutes it had left at the last write.
+override keeps the minutes it had left at the last write. Settings are DEFAULTS, then
+config.json's `lighting`, then what the operator changed over the air (set_lighting,
+kept in /data/lighting.json).
 """
 
 import json
@@ -30,6 +32,7 @@ DEFAULTS = {
     "on_at": "18:00", "off_at": "07:00", "utc_offset_min": 0,
 }
 STATE = "lamp.json"
+CHANGED = "lighting.json"       # the operator's set_lighting changes
 
 
 def minutes(text):
@@ -48,12 +51,14 @@ def _within(now, start, end):
 
 class Lighting:
     def __init__(self, settings=None, base="/data", clock=CLOCK, ticks_ms=time.ticks_ms):
-        s = dict(DEFAULTS)
-        s.update(settings or {})
-        self.s = s
-        self.quiet = (minutes(s["quiet_from"]), minutes(s["quiet_until"]))
-        self.night = (minutes(s["on_at"]), minutes(s["off_at"]))
         self.path = join(base, STATE)
+        self.changed_path = join(base, CHANGED)
+        self.configured = dict(settings or {})
+        try:
+            changed = json.loads(read(self.changed_path))
+            self._apply(changed if isinstance(changed, dict) else {})
+        except (OSError, ValueError, TypeError):
+            self._apply({})             # a damaged file: config.json's settings
         self.clock = clock
         self.ticks_ms = ticks_ms
         self.dark = None                # by lux: None before the first reading
@@ -64,16 +69,37 @@ class Lighting:
         self.level, self.source = 0, "day"
         self._restored = self._restore()
 
+    def _apply(self, changed):
+        from node.config import check_lighting
+        settings = dict(self.configured)
+        settings.update(changed)
+        check_lighting(settings)        # ValueError (ConfigError) names the setting
+        s = dict(DEFAULTS)
+        s.update(settings)
+        self.s, self.changed = s, changed
+        self.quiet = (minutes(s["quiet_from"]), minutes(s["quiet_until"]))
+        self.night = (minutes(s["on_at"]), minutes(s["off_at"]))
+
+    def configure(self, changes):
+        """The operator's set_lighting: checked, applied, kept across resets; the
+        settings in force."""
+        changed = dict(self.changed)
+        changed.update(changes)
+        self._apply(changed)
+        write_atomic(self.changed_path, json.dumps(changed).encode())
+        return self.s
+
     # --- what the node hears and is told -------------------------------------------------
     def lux(self, value):
         now = self.ticks_ms()
         self._lux_at = now
         s = self.s
-        crossing = value < s["dusk_lux"] if not self.dark else value > s["dawn_lux"]
+        if self.dark is None:           # the first reading: as it is, no wait
+            self.dark = value < s["dusk_lux"]
+            return
+        crossing = value > s["dawn_lux"] if self.dark else value < s["dusk_lux"]
         if not crossing:
             self._crossed = None
-            if self.dark is None:       # the first reading: as it is, no wait
-                self.dark = value < s["dusk_lux"]
         elif self._crossed is None:
             self._crossed = now
         elif time.ticks_diff(now, self._crossed) >= s["hold_s"] * 1000:
