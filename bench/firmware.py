@@ -192,11 +192,12 @@ def save_held():
 # board's factor is what it holds the chip's loop for, without the grain of chip speed's
 # pacing (a burst, ~20 ms of chip time, docs/decisions.md); host scheduling noise can
 # only make a step look longer.
-STEPS = TASK_TIMER + """
+STEPS = """
 import gc
-from node import app, config
-gc.collect()                            # the mic's buffers need contiguous blocks
+gc.collect()                            # then the node first, as at boot: the mic's
+from node import app, config            # buffers need contiguous blocks
 node = app.Node(config.load())
+""" + TASK_TIMER + """
 async def the_app():                    # Node.run's own `run` not taken for the signer's
     await node.run()
 async def main():
