@@ -136,8 +136,9 @@ class CityLink:
             try:
                 self.registry.verify(envelope)
                 verified = True
-            except wire.EnvelopeError:
-                return None             # claims to be the node, is not: not its answer
+            except wire.EnvelopeError as exc:
+                if exc.reason != "unknown_device":  # a copy of the registry older than it
+                    return None         # claims to be the node, is not: not its answer
         records = {r.get(0): r.get(2, r.get(3)) for r in body.records}
         return Answer(device, records, verified, time.monotonic())
 

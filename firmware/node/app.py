@@ -45,6 +45,7 @@ class Node:
         self.lamp = None            # the lamp's PWM, when config.json names its pin
         self.lighting = None
         self.lamp_level = None      # percent, as the PWM is set
+        self.lighting_wake = asyncio.Event()
         if cfg.get("lamp_pin") is not None:
             self.lighting = lighting.Lighting(cfg.get("lighting"))
             cfg["lighting"] = self.lighting.s       # in force: report_config shows them
@@ -116,9 +117,9 @@ class Node:
         onset_ms = CLOCK.uptime_us(t_us) // 1000    # the envelope's uptime: its onset
         self.urgent.append((payload.KIND_EVENT, records, onset_ms))
         self.urgent_ready.set()
-        if self.lighting is not None:
+        if self.lighting is not None:   # in the audio's turn: no flash write here
             self.lighting.impulse()
-            self._follow_rules()                    # light the street now, not next second
+            self.lighting_wake.set()    # the lighting task raises the lamp at once
 
     def _light(self, level):
         self.lamp.duty_u16(level * 65535 // 100)
@@ -134,7 +135,11 @@ class Node:
         while True:
             self._follow_rules()
             self.supervisor.beat("lighting")
-            await asyncio.sleep_ms(1000)
+            self.lighting_wake.clear()
+            try:
+                await asyncio.wait_for_ms(self.lighting_wake.wait(), 1000)
+            except asyncio.TimeoutError:
+                pass
 
     async def _status(self, records, t_ms):
         """Command results and crash reports: kind status, sent at once like events (signed
@@ -270,9 +275,10 @@ class Node:
         """Lighting settings changed over the air, kept across resets (node/lighting.py)."""
         if self.lighting is None:
             raise ValueError("no lamp_pin configured")
-        self.cfg["lighting"] = self.lighting.configure(args)   # report_config shows them
+        kept = self.lighting.configure(args)
+        self.cfg["lighting"] = self.lighting.s      # report_config shows them
         self._follow_rules()
-        return None
+        return None if kept else "applied, not kept across a reset: the flash is full"
 
     def _lamp_auto(self, args):
         """The operator's override ends: the rules decide again."""

@@ -81,13 +81,16 @@ class Lighting:
         self.night = (minutes(s["on_at"]), minutes(s["off_at"]))
 
     def configure(self, changes):
-        """The operator's set_lighting: checked, applied, kept across resets; the
-        settings in force."""
+        """The operator's set_lighting: checked (ValueError), applied, and kept across
+        resets; False if it could not be kept (a full flash)."""
         changed = dict(self.changed)
         changed.update(changes)
         self._apply(changed)
-        write_atomic(self.changed_path, json.dumps(changed).encode())
-        return self.s
+        try:
+            write_atomic(self.changed_path, json.dumps(changed).encode())
+        except OSError:
+            return False
+        return True
 
     # --- what the node hears and is told -------------------------------------------------
     def lux(self, value):
