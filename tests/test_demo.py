@@ -175,3 +175,11 @@ def test_ledger_counts_sequence_gaps_as_lost_and_never_counts_a_forgery(tmp_path
     assert ledger.duplicates == 1
     node = ledger.nodes[device]
     assert node.values == {"lux": 812.5, "temp": 11.25} and node.readings == 5
+    # the lamp's level and what set it, from its window's records, under the node's row
+    from citynode.demo.view import GatewayCounters, Status, render
+    body = {1: device, 2: 66, 3: 2, 5: 2000, 6: wire.KIND_READINGS,
+            7: [{0: "lamp/level", 1: "%", 2: 60}, {0: "lamp/source", 3: "dark"}]}
+    ledger.on_city(f"city/demo/pole-demo/up/{device}",
+                   wire.sign_es256(cbor2.dumps(body), device, key))
+    frame = render(Status("live", 1, 20, ledger.nodes, GatewayCounters(), 0, 0, 0), [], "logs")
+    assert "    lamp 60% (dark by its light sensor)" in frame
