@@ -41,6 +41,9 @@ from citynode.testing.gateway import GATEWAY_ID, PREFIX, Collector, GatewayProce
 from citynode.testing.keys import TestDevice, seq_of
 
 ROOT = Path(__file__).resolve().parent.parent
+# the load comes from a few made-up devices at thousands of envelopes a second: far above
+# what the gateway lets one real node send (local.device_burst, local.device_rate_per_s)
+LOAD_NOT_NODES = {"device_burst": 10**9, "device_rate_per_s": 10**6}
 
 
 # --- helpers run as separate processes -------------------------------------------------------
@@ -174,7 +177,8 @@ def bare_relay_rate(tmp: Path, path: Path, n: int) -> float:
 def e2e_rate(tmp: Path, path: Path, n: int, devices: list[TestDevice]) -> float:
     with Mosquitto(tmp / "e2e-local", persistence=True) as local, \
             Mosquitto(tmp / "e2e-up") as up:
-        gw = GatewayProcess(tmp / "e2e-gw", local, up, devices, store={"commit_ms": 200})
+        gw = GatewayProcess(tmp / "e2e-gw", local, up, devices, store={"commit_ms": 200},
+                            local_extra=LOAD_NOT_NODES)
         collector = Collector(up)
         gw.start()
         gw.wait_for(lambda: gw.health()["uplink"] == "up")
@@ -221,7 +225,8 @@ def io_written(pid: int) -> int:
 def backlog(tmp: Path, path: Path, n: int, devices: list[TestDevice]) -> dict:
     with Mosquitto(tmp / "bl-local", persistence=True) as local, \
             Mosquitto(tmp / "bl-up", persistence=True) as up:
-        gw = GatewayProcess(tmp / "bl-gw", local, up, devices, store={"commit_ms": 200})
+        gw = GatewayProcess(tmp / "bl-gw", local, up, devices, store={"commit_ms": 200},
+                            local_extra=LOAD_NOT_NODES)
         collector = Collector(up)  # persistent session: queued for it while up restarts
         gw.start()
         try:
@@ -264,7 +269,7 @@ def backlog(tmp: Path, path: Path, n: int, devices: list[TestDevice]) -> dict:
 def kill9_gateway(tmp: Path, path: Path, n: int, devices: list[TestDevice]) -> float:
     with Mosquitto(tmp / "k-local", persistence=True) as local, \
             Mosquitto(tmp / "k-up", persistence=True) as up:
-        gw = GatewayProcess(tmp / "k-gw", local, up, devices)
+        gw = GatewayProcess(tmp / "k-gw", local, up, devices, local_extra=LOAD_NOT_NODES)
         collector = Collector(up)
         gw.start()
         try:

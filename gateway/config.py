@@ -55,6 +55,8 @@ class LocalBroker:
     username: str | None = None
     password_file: Path | None = None
     down_exit_s: float = 300.0
+    device_burst: int = 1000         # envelopes one node may send at once (a full spool's)
+    device_rate_per_s: float = 2.0   # then this many a second, sustained
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,9 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         host=lo.text("host", "127.0.0.1"), port=lo.number("port", 1883, 1, 65535, True),
         client_id=lo.text("client_id", f"citynode-gateway-{gateway_id}"),
         username=lo.text("username"), password_file=lo.path("password_file"),
-        down_exit_s=lo.number("down_exit_s", 300.0, 1))
+        down_exit_s=lo.number("down_exit_s", 300.0, 1),
+        device_burst=lo.number("device_burst", LocalBroker.device_burst, 1, integer=True),
+        device_rate_per_s=lo.number("device_rate_per_s", LocalBroker.device_rate_per_s, 0.01))
 
     store = StoreLimits(
         max_bytes=st.number("max_bytes", StoreLimits.max_bytes, 1, integer=True),

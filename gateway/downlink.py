@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from citynode import wire
 
+from .buckets import Buckets
 from .config import ConfigError
 from .logs import RateLimitedLog
 from .metrics import Metrics
@@ -61,7 +62,7 @@ class DownlinkRelay:
         self.clock = clock
         self.wall_clock = wall_clock
         self.rlog = RateLimitedLog(log)
-        self._tokens: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
+        self.buckets = Buckets(BURST, 1 / REFILL_S, clock)
 
     def handle(self, device: str, data: bytes) -> None:
         """One command for `device`: relayed or refused, counted by result either way."""
@@ -85,21 +86,10 @@ class DownlinkRelay:
                               "(its own deadline); send it again", device,
                               self.wall_clock() - command.expires)
             return
-        if not self._take(device):
+        if not self.buckets.take(device):
             self.metrics.inc("downlink_total", result="rate_limited")
             self.rlog.warning("down-rate", "downlink for %s refused: more than %d commands, "
                               "then one per %g s; send it again later", device, BURST, REFILL_S)
             return
         ok = self.publish(wire.down_topic(device), data)
         self.metrics.inc("downlink_total", result="relayed" if ok else "local_down")
-
-    def _take(self, device: str) -> bool:
-        """A token bucket per device: BURST at once, refilled one per REFILL_S."""
-        now = self.clock()
-        tokens, at = self._tokens.get(device, (float(BURST), now))
-        tokens = min(float(BURST), tokens + (now - at) / REFILL_S)
-        if tokens < 1:
-            self._tokens[device] = (tokens, now)
-            return False
-        self._tokens[device] = (tokens - 1, now)
-        return True

@@ -26,6 +26,7 @@ from citynode import wire
 from citynode.registry import Registry
 
 from . import unverified
+from .buckets import Buckets
 from .config import Config, read_credential
 from .logs import RateLimitedLog
 from .metrics import Metrics
@@ -95,6 +96,7 @@ class PoleLink:
         self.verifier = Verifier(registry)
         self.unverified = Unverified(store.path)
         self.rlog = RateLimitedLog(log)
+        self.budget = Buckets(config.local.device_burst, config.local.device_rate_per_s)
         # The paho thread appends here and wakes the writer only for a batch's first
         # row or a full batch: a wake-up per message costs more than the verify.
         self._inbox: list[_Pending] = []
@@ -174,6 +176,15 @@ class PoleLink:
     def handle(self, topic: str, data: bytes, received_at: float) -> Incoming | Later | None:
         """Verify one envelope; Later when the registry cannot tell yet; None (counted and
         logged) when it is rejected. Never raises."""
+        if not self.budget.take(topic):
+            # before any work: the broker's ACL makes the topic its publisher's own, so a
+            # node flooding its topic spends its own budget and costs the others nothing
+            local = self.config.local
+            self.reject("rate_limited", f"{topic}: more than {local.device_burst} envelopes, "
+                        f"then {local.device_rate_per_s:g}/s (local.device_burst, "
+                        "local.device_rate_per_s); a node sending this much is broken or "
+                        "hostile: revoke it")
+            return None
         try:
             item = self.verifier.check(topic, data, received_at)
         except wire.EnvelopeError as exc:

@@ -104,3 +104,37 @@ def test_a_twin_made_without_the_key_is_refused(tmp_path):
     store.insert([item])
     assert item.outcome == STORED and item.data == genuine
     store.close()
+
+
+def test_a_node_flooding_its_topic_spends_its_own_budget(tmp_path, local_broker,
+                                                         upstream_broker):
+    """Mosquitto has no per-client rate limit: a node (or whoever holds its broker
+    password) can publish as fast as the link goes. The gateway lets one node's topic
+    send local.device_burst at once, then local.device_rate_per_s, and rejects the rest
+    before verifying it: the neighbour's readings still reach the city, the flood does
+    not, and the daemon's work for it is a count."""
+    flooder, neighbour = TestDevice.random(), TestDevice.random()
+    flood = [flooder.envelope() for _ in range(3000)]
+    collector, node = Collector(upstream_broker), Node(local_broker)
+    gw = GatewayProcess(tmp_path / "gw", local_broker, upstream_broker, [flooder, neighbour],
+                        local_extra={"device_burst": 200, "device_rate_per_s": 1}).start()
+    try:
+        started = time.monotonic()
+        items = [(flooder.device_id, env) for env in flood]
+        for k in range(20):  # the neighbour's readings, spread through the flood
+            items.insert(150 * k + 100, (neighbour.device_id, neighbour.envelope()))
+        node.publish_all(items)
+        gw.wait_for(lambda: gw.metric("received_total") == len(items), what="all received")
+        gw.wait_for(lambda: sum(d == neighbour.device_id for d, _ in collector.keys()) == 20,
+                    what="every reading of the neighbour forwarded")
+        elapsed = time.monotonic() - started
+        passed = gw.metric("verified_total") - 20
+        assert 200 <= passed <= 200 + elapsed + 1
+        assert gw.metric("rejected_total", reason="rate_limited") == len(flood) - passed
+        gw.wait_for(lambda: sum(d == flooder.device_id for d, _ in collector.keys()) == passed,
+                    what="what the budget let through forwarded")
+        assert gw.health()["status"] == "ok" and gw.proc.poll() is None
+    finally:
+        gw.kill()
+        node.close()
+        collector.close()
