@@ -11,6 +11,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # systemd: its systemd-analyze checks the shipped unit (tests/test_gateway_deploy.py);
 # chrony: the pole's time server for its nodes (deploy/chrony.conf), in tests and the demo
 APT_PACKAGES := mosquitto systemd chrony
+# systemd-nspawn boots the container of `make test-systemd`
+SYSTEMD_TEST_PACKAGES := systemd-container
 
 PORT  ?=
 BOARD ?= esp32-devkitc
@@ -18,19 +20,24 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: setup test hil demo bench bench-firmware bench-gateway bench-provision bench-throttle bench-events lint flash provision install-gateway clean
+.PHONY: setup test test-systemd hil demo bench bench-firmware bench-gateway bench-provision bench-throttle bench-events lint flash provision install-gateway clean
+
+# A recipe line: apt-get installs those of the Debian packages $(1) that are missing.
+define apt_install
+@missing=""; for p in $(1); do \
+  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
+    missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  echo "installing Debian packages:$$missing"; \
+  $(SUDO) apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+fi
+endef
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
-	    missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(APT_PACKAGES))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -38,6 +45,13 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# Opt-in (issue 12): the shipped unit under a real systemd, PID 1 of a container that this
+# host boots (systemd-nspawn), after `make install-gateway` in it as on a Pi; about
+# 50 s; needs root and a kernel that lets a container boot systemd (tests/systemd/)
+test-systemd: setup
+	$(call apt_install,$(SYSTEMD_TEST_PACKAGES))
+	$(SUDO) $(BIN)/pytest tests/systemd $(PYTEST_ARGS)
 
 hil: setup
 ifeq ($(PORT),)
