@@ -426,9 +426,17 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["audio_lost_pct"] = round(100 * lost / (time.time() - t0), 2)
         windows = [b for _, b in pole.seen if b.kind == wire.KIND_READINGS]
         result["windows"] = len(windows)
-        last = {r.get(0): r.get(2) for r in windows[-1].records} if windows else {}
+        health = [{r.get(0): r.get(2) for r in w.records} for w in windows]
+        result["crashes"] = [r.get(3) for _, b in pole.seen if b.kind == wire.KIND_STATUS
+                             for r in b.records if r.get(0) == "node/last_crash"]
+        last = health[-1] if health else {}
         result["signed"] = {"pooled": last.get("node/signed_pooled"),
                             "whole": last.get("node/signed_whole")}
+        # per window: [boot, reset cause, pooled, whole], so a reset in the run shows
+        result["windows_signed"] = [[h.get(k) for k in ("node/boot", "node/reset_cause",
+                                                        "node/signed_pooled",
+                                                        "node/signed_whole")]
+                                    for h in health]
         result["outage_s"] = outage_s
     return result
 
@@ -612,6 +620,8 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         # the node's signatures by the run's last window: from its pool of nonce pairs, or
         # whole in steps (an event signed whole is ~1 s late)
         "signatures_pooled_whole": [chip.get("signed", {}).get(k) for k in ("pooled", "whole")],
+        "windows_boot_cause_pooled_whole": chip.get("windows_signed"),
+        "crashes": chip.get("crashes"),   # the app's tracebacks, sent after its reset
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),

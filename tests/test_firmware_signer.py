@@ -36,7 +36,7 @@ from node.keys import NodeKeys
 from node.signer import Signer
 keys = NodeKeys('secret')
 keys.create()
-signer = Signer(keys, {boot}, size={size}, reserve={reserve})
+signer = Signer(keys, {boot}, size={size}, reserve={reserve}, slice_us={slice_us})
 worker = None
 
 
@@ -49,6 +49,12 @@ def start():
     global worker
     worker = asyncio.create_task(signer.run())
 """
+
+
+def signer_code(boot: int = 1, size: int = 2, reserve: int = 1, slice_us: int = 0) -> str:
+    """The harness; slice_us=0 (a step a turn) unless a test is about the slice: at host
+    speed a chip-sized slice holds dozens of steps and would hide the order of work."""
+    return SIGNER.format(boot=boot, size=size, reserve=reserve, slice_us=slice_us)
 
 
 def _pub(hex_pub: str) -> ec.EllipticCurvePublicKey:
@@ -70,7 +76,7 @@ def _pycose_verifies(env: bytes, pub_hex: str) -> bool:
 
 
 def test_pool_and_whole_signatures_verify_on_the_host(tmp_path):
-    code = SIGNER.format(boot=3, size=4, reserve=2) + """
+    code = signer_code(3, 4, 2) + """
 msgs = [b'm%d' % i for i in range(8)]
 out = {'pub': keys.public_key_hex(), 'sigs': [], 'ways': []}
 
@@ -109,7 +115,7 @@ print(json.dumps(out))
 
 
 def test_pairs_are_never_reused_and_the_pool_refills(tmp_path):
-    code = SIGNER.format(boot=9, size=3, reserve=0) + """
+    code = signer_code(9, 3, 0) + """
 sigs = []
 sizes = []
 
@@ -146,7 +152,7 @@ print(json.dumps([keys.public_key_hex(), sizes, signer.pairs, signer.whole,
 
 def test_urgent_signature_with_a_pair_takes_no_step(tmp_path):
     # O(1): with a pair, the coroutine ends at its first resumption (no wait for the worker)
-    code = SIGNER.format(boot=1, size=2, reserve=1) + """
+    code = signer_code(1, 2, 1) + """
 out = []
 
 
@@ -169,7 +175,7 @@ print(json.dumps(out))
 
 
 def test_urgent_jobs_overtake_routine_ones(tmp_path):
-    code = SIGNER.format(boot=1, size=0, reserve=0) + """
+    code = signer_code(1, 0, 0) + """
 order = []
 
 
@@ -195,7 +201,7 @@ print(json.dumps(order))
 def test_the_first_pair_is_made_before_routine_jobs_at_boot(tmp_path):
     """A window signed at boot waits for the first pair, so an impulse heard then is
     signed with a pair (no whole signature of ~0.6 s chip before it leaves)."""
-    code = SIGNER.format(boot=1, size=2, reserve=2) + """
+    code = signer_code(1, 2, 2) + """
 seen = []
 
 
@@ -211,6 +217,49 @@ print(json.dumps(seen))
     made_before_window, event_sig, pairs = mpy_json(code, tmp_path)
     assert made_before_window >= 1
     assert (event_sig, pairs) == (64, 1)
+
+
+SLICE_PROBE = """
+turns = 0
+
+
+async def count_turns():
+    global turns
+    while True:
+        turns += 1
+        await asyncio.sleep_ms(0)
+
+
+async def main():
+    asyncio.create_task(count_turns())
+    start()
+    while signer._build is not None:
+        await asyncio.sleep_ms(0)
+    before = turns
+    await full()                              # pairs made in idle time
+    pairs_turns = turns - before
+    signer.forget()                           # the pool refills from empty
+    sig = await signer.sign(b'urgent', True)  # no pair left: whole, as an urgent job
+    print(json.dumps([pairs_turns, len(sig), len(signer.pool)]))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("slice_us", [0, 10**6])
+def test_a_turn_of_the_signer_takes_steps_for_its_slice(tmp_path, slice_us):
+    """A pair is 164 steps of ~5 ms (chip). One step per turn of the loop (slice 0) made a
+    pair take ~35 s at chip speed, where a turn is ~200 ms; the slice lets a turn take
+    steps for up to slice_us (chip terms: SLICE_US, under the 20 ms stall target). Here
+    a 1 s slice holds the host's whole pair; either way a finished job hands over at
+    once, so the urgent signature returns before the pool refills."""
+    code = signer_code(1, 2, 2, slice_us) + SLICE_PROBE
+    pairs_turns, sig_len, pool_after = mpy_json(code, tmp_path)
+    assert sig_len == 64
+    assert pool_after == 0
+    if slice_us:
+        assert pairs_turns <= 8, pairs_turns      # two pairs in a few turns
+    else:
+        assert pairs_turns >= 2 * 164, pairs_turns   # a turn per step
 
 
 def test_nonces_are_hedged_and_bound_to_key_boot_and_counter(tmp_path):
@@ -506,3 +555,19 @@ print(json.dumps([out, cmds.highest.value, cmds.refused]))
     out, highest, refused = mpy_json(code, tmp_path)
     assert out == ["set_interval", "expired", "expired", "expired", "set_interval"]
     assert highest == 5 and refused == {"expired": 3}
+
+
+def test_a_sign1_digest_is_that_of_its_sig_structure(tmp_path):
+    """cose.sign1_digest hashes the Sig_structure in two pieces (no copy of the payload):
+    the same SHA-256 as the structure built whole, at every CBOR length boundary."""
+    code = """
+import json, os
+from hashlib import sha256
+from node import cose
+out = []
+for n in (0, 23, 24, 255, 256, 1104, 4000):
+    p = os.urandom(n)
+    out.append(cose.sign1_digest(p) == sha256(cose.sign1_tbs(p)).digest())
+print(json.dumps(out))
+"""
+    assert mpy_json(code, tmp_path) == [True] * 7

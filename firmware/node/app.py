@@ -24,6 +24,7 @@ from node.spool import EVENT, ROUTINE
 
 HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
 SENSOR_GRACE_MS = 10000
+SEAL_TRIES = 3          # an event the heap has no room for is tried this often, then dropped
 HUMID_RH = 80  # above this a PMS5003 over-reads (droplets count as particles): flagged, not fixed
 
 
@@ -151,8 +152,16 @@ class Node:
         while True:
             while self.urgent:
                 kind, records, t_ms = self.urgent.pop(0)
-                # spool priority EVENT: kept longest when the spool is full (they are few)
-                await self.uplink.send(await self.envelope(kind, records, t_ms, True), EVENT)
+                for _ in range(SEAL_TRIES):
+                    try:
+                        envelope = await self.envelope(kind, records, t_ms, True)
+                    except MemoryError as exc:
+                        self._heap_short("event", exc)
+                        await asyncio.sleep_ms(100)     # the other tasks may free some
+                        continue
+                    # spool priority EVENT: kept longest when the spool is full (few)
+                    await self.uplink.send(envelope, EVENT)
+                    break
             self.supervisor.beat("events")
             self.urgent_ready.clear()   # woken at once by an impulse (of its 250 ms budget)
             try:
@@ -168,7 +177,12 @@ class Node:
             if time.ticks_diff(time.ticks_ms(), self.window_started) < self.cfg["window_s"] * 1000:
                 continue
             self.window_started = time.ticks_ms()
-            await self.uplink.send(await self.close_window(), ROUTINE)
+            try:
+                envelope = await self.close_window()
+            except MemoryError as exc:
+                self._heap_short("window", exc)
+                continue
+            await self.uplink.send(envelope, ROUTINE)
             # uptime, as in every envelope: ticks_ms counts from the chip's reset
             if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > HEALTHY_AFTER_MS:
                 safemode.mark_healthy()
@@ -185,6 +199,13 @@ class Node:
         records += self._health_records()
         self.window = aggregate.Window()
         return await self.envelope(payload.KIND_READINGS, records)
+
+    def _heap_short(self, where, exc):
+        """The heap had no room for an envelope (full or fragmented: MicroPython collected
+        before it raised). That envelope is lost, counted in node/errors/<where>; the node
+        goes on (at chip speed, this reset it)."""
+        gc.collect()
+        self._count_error(where, exc)
 
     def _health_records(self):
         gc.collect()

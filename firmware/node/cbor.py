@@ -48,7 +48,8 @@ class Map:
         self.pairs = pairs
 
 
-def _head(buf, major, n):
+def append_head(buf, major, n):
+    """The head of an item of `major` type with argument `n` (a length, a count, a uint)."""
     mt = major << 5
     if n < 24:
         buf.append(mt | n)
@@ -85,39 +86,39 @@ def _enc(buf, obj):
         buf.append(0xF4)
     elif isinstance(obj, int):
         if obj >= 0:
-            _head(buf, 0, obj)
+            append_head(buf, 0, obj)
         else:
-            _head(buf, 1, -1 - obj)
+            append_head(buf, 1, -1 - obj)
     elif isinstance(obj, float):
         _enc_float(buf, obj)
     elif isinstance(obj, str):
         raw = obj.encode()
-        _head(buf, 3, len(raw))
+        append_head(buf, 3, len(raw))
         buf.extend(raw)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
-        _head(buf, 2, len(obj))
+        append_head(buf, 2, len(obj))
         buf.extend(obj)
     elif isinstance(obj, (list, tuple)):
-        _head(buf, 4, len(obj))
+        append_head(buf, 4, len(obj))
         for item in obj:
             _enc(buf, item)
     elif isinstance(obj, Map):
-        _head(buf, 5, len(obj.pairs))
+        append_head(buf, 5, len(obj.pairs))
         for k, v in obj.pairs:
             _enc(buf, k)
             _enc(buf, v)
     elif OrderedDict is not None and isinstance(obj, OrderedDict) and type(obj) is not dict:
-        _head(buf, 5, len(obj))
+        append_head(buf, 5, len(obj))
         for k in obj:
             _enc(buf, k)
             _enc(buf, obj[k])
     elif isinstance(obj, dict):
-        _head(buf, 5, len(obj))
+        append_head(buf, 5, len(obj))
         for raw, v in _pairs_sorted(obj):
             buf.extend(raw)
             _enc(buf, v)
     elif isinstance(obj, Tag):
-        _head(buf, 6, obj.tag)
+        append_head(buf, 6, obj.tag)
         _enc(buf, obj.value)
     else:
         raise TypeError("cannot encode %s as CBOR" % type(obj).__name__)

@@ -132,7 +132,8 @@ async def seal_async(device, seq, signer, kind, records, uptime_ms=None, alg="ES
     await asyncio.sleep_ms(0)
     if alg == "HMAC256":
         return cose.mac0(body, device, signer)
-    return cose.sign1_envelope(body, device, await signer.sign(cose.sign1_tbs(body), urgent))
+    sig = await signer.sign_digest(cose.sign1_digest(body), urgent)
+    return cose.sign1_envelope(body, device, sig)
 
 
 def _body_steps(device, seq, kind, records, uptime_ms):

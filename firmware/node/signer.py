@@ -3,8 +3,12 @@
 A whole ES256 signature takes the chip ~0.5-1 s and a verification ~2 s in pure
 Python, while the I2S ring holds only ~42 ms of audio. So every P-256 operation of the
 running node is a generator of steps (node.ec: one point operation, or 16 bits of an
-inversion, per step), and one task, Signer.run(), steps them one at a time with the loop
-free in between: jobs first (urgent ones before the others), then the nonce pool.
+inversion, per step: ~5 ms of the chip's time), and one task, Signer.run(), steps them
+with the loop free in between: jobs first (urgent ones before the others), then the
+nonce pool. A turn of the task takes steps for up to `slice_us` (SLICE_US: under the
+20 ms stall target and half the ring): one step per turn made a pair (164 steps) take
+~35 s at chip speed, where a turn of the loop is ~200 ms, and a burst of events emptied
+the pool.
 
 The nonce pool holds up to `size` pairs (r, k**-1 mod n), made ahead in idle time, so a
 signature with one is s = k**-1 (e + r d) mod n: two multiplications, no step at all.
@@ -22,11 +26,16 @@ whole, in steps, with a hedged nonce. Why the pairs are safe (docs/decisions.md)
 
 import asyncio
 import os
+import time
 from hashlib import sha256
 
 from node import p256
 
 _MORE = object()                        # _step: the generator has not ended
+SLICE_US = 12000                        # a turn of the signer: steps for up to this long
+# what a step of the signer's work left: more to do, a job done (its caller goes next),
+# nothing to do, a fault (wait)
+_BUSY, _DONE, _IDLE, _PAUSE = 0, 1, 2, 3
 
 
 def _step(steps):
@@ -60,8 +69,9 @@ class Signer:
     across boots. run() must be running (a task) for anything but a pool signature. Counters: pairs (signatures from the pool), whole (signed in steps),
     made (pairs made this boot)."""
 
-    def __init__(self, keys, boot, size=4, reserve=2):
+    def __init__(self, keys, boot, size=4, reserve=2, slice_us=SLICE_US):
         self.keys = keys
+        self.slice_us = slice_us        # 0: one step per turn
         keys.check()                    # NoKey before provisioning; raises if damaged
         self.boot = boot
         self.size = size
@@ -74,6 +84,7 @@ class Signer:
         self._urgent = []
         self._jobs = []
         self._fill = None
+        self._build = None              # the comb's table, in steps, until it is built
         self._first = size > 0          # the first pair goes before routine jobs
         self._wake = asyncio.Event()
 
@@ -86,7 +97,10 @@ class Signer:
     async def sign(self, msg, urgent=False):
         """ES256 signature r || s of `msg`: at once with a pool pair when one may be taken
         (urgent: any; routine: above the reserve), else whole in steps."""
-        digest = sha256(msg).digest()
+        return await self.sign_digest(sha256(msg).digest(), urgent)
+
+    async def sign_digest(self, digest, urgent=False):
+        """sign() of a message by its SHA-256 (cose.sign1_digest: no copy of the payload)."""
         pool = self.pool
         while pool and (urgent or len(pool) > self.reserve):
             r, k_inv = pool.pop(0)      # out of the pool before use: it never signs twice
@@ -135,42 +149,55 @@ class Signer:
 
     # --- the worker -----------------------------------------------------------------
     async def run(self):
-        """The task: the comb's table first, then a step of the oldest urgent job, else of
+        """The task: the comb's table first, then steps of the oldest urgent job, else of
         the first pair (so an impulse soon after boot needs no whole signature), else of
-        the oldest job, else of the next pair; idle when the pool is full."""
-        build = p256.precompute_steps()
+        the oldest job, else of the next pair, for up to slice_us a turn; idle when the
+        pool is full."""
+        self._build = p256.precompute_steps()
         while True:
-            jobs = self._urgent or self._jobs
-            if build is not None:
-                try:
-                    if _step(build) is not _MORE:
-                        build = None
-                except Exception as exc:        # a MemoryError at boot: again, later
-                    print("signer: table:", exc)
-                    build = p256.precompute_steps()
-                    await asyncio.sleep_ms(1000)
-            elif self._urgent or (self._jobs and not self._first):
-                self._job_step(jobs)
-            elif len(self.pool) < self.size:
-                if not self._fill_step():
-                    await asyncio.sleep_ms(1000)    # a fault or no key: not in a hot loop
-            else:
+            start = time.ticks_us()
+            state = self._work()
+            while state == _BUSY and time.ticks_diff(time.ticks_us(), start) < self.slice_us:
+                state = self._work()
+            if state == _IDLE:
                 self._wake.clear()
                 await self._wake.wait()
-                continue
-            await asyncio.sleep_ms(0)
+            elif state == _PAUSE:
+                await asyncio.sleep_ms(1000)    # a fault: again later, not in a hot loop
+            else:
+                await asyncio.sleep_ms(0)
+
+    def _work(self):
+        """One step of the most pressing work; what it left (_BUSY, _DONE, ...)."""
+        if self._build is not None:
+            try:
+                if _step(self._build) is not _MORE:
+                    self._build = None
+            except Exception as exc:        # a MemoryError at boot: again, later
+                print("signer: table:", exc)
+                self._build = p256.precompute_steps()
+                return _PAUSE
+        elif self._urgent or (self._jobs and not self._first):
+            return self._job_step(self._urgent or self._jobs)
+        elif len(self.pool) < self.size:
+            if not self._fill_step():
+                return _PAUSE                   # a fault or no key
+        else:
+            return _IDLE
+        return _BUSY
 
     def _job_step(self, jobs):
         job = jobs[0]
         try:
             value = _step(job.steps)
             if value is _MORE:
-                return
+                return _BUSY
             job.value = value
         except Exception as exc:        # the caller's to handle (a refused command)
             job.error = exc
         jobs.pop(0)
         job.done.set()
+        return _DONE
 
     def _fill_step(self):
         """A step of the next pair; False if making it failed."""
