@@ -83,7 +83,12 @@ fi
     --out /etc/mosquitto/citynode/passwd
 systemctl daemon-reload
 systemctl enable mosquitto chrony citynode-gateway
-systemctl restart mosquitto chrony
+# Mosquitto cannot start while the access point's address in conf.d/citynode.conf is not
+# this Pi's (a hotspot other than 10.42.0.1): say what to fix instead of stopping here
+systemctl restart mosquitto ||
+    say "Mosquitto did not start: put this Pi's access-point address in" \
+        "/etc/mosquitto/conf.d/citynode.conf (listener 1883 ADDRESS), then restart it"
+systemctl restart chrony || say "chrony did not start: see journalctl -u chrony"
 systemctl restart citynode-gateway
 say "running; edit /etc/citynode/gateway.toml (id, [upstream]), the access-point address"
 say "in /etc/mosquitto/conf.d/citynode.conf and its subnet in /etc/chrony/conf.d/citynode.conf,"
