@@ -8,7 +8,10 @@ speed, so a burst of BURST commands per node passes, then one every REFILL_S (a 
 gone wrong, or a stolen operator key, cannot keep a node from its sensors). A command
 issued more than MAX_AGE_S ago (its time, key 4: the city's broker kept it while the
 pole was offline) or more than MAX_AHEAD_S ahead of the pole's clock is refused as
-`expired`: yesterday's "lamp 100" must not light a street today. Without
+`expired`: yesterday's "lamp 100" must not light a street today. An update's chunks
+(commands named ota_*, docs/ota.md) have their own quota, for the whole pole: OTA_BURST
+at once, then OTA_PER_S, so a rollout neither waits on the command pace nor takes the
+pole's link from the readings. Without
 `gateway.operator_key` the gateway has no relay and does not subscribe to downlinks.
 """
 
@@ -33,6 +36,8 @@ log = logging.getLogger("citynode.gateway.downlink")
 
 BURST = 3          # commands a node may get at once
 REFILL_S = 5.0     # then one more per this many seconds
+OTA_BURST = 8      # update commands (ota_*) the pole's nodes may get at once, all together
+OTA_PER_S = 2.0    # then this many per second: ~4 KB/s of a bundle for the whole pole
 MAX_AGE_S = 600    # a command older than this is not carried out
 MAX_AHEAD_S = 60   # the operator's clock may be this far ahead of the pole's (NTP on both)
 
@@ -63,6 +68,7 @@ class DownlinkRelay:
         self.wall_clock = wall_clock
         self.rlog = RateLimitedLog(log)
         self.buckets = Buckets(BURST, 1 / REFILL_S, clock)
+        self.ota = Buckets(OTA_BURST, OTA_PER_S, clock)
 
     def handle(self, device: str, data: bytes) -> None:
         """One command for `device`: relayed or refused, counted by result either way."""
@@ -86,7 +92,14 @@ class DownlinkRelay:
                               "(its own deadline); send it again", device,
                               self.wall_clock() - command.expires)
             return
-        if not self.buckets.take(device):
+        if command.name.startswith("ota_"):
+            if not self.ota.take("pole"):
+                self.metrics.inc("downlink_total", result="rate_limited")
+                self.rlog.warning("down-ota-rate", "update chunk for %s refused: the pole "
+                                  "takes %d at once, then %g per second", device, OTA_BURST,
+                                  OTA_PER_S)
+                return
+        elif not self.buckets.take(device):
             self.metrics.inc("downlink_total", result="rate_limited")
             self.rlog.warning("down-rate", "downlink for %s refused: more than %d commands, "
                               "then one per %g s; send it again later", device, BURST, REFILL_S)

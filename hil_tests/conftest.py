@@ -17,7 +17,8 @@ import json
 import os
 import socket
 import subprocess
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -57,12 +58,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`make test` runs two pytest-xdist workers (--dist loadgroup): the HIL tests share
     one session-scoped bench, so one worker runs them all, one after another; the
-    chip-speed node is the chip-speed module's own, so its tests are a group apart."""
+    chip-speed and update modules have nodes of their own, so their tests are groups apart."""
     here = Path(__file__).parent
+    own = {"test_chip_speed.py": "hil-chip", "test_ota.py": "hil-ota"}
     for item in items:
         if here in item.path.parents:
-            own = item.path.name == "test_chip_speed.py"
-            item.add_marker(pytest.mark.xdist_group("hil-chip" if own else "hil"))
+            item.add_marker(pytest.mark.xdist_group(own.get(item.path.name, "hil")))
 
 
 def _hardware(config: pytest.Config) -> bool:
@@ -127,8 +128,15 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             host, _, broker_port = broker.rpartition(":")
             yield _bench(tmp, device, port, (host, int(broker_port)), operator)
         return
-    # the pole as deployed: the node's broker, and a gateway relaying to a city broker
-    # (where citynode-ops reaches the node, as an operator does)
+    with emulated_pole(tmp, board, Path(image) if image else None) as pole:
+        yield pole
+
+
+@contextmanager
+def emulated_pole(tmp: Path, board: str, image: Path | None = None) -> Iterator[Bench]:
+    """The pole as deployed, around one emulated `board`: the node's broker, and a
+    gateway relaying to a city broker (where citynode-ops reaches the node, as an
+    operator does)."""
     with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
             Mosquitto(tmp / "city") as city, PoleTimeServer(tmp / "chrony") as clock:
         operator, operator_pem = _operator_key(tmp, (city.host, city.port))
@@ -142,9 +150,8 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         try:
             handle = emu.boards[0]
             device = _provision(tmp, handle.url, board, f"{mosquitto.host}:{mosquitto.port}",
-                                "city", password_file(tmp),
-                                Path(image) if image else make_image(tmp, board), operator_pem,
-                                f"{clock.host}:{clock.port}")
+                                "city", password_file(tmp), image or make_image(tmp, board),
+                                operator_pem, f"{clock.host}:{clock.port}")
             gateway.start()
             yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
                          handle, ops_home=tmp / "ops")

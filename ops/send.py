@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,7 +55,8 @@ def _next_numbers(home: OpsHome, devices: list[str], above: dict[str, int]) -> d
 
 class Delivery:
     def __init__(self, link: CityLink, home: OpsHome, key: ec.EllipticCurvePrivateKey,
-                 name: str, args: dict, expires_s: int):
+                 name: str, args: dict | Callable[[Node], dict], expires_s: int):
+        """`args`: the command's arguments, or a function giving each node its own."""
         self.link, self.home, self.key = link, home, key
         self.name, self.args, self.expires_s = name, args, expires_s
         self.outcomes: dict[str, Outcome] = {}
@@ -86,8 +88,9 @@ class Delivery:
             resent = node.device in self.outcomes
             self.outcomes[node.device] = Outcome(node, seq, resent=resent)
             self._sent_at[node.device] = time.monotonic()
+            args = self.args(node) if callable(self.args) else self.args
             self.link.send(node, commands.signed(self.key, node.device, seq, self.name,
-                                                 self.args, self.expires_s))
+                                                 args, self.expires_s))
 
     def _take(self, answer: Answer) -> None:
         outcome = self.outcomes.get(answer.device)
@@ -107,7 +110,8 @@ class Delivery:
                 self._resend[answer.device] = (time.monotonic() + REFILL_S, node_seq)
             return
         outcome.result = REFUSED if reason else OK
-        outcome.detail = str(reason if reason else records[f"cmd/{self.name}"])
+        outcome.detail = str(records.get("cmd/detail", reason) if reason
+                             else records[f"cmd/{self.name}"])
         outcome.settings = {k[4:]: v for k, v in records.items() if k.startswith("set/")}
         outcome.verified = answer.verified
         outcome.answer_ms = round((answer.at - self._sent_at[answer.device]) * 1000)

@@ -99,6 +99,33 @@ def test_a_node_gets_commands_only_at_a_pace_it_can_take(tmp_path):
     assert sent.count(wire.down_topic(a)) == BURST + 1
 
 
+def test_an_update_s_chunks_spend_the_pole_s_quota_not_the_node_s_command_pace(tmp_path):
+    from citynode.gateway.downlink import BURST, OTA_BURST, OTA_PER_S, DownlinkRelay
+    from citynode.gateway.metrics import Metrics
+
+    operator = ec.generate_private_key(ec.SECP256R1())
+    now = [100.0]
+    sent: list[str] = []
+    relay = DownlinkRelay(operator.public_key(), lambda t, d: sent.append(t) or True,
+                          Metrics(), clock=lambda: now[0])
+
+    def command(device, seq, name, args):
+        payload = wire.encode_command(device, seq, name, args, int(time.time()))
+        return wire.sign_es256(payload, wire.OPERATOR_KID, operator)
+
+    a, b = "cn-0000000000a1", "cn-0000000000b1"
+    for seq in range(1, OTA_BURST + 3):     # two nodes' chunks share the pole's burst
+        device = a if seq % 2 else b
+        relay.handle(device, command(device, seq, "ota_chunk", {"at": 0, "data": b"x"}))
+    assert len(sent) == OTA_BURST > BURST
+    relay.handle(a, command(a, 50, "lamp", {"level": 40}))     # commands keep their pace
+    assert len(sent) == OTA_BURST + 1
+    now[0] += 1 / OTA_PER_S
+    relay.handle(b, command(b, 51, "ota_chunk", {"at": 0, "data": b"x"}))
+    relay.handle(b, command(b, 52, "ota_chunk", {"at": 0, "data": b"x"}))
+    assert len(sent) == OTA_BURST + 2
+
+
 def test_a_stale_or_future_command_is_refused_as_expired(tmp_path):
     """A command the city's broker kept while the pole was offline (or one from an
     operator's clock far ahead) is not carried out; a fresh one is."""

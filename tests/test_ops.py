@@ -141,3 +141,22 @@ def test_the_fleet_is_what_the_gateways_announce(tmp_path, capsys):
             ("cn-0000000000a2", "pole-2", "P2", "vienna")}
         code, result = ops(capsys, "--home", str(home), "send", "reboot", "--pole", "P9")
         assert code == 2 and "no node on pole 'P9'" in result["message"]
+
+
+def test_a_bundle_is_built_for_the_boards_chip_and_signed_with_the_operator_key(tmp_path,
+                                                                                capsys):
+    from citynode.ops import bundle
+    home = tmp_path / "ops"
+    ops(capsys, "--home", str(home), "init", "--broker", "127.0.0.1:1883", "--no-tls")
+    out = tmp_path / "update.cbor"
+    code, result = ops(capsys, "--home", str(home), "bundle", "--board", "esp32-wrover-kit",
+                       "--board", "esp32-devkitc", "--out", str(out))
+    assert code == 0 and result["boards"] == ["esp32-wrover-kit", "esp32-devkitc"]
+    manifest, blob = bundle.read(out.read_bytes(), OpsHome(home).key().public_key())
+    assert manifest.mpy[2] == "xtensawin" and len(blob) == result["bytes"]
+    assert {p for p, _, _ in manifest.files} >= {"node/app.mpy", "node/ota.mpy"}
+    # one bundle cannot serve two chip families
+    assert main(["--home", str(home), "bundle", "--board", "esp32-devkitc", "--board",
+                 "esp32-c3-devkitm", "--out", str(tmp_path / "mixed.cbor")]) == 2
+    assert "build one bundle per chip family" in capsys.readouterr().err
+    assert not (tmp_path / "mixed.cbor").exists()

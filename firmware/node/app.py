@@ -25,7 +25,16 @@ from node.spool import EVENT, ROUTINE
 HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
 SENSOR_GRACE_MS = 10000
 SEAL_TRIES = 3          # an event the heap has no room for is tried this often, then dropped
+OTA_STATE = "/data/ota.json"   # node/ota.py's STATE: none until the node's first update
+TRIAL_MS = 600000      # an update on trial that has not reached the city by then is left
 HUMID_RH = 80  # above this a PMS5003 over-reads (droplets count as particles): flagged, not fixed
+
+
+def _ota():
+    """node.ota, imported only when there is an update: a stock image loads its code into
+    the heap, where a devkitc has no room to spare (issue 11)."""
+    from node import ota
+    return ota
 
 
 class Node:
@@ -57,6 +66,7 @@ class Node:
         self.urgent = []            # (kind, records, uptime_ms): sent at once by event_loop
         self.urgent_ready = asyncio.Event()
         self.healthy_marked = False
+        self.on_trial = _ota().on_trial() if fsutil.exists(OTA_STATE) else False
         self.commands = commands.Commands(self.device, self.keys, {
             "set_interval": self._set_interval,
             "lamp": self._set_lamp,
@@ -66,7 +76,11 @@ class Node:
             "report_config": lambda args: config.public_view(self.cfg),
             "rotate_key": self._rotate_key,
             "commit_key": self._commit_key,
+            "ota_begin": self._ota_begin,
+            "ota_chunk": self._ota_chunk,
+            "ota_finish": self._ota_finish,
         }, complete=self.signer.complete)
+        self.update = None          # an operator's update being received (node/ota.py)
         self.wifi = wifi.WiFi(cfg["wifi"]["ssid"], cfg["wifi"].get("password"))
         broker = cfg["broker"]
         settings = dict(cfg.get("uplink") or {})
@@ -187,6 +201,17 @@ class Node:
             if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > HEALTHY_AFTER_MS:
                 safemode.mark_healthy()
                 self.healthy_marked = True
+            if self.on_trial:
+                await self._try_update()
+
+    async def _try_update(self):
+        """The update this boot runs on trial: kept once the node has run healthy and
+        reached the city; left (a reset: main.py goes back) if it cannot in TRIAL_MS."""
+        if self.healthy_marked and self.uplink.published:
+            self.on_trial = False
+            await self._status([("ota/committed", None, _ota().commit())], None)
+        elif time.ticks_diff(time.ticks_ms(), 0) > TRIAL_MS:
+            safemode.reset("update on trial never reached the city")
 
     async def close_window(self):
         """The signed envelope of the window that ends now; a new window starts."""
@@ -249,8 +274,8 @@ class Node:
         try:
             name, result = await self.commands.handle(envelope)
             records = [("cmd/" + name, None, "ok" if result is None else str(result))]
-        except commands.CommandRefused as exc:
-            records = [("cmd/refused", None, exc.reason)]
+        except commands.CommandRefused as exc:      # the reason, and what to do about it
+            records = [("cmd/refused", None, exc.reason), ("cmd/detail", None, str(exc)[:160])]
         if self.commands.highest.value >= 0:
             records.append(("cmd/seq", None, self.commands.highest.value))
         await self._status(records + self.settings(), None)
@@ -310,12 +335,35 @@ class Node:
         return None
 
     def _reboot(self, args):
-        asyncio.create_task(self._reboot_soon())
+        asyncio.create_task(self._reboot_soon("command"))
         return None
 
-    async def _reboot_soon(self):
+    async def _reboot_soon(self, why):
         await asyncio.sleep_ms(2000)  # let the acknowledgement go out
-        safemode.reset("command")
+        safemode.reset(why)
+
+    # An update (docs/ota.md): the signed manifest, the bundle's bytes in chunks (each a
+    # signed command), then the check of every file and a reset into the trial boot.
+    # Each answer says where the download stands, so the operator resumes from there.
+    async def _ota_begin(self, args):
+        update = _ota().Update(self.keys.operator_key(), self.cfg.get("board"),
+                            complete=self.signer.complete)
+        await update.begin(args["manifest"])
+        self.update = update
+        return "offset %d" % update.offset()
+
+    def _ota_chunk(self, args):
+        if self.update is None:
+            raise ValueError("no update under way: ota_begin first")
+        return "offset %d" % self.update.write(args["at"], args["data"])
+
+    async def _ota_finish(self, args):
+        if self.update is None:
+            raise ValueError("no update under way: ota_begin first")
+        version = await self.signer.complete(self.update.finish_steps())
+        self.update = None
+        asyncio.create_task(self._reboot_soon("update " + version))
+        return "ready " + version
 
     async def _rotate_key(self, args):
         """Phase one of a key rollover: the next key's public key, in this answer signed
@@ -331,6 +379,9 @@ class Node:
         crash = safemode.take_last_crash()
         if crash:
             asyncio.create_task(self._status([("node/last_crash", None, crash[-200:])], 0))
+        failed = _ota().take_reverted() if fsutil.exists(OTA_STATE) else None
+        if failed:      # the update's trial boot ended before its commit: this app is back
+            asyncio.create_task(self._status([("ota/reverted", None, failed)], 0))
         ntp = self.cfg["ntp"]
         tasks = [self.signer.run(), self.wifi.run(), self.uplink.run(), self.window_loop(),
                  self.event_loop(), self.supervisor.run(),

@@ -348,10 +348,11 @@ class Client:
                 raise ProtocolError("packet type %d of %d bytes" % (kind, size))
             await self._skip_publish(first, size)
             return
-        body = await reader.readexactly(size) if size else b""
         if kind == PUBLISH:
-            await self._on_publish(first, body)
-        elif kind == PUBACK or kind == SUBACK:
+            await self._on_publish(first, size)
+            return
+        body = await reader.readexactly(size) if size else b""
+        if kind == PUBACK or kind == SUBACK:
             if len(body) < 2:
                 raise ProtocolError("short ack")
             self._wake(kind, struct.unpack_from("!H", body)[0], body)
@@ -368,21 +369,25 @@ class Client:
             slot[1] = body
             slot[0].set()
 
-    async def _on_publish(self, first, body):
+    async def _on_publish(self, first, size):
+        """A PUBLISH read in its parts, the payload in one piece of its own: a 2 KB downlink
+        is never held twice (the whole packet and its payload sliced out), which a
+        devkitc's fragmented heap could not take."""
+        reader = self._reader
         qos = (first >> 1) & 3
         if qos == 2:
             raise ProtocolError("QoS 2 PUBLISH, but this client subscribes at QoS <= 1")
-        n = struct.unpack_from("!H", body)[0]
-        pos = 2 + n
-        topic = body[2:pos]
-        pid = 0
-        if qos:
-            pid = struct.unpack_from("!H", body, pos)[0]
-            pos += 2
+        n = struct.unpack("!H", await reader.readexactly(2))[0]
+        head = n + 2 + (2 if qos else 0)
+        if head > size:
+            raise ProtocolError("PUBLISH topic longer than the packet")
+        topic = await reader.readexactly(n)
+        pid = struct.unpack("!H", await reader.readexactly(2))[0] if qos else 0
+        payload = await reader.readexactly(size - head) if size > head else b""
         self.received += 1
         if self.on_message is not None:
             try:
-                self.on_message(topic.decode(), body[pos:], bool(first & 1))
+                self.on_message(topic.decode(), payload, bool(first & 1))
             except Exception as e:  # a bad callback must not take the link down
                 self.callback_errors += 1
                 print("mqtt: on_message failed:", _why(e))

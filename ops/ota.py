@@ -1,0 +1,159 @@
+"""A signed bundle rolled out to nodes through their gateways (docs/ota.md).
+
+Each node gets, as signed commands: `ota_begin` (the signed manifest; the node answers
+how much of the bundle its other slot already holds), `ota_chunk`s from there (each
+answer says where it now stands, so any break resumes), and `ota_finish` (the node
+checks every file and resets into a trial boot). The rollout then waits for each
+node's `ota/committed` (it ran healthy and reached the city) or `ota/reverted` (its
+trial boot ended early and it runs the version before). Canaries go first; when one
+does not commit, the rest are not touched.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from citynode.gateway.downlink import OTA_BURST, OTA_PER_S
+
+from .bundle import Manifest
+from .city import CityLink, Node
+from .home import OpsHome
+from .send import OK, Delivery
+
+CHUNK_BYTES = 2048          # a command stays under the wire format's 4 KB envelope
+EXPIRES_S = 300
+TRIES = 3                   # a chunk with no answer is sent again this often
+_OFFSET = re.compile(r"(?:offset|send from) (\d+)")
+
+
+@dataclass
+class NodeUpdate:
+    node: Node
+    offset: int = 0
+    state: str = "pending"      # sending, finished, committed, reverted, failed
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"device": self.node.device, "pole": self.node.pole, "state": self.state,
+                "offset": self.offset, "detail": self.detail}
+
+
+class Rollout:
+    def __init__(self, link: CityLink, home: OpsHome, key: ec.EllipticCurvePrivateKey,
+                 signed: bytes, manifest: Manifest, blob: bytes,
+                 say: Callable[[str], None] = lambda text: print(text, file=sys.stderr)):
+        self.link, self.home, self.key = link, home, key
+        self.signed, self.manifest, self.blob = signed, manifest, blob
+        self.say = say
+
+    def run(self, nodes: list[Node], canaries: int, answer_s: float,
+            trial_s: float) -> list[NodeUpdate]:
+        updates = [NodeUpdate(n) for n in nodes]
+        groups = [updates[:canaries], updates[canaries:]] if canaries else [updates]
+        for number, group in enumerate(g for g in groups if g):
+            self._update(group, answer_s, trial_s)
+            if number == 0 and canaries and any(u.state != "committed" for u in group):
+                for u in updates[canaries:]:
+                    u.state, u.detail = "skipped", "a canary did not commit"
+                break
+        return updates
+
+    def _update(self, group: list[NodeUpdate], answer_s: float, trial_s: float) -> None:
+        self._step(group, "ota_begin", lambda u: {"manifest": self.signed}, answer_s)
+        size = len(self.blob)
+        while True:
+            due = _paced([u for u in group if u.state == "sending" and u.offset < size])
+            if not due:
+                break
+            started = time.monotonic()
+            self._step(due, "ota_chunk", lambda u: {
+                "at": u.offset, "data": self.blob[u.offset:u.offset + CHUNK_BYTES]}, answer_s)
+            # no pole's quota overdrawn (gateway/downlink.py): its chunks at OTA_PER_S
+            most = max(Counter(u.node.gateway for u in due).values())
+            time.sleep(max(0.0, most / OTA_PER_S - (time.monotonic() - started)))
+        ready = [u for u in group if u.state == "sending"]
+        self._step(ready, "ota_finish", lambda u: {}, answer_s, done="finished")
+        self._await_trial([u for u in group if u.state == "finished"], trial_s)
+
+    def _step(self, group: list[NodeUpdate], name: str, args: Callable[[NodeUpdate], dict],
+              answer_s: float, done: str = "sending") -> None:
+        """One command to each node of `group` (its own arguments), answers awaited; a
+        node with no answer is asked again, TRIES times in all."""
+        by_device = {u.node.device: u for u in group}
+        todo = list(group)
+        for _ in range(TRIES):
+            if not todo:
+                return
+            outcomes = Delivery(self.link, self.home, self.key, name,
+                                lambda n: args(by_device[n.device]),
+                                EXPIRES_S).run([u.node for u in todo], answer_s)
+            todo = []
+            for o in outcomes:
+                u = by_device[o.node.device]
+                found = _OFFSET.search(o.detail)
+                if o.result == OK:
+                    u.state = done
+                    if found:
+                        self._progress(u, int(found.group(1)))
+                elif o.result == "refused" and "out_of_order" in o.detail and found:
+                    self._progress(u, int(found.group(1)))      # it says where to go on
+                elif o.result == "refused":
+                    u.state, u.detail = "failed", o.detail
+                    self.say(f"{u.node.device}: refused: {o.detail}")
+                else:
+                    todo.append(u)
+        for u in todo:
+            u.state, u.detail = "failed", f"no answer to {name} after {TRIES} tries"
+            self.say(f"{u.node.device}: {u.detail}")
+
+    def _progress(self, u: NodeUpdate, offset: int) -> None:
+        size = len(self.blob)
+        if offset * 10 // size != u.offset * 10 // size or offset == size:
+            self.say(f"{u.node.device}: {offset * 100 // size} % ({offset} of {size} bytes)")
+        u.offset = offset
+
+    def _await_trial(self, group: list[NodeUpdate], trial_s: float) -> None:
+        """Each node's word on its trial boot: ota/committed or ota/reverted."""
+        waiting = {u.node.device: u for u in group}
+        deadline = time.monotonic() + trial_s
+        if waiting:
+            self.say(f"waiting up to {trial_s:g} s for {len(waiting)} node(s) to run "
+                     f"{self.manifest.version} on trial")
+        while waiting and time.monotonic() < deadline:
+            try:
+                answer = self.link.answers.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            u = waiting.get(answer.device)
+            if u is None:
+                continue
+            if "ota/committed" in answer.records:
+                u.state, u.detail = "committed", str(answer.records["ota/committed"])
+            elif "ota/reverted" in answer.records:
+                u.state = "reverted"
+                u.detail = f"{answer.records['ota/reverted']} failed its trial boot"
+            else:
+                continue
+            self.say(f"{u.node.device}: {u.state} {u.detail}")
+            del waiting[answer.device]
+        for u in waiting.values():
+            u.state, u.detail = "failed", f"no word from its trial boot in {trial_s:g} s"
+
+
+def _paced(due: list[NodeUpdate]) -> list[NodeUpdate]:
+    """This round's nodes: at most OTA_BURST behind each gateway (a pole's quota)."""
+    taken: Counter[str] = Counter()
+    chosen = []
+    for u in due:
+        if taken[u.node.gateway] < OTA_BURST:
+            taken[u.node.gateway] += 1
+            chosen.append(u)
+    return chosen
