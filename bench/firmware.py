@@ -98,6 +98,11 @@ asyncio.run(main())
 
 HIGH_WATER = """
 import asyncio, gc, json, time
+# the buffer walk's lists, made before the app fragments the heap: after a few seconds
+# of the app its largest free block is ~2.6 KB (micropython.mem_info), and a list grown
+# during the walk did not fit
+FOUND = [None] * 400
+TODO = [None] * 1000
 gc.collect()
 base = gc.mem_alloc()
 from node import app, config
@@ -124,26 +129,41 @@ def buffer_bytes():
     # bytes, bytearrays and arrays the app holds: the same size on the chip and here,
     # where every other object is twice its chip size (64-bit words). A walk a few
     # levels deep (no set of every object seen: the heap is nearly full), each buffer
-    # counted once.
+    # counted once, in the lists made at the start.
     import sys
     from array import array
-    found = []
-    todo = [(n, 0)] + [(m, 1) for k, m in sys.modules.items()
-                       if k.startswith('node') or k.startswith('drivers')]
+    found = 0
+    TODO[0] = (n, 0)
+    todo = 1
+    for k, m in sys.modules.items():
+        if (k.startswith('node') or k.startswith('drivers')) and todo < len(TODO):
+            TODO[todo] = (m, 1)
+            todo += 1
+    def push(x, depth):
+        nonlocal todo
+        if todo < len(TODO):
+            TODO[todo] = (x, depth)
+            todo += 1
     while todo:
-        o, depth = todo.pop()
+        todo -= 1
+        o, depth = TODO[todo]
+        TODO[todo] = None
         if isinstance(o, (bytes, bytearray, array)):
-            if not any(o is f for f in found):
-                found.append(o)
+            if found < len(FOUND) and not any(o is FOUND[i] for i in range(found)):
+                FOUND[found] = o
+                found += 1
         elif depth < 5 and isinstance(o, (list, tuple)):
-            todo.extend((x, depth + 1) for x in o)
+            for x in o:
+                push(x, depth + 1)
         elif depth < 5 and isinstance(o, dict):
-            todo.extend((x, depth + 1) for x in o.values())
+            for x in o.values():
+                push(x, depth + 1)
         elif depth < 5 and hasattr(o, '__dict__') and not callable(o):
-            todo.extend((x, depth + 1) for x in o.__dict__.values())
+            for x in o.__dict__.values():
+                push(x, depth + 1)
     # an array's size from one item's bytes: a copy of the whole would not fit the heap
     return sum(len(f) if isinstance(f, (bytes, bytearray)) or not len(f)
-               else len(f) * len(bytes(memoryview(f)[:1])) for f in found)
+               else len(f) * len(bytes(memoryview(f)[:1])) for f in FOUND[:found])
 asyncio.run(main())
 """
 

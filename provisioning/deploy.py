@@ -245,7 +245,8 @@ def build_config(board: Board, device: str, site: str, pole: str, lat: float, lo
             sensors[name] = {"i2s": spec.get("i2s", 0), "sck": pins["i2s_sck"],
                              "ws": pins["i2s_ws"], "sd": pins["i2s_sd"],
                              "rate": spec.get("rate", 48000), "model": spec.get("model", "")}
-    cfg = {"device": device, "site": site, "pole": pole, "lat": lat, "lon": lon,
+    cfg = {"device": device, "board": board.name,    # an update checks it (docs/ota.md)
+           "site": site, "pole": pole, "lat": lat, "lon": lon,
            "broker": {"host": host, "port": port}, "wifi": {"ssid": ssid},
            "window_s": window_s, "alg": alg, "sensors": sensors,
            "lamp_pin": pins.get("lamp_pwm")}
