@@ -37,7 +37,7 @@ log = logging.getLogger("citynode.gateway.downlink")
 BURST = 3          # commands a node may get at once
 REFILL_S = 5.0     # then one more per this many seconds
 OTA_BURST = 8      # update commands (ota_*) the pole's nodes may get at once, all together
-OTA_PER_S = 2.0    # then this many per second: ~4 KB/s of a bundle for the whole pole
+OTA_PER_S = 4.0    # then this many per second: ~8 KB/s of a bundle for the whole pole
 MAX_AGE_S = 600    # a command older than this is not carried out
 MAX_AHEAD_S = 60   # the operator's clock may be this far ahead of the pole's (NTP on both)
 

@@ -133,25 +133,29 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @contextmanager
-def emulated_pole(tmp: Path, board: str, image: Path | None = None) -> Iterator[Bench]:
+def emulated_pole(tmp: Path, board: str, image: Path | None = None,
+                  blank: bool = True) -> Iterator[Bench]:
     """The pole as deployed, around one emulated `board`: the node's broker, and a
     gateway relaying to a city broker (where citynode-ops reaches the node, as an
-    operator does)."""
+    operator does). `blank`: the board is flashed first, as a new one from the box;
+    else it already runs the board's MicroPython and provisioning keeps it."""
     with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
             Mosquitto(tmp / "city") as city, PoleTimeServer(tmp / "chrony") as clock:
         operator, operator_pem = _operator_key(tmp, (city.host, city.port))
         scenario = tmp / "scenario.json"
         # a spring noon (daylight on the BH1750); impulses only when a test fires one
         scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
-        emu = start_emulator(tmp, board=board, blank=True, extra=["--scenario", str(scenario)])
+        emu = start_emulator(tmp, board=board, blank=blank, extra=["--scenario", str(scenario)])
+        if blank:
+            image = image or make_image(tmp, board)
         gateway = GatewayProcess(tmp / "gateway", mosquitto, city, gateway_extra={
             "registry_dir": str(tmp / "fleet"), "operator_key": str(operator_pem),
             "id": "HIL-1"})
         try:
             handle = emu.boards[0]
             device = _provision(tmp, handle.url, board, f"{mosquitto.host}:{mosquitto.port}",
-                                "city", password_file(tmp), image or make_image(tmp, board),
-                                operator_pem, f"{clock.host}:{clock.port}")
+                                "city", password_file(tmp), image, operator_pem,
+                                f"{clock.host}:{clock.port}")
             gateway.start()
             yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
                          handle, ops_home=tmp / "ops")

@@ -3,12 +3,13 @@ quota for update chunks) to a node, which checks it, receives it in its other sl
 resets into a trial boot and, when that boot cannot start the app, goes back to the
 app it ran before by itself (docs/ota.md).
 
-The node is an emulated WROVER kit of its own (module-scoped): a stock image, its app
-as .mpy files in a PSRAM heap, where an update's .mpy files fit too. The session's
-devkitc does not: its ROMFS app leaves no heap for a 2 KB downlink beside an update's
-code (issue 11). The bundles are the real firmware with another version, compiled for
-the emulated board's VM (`--arch x64`). A trial boot that commits (after 120 s
-healthy) is tested on the unix port (tests/test_firmware_ota.py).
+The node is an emulated WROVER kit of its own (module-scoped, already running
+MicroPython: provisioning keeps it): a stock image, its app as .mpy files in a PSRAM
+heap, where an update's .mpy files fit too. The session's devkitc does not: its ROMFS
+app leaves no heap for a 2 KB downlink beside an update's code (issue 11). The bundles
+are the firmware with another version, compiled for the emulated board's VM (`--arch
+x64`). A trial boot that commits (after 120 s healthy) is tested on the unix port
+(tests/test_firmware_ota.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def pole(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     if request.config.getoption("--port"):
         pytest.skip("updates on a real board: build a bundle for its chip and run "
                     "citynode-ops ota by hand (docs/ota.md)")
-    with emulated_pole(tmp_path_factory.mktemp("hil-ota"), BOARD) as bench:
+    with emulated_pole(tmp_path_factory.mktemp("hil-ota"), BOARD, blank=False) as bench:
         yield bench
 
 
@@ -46,16 +47,19 @@ def node(pole: Bench) -> Bench:
 
 
 def _bundle(node: Bench, tmp: Path, version: str, broken: bool = False) -> Path:
-    """The firmware as `version`, bundled with the bench's operator key; `broken`: its
-    app raises before it starts (a bad build)."""
+    """The firmware as `version`, bundled with the bench's operator key; `broken`: a bad
+    build that holds the app and its version but none of the modules they import (its
+    trial boot cannot import the app), which also keeps it small and quick to send."""
     fw = tmp / "fw"
     shutil.copytree(FIRMWARE, fw, ignore=shutil.ignore_patterns("__pycache__"))
     version_py = fw / "node" / "version.py"
     version_py.write_text(version_py.read_text().replace('"0.1.0"', f'"{version}"'))
     if broken:
-        app = fw / "node" / "app.py"
-        app.write_text(app.read_text().replace(
-            "def main():\n", "def main():\n    raise RuntimeError('a bad build')\n"))
+        shutil.rmtree(fw / "drivers")
+        keep = {"__init__.py", "app.py", "version.py"}
+        for module in (fw / "node").iterdir():
+            if module.name not in keep:
+                module.unlink()
     out = tmp / f"citynode-{version}.cbor"
     run = subprocess.run([str(VENV_BIN / "citynode-ops"), "--home", str(node.ops_home),
                           "bundle", "--board", BOARD, "--arch", "x64",

@@ -15,12 +15,12 @@ import queue
 import re
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from citynode.gateway.buckets import Buckets
 from citynode.gateway.downlink import OTA_BURST, OTA_PER_S
 
 from .bundle import Manifest
@@ -69,16 +69,19 @@ class Rollout:
     def _update(self, group: list[NodeUpdate], answer_s: float, trial_s: float) -> None:
         self._step(group, "ota_begin", lambda u: {"manifest": self.signed}, answer_s)
         size = len(self.blob)
+        # each gateway's quota, kept with a margin: a chunk it drops is never answered,
+        # and costs the node a whole --wait before it goes again
+        quota = Buckets(OTA_BURST // 2, OTA_PER_S * 0.75, time.monotonic)
         while True:
-            due = _paced([u for u in group if u.state == "sending" and u.offset < size])
+            due = [u for u in group if u.state == "sending" and u.offset < size]
             if not due:
                 break
-            started = time.monotonic()
-            self._step(due, "ota_chunk", lambda u: {
+            now = [u for u in due if quota.take(u.node.gateway)]
+            if not now:
+                time.sleep(1 / OTA_PER_S)
+                continue
+            self._step(now, "ota_chunk", lambda u: {
                 "at": u.offset, "data": self.blob[u.offset:u.offset + CHUNK_BYTES]}, answer_s)
-            # no pole's quota overdrawn (gateway/downlink.py): its chunks at OTA_PER_S
-            most = max(Counter(u.node.gateway for u in due).values())
-            time.sleep(max(0.0, most / OTA_PER_S - (time.monotonic() - started)))
         ready = [u for u in group if u.state == "sending"]
         self._step(ready, "ota_finish", lambda u: {}, answer_s, done="finished")
         self._await_trial([u for u in group if u.state == "finished"], trial_s)
@@ -147,13 +150,3 @@ class Rollout:
         for u in waiting.values():
             u.state, u.detail = "failed", f"no word from its trial boot in {trial_s:g} s"
 
-
-def _paced(due: list[NodeUpdate]) -> list[NodeUpdate]:
-    """This round's nodes: at most OTA_BURST behind each gateway (a pole's quota)."""
-    taken: Counter[str] = Counter()
-    chosen = []
-    for u in due:
-        if taken[u.node.gateway] < OTA_BURST:
-            taken[u.node.gateway] += 1
-            chosen.append(u)
-    return chosen
