@@ -116,11 +116,12 @@ class Update:
         self.manifest = None
         self.files = []
 
-    async def begin(self, signed, force=False):
+    async def begin(self, signed):
         """Check the signed manifest; the slot is made ready for it (kept as it is when it
         already holds this bundle's first bytes: a resumed download). Returns the manifest
-        map. `force` takes an older version (the operator's downgrade, signed in the
-        manifest as "downgrade": true, is what sets it)."""
+        map. An older version goes only when the manifest says "downgrade": true (the
+        operator signed it as one). A replayed manifest cannot come: it travels in a
+        command, numbered and signed (node/commands.py)."""
         if self.operator_key is None:
             raise UpdateRefused("bad_signature", "no operator key on this node: provision it")
         try:
@@ -131,7 +132,7 @@ class Update:
             reason, _, detail = str(exc).partition(": ")
             raise UpdateRefused("bad_signature" if reason == "bad_signature" else "malformed",
                                 detail or reason)
-        self._check(manifest, force or manifest.get("downgrade") is True)
+        self._check(manifest, manifest.get("downgrade") is True)
         kept = fsutil.read(fsutil.join(self.slot, MANIFEST)) if fsutil.exists(self.slot) else None
         if kept != signed:
             self._clear()
@@ -150,7 +151,8 @@ class Update:
         files = m.get("files")
         if not (isinstance(files, list) and files and all(
                 isinstance(f, list) and len(f) == 3 and isinstance(f[0], str)
-                and ".." not in f[0] and not f[0].startswith("/") and isinstance(f[1], int)
+                and ".." not in f[0] and not f[0].startswith("/") and f[0] != MANIFEST
+                and isinstance(f[1], int)
                 and f[1] >= 0 and isinstance(f[2], bytes) and len(f[2]) == 32 for f in files)):
             raise UpdateRefused("malformed", "the manifest's file list is not [path, size, "
                                 "sha256] entries inside the slot")
