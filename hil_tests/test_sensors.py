@@ -23,10 +23,12 @@ def _out_of_range(readings: dict) -> dict:
             if name in PHYSICAL and not PHYSICAL[name][0] <= value <= PHYSICAL[name][1]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sampled(bench: Bench) -> tuple[dict, dict | None]:
     """One self-test with every part read (the PMS5003's fan spun up), and the
-    emulated world at that moment."""
+    emulated world at that moment. Session-scoped: the xdist worker may run another
+    module's tests between this module's, and a module fixture would be made twice
+    (30 s each)."""
     report = bench.selftest(warmup_s=40)["sensors"]
     world = (bench.emulated.control("status")["peripherals"]["scenario"]
              if bench.emulated is not None else None)
