@@ -4,30 +4,64 @@
 import sys
 
 STATE = "/data/ota.json"    # node/ota.py writes it
+# machine.reset_cause() on the ESP32 port: how a trial boot that never committed ended
+ENDED = {1: "a power cut", 2: "a crash or reset", 3: "the watchdog", 4: "deep sleep",
+         5: "a soft reset"}
+
+
+def _load(path):
+    import json
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _save(state, path):
+    import json
+    import os
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f)
+    os.rename(path + ".tmp", path)
+
+
+def _ended():
+    import machine
+    cause = getattr(machine, "reset_cause", None)     # the unix port (tests) has none
+    cause = cause() if cause else 0
+    return ENDED.get(cause, "reset cause %d" % cause)
 
 
 def app_slot(path=STATE):
     """The folder of the app to run, None for the one provisioned. An update runs on
     trial for one boot: if that boot ends before the app commits it (a crash, the
-    watchdog, a power cut), this boot goes back to the slot before."""
-    import json
-    import os
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
+    watchdog, a power cut), this boot goes back to the slot before and says why."""
+    state = _load(path)
+    if state is None:
         return None
     if state.get("state") == "trial":
         if state.get("boots", 0) >= 1:
             state["state"] = "reverted"
             state["failed"] = state.get("version")
             state["slot"] = state.get("prev")
+            state["why"] = state.get("why") or "its trial boot ended in " + _ended()
         else:
             state["boots"] = 1
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f)
-        os.rename(path + ".tmp", path)
+        _save(state, path)
     return state.get("slot")
+
+
+def _cannot_start(exc, path=STATE):
+    """An update's app that cannot even start: noted, and the next boot runs the one
+    before."""
+    sys.print_exception(exc)
+    state = _load(path)
+    if state is not None and state.get("state") == "trial":
+        state["why"] = "its app cannot start: %s: %s" % (type(exc).__name__, exc)
+        _save(state, path)
+    import machine
+    machine.reset()
 
 
 if __name__ == "__main__":
@@ -41,8 +75,4 @@ if __name__ == "__main__":
     except Exception as exc:
         if not slot:
             raise
-        # an update's app that cannot even start: the next boot runs the one before
-        sys.print_exception(exc)
-        import machine
-
-        machine.reset()
+        _cannot_start(exc)

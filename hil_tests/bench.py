@@ -21,6 +21,7 @@ from citynode import wire
 from citynode.provisioning.device import SESSION_WDT_MS, last_json
 from citynode.subscriber import Message, Subscriber
 from citynode.testing.emulator import BoardHandle, guarded, wait_for
+from citynode.testing.gateway import GatewayProcess
 
 VENV_BIN = Path(sys.executable).parent
 APP_STARTED = "starting"     # the app's console line: "citynode: node X, firmware V, starting"
@@ -40,6 +41,7 @@ class Bench:
     window_s: int
     emulated: BoardHandle | None = None
     ops_home: Path | None = None   # citynode-ops's folder: the operator key, the city broker
+    gateway: GatewayProcess | None = None   # the pole's gateway (emulated pole only)
 
     # -- serial ----------------------------------------------------------------------
     def mpremote(self, *args: str, timeout: float = 60, check: bool = True,

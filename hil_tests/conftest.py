@@ -158,7 +158,7 @@ def emulated_pole(tmp: Path, board: str, image: Path | None = None,
                                 f"{clock.host}:{clock.port}")
             gateway.start()
             yield _bench(tmp, device, handle.link, (mosquitto.host, mosquitto.port), operator,
-                         handle, ops_home=tmp / "ops")
+                         handle, ops_home=tmp / "ops", gateway=gateway)
         finally:
             gateway.kill()
             emu.stop()
@@ -202,13 +202,13 @@ def chip_bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 def _bench(tmp: Path, device: str, port: str, broker: tuple[str, int],
            operator: ec.EllipticCurvePrivateKey, emulated=None,
-           ops_home: Path | None = None) -> Bench:
+           ops_home: Path | None = None, gateway: GatewayProcess | None = None) -> Bench:
     registry = load_registry(tmp / "fleet", strict=True)
     record = registry.get(device)
     assert record is not None and record.active, f"{device} is not in the registry"
     return Bench(port=port, device=device, public_key=registry.credential(record).public_key,
                  operator=operator, broker=broker, window_s=WINDOW_S, emulated=emulated,
-                 ops_home=ops_home)
+                 ops_home=ops_home, gateway=gateway)
 
 
 @pytest.fixture

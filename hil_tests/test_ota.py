@@ -14,19 +14,23 @@ x64`). A trial boot that commits (after 120 s healthy) is tested on the unix por
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from citynode import wire
 from citynode.ops.bundle import split
+from citynode.ops.ota import CHUNK_BYTES
 from citynode.testing.emulator import FIRMWARE, wait_for
 from hil_tests.bench import VENV_BIN, Bench, records
 from hil_tests.conftest import emulated_pole
 from hil_tests.test_ops import ops
 
+MANIFEST = "manifest.cose"      # the slot's signed manifest (firmware/node/ota.py)
 ANSWER_S = 40
 BOARD = "esp32-wrover-kit"
 
@@ -46,14 +50,22 @@ def node(pole: Bench) -> Bench:
     return pole
 
 
-def _bundle(node: Bench, tmp: Path, version: str, broken: bool = False) -> Path:
+def _bundle(node: Bench, tmp: Path, version: str, broken: bool = False,
+            blind: bool = False) -> Path:
     """The firmware as `version`, bundled with the bench's operator key; `broken`: a bad
     build that holds the app and its version but none of the modules they import (its
-    trial boot cannot import the app), which also keeps it small and quick to send."""
+    trial boot cannot import the app), which also keeps it small and quick to send;
+    `blind`: a build whose light sensor never reads (its self-test fails)."""
     fw = tmp / "fw"
     shutil.copytree(FIRMWARE, fw, ignore=shutil.ignore_patterns("__pycache__"))
     version_py = fw / "node" / "version.py"
     version_py.write_text(version_py.read_text().replace('"0.1.0"', f'"{version}"'))
+    if blind:
+        sensors_py = fw / "node" / "sensors.py"
+        text = sensors_py.read_text()
+        assert "return (await self.part.alux(),)" in text
+        sensors_py.write_text(text.replace("return (await self.part.alux(),)",
+                                           "raise OSError('this build cannot read it')"))
     if broken:
         shutil.rmtree(fw / "drivers")
         keep = {"__init__.py", "app.py", "version.py"}
@@ -75,7 +87,8 @@ def test_an_update_whose_app_cannot_start_is_left_by_the_node_itself(node: Bench
                        "--wait", str(ANSWER_S), "--trial-wait", "120", timeout=600)
     [update] = result["nodes"]
     assert code == 1 and update["state"] == "reverted", update
-    assert update["detail"] == "9.0.0 failed its trial boot"
+    assert update["detail"].startswith("9.0.0 failed its trial boot: its app cannot start: "
+                                       "ImportError"), update
     # it runs the app it ran before, and goes on with its readings
     with node.listen() as sub:
         sub.wait(2, timeout=3 * node.window_s + 30, kind=wire.KIND_READINGS)
@@ -108,3 +121,96 @@ def test_a_good_update_runs_on_its_trial_boot(node: Bench, tmp_path):
 
 def _versions(sub) -> list[str]:
     return [records(w).get("node/firmware") for w in sub.bodies(wire.KIND_READINGS)]
+
+
+def test_a_build_whose_self_test_fails_is_left_at_its_first_window(node: Bench, tmp_path):
+    bundle = _bundle(node, tmp_path, "9.3.0", blind=True)
+    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
+                       "--wait", str(ANSWER_S), "--trial-wait", "120", timeout=600)
+    [update] = result["nodes"]
+    assert code == 1 and update["state"] == "reverted", update
+    assert update["detail"] == "9.3.0 failed its trial boot: self-test: light failed", update
+    with node.listen() as sub:
+        sub.wait(1, timeout=2 * node.window_s + 30, kind=wire.KIND_READINGS)
+    assert set(_versions(sub)) == {"0.1.0"}
+    # the same build again: refused before any chunk, with the reason
+    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
+                       "--wait", str(ANSWER_S), timeout=300)
+    [update] = result["nodes"]
+    assert update["state"] == "reverted" and update["sent"] == 0, update
+    assert "failed_trial" in update["detail"] and "light failed" in update["detail"], update
+
+
+def test_an_update_goes_on_through_power_cuts_and_a_gateway_restart(node: Bench, tmp_path):
+    """One rollout, every break on its way: the power cut in the download (the node
+    forgets the update; the rollout begins it again from what the slot holds), the
+    gateway restarted in the download (its chunks in flight are lost), the power cut
+    between the check and the trial boot, and the power cut in the trial boot (before
+    its commit: the node goes back by itself, and says so)."""
+    if node.gateway is None:
+        pytest.skip("restarts the bench's own gateway: emulated pole only")
+    bundle = _bundle(node, tmp_path, "9.2.0")
+    signed, blob = split(bundle.read_bytes())
+    fs = node.require_emulator("power cuts").state / "fs"
+    slot = fs / "app_a"             # the node runs the provisioned app: the slot is A
+    run = subprocess.Popen([str(VENV_BIN / "citynode-ops"), "--home", str(node.ops_home),
+                            "ota", "--bundle", str(bundle), "--device", node.device,
+                            "--wait", "8", "--trial-wait", "120", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _held(slot, signed) > len(blob) // 3, timeout=120,
+                 what="a third of the bundle in the slot")
+        cut_at = _held(slot, signed)
+        _power_cut(node)
+        wait_for(lambda: _held(slot, signed) > cut_at + 4 * CHUNK_BYTES, timeout=120,
+                 what="the download going on after the power cut")
+        node.gateway.kill()
+        node.gateway.start()
+        wait_for(lambda: _state(fs).get("state") == "trial", timeout=180,
+                 what="the update checked and set to be tried")
+        _power_cut(node)            # before, or as, it resets into the trial boot
+        wait_for(lambda: _state(fs).get("boots") == 1, timeout=30, what="the trial boot")
+        _power_cut(node)
+        out, err = run.communicate(timeout=300)
+    except AssertionError as exc:
+        run.kill()
+        raise AssertionError(f"{exc}; citynode-ops said:\n{run.communicate()[1]}") from exc
+    finally:
+        run.kill()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, err
+    [update] = json.loads(lines[-1])["result"]["nodes"]
+    assert run.returncode == 1 and update["state"] == "reverted", (update, err)
+    assert "9.2.0 failed its trial boot" in update["detail"], update
+    assert "ended in a power cut" in update["detail"], update
+    assert "resuming" in err
+    # resumed where the flash stopped, not started over
+    assert update["offset"] == len(blob) and update["sent"] < len(blob) + cut_at, update
+    with node.listen() as sub:
+        sub.wait(1, timeout=2 * node.window_s + 30, kind=wire.KIND_READINGS)
+    assert set(_versions(sub)) == {"0.1.0"}
+
+
+def _held(slot: Path, signed: bytes) -> int:
+    """The bundle's bytes in the slot (its files on the emulated board's flash), once the
+    slot is this bundle's (an earlier test's update may be there before)."""
+    try:
+        if (slot / MANIFEST).read_bytes() != signed:
+            return 0
+        return sum(f.stat().st_size for f in slot.rglob("*")
+                   if f.is_file() and f.name != MANIFEST)
+    except OSError:
+        return 0
+
+
+def _state(fs: Path) -> dict:
+    try:
+        return json.loads((fs / "data" / "ota.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _power_cut(node: Bench) -> None:
+    node.fault("power", on=False)
+    time.sleep(0.5)
+    node.fault("power", on=True)

@@ -31,19 +31,23 @@ from .send import OK, Delivery
 CHUNK_BYTES = 2048          # a command stays under the wire format's 4 KB envelope
 EXPIRES_S = 300
 TRIES = 3                   # a chunk with no answer is sent again this often
+BEGINS = 5                  # a node that restarts mid-update is begun again this often
 _OFFSET = re.compile(r"(?:offset|send from) (\d+)")
+_FORGOTTEN = "no update under way"     # the node's answer after a restart (node/app.py)
 
 
 @dataclass
 class NodeUpdate:
     node: Node
     offset: int = 0
-    state: str = "pending"      # sending, finished, committed, reverted, failed
+    state: str = "pending"      # begin, sending, finished, committed, reverted, failed
     detail: str = ""
+    begun: int = 0              # times begun again after the node restarted
+    sent: int = 0               # the bundle's bytes sent, chunks sent again included
 
     def to_dict(self) -> dict:
         return {"device": self.node.device, "pole": self.node.pole, "state": self.state,
-                "offset": self.offset, "detail": self.detail}
+                "offset": self.offset, "sent": self.sent, "detail": self.detail}
 
 
 class Rollout:
@@ -67,24 +71,37 @@ class Rollout:
         return updates
 
     def _update(self, group: list[NodeUpdate], answer_s: float, trial_s: float) -> None:
-        self._step(group, "ota_begin", lambda u: {"manifest": self.signed}, answer_s)
+        """Begin, chunks, finish; a node that restarted on the way (a power cut, a crash)
+        has forgotten the update it was taking: it is begun again and goes on from what
+        its slot holds."""
         size = len(self.blob)
         # each gateway's quota, kept with a margin: a chunk it drops is never answered,
         # and costs the node a whole --wait before it goes again
         quota = Buckets(OTA_BURST // 2, OTA_PER_S * 0.75, time.monotonic)
+        for u in group:
+            u.state = "begin"
         while True:
+            begin = [u for u in group if u.state == "begin"]
             due = [u for u in group if u.state == "sending" and u.offset < size]
-            if not due:
+            ready = [u for u in group if u.state == "sending" and u.offset >= size]
+            if begin:
+                self._step(begin, "ota_begin", lambda u: {"manifest": self.signed}, answer_s)
+            elif due:
+                now = [u for u in due if quota.take(u.node.gateway)]
+                if not now:
+                    time.sleep(1 / OTA_PER_S)
+                    continue
+                self._step(now, "ota_chunk", self._chunk, answer_s)
+            elif ready:
+                self._step(ready, "ota_finish", lambda u: {}, answer_s, done="finished")
+            else:
                 break
-            now = [u for u in due if quota.take(u.node.gateway)]
-            if not now:
-                time.sleep(1 / OTA_PER_S)
-                continue
-            self._step(now, "ota_chunk", lambda u: {
-                "at": u.offset, "data": self.blob[u.offset:u.offset + CHUNK_BYTES]}, answer_s)
-        ready = [u for u in group if u.state == "sending"]
-        self._step(ready, "ota_finish", lambda u: {}, answer_s, done="finished")
         self._await_trial([u for u in group if u.state == "finished"], trial_s)
+
+    def _chunk(self, u: NodeUpdate) -> dict:
+        data = self.blob[u.offset:u.offset + CHUNK_BYTES]
+        u.sent += len(data)
+        return {"at": u.offset, "data": data}
 
     def _step(self, group: list[NodeUpdate], name: str, args: Callable[[NodeUpdate], dict],
               answer_s: float, done: str = "sending") -> None:
@@ -108,6 +125,16 @@ class Rollout:
                         self._progress(u, int(found.group(1)))
                 elif o.result == "refused" and "out_of_order" in o.detail and found:
                     self._progress(u, int(found.group(1)))      # it says where to go on
+                elif o.result == "refused" and u.begun and (
+                        f"runs {self.manifest.version}," in o.detail):
+                    u.state = "finished"    # it restarted into the update's trial boot
+                elif o.result == "refused" and _FORGOTTEN in o.detail and u.begun < BEGINS:
+                    u.state = "begin"
+                    u.begun += 1
+                    self.say(f"{u.node.device}: restarted during the update: resuming")
+                elif o.result == "refused" and "failed_trial" in o.detail:
+                    u.state, u.detail = "reverted", o.detail   # it went back, restarting
+                    self.say(f"{u.node.device}: {o.detail}")
                 elif o.result == "refused":
                     u.state, u.detail = "failed", o.detail
                     self.say(f"{u.node.device}: refused: {o.detail}")
@@ -138,11 +165,14 @@ class Rollout:
             u = waiting.get(answer.device)
             if u is None:
                 continue
-            if "ota/committed" in answer.records:
-                u.state, u.detail = "committed", str(answer.records["ota/committed"])
-            elif "ota/reverted" in answer.records:
+            records = answer.records
+            if "ota/committed" in records:
+                u.state = "committed"
+                u.detail = f"{records['ota/committed']}, self-test {records.get('ota/selftest')}"
+            elif "ota/reverted" in records:
                 u.state = "reverted"
-                u.detail = f"{answer.records['ota/reverted']} failed its trial boot"
+                u.detail = (f"{records['ota/reverted']} failed its trial boot: "
+                            f"{records.get('ota/why', 'no reason given')}")
             else:
                 continue
             self.say(f"{u.node.device}: {u.state} {u.detail}")

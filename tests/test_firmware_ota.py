@@ -122,7 +122,40 @@ def test_a_boot_that_ends_before_the_commit_goes_back_to_the_app_before(tmp_path
     back = _boot(tmp_path)
     assert back["slot"] is None and back["version"] == "0.1.0"
     assert back["state"]["state"] == "reverted" and back["state"]["failed"] == "9.0.0"
+    assert back["state"]["why"].startswith("its trial boot ended in ")
     assert _boot(tmp_path)["version"] == "0.1.0"       # and it stays there
+
+
+def test_an_update_that_fails_its_self_test_goes_back_and_says_why(tmp_path):
+    """The app's self-test (node/app.py) leaves the update; the app before reports the
+    reason once. A sensor failing already when the update came is not held against it."""
+    signed, blob = bundle.split(_bundle(tmp_path))
+    _node(tmp_path, "u, at = update(signed, blob); list(u.finish_steps(['air'])); "
+          "print(json.dumps(at))", signed, blob)
+    trial = _boot(tmp_path)
+    assert trial["version"] == "9.0.0" and trial["state"]["faults"] == ["air"]
+    told = run_micropython_json(f"""
+import json, sys
+sys.path.insert(0, {trial["slot"]!r})
+from node import ota
+ota.ROOT = {str(tmp_path / "node")!r}
+ota.fail("self-test: light failed")
+print(json.dumps(ota.trial_faults()))
+""", heap_kb=512)
+    assert told == ["air"]
+    back = _boot(tmp_path)
+    assert back["version"] == "0.1.0" and back["state"]["why"] == "self-test: light failed"
+    reports = run_micropython_json(f"""
+import json
+from node import ota
+ota.ROOT = {str(tmp_path / "node")!r}
+print(json.dumps([ota.take_reverted(), ota.take_reverted()]))
+""", heap_kb=512)
+    assert reports == [["9.0.0", "self-test: light failed"], None]
+    # the same build is not tried there again (an operator's retry, a rollout resumed)
+    again = _node(tmp_path, "r = update(signed, blob); print(json.dumps([r[0], str(r[1])]))",
+                  signed, blob)
+    assert again[0] == "failed_trial" and "self-test: light failed" in again[1], again
 
 
 def test_a_download_cut_off_resumes_where_the_flash_stopped(tmp_path):

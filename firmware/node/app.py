@@ -66,7 +66,10 @@ class Node:
         self.urgent = []            # (kind, records, uptime_ms): sent at once by event_loop
         self.urgent_ready = asyncio.Event()
         self.healthy_marked = False
+        self.failing = set()        # sensors whose last sample failed
+        self.read_ok = set()        # sensors that have read at least once this boot
         self.on_trial = _ota().on_trial() if fsutil.exists(OTA_STATE) else False
+        self.trial_faults = _ota().trial_faults() if self.on_trial else ()
         self.commands = commands.Commands(self.device, self.keys, {
             "set_interval": self._set_interval,
             "lamp": self._set_lamp,
@@ -108,11 +111,14 @@ class Node:
                     if quantity == "light/lux" and self.lighting is not None:
                         self.lighting.lux(value)
                 self.window.flags.pop(sensor.name + "/status", None)
+                self.failing.discard(sensor.name)
+                self.read_ok.add(sensor.name)
             except MemoryError as exc:
                 gc.collect()
                 self._count_error(name, exc)
             except Exception as exc:  # a failing part is reported, the node goes on
                 self.window.flag(sensor.name + "/status", "error: %s" % exc)
+                self.failing.add(sensor.name)
                 self._count_error(name, exc)
             # quiet until the next reading, plus a grace for a slow part (the PMS5003's fan)
             self.supervisor.beat(name, quiet_ms=int(sensor.interval_s * 1000) + SENSOR_GRACE_MS)
@@ -205,13 +211,29 @@ class Node:
                 await self._try_update()
 
     async def _try_update(self):
-        """The update this boot runs on trial: kept once the node has run healthy and
-        reached the city; left (a reset: main.py goes back) if it cannot in TRIAL_MS."""
-        if self.healthy_marked and self.uplink.published:
+        """The update this boot runs on trial, its self-test at each window: left at once
+        (a reset: main.py goes back) when a sensor fails that did not before it came;
+        kept once every other sensor has read, the node has run healthy and reached the
+        city; left if it cannot in TRIAL_MS."""
+        broken = [name for name in self.failing if name not in self.trial_faults]
+        unread = [s.name for s in self.sensors
+                  if s.name not in self.read_ok and s.name not in self.trial_faults]
+        if broken:
+            self._leave_update("self-test: %s failed" % ", ".join(sorted(broken)))
+        elif self.healthy_marked and self.uplink.published and not unread:
             self.on_trial = False
-            await self._status([("ota/committed", None, _ota().commit())], None)
+            version = _ota().commit()
+            read = ", ".join(sorted(self.read_ok)) or "no sensor"
+            await self._status([("ota/committed", None, version),
+                                ("ota/selftest", None, "passed: " + read)], None)
         elif time.ticks_diff(time.ticks_ms(), 0) > TRIAL_MS:
-            safemode.reset("update on trial never reached the city")
+            self._leave_update("self-test: %s in %d s" % (
+                ", ".join(unread) + " never read" if unread else "the city not reached",
+                TRIAL_MS // 1000))
+
+    def _leave_update(self, why):
+        _ota().fail(why)
+        safemode.reset("update left: " + why)
 
     async def close_window(self):
         """The signed envelope of the window that ends now; a new window starts."""
@@ -360,7 +382,7 @@ class Node:
     async def _ota_finish(self, args):
         if self.update is None:
             raise ValueError("no update under way: ota_begin first")
-        version = await self.signer.complete(self.update.finish_steps())
+        version = await self.signer.complete(self.update.finish_steps(self.failing))
         self.update = None
         asyncio.create_task(self._reboot_soon("update " + version))
         return "ready " + version
@@ -381,7 +403,8 @@ class Node:
             asyncio.create_task(self._status([("node/last_crash", None, crash[-200:])], 0))
         failed = _ota().take_reverted() if fsutil.exists(OTA_STATE) else None
         if failed:      # the update's trial boot ended before its commit: this app is back
-            asyncio.create_task(self._status([("ota/reverted", None, failed)], 0))
+            asyncio.create_task(self._status([("ota/reverted", None, failed[0]),
+                                              ("ota/why", None, failed[1])], 0))
         ntp = self.cfg["ntp"]
         tasks = [self.signer.run(), self.wifi.run(), self.uplink.run(), self.window_loop(),
                  self.event_loop(), self.supervisor.run(),

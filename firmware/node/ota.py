@@ -12,10 +12,11 @@ docs/ota.md) goes into the slot not running:
 - finish() checks every file's SHA-256 (a bad file is removed and fetched again) and
   makes the slot the one to try at the next boot.
 The slot always holds a prefix of the bundle's bytes, so where it ends is the offset.
-That boot runs it on trial; the app commits it (commit()) once it has run HEALTHY_S and
-reached the city. If the boot ends first (a crash, the watchdog, a power cut), main.py
-runs the slot before at the next one, as the ESP-IDF bootloader does with an app left
-pending verification.
+That boot runs it on trial: its self-test (node/app.py) leaves it (fail()) when a sensor
+fails that did not before, and commits it (commit()) once every other sensor has read,
+it has run HEALTHY_S and reached the city. If the boot ends first (a crash, the
+watchdog, a power cut), main.py runs the slot before at the next one, as the ESP-IDF
+bootloader does with an app left pending verification.
 """
 
 import json
@@ -39,8 +40,8 @@ ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp
 
 class UpdateRefused(ValueError):
     """An update this node will not take: `reason` is one word for the operator's count
-    (bad_signature, malformed, wrong_board, not_newer, no_room, out_of_order, bad_file,
-    nothing_to_finish), the message says what to do."""
+    (bad_signature, malformed, wrong_board, not_newer, failed_trial, no_room, out_of_order,
+    bad_file, nothing_to_finish), the message says what to do."""
 
     def __init__(self, reason, detail):
         super().__init__(reason + ": " + detail)
@@ -91,15 +92,29 @@ def commit():
     return values.get("version")
 
 
+def trial_faults():
+    """The sensors that were failing already when the update on trial was received: its
+    self-test does not hold those against it."""
+    return state().get("faults") or []
+
+
+def fail(why):
+    """The update on trial is to be left: `why` is kept for the app that runs after the
+    reset (main.py goes back at the next boot)."""
+    values = state()
+    values["why"] = why
+    _save(values)
+
+
 def take_reverted():
-    """The version that failed its trial, once (the app says so in a signed status), or
-    None."""
+    """(version, why) of the update that failed its trial, once (the app says so in a
+    signed status), or None."""
     values = state()
     if values.get("state") != "reverted" or values.get("told"):
         return None
     values["told"] = True
     _save(values)
-    return values.get("failed")
+    return values.get("failed"), values.get("why") or "unknown"
 
 
 class Update:
@@ -174,6 +189,11 @@ class Update:
             raise UpdateRefused("not_newer", "the node runs %s, the bundle is %s (a "
                                 "downgrade must be built with --downgrade)"
                                 % (version.VERSION, m.get("version")))
+        values = state()
+        if values.get("failed") == m.get("version"):
+            raise UpdateRefused("failed_trial", "%s failed its trial boot here (%s): fix it "
+                                "and build it as a newer version" % (m.get("version"),
+                                                                      values.get("why")))
         need = sum(f[1] for f in files) + fsutil.RESERVE_BYTES
         free = self._free_bytes()
         if free is not None and free < need:
@@ -247,11 +267,11 @@ class Update:
         """finish_steps() run at once (tests, a technician's session)."""
         return ec.finish(self.finish_steps())
 
-    def finish_steps(self):
+    def finish_steps(self, faults=()):
         """Check every file's hash, a step per file (node.signer runs them beside the
         audio), then try the slot at the next boot; the version. A file that does not
         match goes, with every file after it (the download goes on from its start), and
-        UpdateRefused says so."""
+        UpdateRefused says so. `faults`: the sensors failing now (trial_faults())."""
         if self.manifest is None or self.offset() < sum(f[1] for f in self.files):
             raise UpdateRefused("nothing_to_finish", "the slot does not hold the whole bundle")
         for n, (path, _, digest) in enumerate(self.files):
@@ -263,7 +283,7 @@ class Update:
                                     "fetched again from offset %d" % (path, self.offset()))
         _save({"state": "trial", "boots": 0, "slot": self.slot, "prev": running_slot(),
                "version": self.manifest["version"], "from": version.VERSION,
-               "failed": state().get("failed")})
+               "failed": state().get("failed"), "faults": list(faults)})
         return self.manifest["version"]
 
 
