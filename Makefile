@@ -20,7 +20,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-systemd hil demo bench bench-firmware bench-gateway bench-provision bench-throttle bench-events lint flash provision install-gateway clean
+.PHONY: setup test test-systemd hil demo bench bench-firmware bench-gateway bench-provision bench-throttle bench-events bench-ota lint flash provision install-gateway clean
 
 # A recipe line: apt-get installs those of the Debian packages $(1) that are missing.
 define apt_install
@@ -63,10 +63,10 @@ endif
 demo: setup
 	$(BIN)/python -m citynode.demo $(DEMO_ARGS)
 
-bench: bench-firmware bench-gateway bench-provision bench-throttle bench-events
+bench: bench-firmware bench-gateway bench-provision bench-throttle bench-events bench-ota
 	$(BIN)/python -m bench.table
 
-bench-firmware bench-gateway bench-provision bench-throttle bench-events: setup
+bench-firmware bench-gateway bench-provision bench-throttle bench-events bench-ota: setup
 	$(BIN)/python -m bench.$(subst -,_,$(subst bench-,,$@)) --out bench/results
 
 lint: setup

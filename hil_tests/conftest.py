@@ -16,22 +16,20 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from citynode.chrony import PoleTimeServer
 from citynode.mosquitto import Mosquitto
 from citynode.registry import load_registry
 from citynode.testing.emulator import start_emulator
-from citynode.testing.gateway import PREFIX, GatewayProcess
-from citynode.testing.provisioning import cli, make_image, password_file
-from hil_tests.bench import VENV_BIN, Bench
+from citynode.testing.gateway import GatewayProcess
+from citynode.testing.provisioning import cli, make_image, ops_init, password_file
+from hil_tests.bench import Bench
 
 WINDOW_S = 5
 
@@ -55,6 +53,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="skip the second emulated node that runs at the chip's speed")
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own, which reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`make test` runs two pytest-xdist workers (--dist loadgroup): the HIL tests share
     one session-scoped bench, so one worker runs them all, one after another; the
@@ -83,21 +82,6 @@ def _lan_address() -> str:
         return probe.getsockname()[0]
 
 
-def _operator_key(tmp: Path, city: tuple[str, int] = ("127.0.0.1", 1883)
-                  ) -> tuple[ec.EllipticCurvePrivateKey, Path]:
-    """The operator's downlink key, made as an operator makes it (`citynode-ops init`, in
-    tmp/ops): its public half is provisioned onto the node and given to the gateway."""
-    home = tmp / "ops"
-    run = subprocess.run([str(VENV_BIN / "citynode-ops"), "--home", str(home), "init",
-                          "--broker", f"{city[0]}:{city[1]}", "--no-tls", "--prefix", PREFIX,
-                          "--registry", str(tmp / "fleet"), "--json"],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"citynode-ops init failed:\n{run.stdout}\n{run.stderr}"
-    key = serialization.load_pem_private_key((home / "operator.key.pem").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key, home / "operator.pub.pem"
-
-
 def _provision(tmp: Path, port: str, board: str, broker: str, ssid: str, pwfile: Path,
                image: Path | None, operator_pem: Path, ntp: str | None = None) -> str:
     args = ["provision", "--port", port, "--board", board, "--registry", str(tmp / "fleet"),
@@ -113,7 +97,7 @@ def _provision(tmp: Path, port: str, board: str, broker: str, ssid: str, pwfile:
 def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     config = request.config
     tmp = tmp_path_factory.mktemp("hil")
-    operator, operator_pem = _operator_key(tmp)
+    operator, operator_pem = ops_init(tmp)
     board = config.getoption("--board")
     image = config.getoption("--image")
     if _hardware(config):
@@ -141,7 +125,7 @@ def emulated_pole(tmp: Path, board: str, image: Path | None = None,
     else it already runs the board's MicroPython and provisioning keeps it."""
     with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
             Mosquitto(tmp / "city") as city, PoleTimeServer(tmp / "chrony") as clock:
-        operator, operator_pem = _operator_key(tmp, (city.host, city.port))
+        operator, operator_pem = ops_init(tmp, (city.host, city.port))
         scenario = tmp / "scenario.json"
         # a spring noon (daylight on the BH1750); impulses only when a test fires one
         scenario.write_text(json.dumps({"start": "2026-04-15T12:00:00", "events": []}))
@@ -177,7 +161,7 @@ def chip_bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     if config.getoption("--no-chip-speed"):
         pytest.skip("--no-chip-speed")
     tmp = tmp_path_factory.mktemp("hil-chip")
-    operator, operator_pem = _operator_key(tmp)
+    operator, operator_pem = ops_init(tmp)
     board = config.getoption("--board")
     with Mosquitto(tmp / "broker", persistence=True) as mosquitto, \
             PoleTimeServer(tmp / "chrony") as clock:

@@ -216,9 +216,15 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     try:
-        chips = {get_board(name).chip for name in args.board}
+        boards = [get_board(name) for name in args.board]
     except BoardCatalogueError as exc:
         raise OpsError(str(exc), "'citynode-provision boards' lists them") from None
+    for board in boards:
+        if board.romfs_kb:
+            raise OpsError(f"{board.name} runs its app from ROMFS, which updates over the air "
+                           "cannot replace yet (docs/ota.md)",
+                           "update it over the cable: citynode-provision deploy")
+    chips = {board.chip for board in boards}
     arches = {args.arch} if args.arch else {bundle.CHIP_ARCH[chip] for chip in chips}
     if len(arches) > 1:
         raise OpsError(f"{', '.join(args.board)} run different code ({', '.join(arches)})",

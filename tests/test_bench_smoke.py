@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import events, firmware, gateway, provision, throttle
+from bench import events, firmware, gateway, ota, provision, throttle
 
 
 def _load(out: Path, name: str) -> dict:
@@ -83,3 +83,17 @@ def test_bench_events_quick(tmp_path: Path):
     assert table["crash"]["crash"] >= 5, table
     assert table["door_slam"]["other"] + table["firework"]["other"] >= 9, table
     assert result["onset_error_ms_p95_gunshot"] <= 2.0      # issue 13: the onset's sample
+
+
+def test_bench_ota_quick(tmp_path: Path):
+    """One node at host speed: the bundle goes over whole, through the real gateway, and
+    the node's trial boot sends a window of the new version."""
+    result = ota.main(["--quick", "--out", str(tmp_path)])
+    assert _load(tmp_path, "ota") == result
+    one = result["one_node"]
+    assert one["states"] == ["failed"]          # not committed: the smoke run does not wait
+    assert one["bundle_bytes_sent_per_node"] >= result["bundle_bytes"] > 50_000
+    assert one["bytes_on_air_per_node"] > one["bundle_bytes_sent_per_node"]
+    assert 0 < one["took_whole_bundle_s"] < one["first_trial_window_s"]
+    assert one["readings_lost"] == 0 and one["windows_at_city"] > 0
+    assert one["longest_window_gap_s"] > 0 and one["audio_overruns"] >= 0

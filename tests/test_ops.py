@@ -150,13 +150,18 @@ def test_a_bundle_is_built_for_the_boards_chip_and_signed_with_the_operator_key(
     ops(capsys, "--home", str(home), "init", "--broker", "127.0.0.1:1883", "--no-tls")
     out = tmp_path / "update.cbor"
     code, result = ops(capsys, "--home", str(home), "bundle", "--board", "esp32-wrover-kit",
-                       "--board", "esp32-devkitc", "--out", str(out))
-    assert code == 0 and result["boards"] == ["esp32-wrover-kit", "esp32-devkitc"]
+                       "--board", "esp32-s3-devkitc", "--out", str(out))
+    assert code == 0 and result["boards"] == ["esp32-wrover-kit", "esp32-s3-devkitc"]
     manifest, blob = bundle.read(out.read_bytes(), OpsHome(home).key().public_key())
     assert manifest.mpy[2] == "xtensawin" and len(blob) == result["bytes"]
     assert {p for p, _, _ in manifest.files} >= {"node/app.mpy", "node/ota.mpy"}
     # one bundle cannot serve two chip families
-    assert main(["--home", str(home), "bundle", "--board", "esp32-devkitc", "--board",
+    assert main(["--home", str(home), "bundle", "--board", "esp32-wrover-kit", "--board",
                  "esp32-c3-devkitm", "--out", str(tmp_path / "mixed.cbor")]) == 2
     assert "build one bundle per chip family" in capsys.readouterr().err
     assert not (tmp_path / "mixed.cbor").exists()
+    # nor a board whose app runs from ROMFS (docs/decisions.md)
+    assert main(["--home", str(home), "bundle", "--board", "esp32-devkitc",
+                 "--out", str(tmp_path / "romfs.cbor")]) == 2
+    assert "update it over the cable" in capsys.readouterr().err
+    assert not (tmp_path / "romfs.cbor").exists()

@@ -93,18 +93,48 @@ def operator_key(tmp: Path):
     return key, pem
 
 
+def ops_init(tmp: Path, city: tuple[str, int] = ("127.0.0.1", 1883)):
+    """The operator's downlink key, made as an operator makes it (`citynode-ops init`, in
+    tmp/ops, reaching the city broker `city`): (private key, its public PEM file, which
+    provisioning puts on the nodes and the gateway is given)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from citynode.testing.gateway import PREFIX
+
+    home = tmp / "ops"
+    run = subprocess.run([str(VENV_BIN / "citynode-ops"), "--home", str(home), "init",
+                          "--broker", f"{city[0]}:{city[1]}", "--no-tls", "--prefix", PREFIX,
+                          "--registry", str(tmp / "fleet"), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    if run.returncode != 0:
+        raise RuntimeError(f"citynode-ops init failed:\n{run.stdout}\n{run.stderr}")
+    key = serialization.load_pem_private_key((home / "operator.key.pem").read_bytes(), None)
+    return key, home / "operator.pub.pem"
+
+
 def provision_one(tmp: Path, port: str, broker: str, window_s: int, operator_pem: Path,
                   board: str = "esp32-devkitc", flash: bool = True,
                   ntp: str | None = None) -> str:
     """One board provisioned as a technician does it (flash unless `flash` is False: a
     board that has MicroPython; deploy, keys, registry in tmp/fleet, verified self-test);
     returns its device id."""
-    args = ["provision", "--port", port, "--board", board, "--registry", str(tmp / "fleet"),
-            "--site", "bench", "--pole", "B-1", "--broker", broker, "--wifi-ssid", "city",
+    return provision_boards(tmp, [port], broker, window_s, operator_pem, board, flash,
+                            ntp)[0]
+
+
+def provision_boards(tmp: Path, ports: list[str], broker: str, window_s: int,
+                     operator_pem: Path, board: str = "esp32-devkitc", flash: bool = True,
+                     ntp: str | None = None, pole: str = "B-1") -> list[str]:
+    """provision_one() for boards on `ports`, in one `citynode-provision` run (it takes
+    them in parallel), all on `pole`; their device ids, in the ports' order."""
+    args = ["provision", *[a for port in ports for a in ("--port", port)], "--board", board,
+            "--registry", str(tmp / "fleet"), "--site", "bench", "--pole", pole,
+            "--broker", broker, "--wifi-ssid", "city",
             "--wifi-password-file", str(password_file(tmp)), "--window-s", str(window_s),
             "--operator-key", str(operator_pem), "--json", *(["--ntp", ntp] if ntp else [])]
     args += ["--image", str(make_image(tmp, board))] if flash else ["--no-flash"]
     run = cli(*args, logs=tmp / "logs", timeout=600)
     if run.code != 0:
         raise RuntimeError(f"provisioning failed ({run.code}):\n{run.stdout}\n{run.stderr}")
-    return run.result["boards"][0]["device"]
+    by_port = {b["port"]: b["device"] for b in run.result["boards"]}
+    return [by_port[port] for port in ports]
