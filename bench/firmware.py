@@ -307,7 +307,9 @@ def _task_steps(board: BoardHandle, seconds: int, factor: float) -> dict:
 
 
 def _high_water(board: BoardHandle, seconds: int) -> dict:
-    mpremote(board.link, "soft-reset")
+    # the stock layout's app imports 80 KB of .mpy first: on a loaded host (make test's
+    # other worker) its interrupt and reset took over 60 s once
+    mpremote(board.link, "soft-reset", timeout=180)
     return last_json(mpremote(board.link, "exec", HIGH_WATER.replace("SECONDS", str(seconds)),
                               timeout=300))
 

@@ -148,14 +148,16 @@ def _ops(home: Path, *args: str, timeout: float = 1800) -> dict:
     return json.loads(lines[-1])["result"]
 
 
-def rollout(home: Path, bundle: Path, version: str, devices: list[str], boards: list[BoardHandle],
-            watch: Watch, trial_wait_s: float) -> dict:
-    """One `citynode-ops ota` to `devices`, and what it cost them."""
+def rollout(home: Path, bundle: Path, version: str, devices: list[str],
+            boards: list[BoardHandle], watch: Watch, trial_wait_s: float) -> dict:
+    """One `citynode-ops ota` to `devices` (the first a canary when there are more), and
+    what it cost them."""
     overruns = [_overruns(b) for b in boards]
     watch.reset()
     start = time.time()
     targets = [a for d in devices for a in ("--device", d)]
-    result = _ops(home, "ota", "--bundle", str(bundle), *targets, "--wait", "60",
+    canary = ["--canary", "1"] if len(devices) > 1 else []
+    result = _ops(home, "ota", "--bundle", str(bundle), *targets, *canary, "--wait", "60",
                   "--trial-wait", str(trial_wait_s))
     took = time.time() - start
     states = {n["device"]: n for n in result["nodes"]}

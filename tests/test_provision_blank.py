@@ -28,6 +28,9 @@ from citynode.testing.provisioning import (
     provision_args,
 )
 
+# one worker takes the module (make test's --dist loadgroup): its board is provisioned once
+pytestmark = pytest.mark.xdist_group("provision-blank")
+
 SELFTEST = ("from node import p256\np256.precompute()\nimport node.selftest\n"
             "node.selftest.main()")
 
