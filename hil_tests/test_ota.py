@@ -83,23 +83,16 @@ def _bundle(node: Bench, tmp: Path, version: str, broken: bool = False,
 
 def test_an_update_whose_app_cannot_start_is_left_by_the_node_itself(node: Bench, tmp_path):
     bundle = _bundle(node, tmp_path, "9.0.0", broken=True)
-    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
-                       "--wait", str(ANSWER_S), "--trial-wait", "120", timeout=600)
-    [update] = result["nodes"]
+    code, update = _roll(node, bundle, "--trial-wait", "120", timeout=600)
     assert code == 1 and update["state"] == "reverted", update
     assert update["detail"].startswith("9.0.0 failed its trial boot: its app cannot start: "
                                        "ImportError"), update
-    # it runs the app it ran before, and goes on with its readings
-    with node.listen() as sub:
-        sub.wait(2, timeout=3 * node.window_s + 30, kind=wire.KIND_READINGS)
-    assert set(_versions(sub)) == {"0.1.0"}
+    _runs_the_app_before(node)
 
 
 def test_a_bundle_the_node_runs_already_is_refused_before_any_chunk(node: Bench, tmp_path):
     bundle = _bundle(node, tmp_path, "0.1.0")
-    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
-                       "--wait", str(ANSWER_S), timeout=300)
-    [update] = result["nodes"]
+    code, update = _roll(node, bundle, timeout=300)
     assert code == 1 and update["state"] == "failed" and update["offset"] == 0, update
     assert "not_newer" in update["detail"], update
 
@@ -108,9 +101,7 @@ def test_a_good_update_runs_on_its_trial_boot(node: Bench, tmp_path):
     """The update itself, from its slot, on the board: its windows carry its version.
     (Its commit comes after 120 s healthy: not waited for here.)"""
     bundle = _bundle(node, tmp_path, "9.1.0")
-    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
-                       "--wait", str(ANSWER_S), "--trial-wait", "1", timeout=600)
-    [update] = result["nodes"]
+    _, update = _roll(node, bundle, "--trial-wait", "1", timeout=600)
     _, blob = split(bundle.read_bytes())
     assert update["offset"] == len(blob) and update["state"] == "failed", update
     assert "no word from its trial boot" in update["detail"]
@@ -119,25 +110,34 @@ def test_a_good_update_runs_on_its_trial_boot(node: Bench, tmp_path):
                  what="a window of the trial boot")
 
 
+def _roll(node: Bench, bundle: Path, *args: str, timeout: float) -> tuple[int, dict]:
+    """`citynode-ops ota` of `bundle` to the node: (exit code, the node's result)."""
+    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
+                       "--wait", str(ANSWER_S), *args, timeout=timeout)
+    [update] = result["nodes"]
+    return code, update
+
+
+def _runs_the_app_before(node: Bench) -> None:
+    """The node goes on with its readings, from the app it ran before the update."""
+    with node.listen() as sub:
+        sub.wait(2, timeout=3 * node.window_s + 30, kind=wire.KIND_READINGS)
+    assert set(_versions(sub)) == {"0.1.0"}
+
+
 def _versions(sub) -> list[str]:
     return [records(w).get("node/firmware") for w in sub.bodies(wire.KIND_READINGS)]
 
 
 def test_a_build_whose_self_test_fails_is_left_at_its_first_window(node: Bench, tmp_path):
     bundle = _bundle(node, tmp_path, "9.3.0", blind=True)
-    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
-                       "--wait", str(ANSWER_S), "--trial-wait", "120", timeout=600)
-    [update] = result["nodes"]
+    code, update = _roll(node, bundle, "--trial-wait", "120", timeout=600)
     assert code == 1 and update["state"] == "reverted", update
     assert update["detail"] == "9.3.0 failed its trial boot: self-test: light failed", update
-    with node.listen() as sub:
-        sub.wait(1, timeout=2 * node.window_s + 30, kind=wire.KIND_READINGS)
-    assert set(_versions(sub)) == {"0.1.0"}
+    _runs_the_app_before(node)
     # the same build again: refused before any chunk, with the reason
-    code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
-                       "--wait", str(ANSWER_S), timeout=300)
-    [update] = result["nodes"]
-    assert update["state"] == "reverted" and update["sent"] == 0, update
+    code, update = _roll(node, bundle, timeout=300)
+    assert code == 1 and update["state"] == "reverted" and update["sent"] == 0, update
     assert "failed_trial" in update["detail"] and "light failed" in update["detail"], update
 
 
@@ -186,9 +186,7 @@ def test_an_update_goes_on_through_power_cuts_and_a_gateway_restart(node: Bench,
     assert "resuming" in err
     # resumed where the flash stopped, not started over
     assert update["offset"] == len(blob) and update["sent"] < len(blob) + cut_at, update
-    with node.listen() as sub:
-        sub.wait(1, timeout=2 * node.window_s + 30, kind=wire.KIND_READINGS)
-    assert set(_versions(sub)) == {"0.1.0"}
+    _runs_the_app_before(node)
 
 
 def _held(slot: Path, signed: bytes) -> int:
