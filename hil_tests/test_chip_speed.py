@@ -17,7 +17,7 @@ from hil_tests.test_sensors import check_sound_window
 from hil_tests.test_uplink import check_downlink
 
 STAMP_S = 0.05    # the onset by the chunk's read time, and the clock: +3 ms measured
-SHOTS = 4
+SHOTS = 6         # fired again while heard after lost audio (4 all were, once, on a loaded host)
 
 
 def test_chip_speed_window_carries_sound_levels(chip_node: Bench):
