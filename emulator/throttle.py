@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # 100 us bursts, ~1.15x at 300 us, ~1.0x at 1 ms (docs/decisions.md, "Chip speed").
 BURST_S = 300e-6
 MAX_CARRY_S = 0.002       # oversleep credited to the next stop, at most
+STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
+USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
 FIFO_PRIORITY = 10
 _SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
 
@@ -167,14 +169,18 @@ class Throttle:
             time.sleep(burst)
             ran = clock() - start
             # a running process's CPU time is only brought up to date when it leaves the
-            # CPU: stop it before reading; a sleeping one is read as it is
+            # CPU: stop it, and wait until it has, before reading; a sleeping one is read
+            # as it is
             stopped = self._running()
-            if stopped and not self._signal(signal.SIGSTOP):
+            if stopped and not self._stop():
                 return
             now, count = _read_schedstat(self._fd)
             used, last = now - last, now
             # the host's own cost of scheduling it in (wake-ups, our continues)
             used, switches = max(0, used - (count - switches) * self.switch_ns), count
+            # and of its system calls: the emulator's links, the sockets (on the chip a
+            # register access, or lwIP on the other core), by the user share so far
+            used = int(used * self._user_share())
             if free > 0:
                 free -= used
                 used = max(0, -free)
@@ -201,12 +207,40 @@ class Throttle:
             if not self._signal(signal.SIGCONT):
                 return
 
+    def _stop(self) -> bool:
+        """SIGSTOP, and wait until the process is off its CPU: the signal reaches a task
+        running on another core some us later, and its CPU time until then was read a
+        burst late, so the stop it owed came after a short job had ended (a 1 ms job
+        at x25 took 8 ms, not 25). False if the process is gone."""
+        if not self._signal(signal.SIGSTOP):
+            return False
+        deadline = time.perf_counter() + STOP_WAIT_S
+        while self._state() not in b"Tt" and time.perf_counter() < deadline:
+            pass
+        return True
+
+    def _user_share(self) -> float:
+        """The process's user time / CPU time since it started (/proc/PID/stat, in
+        clock ticks: a sample, so cumulative, and 1 until there are USER_SHARE_TICKS)."""
+        try:
+            fields = os.pread(self._stat_fd, 256, 0).rsplit(b")", 1)[1].split()
+            user, system = int(fields[11]), int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return 1.0
+        if user + system < USER_SHARE_TICKS:
+            return 1.0
+        return user / (user + system)
+
+    def _state(self) -> bytes:
+        """The process's state letter (/proc/PID/stat); b"" if unreadable."""
+        try:
+            return os.pread(self._stat_fd, 256, 0).rsplit(b")", 1)[1][1:2]
+        except (OSError, IndexError):
+            return b""
+
     def _running(self) -> bool:
         """Whether the process is on a CPU or waiting for one (state R in /proc/PID/stat)."""
-        try:
-            return os.pread(self._stat_fd, 256, 0).rsplit(b")", 1)[1][1:2] == b"R"
-        except (OSError, IndexError):
-            return True
+        return self._state() in (b"R", b"")
 
     def stop(self) -> None:
         """Let the process run free (it is being killed, or chip speed is switched off)."""

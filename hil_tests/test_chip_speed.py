@@ -17,7 +17,7 @@ from hil_tests.test_sensors import check_sound_window
 from hil_tests.test_uplink import check_downlink
 
 STAMP_S = 0.05    # the onset by the chunk's read time, and the clock: +3 ms measured
-SHOTS = 6         # fired again while heard after lost audio (4 all were, once, on a loaded host)
+SHOTS = 6         # fired again while not heard, or its onset lost (5 were, once)
 
 
 def test_chip_speed_window_carries_sound_levels(chip_node: Bench):
@@ -32,7 +32,7 @@ def test_chip_speed_impulse_reported_and_stamped_when_it_happened(chip_bench: Be
     how much audio the node still drops, and so how many shots it misses, its
     audio_lost_pct (issue 11): here up to SHOTS shots, at different phases."""
     chip_bench.boot_app(timeout=120)
-    delay, stamp_error = fire_impulse(chip_bench, shots=SHOTS)
+    delay, stamp_error = fire_impulse(chip_bench, shots=SHOTS, stamp_s=STAMP_S)
     print(f"chip speed: impulse delay {delay:.3f} s, stamp error {stamp_error:+.3f} s")
     assert abs(stamp_error) <= STAMP_S, f"the event's stamp is {stamp_error:+.3f} s off"
 

@@ -17,7 +17,7 @@ from citynode.boards import get_board
 from citynode.emulator.peripherals import Peripherals
 from citynode.emulator.scenario import ManualClock, Scenario
 from citynode.provisioning.device import Session, last_json
-from citynode.testing.emulator import BoardHandle, mpremote, start_emulator, wait_for
+from citynode.testing.emulator import BoardHandle, hard_reset, mpremote, start_emulator, wait_for
 from citynode.testing.firmware import run_async, stop_leftovers, wait_file
 
 
@@ -91,7 +91,7 @@ APP_WITH_A_SHORT_DOG = ("import machine, time\nwdt = machine.WDT(timeout=1500)\n
 def _start_app(board: BoardHandle) -> int:
     """main.py feeds a 1.5 s dog; the board reset into it. Returns its boot count."""
     mpremote(board.link, "exec", f"open('main.py', 'w').write({APP_WITH_A_SHORT_DOG!r})")
-    mpremote(board.link, "reset")
+    hard_reset(board)
     wait_for(lambda: (board.state / "fs" / "app.txt").exists(), timeout=20,
              what="the app to start")
     return board.control("status")["boots"]
@@ -197,8 +197,7 @@ def test_ticks_count_from_the_chips_reset_and_wrap_as_on_the_esp32(emu_board):
     (after_soft, _, _), _ = _ticks(emu_board, soft_reset=True)
     assert after_soft >= ms + 1000                  # a soft reset does not restart them
 
-    mpremote(emu_board.link, "reset")
-    wait_for(lambda: emu_board.control("status")["mode"] == "running", what="the reboot")
+    hard_reset(emu_board)
     (after_hard, _, _), _ = _ticks(emu_board)
     assert after_hard < after_soft                  # a hard reset does
 
@@ -355,8 +354,7 @@ def test_a_hard_reset_starts_the_wifi_over_and_a_soft_reset_does_not(emu_board):
     look = "import network; w = network.WLAN(); print(w.active(), w.status())"
     mpremote(emu_board.link, "exec", connect)
     assert mpremote(emu_board.link, "exec", look).split() == ["True", "1010"]  # soft reset
-    mpremote(emu_board.link, "reset")
-    wait_for(lambda: emu_board.control("status")["mode"] == "running", what="the reboot")
+    hard_reset(emu_board)
     assert mpremote(emu_board.link, "exec", look).split() == ["False", "1000"]
 
 

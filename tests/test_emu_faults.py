@@ -6,7 +6,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from citynode.testing.emulator import mpremote, start_emulator, wait_for
+from citynode.testing.emulator import hard_reset, mpremote, start_emulator, wait_for
 
 
 def _echo(conn: socket.socket) -> None:
@@ -123,9 +123,8 @@ def test_watchdog_bites_a_hung_board(emu_board):
             "    try:\n        i2c.scan()\n    except OSError:\n        pass\n"
             "    wdt.feed()\n    time.sleep_ms(50)\n")
     mpremote(emu_board.link, "exec", f"open('main.py','w').write({main!r})")
-    mpremote(emu_board.link, "reset")
-    wait_for(lambda: emu_board.control("status")["reset_cause"] == 2,  # HARD_RESET
-             what="reboot into main.py")
+    hard_reset(emu_board)
+    assert emu_board.control("status")["reset_cause"] == 2  # HARD_RESET, into main.py
     threading.Event().wait(0.5)
     boots = emu_board.control("status")["boots"]
     # healthy: the loop feeds the dog and nothing happens for well over the timeout

@@ -111,6 +111,17 @@ def mpremote(port: str, *args: str, timeout: float = 60, check: bool = True,
     return proc.stdout
 
 
+def hard_reset(board: BoardHandle, timeout: float = 20) -> None:
+    """`mpremote reset`, then wait for the new boot: mpremote returns before the board's
+    100 ms sleep ahead of machine.reset(), and a session opened in it interrupts the
+    sleep with its Ctrl-C, so the board never resets (on a real ESP32 too). No soft
+    reset first (`resume`): it would count as the boot waited for."""
+    boots = board.control("status")["boots"]
+    mpremote(board.link, "resume", "reset")
+    wait_for(lambda: (status := board.control("status"))["boots"] > boots
+             and status["mode"] == "running", timeout=timeout, what="the board's reboot")
+
+
 def esptool(port: str, *args: str, timeout: float = 240, check: bool = True) -> str:
     """Run the unmodified esptool CLI against a board; returns stdout and stderr."""
     proc = subprocess.run([str(VENV_BIN / "esptool"), "--port", port, *args],
