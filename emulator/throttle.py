@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 BURST_S = 300e-6
 MAX_CARRY_S = 0.002       # oversleep credited to the next stop, at most
 STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
-FREE_PHASE_S = 0.5        # the start-up allowance's wall time, at most
 USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
 FIFO_PRIORITY = 10
 _SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
@@ -165,15 +164,6 @@ class Throttle:
         clock = time.perf_counter
         if not self._signal(signal.SIGCONT):
             return
-        # the wrapper's start-up runs whole, unstopped: it waits on files at times, and
-        # ending the allowance at its first wait (as for the VM's) charged nearly all
-        # of it (a trivial VM's first import took 40 s at x245)
-        until = clock() + FREE_PHASE_S
-        while free > 0 and clock() < until and not self._halt.is_set():
-            time.sleep(burst)
-            now = _read_schedstat(self._fd)[0]      # may lag a tick: free a tick longer
-            free, last = free - (now - last), now
-        last, switches = _read_schedstat(self._fd)
         while not self._halt.is_set():
             start = clock()
             time.sleep(burst)
