@@ -151,9 +151,9 @@ class Throttle:
             os.close(self._stat_fd)
 
     def _loop(self) -> None:
-        """Let it run a burst, read the CPU it used (cumulative: what runs between the
-        reading and a stop counts in the next cycle) less the host's cost of each time
-        it was scheduled in, and only if it used any, stop it for the chip's extra time.
+        """Let it run a burst, read the CPU it used less the host's cost of each time it
+        was scheduled in and of its system calls, and only if it used any, stop it for
+        the chip's extra time.
         Stopping and continuing a sleeping process, and each wake-up, cost it tens of us
         of CPU here (switch_cost_ns), which charged at the chip's factor made an idle
         node look busy, more so the faster the host (docs/decisions.md, "Chip speed")."""
@@ -211,7 +211,7 @@ class Throttle:
         """SIGSTOP, and wait until the process is off its CPU: the signal reaches a task
         running on another core some us later, and its CPU time until then was read a
         burst late, so the stop it owed came after a short job had ended (a 1 ms job
-        at x25 took 8 ms, not 25). False if the process is gone."""
+        at x25 took 1-18 ms, not 25). False if the process is gone."""
         if not self._signal(signal.SIGSTOP):
             return False
         deadline = time.perf_counter() + STOP_WAIT_S
