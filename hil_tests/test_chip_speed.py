@@ -38,7 +38,7 @@ def test_chip_speed_impulse_reported_and_stamped_when_it_happened(chip_bench: Be
 
 
 def test_chip_speed_downlink_obeys_the_operator_key_only_once(chip_node: Bench):
-    """Each answer is a verify and a signature in steps beside 48 kHz audio: 5-15 s on
+    """Each answer is a verify and a signature in steps beside the audio: 5-15 s on
     the emulated chip (the benchmark's downlink_to_answer_ms_chip says how fast); here
     only that the node obeys once and refuses the rest."""
     check_downlink(chip_node, answer_s=60)
