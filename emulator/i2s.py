@@ -26,7 +26,8 @@ import numpy as np
 from .devices.mic import to_slots
 from .sockets import Listener
 
-I2S_TICK = 0.003                 # how often the DMA pump wakes (a DMA buffer is 5.3 ms)
+I2S_TICK = 0.003                 # how often the DMA pump wakes at least (and as each DMA
+                                 # buffer completes: 5.3 ms at 48 kHz, 16 ms at 16 kHz)
 HOLD_S = 2.0                     # audio kept for a board that stopped reading (the kernel's
                                  # buffers and then ours); the board drops all but its ring
 ACK_DROPPED = 1 << 31            # an acknowledgement of bytes the board's ring overwrote
@@ -156,7 +157,9 @@ class I2SStream:
                     sent += n
                 except BlockingIOError:
                     pass
-            self._closed.wait(I2S_TICK)
+            # wake when the next DMA buffer is complete, as the chip's driver gets it
+            next_due = start + (produced + DMA_BUF_FRAMES) / self.rate
+            self._closed.wait(min(I2S_TICK, max(1e-4, next_due - wall() + 1e-5)))
 
     def _overrun(self, nbytes: int) -> None:
         if nbytes > 0:

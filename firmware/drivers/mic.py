@@ -14,6 +14,11 @@ import micropython
 FULL_SCALE = 1 << 23        # 24-bit full scale
 SENSITIVITY_DBFS = -26.0    # a 94 dB SPL 1 kHz sine reads -26 dBFS (INMP441, ICS-43434)
 FS_DB_SPL = 94.0 - SENSITIVITY_DBFS   # SPL of a full-scale sine: 120 dB
+DMA_FRAMES = 256            # the ESP32 port's DMA buffer (machine_i2s.c): the driver hands
+                            # over whole buffers, so the newest sample read is 0-16 ms old
+                            # at 16 kHz; read_us says when it was taken, not when it was read
+DRIFT_PPM = 50              # the sample clock against ticks_us: how fast what is known of
+                            # a sample's time goes stale
 
 
 @micropython.viper
@@ -67,6 +72,11 @@ class Mic:
         self._frac = 0              # 1e-4 sample units
         self._backlog = 0           # estimated samples waiting in the driver after our last read
         self._stream = None
+        # when the newest sample read was taken: after _lo and by _hi (ticks_us)
+        self._dma_us = DMA_FRAMES * 1000000 // rate
+        self._hi = None
+        self._lo = None
+        self._us_frac = 0
 
     def read(self):
         """Blocking read of one chunk: number of samples in self.samples."""
@@ -86,17 +96,17 @@ class Mic:
         """After aread(), without waiting: what the driver ring still holds, up to a chunk
         (0 when it is empty), as the ESP32 port's readinto() does once asyncio has polled
         the I2S. Draining the ring in one loop turn keeps up when a turn outlasts a chunk."""
-        return self._took(self.i2s.readinto(self._raw), None)
+        nb = self.i2s.readinto(self._raw)
+        if not nb and self._lo is not None:
+            self._drained(self._clock())
+        return self._took(nb, None)
 
     @property
     def read_us(self):
-        """ticks_us() when the last chunk was read (its last sample, less the backlog)."""
-        return self._last
-
-    @property
-    def backlog(self):
-        """Samples estimated still waiting in the driver ring after the last read."""
-        return self._backlog
+        """ticks_us() when the last sample read was taken (the middle of what is known)."""
+        if self._hi is None:
+            return None
+        return time.ticks_add(self._lo, time.ticks_diff(self._hi, self._lo) // 2)
 
     def _took(self, nb, t_call):
         if not nb:
@@ -108,11 +118,44 @@ class Mic:
         self.received = (self.received + n) & 0x3FFFFFFF
         if self._last is None:
             self._last = now
+            self._when(now, n, nb, 0)
             return n
         waited = 0 if t_call is None else time.ticks_diff(now, t_call)
-        self._account(time.ticks_diff(now, self._last), waited, n, nb)
+        gap = time.ticks_diff(now, self._last)
+        self._account(gap, waited, n, nb)
+        self._when(now, n, nb, gap)
         self._last = now
         return n
+
+    def _when(self, now, n, nb, gap):
+        """When the newest sample read was taken. Known for certain: by `now` (it has
+        arrived); after now - one DMA buffer when the ring was emptied (the next buffer
+        was not complete yet); and the last read's bounds moved on by n samples. Reads
+        fall at every phase of the DMA's buffers, so the bounds close in on the truth
+        (the sample clock and ticks_us share the crystal: they stay close for minutes).
+        After lost samples, or first: the backlog's estimate, one DMA buffer wide."""
+        if self._hi is None or self.lost_before:
+            self._hi = time.ticks_add(now, -(self._backlog * 10000 // self._r100))
+            self._lo = time.ticks_add(self._hi, -self._dma_us)
+        else:
+            a = n * 10000 + self._us_frac
+            step = a // self._r100
+            self._us_frac = a - step * self._r100
+            stale = gap * DRIFT_PPM // 1000000
+            self._hi = time.ticks_add(self._hi, step + stale)
+            self._lo = time.ticks_add(self._lo, step - stale)
+            if time.ticks_diff(self._hi, now) > 0:
+                self._hi = now
+        if nb < len(self._raw):
+            self._drained(now)
+
+    def _drained(self, now):
+        """The ring was empty at `now`: the next DMA buffer, one later, was not done."""
+        lo = time.ticks_add(now, -self._dma_us)
+        if time.ticks_diff(lo, self._lo) > 0:
+            self._lo = lo
+        if time.ticks_diff(self._lo, self._hi) > 0:   # late delivery (an emulated link)
+            self._lo = self._hi
 
     def _account(self, gap, waited, n, nb):
         """Overrun check: samples due by the clock since the last read versus samples got."""

@@ -405,7 +405,6 @@ class SoundMeter:
         self._st = array('i', bytes(4 * ST_WORDS))
         self._hist = array('H', bytes(2 * HIST_BINS))
         self._events = []
-        self._behind = 0                # samples waiting in the driver after this chunk
         self._read_us = None            # when this chunk was read (ticks_us)
         self._max_events = max_events
         self.events_dropped = 0
@@ -446,13 +445,12 @@ class SoundMeter:
         """Count samples the driver lost (they are in no block)."""
         self._over += samples
 
-    def process(self, buf, n, behind=0, read_us=None, lost_before=0):
-        """Consume buf[0:n] (array('i') of 24-bit samples), `behind` more samples already
-        waiting in the driver when it was read at ticks_us() `read_us` (for event stamps:
-        now, by default; at chip speed a chunk is processed well after it was read);
-        `lost_before` samples the driver lost just before it (an event right after such a
-        gap may have begun in it: it says so). Allocation-free between blocks."""
-        self._behind = behind
+    def process(self, buf, n, read_us=None, lost_before=0):
+        """Consume buf[0:n] (array('i') of 24-bit samples), whose last sample was taken at
+        ticks_us() `read_us` (for event stamps: now, by default; at chip speed a chunk is
+        processed well after it was read; Mic.read_us); `lost_before` samples the driver
+        lost just before it (an event right after such a gap may have begun in it: it
+        says so). Allocation-free between blocks."""
         self._read_us = read_us
         self._gap += lost_before
         st = self._st
@@ -578,10 +576,10 @@ class SoundMeter:
             return
         self._armed = False
         onset = (st[25] if st[20] else st[22] or 1) - 1
-        # the onset's sample: when the chunk was read, minus the samples after it, in this
-        # chunk and then waiting in the driver
+        # the onset's sample: when the chunk's last sample was taken, minus the samples
+        # after the onset
         read = self._clock() if self._read_us is None else self._read_us
-        back = (after + self._behind + self.sub_len - onset) * 1000000 // self.rate
+        back = (after + self.sub_len - onset) * 1000000 // self.rate
         self._open = _Sounding(time.ticks_add(read, -back), lvl, lvl - self.background,
                                self._rise_us(), 1 if onset < self.sub_len // 2 else 2,
                                (self._gap + self._gap_prev) * 1000 // self.rate)

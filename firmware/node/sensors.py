@@ -155,7 +155,7 @@ class Sound:
             started = time.ticks_ms()
             more = mic.ring_chunks
             while n:
-                meter.process(mic.samples, n, mic.backlog, mic.read_us, mic.lost_before)
+                meter.process(mic.samples, n, mic.read_us, mic.lost_before)
                 if n < mic.chunk or not more:
                     break
                 more -= 1
