@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,7 @@ import pytest
 from citynode import wire
 from citynode.ops.bundle import split
 from citynode.ops.ota import CHUNK_BYTES
+from citynode.registry import load_record, write_record
 from citynode.testing.emulator import FIRMWARE, wait_for
 from hil_tests.bench import VENV_BIN, Bench, records
 from hil_tests.conftest import emulated_pole
@@ -110,6 +116,28 @@ def test_a_good_update_runs_on_its_trial_boot(node: Bench, tmp_path):
                  what="a window of the trial boot")
 
 
+@contextmanager
+def _second_node(node: Bench) -> Iterator[str]:
+    """Another node on the pole, as the operator sees it: the node's registry record
+    under another id (it never answers; a rollout that reaches it fails on it), announced
+    by the gateway after its reload (SIGHUP), gone again afterwards."""
+    assert node.gateway is not None
+    registry = Path(tomllib.loads(node.gateway.config.read_text())["gateway"]["registry_dir"])
+    record = load_record(registry / f"{node.device}.json")
+    second = "cn-" + format(int(node.device[3:], 16) ^ 1, "012x")
+    path = write_record(registry, replace(record, device_id=second))
+    try:
+        node.gateway.signal(signal.SIGHUP)
+        wait_for(lambda: second in [n["device"] for n in ops(node, "fleet")[1]["nodes"]],
+                 timeout=30, what=f"{second} announced by the gateway")
+        yield second
+    finally:
+        path.unlink()
+        node.gateway.signal(signal.SIGHUP)
+        wait_for(lambda: second not in [n["device"] for n in ops(node, "fleet")[1]["nodes"]],
+                 timeout=30, what=f"{second} no longer announced")
+
+
 def _roll(node: Bench, bundle: Path, *args: str, timeout: float) -> tuple[int, dict]:
     """`citynode-ops ota` of `bundle` to the node: (exit code, the node's result)."""
     code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
@@ -130,10 +158,17 @@ def _versions(sub) -> list[str]:
 
 
 def test_a_build_whose_self_test_fails_is_left_at_its_first_window(node: Bench, tmp_path):
+    """...and, the node being the rollout's canary, no other node is sent a byte of it."""
     bundle = _bundle(node, tmp_path, "9.3.0", blind=True)
-    code, update = _roll(node, bundle, "--trial-wait", "120", timeout=600)
+    with _second_node(node) as second:
+        code, result = ops(node, "ota", "--bundle", str(bundle), "--device", node.device,
+                           "--device", second, "--canary", "1", "--wait", str(ANSWER_S),
+                           "--trial-wait", "120", timeout=600)
+    update, behind = result["nodes"]
     assert code == 1 and update["state"] == "reverted", update
     assert update["detail"] == "9.3.0 failed its trial boot: self-test: light failed", update
+    assert behind["device"] == second and behind["state"] == "skipped", behind
+    assert behind["sent"] == 0 and behind["detail"] == "a canary did not commit", behind
     _runs_the_app_before(node)
     # the same build again: refused before any chunk, with the reason
     code, update = _roll(node, bundle, timeout=300)
