@@ -63,6 +63,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wifi-password-env", metavar="VAR",
                    help="environment variable holding the Wi-Fi password")
     p.add_argument("--window-s", type=int, default=60)
+    p.add_argument("--healthy-s", type=int, default=deploy.HEALTHY_S, metavar="S",
+                   help="a boot this long healthy is good: it clears the crash count and "
+                        f"keeps an update on trial (default {deploy.HEALTHY_S})")
     p.add_argument("--firmware-dir", type=Path, help="firmware tree to deploy (default: ours)")
     p.add_argument("--no-mpy", action="store_true", help="deploy .py even if .mpy would load")
 
@@ -269,7 +272,7 @@ def _plan_for(args: argparse.Namespace, board, probe: dict) -> deploy.Plan:
     device = wire.device_id(probe["mac"])
     cfg = deploy.build_config(board, device, args.site, args.pole, args.lat, args.lon,
                               args.broker, args.wifi_ssid, window_s=args.window_s,
-                              ntp=args.ntp, height_m=args.height)
+                              ntp=args.ntp, height_m=args.height, healthy_s=args.healthy_s)
     plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
     password = read_password(args)
     if password is not None:
@@ -453,12 +456,13 @@ def cmd_provision(args: argparse.Namespace, out: Output) -> int:
         wifi_ssid=args.wifi_ssid,
         wifi_password=read_password(args), image=image, force_flash=args.force_flash,
         firmware_dir=args.firmware_dir, use_mpy=False if args.no_mpy else None,
-        window_s=args.window_s,
+        window_s=args.window_s, healthy_s=args.healthy_s,
         operator_key=keys.load_operator_key(args.operator_key) if args.operator_key else None,
         force_rekey=args.force_rekey, labels_dir=args.labels,
         technician=args.technician or receipts.technician(), timeout=args.timeout)
     deploy.build_config(board, "cn-000000000000", args.site, args.pole, args.lat, args.lon,
-                        args.broker, args.wifi_ssid, ntp=args.ntp)  # bad options: before any board
+                        args.broker, args.wifi_ssid, ntp=args.ntp,
+                        healthy_s=args.healthy_s)  # bad options: before any board
     results = provision.provision_many(opts, port_list, out.events)
     lines = [f"{'port':<28} {'device':<16} {'result':<12} {'flash':<8} {'deploy':<12} "
              f"{'key':<9} {'registry':<10} {'time':>6}"]

@@ -34,6 +34,7 @@ WIFI_SECRET_PATH = "/secret/wifi.json"
 BROKER_SECRET_PATH = "/secret/broker.json"   # firmware/node/config.py reads both
 STATE_PATH = "/provisioned.json"
 ROMFS_STATE = "/romfs.json"    # sha256 of the image in the ROMFS partition
+HEALTHY_S = 120                # firmware/node/safemode.py's: config.json holds another
 KEEP_AS_SOURCE = {"boot.py", "main.py"}  # run by name at boot: must stay .py
 # sys.implementation._mpy bits 10..13 -> mpy-cross -march (MicroPython's arch table)
 ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -225,9 +226,14 @@ def check_micropython(fw: Path, probe: dict[str, Any]) -> None:
 
 def build_config(board: Board, device: str, site: str, pole: str, lat: float, lon: float,
                  broker: str, ssid: str, alg: str = "ES256", window_s: int = 60,
-                 ntp: str | None = None, height_m: float | None = None) -> dict:
+                 ntp: str | None = None, height_m: float | None = None,
+                 healthy_s: int = HEALTHY_S) -> dict:
     """/config.json as firmware/node/config.py validates it; sensors wired per boards.yaml.
-    `ntp` (HOST:PORT): the time server, when not the broker's host on port 123."""
+    `ntp` (HOST:PORT): the time server, when not the broker's host on port 123;
+    `healthy_s`: how long a boot runs healthy before it is good (an update on trial kept)."""
+    if not 10 <= healthy_s <= 3600:
+        raise UsageError(f"--healthy-s {healthy_s} is out of range",
+                         "give seconds from 10 to 3600 (default 120)")
     host, port = _host_port("--broker", broker, "192.168.4.1:1883")
     pins = board.pins
     sensors: dict[str, dict[str, Any]] = {}
@@ -250,6 +256,8 @@ def build_config(board: Board, device: str, site: str, pole: str, lat: float, lo
            "broker": {"host": host, "port": port}, "wifi": {"ssid": ssid},
            "window_s": window_s, "alg": alg, "sensors": sensors,
            "lamp_pin": pins.get("lamp_pwm")}
+    if healthy_s != HEALTHY_S:
+        cfg["healthy_s"] = healthy_s
     if height_m is not None:
         if not 0 <= height_m <= MAX_HEIGHT_M:
             raise UsageError(f"--height {height_m} is not a pole's mounting height",

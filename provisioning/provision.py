@@ -46,6 +46,7 @@ class Options:
     use_mpy: bool | None = None
     alg: str = "ES256"
     window_s: int = 60
+    healthy_s: int = deploy.HEALTHY_S
     operator_key: bytes | None = None
     force_rekey: bool = False
     labels_dir: Path | None = None
@@ -173,7 +174,7 @@ def _provision(opts: Options, port: str, ev: PortEvents, result: BoardResult) ->
         plan = deploy.build_plan(fw, probe, opts.use_mpy)
         cfg = deploy.build_config(opts.board, device, opts.site, opts.pole, opts.lat, opts.lon,
                                   opts.broker, opts.wifi_ssid, opts.alg, opts.window_s,
-                                  opts.ntp, opts.height_m)
+                                  opts.ntp, opts.height_m, opts.healthy_s)
         plan.extra[deploy.CONFIG_PATH] = deploy.config_bytes(cfg)
         if opts.wifi_password is not None:
             plan.extra[deploy.WIFI_SECRET_PATH] = deploy.secret_bytes(opts.wifi_password)

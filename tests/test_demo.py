@@ -114,6 +114,24 @@ def test_headless_demo_accounts_for_every_reading(tmp_path):
     assert oct((workdir / "ops" / "operator.key.pem").stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.timeout(400)
+def test_headless_demo_rolls_a_signed_update_out_and_loses_nothing(tmp_path):
+    """`make demo DEMO_ARGS=--update`: after the live phase the firmware goes out again as
+    the next version through the gateway; the node tries it at its next boot, keeps it
+    once healthy, and no reading is lost on the way."""
+    workdir = tmp_path / "demo"
+    proc = demo(workdir, "--duration", "20", "--nodes", "1", "--update")
+    out, _ = proc.communicate(timeout=380)
+    assert proc.returncode == 0, out[-4000:]
+    produced, _, verified, _, _, lost = SUMMARY.search(out).groups()
+    assert int(lost) == 0 and int(verified) == int(produced) > 0, out[-4000:]
+    assert "rolling out firmware 0.1.1" in out, out[-4000:]
+    kept = re.findall(r"update: (cn-[0-9a-f]{12}): committed 0\.1\.1, self-test passed", out)
+    assert len(kept) == 1, out[-4000:]
+    slot = next((workdir / "boards" / "state").glob("*/fs/app_[ab]/node/version.mpy"))
+    assert b"0.1.1" in slot.read_bytes()          # the update's own files, on its flash
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_during_provisioning_stops_every_process(tmp_path):
     workdir = tmp_path / "demo"

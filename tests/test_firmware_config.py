@@ -64,3 +64,24 @@ print(json.dumps(out))
     assert "lighting.on_at" in out[2] and "HH:MM" in out[2]
     assert "lighting.dawn_lux" in out[3] and "above dusk_lux" in out[3]
     assert "lighting.glow" in out[4] and "dusk_lux" in out[4]
+
+
+def test_how_long_a_boot_must_run_healthy_is_a_setting_within_bounds():
+    """healthy_s (provisioning's --healthy-s): a boot this long healthy clears the crash
+    count and keeps an update on trial; too short would keep a build that crashes later."""
+    code = """
+import json
+from node import config
+out = []
+for healthy in (15, 5, 7200):
+    try:
+        config.validate({"device": "cn-240ac4e29526", "wifi": {"ssid": "pole"},
+                         "healthy_s": healthy})
+        out.append("ok")
+    except config.ConfigError as exc:
+        out.append(str(exc))
+print(json.dumps(out))
+"""
+    out = last_json(run_micropython(code))
+    assert out[0] == "ok"
+    assert all("healthy_s" in o and "between 10 and 3600" in o for o in out[1:]), out

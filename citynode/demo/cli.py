@@ -4,9 +4,10 @@ Phases: the two brokers and the city's subscriber; the gateway (up before the no
 so nothing they send is missed; each node is registered with it live, by SIGHUP, as
 on a pole); the emulated boards, blank; one `citynode-provision provision` for all of
 them; then the live phase: a forged envelope early on, the uplink cut from 30% to
-60% of the duration, and at the end the nodes stop and the backlog must drain with
-nothing lost. Exit 0 only if every reading produced arrived at the city verified
-and the forged envelope was rejected.
+60% of the duration; with --update, a signed update of the firmware rolled out to every
+node through the gateway; and at the end the nodes stop and the backlog must drain with
+nothing lost. Exit 0 only if every reading produced arrived at the city verified, the
+forged envelope was rejected and, with --update, every node kept the update.
 """
 
 from __future__ import annotations
@@ -29,16 +30,20 @@ from citynode.subscriber import Subscriber
 
 from .ledger import Ledger, city_watch, pole_watch
 from .procs import (
+    BOARD,
     GUARD,
+    POLE,
     TOPIC_PREFIX,
+    UPDATE_BOARD,
     Board,
     Child,
     Gateway,
     Interrupted,
     Processes,
     StepFailed,
+    ops_bundle,
     ops_init,
-    ops_send,
+    ops_run,
     provision,
     start_boards,
     start_gateway,
@@ -50,6 +55,7 @@ DRAIN_TIMEOUT_S = 60.0
 TICK_S = 0.25
 CUT_AT, RESTORE_AT, FORGE_AT = 0.3, 0.6, 0.15  # fractions of the live phase
 OPERATOR_AT = 0.7   # the operator's lamp override, once the uplink is back
+UPDATE_TIMEOUT_S = 600.0    # the whole rollout: the canary, then the others
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "fresh temporary one, removed after a successful run)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary work directory (logs) after a success")
+    parser.add_argument("--update", action="store_true",
+                        help="after the live phase, roll the firmware out to every node as "
+                             "the next version (citynode-ops bundle, then ota with one "
+                             f"canary); the boards are then {UPDATE_BOARD}s, whose app an "
+                             "update can replace")
     args = parser.parse_args(argv)
     if args.duration < MIN_DURATION_S:
         parser.error(f"--duration must be at least {MIN_DURATION_S} s (the outage needs time)")
@@ -146,6 +157,8 @@ class Demo:
         self.forged_baseline = 0.0
         self.boards: dict[str, Board] = {}
         self.outsider_refused: bool | None = None
+        self.board = UPDATE_BOARD if args.update else BOARD
+        self.update_result: dict | None = None
 
     # --- phases -------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -160,20 +173,22 @@ class Demo:
         self.try_outsider()
         self.view.phase(f"starting {self.args.nodes} emulated ESP32 boards with blank flash")
         self.emulator, boards = start_boards(self.procs, self.workdir, self.args.nodes,
-                                             scenario(self.args.duration))
+                                             scenario(self.args.duration), self.board)
         self.boards = {b.device: b for b in boards}
         names = {b.url: b.name for b in boards}
         for board in boards:
             self.view.progress(f"{board.name}: {board.url}  {board.device}")
         self.view.phase("provisioning all boards at once (citynode-provision provision)")
         started = time.monotonic()
-        provision(self.procs, self.workdir, boards, self.pole, self.clock, self.registry,
-                  self.args.window_s, lambda e: self.on_provision(names, e))
+        provision(self.procs, self.workdir, boards, self.board, self.pole, self.clock,
+                  self.registry, self.args.window_s, lambda e: self.on_provision(names, e))
         self.gateway.reload()
         self.view.event(f"provisioned {len(boards)} boards in "
                         f"{time.monotonic() - started:.0f} s; registry: {self.registry}")
         self.view.phase(f"live for {self.args.duration:.0f} s")
         self.live()
+        if self.args.update:
+            self.update()
         return self.finish()
 
     def start_brokers(self) -> None:
@@ -313,8 +328,8 @@ class Demo:
         and the gateway, as `citynode-ops send` does it; the node's answer as an event."""
         device = sorted(self.boards)[0]
         self.view.event(f"operator: citynode-ops send lamp level=30 minutes=1 --device {device}")
-        result = ops_send(self.procs, self.workdir, ["lamp", "level=30", "minutes=1",
-                                                     "--device", device, "--wait", "30"])
+        result = ops_run(self.procs, self.workdir, ["send", "lamp", "level=30", "minutes=1",
+                                                    "--device", device, "--wait", "30"])
         for node in result.get("nodes", []):
             said = ("confirmed by the node, signed" if node["result"] == "ok" else
                     f"{node['result']} {node['detail']}")
@@ -323,6 +338,31 @@ class Demo:
                             f"{said} (command #{node['seq']}, {node['answer_ms']} ms)")
         if not result.get("nodes"):
             self.view.event(f"operator: the command failed: {result.get('message')}")
+
+    def update(self) -> None:
+        """The firmware as the next version, bundled and rolled out to the pole's nodes as
+        an operator does (docs/ota.md): each takes it into its other slot, tries it at
+        its next boot and keeps it once it ran healthy; the first node goes first."""
+        version, bundle = ops_bundle(self.procs, self.workdir, self.board)
+        self.view.phase(f"rolling out firmware {version} (citynode-ops ota --pole {POLE} "
+                        "--canary 1)")
+        result: dict = {}
+        rollout = threading.Thread(target=lambda: result.update(ops_run(
+            self.procs, self.workdir, ["ota", "--bundle", str(bundle), "--pole", POLE,
+                                       "--canary", "1", "--wait", "40", "--trial-wait", "300"],
+            timeout=UPDATE_TIMEOUT_S)), daemon=True)
+        rollout.start()
+        while rollout.is_alive():
+            self.poll()
+            self.show_impulses()
+            self.view.tick(self.status(f"updating to {version}", self.args.duration))
+            time.sleep(TICK_S)
+        self.update_result = result
+        for node in result.get("nodes", []):
+            self.view.event(f"update: {node['device']}: {node['state']} {node['detail']} "
+                            f"({node['sent']} bytes sent)")
+        if not result.get("nodes"):
+            self.view.event(f"update: the rollout failed: {result.get('message')}")
 
     def cut_uplink(self) -> None:
         assert self.city is not None
@@ -388,6 +428,12 @@ class Demo:
                             "verification: the forged one was forwarded")
         if not self.counters.reachable:
             problems.append("the gateway's /metrics did not answer at the end")
+        if self.update_result is not None:
+            nodes = self.update_result.get("nodes", [])
+            kept = [n for n in nodes if n["state"] == "committed"]
+            if not nodes or len(kept) < len(nodes):
+                problems.append(f"{len(kept)} of {len(nodes)} nodes kept the update (see "
+                                f"{self.logs / 'ops-ota.log'})")
         return Outcome(len(produced), self.counters.forwarded, len(verified), rejected, lost,
                        problems)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +28,13 @@ from pathlib import Path
 from citynode.chrony import PoleTimeServer
 from citynode.gateway.scrape import fetch_health, fetch_metrics
 from citynode.mosquitto import Mosquitto, PoleBroker, free_port, free_port_range
+from citynode.provisioning import deploy
 
 BOARD = "esp32-devkitc"
+# --update: a stock image, its app as .mpy files an update can replace (the devkitc's app
+# is in ROMFS, which has no second slot: docs/ota.md)
+UPDATE_BOARD = "esp32-wrover-kit"
+HEALTHY_S = 15      # the demo's nodes keep an update after 15 s healthy (a pole's: 120)
 GATEWAY_ID = "pole-demo"
 TOPIC_PREFIX = "city/demo"
 SITE, POLE, LAT, LON, HEIGHT_M = "demo", "P-1", 48.2082, 16.3738, 6.0
@@ -217,7 +224,7 @@ class Board:
     device: str
 
 
-def start_boards(procs: Processes, workdir: Path, count: int, scenario: dict,
+def start_boards(procs: Processes, workdir: Path, count: int, scenario: dict, board: str,
                  timeout: float = 60.0) -> tuple[Child, list[Board]]:
     """`citynode-emu run --blank`: factory-fresh boards, each behind an RFC 2217 port."""
     scenario_file = workdir / "scenario.json"
@@ -225,7 +232,7 @@ def start_boards(procs: Processes, workdir: Path, count: int, scenario: dict,
     boards_dir = workdir / "boards"
     boards_dir.mkdir(exist_ok=True)
     argv = tool("citynode-emu", "citynode.emulator.cli") + [
-        "run", "--board", BOARD, "--count", str(count), "--blank",
+        "run", "--board", board, "--count", str(count), "--blank",
         "--link", str(boards_dir / "node0"), "--rfc2217", str(free_port_range(count)),
         "--state", str(boards_dir / "state"), "--scenario", str(scenario_file)]
     child = procs.spawn("emulator", argv, pipe_stdout=True)
@@ -246,11 +253,11 @@ def start_boards(procs: Processes, workdir: Path, count: int, scenario: dict,
     return child, boards
 
 
-def write_image(procs: Processes, workdir: Path) -> Path:
+def write_image(procs: Processes, workdir: Path, board: str) -> Path:
     """The MicroPython stand-in image that provisioning flashes (CI cannot download one)."""
-    image = workdir / f"micropython-{BOARD}.bin"
+    image = workdir / f"micropython-{board}.bin"
     child = procs.spawn("image", tool("citynode-emu", "citynode.emulator.cli") + [
-        "image", "--board", BOARD, "-o", str(image)])
+        "image", "--board", board, "-o", str(image)])
     if child.proc.wait(60) != 0:
         raise StepFailed("writing the MicroPython image", "citynode-emu image failed", child.log)
     return image
@@ -271,15 +278,39 @@ def operator_public(workdir: Path) -> Path:
     return workdir / "ops" / "operator.pub.pem"
 
 
-def ops_send(procs: Processes, workdir: Path, words: list[str]) -> dict:
-    """`citynode-ops send WORDS --json`: its result object (the nodes' answers)."""
-    child = procs.spawn("ops-send", tool("citynode-ops", "citynode.ops.cli") + [
-        "--home", str(workdir / "ops"), "send", *words, "--json"], pipe_stdout=True)
-    out, _ = child.proc.communicate(timeout=120)
+def ops_run(procs: Processes, workdir: Path, words: list[str], timeout: float = 120) -> dict:
+    """`citynode-ops WORDS --json` (send, ota): its result object (the nodes' answers)."""
+    child = procs.spawn(f"ops-{words[0]}", tool("citynode-ops", "citynode.ops.cli") + [
+        "--home", str(workdir / "ops"), *words, "--json"], pipe_stdout=True)
+    out, _ = child.proc.communicate(timeout=timeout)
     with child.log.open("a") as log:
         log.write(out)
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return lines[-1]["result"] if lines else {"message": f"no result; see {child.log}"}
+
+
+def ops_bundle(procs: Processes, workdir: Path, board: str) -> tuple[str, Path]:
+    """The shipped firmware as the next version, bundled and signed as an operator does
+    (`citynode-ops bundle`, native code for the emulated boards' VM): (version, file)."""
+    folder = workdir / "update"
+    firmware = folder / "firmware"
+    shutil.copytree(deploy.firmware_dir(), firmware,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    version_py = firmware / "node" / "version.py"
+    text = version_py.read_text()
+    old = re.search(r'VERSION = "(\d+)\.(\d+)\.(\d+)"', text)
+    if old is None:
+        raise StepFailed("building the update", f"no VERSION in {version_py}")
+    major, minor, patch = map(int, old.groups())
+    version = f"{major}.{minor}.{patch + 1}"
+    version_py.write_text(text.replace(old.group(0), f'VERSION = "{version}"'))
+    bundle = folder / f"citynode-{version}.cbor"
+    child = procs.spawn("ops-bundle", tool("citynode-ops", "citynode.ops.cli") + [
+        "--home", str(workdir / "ops"), "bundle", "--board", board, "--arch", "x64",
+        "--firmware", str(firmware), "--out", str(bundle)])
+    if child.proc.wait(120) != 0:
+        raise StepFailed("building the update", "citynode-ops bundle failed", child.log)
+    return version, bundle
 
 
 def wifi_password_file(workdir: Path) -> Path:
@@ -287,22 +318,23 @@ def wifi_password_file(workdir: Path) -> Path:
     return secret_file(workdir / "wifi-password")
 
 
-def provision(procs: Processes, workdir: Path, boards: list[Board], broker: PoleBroker,
-              clock: PoleTimeServer, registry: Path, window_s: int,
+def provision(procs: Processes, workdir: Path, boards: list[Board], board_name: str,
+              broker: PoleBroker, clock: PoleTimeServer, registry: Path, window_s: int,
               on_event: Callable[[dict], None], timeout: float = 420.0) -> dict:
     """All boards in one `citynode-provision provision --json` run (they go in parallel);
     every progress event goes to `on_event`; returns the final result object."""
-    image = write_image(procs, workdir)
+    image = write_image(procs, workdir, board_name)
     argv = tool("citynode-provision", "citynode.provisioning.cli") + ["provision"]
     for board in boards:
         argv += ["--port", board.url]
-    argv += ["--board", BOARD, "--image", str(image), "--registry", str(registry),
+    argv += ["--board", board_name, "--image", str(image), "--registry", str(registry),
              "--site", SITE, "--pole", POLE, "--lat", str(LAT), "--lon", str(LON),
              "--height", str(HEIGHT_M),
              "--broker", f"{broker.host}:{broker.node_port}", "--wifi-ssid", "city",
              "--ntp", f"{clock.host}:{clock.port}",
              "--wifi-password-file", str(wifi_password_file(workdir)),
-             "--window-s", str(window_s), "--operator-key", str(operator_public(workdir)),
+             "--window-s", str(window_s), "--healthy-s", str(HEALTHY_S),
+             "--operator-key", str(operator_public(workdir)),
              "--json"]
     child = procs.spawn("provision", argv, pipe_stdout=True)
     lines, result = Lines(child), None

@@ -75,7 +75,8 @@ class LogView:
         if now - self._last_status >= self.status_every_s:
             self._last_status = now
             gw = status.gateway
-            self.line(f"   live {status.elapsed:3.0f}/{status.duration:.0f} s: produced "
+            self.line(f"   {status.phase.split(' (')[0]} {status.elapsed:3.0f}/"
+                      f"{status.duration:.0f} s: produced "
                       f"{status.produced}, verified upstream {status.verified}, gateway "
                       f"buffered {gw.buffered} forwarded {gw.forwarded} rejected "
                       f"{gw.rejected_total}, uplink {'up' if gw.uplink_up else 'DOWN'}")

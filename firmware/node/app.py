@@ -22,7 +22,6 @@ from node import sensors, signer, supervisor, uplink, version, wifi
 from node.clock import CLOCK
 from node.spool import EVENT, ROUTINE
 
-HEALTHY_AFTER_MS = safemode.HEALTHY_S * 1000
 SENSOR_GRACE_MS = 10000
 SEAL_TRIES = 3          # an event the heap has no room for is tried this often, then dropped
 OTA_STATE = "/data/ota.json"   # node/ota.py's STATE: none until the node's first update
@@ -66,6 +65,9 @@ class Node:
         self.urgent = []            # (kind, records, uptime_ms): sent at once by event_loop
         self.urgent_ready = asyncio.Event()
         self.healthy_marked = False
+        # a boot this long healthy is good: it clears the crash count and keeps an update
+        # on trial (config.json healthy_s, as ESPHome's boot_is_good_after)
+        self.healthy_ms = int(cfg.get("healthy_s", safemode.HEALTHY_S) * 1000)
         self.failing = set()        # sensors whose last sample failed
         self.read_ok = set()        # sensors that have read at least once this boot
         self.on_trial = _ota().on_trial() if fsutil.exists(OTA_STATE) else False
@@ -204,7 +206,7 @@ class Node:
                 continue
             await self.uplink.send(envelope, ROUTINE)
             # uptime, as in every envelope: ticks_ms counts from the chip's reset
-            if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > HEALTHY_AFTER_MS:
+            if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > self.healthy_ms:
                 safemode.mark_healthy()
                 self.healthy_marked = True
             if self.on_trial:

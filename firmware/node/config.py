@@ -47,6 +47,8 @@ def validate(cfg):
     _need(cfg["alg"] in ("ES256", "HMAC256"), "alg", "must be ES256 or HMAC256")
     _need(_number(cfg.get("safe_mode_retry_s", 60), 1, 3600), "safe_mode_retry_s",
           "must be seconds between 1 and 3600 (safe mode's first wait before a retry)")
+    _need(_number(cfg.get("healthy_s", 120), 10, 3600), "healthy_s",
+          "must be seconds between 10 and 3600 (a boot this long healthy is good)")
     broker = cfg["broker"]
     _need(isinstance(broker, dict) and isinstance(broker.get("host"), str), "broker.host",
           "must name the gateway's MQTT broker, e.g. 192.168.4.1")
