@@ -42,23 +42,32 @@ def test_without_a_secret_the_node_connects_without_a_login(tmp_path):
     assert run(tmp_path, {"password": 42})[0] == [None, None]       # damaged: no login
 
 
-def test_lighting_settings_a_street_cannot_use_are_refused_by_name():
-    code = """
+VALIDATE = """
 import json
 from node import config
 out = []
-for lighting in ({LIGHTINGS}):
+for extra in ({CASES}):
+    cfg = {"device": "cn-240ac4e29526", "wifi": {"ssid": "pole"}}
+    cfg.update(extra)
     try:
-        config.validate({"device": "cn-240ac4e29526", "wifi": {"ssid": "pole"},
-                         "lighting": lighting})
+        config.validate(cfg)
         out.append("ok")
     except config.ConfigError as exc:
         out.append(str(exc))
 print(json.dumps(out))
 """
+
+
+def validate_each(cases: list[dict]) -> list[str]:
+    """config.validate on the node's VM for each case (keys over a minimal config):
+    "ok" or the ConfigError's message."""
+    return last_json(run_micropython(VALIDATE.replace("{CASES}", repr(cases))))
+
+
+def test_lighting_settings_a_street_cannot_use_are_refused_by_name():
     cases = [{"quiet_level": 30, "on_at": "19:15"}, {"quiet_level": 130}, {"on_at": "25:00"},
              {"dusk_lux": 60}, {"glow": 1}]
-    out = last_json(run_micropython(code.replace("{LIGHTINGS}", repr(cases))))
+    out = validate_each([{"lighting": case} for case in cases])
     assert out[0] == "ok"
     assert "lighting.quiet_level" in out[1] and "0..100 %" in out[1]
     assert "lighting.on_at" in out[2] and "HH:MM" in out[2]
@@ -69,19 +78,6 @@ print(json.dumps(out))
 def test_how_long_a_boot_must_run_healthy_is_a_setting_within_bounds():
     """healthy_s (provisioning's --healthy-s): a boot this long healthy clears the crash
     count and keeps an update on trial; too short would keep a build that crashes later."""
-    code = """
-import json
-from node import config
-out = []
-for healthy in (15, 5, 7200):
-    try:
-        config.validate({"device": "cn-240ac4e29526", "wifi": {"ssid": "pole"},
-                         "healthy_s": healthy})
-        out.append("ok")
-    except config.ConfigError as exc:
-        out.append(str(exc))
-print(json.dumps(out))
-"""
-    out = last_json(run_micropython(code))
+    out = validate_each([{"healthy_s": 15}, {"healthy_s": 5}, {"healthy_s": 7200}])
     assert out[0] == "ok"
     assert all("healthy_s" in o and "between 10 and 3600" in o for o in out[1:]), out
