@@ -11,7 +11,9 @@ SHOT_DB = 118.0     # the gunshot's peak
 
 
 def test_an_impulse_arrives_within_two_seconds_with_its_time(node: Bench):
-    delay, stamp_error = fire_impulse(node)
+    # a second shot only if the first is not called a gunshot: the classifier's own
+    # figures are bench-events' (239 of 240 at this level); here it is the event's time
+    delay, stamp_error = fire_impulse(node, shots=2)
     print(f"impulse delay {delay:.3f} s, stamp error {1000 * stamp_error:+.1f} ms")
     assert delay < 2.0, f"the event took {delay:.2f} s"
     assert abs(stamp_error) <= STAMP_S, f"the event's stamp is {stamp_error:+.3f} s off"
@@ -20,6 +22,7 @@ def test_an_impulse_arrives_within_two_seconds_with_its_time(node: Bench):
 def fire_impulse(node: Bench, shots: int = 1, stamp_s: float = STAMP_S) -> tuple[float, float]:
     """Fire a gunshot; its event must carry the level, the rise, its peak and be called a
     gunshot. Returns (delay of its arrival after the shot, error of its stamp), seconds.
+    A shot heard but not called a gunshot is fired again too, while `shots` last.
     Shared with the chip-speed suite (test_chip_speed.py), which may fire up to `shots`,
     10 s apart: a node that still drops audio at chip speed misses a shot in a dropped
     gap (how much it drops is the benchmark's audio_lost_pct), or hears it after one
@@ -41,11 +44,12 @@ def fire_impulse(node: Bench, shots: int = 1, stamp_s: float = STAMP_S) -> tuple
                 print(f"shot {shot} of {shots} not heard; firing again")
                 continue
             heard = len(sub.bodies(wire.KIND_EVENT))
-            if _onset_heard(event, fired, stamp_s) or shot == shots:
+            called = records(event)["noise/class"]
+            if (_onset_heard(event, fired, stamp_s) and called == "gunshot") or shot == shots:
                 break
             lost = records(event)["noise/lost_ms"]
-            print(f"shot {shot} of {shots} heard after {lost} ms of lost audio, its onset "
-                  "in the gap; firing again")
+            print(f"shot {shot} of {shots} called {called}, heard after {lost} ms of lost "
+                  f"audio: {records(event)}; firing again")
         arrived = next(at for at, body in sub.timed() if body is event)
     assert event.time_ms is not None, "the node's clock never synced"
     values = records(event)
