@@ -18,7 +18,7 @@ PORT  ?=
 BOARD ?= esp32-devkitc
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .PHONY: setup test test-systemd hil demo bench bench-firmware bench-gateway bench-provision bench-throttle bench-events bench-ota lint flash provision install-gateway clean
 

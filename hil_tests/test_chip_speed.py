@@ -26,15 +26,21 @@ def test_chip_speed_window_carries_sound_levels(chip_node: Bench):
 
 def test_chip_speed_impulse_reported_and_stamped_when_it_happened(chip_bench: Bench):
     """A gunshot at the chip-speed node comes as an event, stamped at its onset's
-    sample on the node's synced clock: within STAMP_S of the emulator's truth (the
-    clock's error at chip speed is the benchmark's clock_error_ms_p95_chip). How soon
-    (target 250 ms) is the benchmark's impulse_to_publish_ms_chip;
-    how much audio the node still drops, and so how many shots it misses, its
-    audio_lost_pct (issue 11): here up to SHOTS shots, at different phases."""
+    sample on the node's synced clock: within STAMP_S, and the clock's own uncertainty,
+    of the emulator's truth (the clock's error at chip speed is the benchmark's
+    clock_error_ms_p95_chip). How soon (target 250 ms) is the benchmark's
+    impulse_to_publish_ms_chip; how much audio the node still drops, and so how many
+    shots it misses, its audio_lost_pct (issue 11): here up to SHOTS shots."""
     chip_bench.boot_app(timeout=120)
-    delay, stamp_error = fire_impulse(chip_bench, shots=SHOTS, stamp_s=STAMP_S)
-    print(f"chip speed: impulse delay {delay:.3f} s, stamp error {stamp_error:+.3f} s")
-    assert abs(stamp_error) <= STAMP_S, f"the event's stamp is {stamp_error:+.3f} s off"
+    delay, stamp_error, rtt = fire_impulse(chip_bench, shots=SHOTS, stamp_s=STAMP_S)
+    print(f"chip speed: impulse delay {delay:.3f} s, stamp error {stamp_error:+.3f} s, "
+          f"clock round trip {rtt:.3f} s")
+    # the chip-speed VM is stopped in grains of ~70 ms of chip time (300 us bursts at
+    # x235, longer on a loaded host): one between an SNTP answer's arrival and its
+    # reading skews the clock by up to half the round trip the node itself reports
+    # (a CI run: -63 ms)
+    bound = STAMP_S + rtt / 2
+    assert abs(stamp_error) <= bound, f"the event's stamp is {stamp_error:+.3f} s off"
 
 
 def test_chip_speed_downlink_obeys_the_operator_key_only_once(chip_node: Bench):
