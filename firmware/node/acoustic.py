@@ -342,7 +342,8 @@ class _Sounding:
 
     def __init__(self, t_us, level, rise, rise_us, tail, lost_ms):
         self.t_us = t_us            # ticks_us at its onset
-        self.lost_ms = lost_ms      # audio lost just before it: its onset may be later
+        self.lost_ms = lost_ms      # audio lost just before it (its onset may be
+                                    # later) and while it sounded
         self.level = level          # dB(A) of the quarter it was found in
         self.rise = rise            # dB above the background
         self.rise_us = rise_us
@@ -362,11 +363,14 @@ class _Sounding:
         if apk > self.apk:
             self.apk = apk
 
-    def tail_level(self, db):
+    def tail_level(self, db, lost):
+        """`lost`: quarters of audio lost just before this one. The decay is per quarter
+        of the sound's time: a slow tail with a gap in it must not read as a fast one (a
+        firework's 4.5 dB a quarter across 200 ms lost read 33: a gunshot)."""
         if self._tail_db is None:
             self._tail_db = db
         else:
-            self.decay = self._tail_db - db
+            self.decay = (self._tail_db - db) / (1 + lost)
 
 
 class SoundMeter:
@@ -559,8 +563,11 @@ class SoundMeter:
             quiet = q2 < h2 or (q2 == h2 and q1 < h1)
             if ev is not None:
                 ev.heard(st[24], st[21])
+                if self._gap:                   # audio lost while it sounded
+                    ev.lost_ms += self._gap * 1000 // self.rate
                 if ev.tail <= ev.quarters <= ev.tail + 1:
-                    ev.tail_level(self._level(_energy(q2, q1, q0), self.sub_len))
+                    ev.tail_level(self._level(_energy(q2, q1, q0), self.sub_len),
+                                  self._gap / self.sub_len)
                 ev.quarters += 1
                 if quiet or ev.quarters >= EVENT_QUARTERS:
                     self._finish()
@@ -622,8 +629,8 @@ class SoundMeter:
         """Oldest queued event or None (when no on_event): (t_us at its onset, level dB(A)
         of its first quarter, its rise above the background dB, LZpeak dB, LApeak dB,
         rise time ms, duration ms (to EVENT_QUARTERS), decay dB per quarter, class, audio
-        lost in its quarter or the one before, ms: if not 0, it may have begun earlier and
-        louder)."""
+        lost in its quarter, the one before or while it sounded, ms: if not 0, it may
+        have begun earlier and louder)."""
         return self._events.pop(0) if self._events else None
 
     def _percentile(self, pct):
