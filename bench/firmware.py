@@ -450,11 +450,12 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         timed = [(at, b) for at, b in pole.seen if b.kind == wire.KIND_READINGS]
         windows = [b for _, b in timed]
         result["windows"] = len(windows)
-        # each window's uptime at its seal (s) and how long after it reached the pole: a
-        # window late or missing at the run's end shows where it waited
-        result["windows_sealed_late_s"] = [
-            [round(b.uptime_ms / 1000), round(at - b.time_ms / 1000, 1) if b.time_ms else None]
-            for at, b in timed]
+        # each window's seq, its uptime at its seal (s) and how long after it reached the
+        # pole: a window late or missing at the run's end shows where it waited, a seq
+        # twice a QoS 1 resend
+        result["windows_seq_sealed_late_s"] = [
+            [b.seq, round(b.uptime_ms / 1000),
+             round(at - b.time_ms / 1000, 1) if b.time_ms else None] for at, b in timed]
         health = [{r.get(0): r.get(2) for r in w.records} for w in windows]
         result["crashes"] = [r.get(3) for _, b in pole.seen if b.kind == wire.KIND_STATUS
                              for r in b.records if r.get(0) == "node/last_crash"]
@@ -652,7 +653,7 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         # whole in steps (an event signed whole is ~1 s late)
         "signatures_pooled_whole": [chip.get("signed", {}).get(k) for k in ("pooled", "whole")],
         "windows_boot_cause_pooled_whole": chip.get("windows_signed"),
-        "windows_sealed_late_s": chip.get("windows_sealed_late_s"),
+        "windows_seq_sealed_late_s": chip.get("windows_seq_sealed_late_s"),
         "crashes": chip.get("crashes"),   # the app's tracebacks, sent after its reset
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
