@@ -228,6 +228,48 @@ async def main():
 asyncio.run(main())
 """
 
+TRACE = """
+import time
+from array import array
+# each event's way through the node, ms after its onset: heard whole (the meter calls
+# on_event), sealed (signed), handed to MQTT (publish called); the pole's broker has it
+# next (the host's clock). PATH_N events at most, three numbers each. A module of its
+# own, imported once the node is up: compiled in main.py, the node's boot had no room
+# left for its buffers (a MemoryError).
+def trace(node, save):
+    from node import mqtt, payload
+    path = array('i', bytes(4 * 3 * PATH_N))
+    tracked = []                        # [slot, onset ticks_us, envelope or None]
+    def mark(slot, onset, field):
+        path[3 * slot + field] = time.ticks_diff(time.ticks_us(), onset) // 1000
+    heard, seal, publish = node.sound.meter.on_event, node.envelope, mqtt.Client.publish
+    def on_event(t_us, *rest):
+        slot = len(tracked)
+        if slot < PATH_N:
+            tracked.append([slot, t_us, None])
+            mark(slot, t_us, 0)
+        heard(t_us, *rest)
+    async def envelope(kind, *rest):
+        sealed = await seal(kind, *rest)
+        if kind == payload.KIND_EVENT:
+            for t in tracked:
+                if t[2] is None:
+                    t[2] = sealed
+                    mark(t[0], t[1], 1)
+                    break
+        return sealed
+    async def publishing(self, topic, data, *rest):
+        for t in tracked:
+            if t[2] is not None and t[2] == data:
+                mark(t[0], t[1], 2)
+                t[2] = b''
+                save('bench_path', path[:3 * len(tracked)])
+        return await publish(self, topic, data, *rest)
+    node.sound.meter.on_event = on_event
+    node.envelope = envelope
+    mqtt.Client.publish = publishing
+"""
+
 # main.py for the chip-speed run: the node app as shipped (node.app.main, boot path and
 # all), plus a probe task in its loop. How late a 50 ms sleep wakes is how long the loop
 # was held by something else; at chip speed these are chip times. The probe keeps a
@@ -272,6 +314,9 @@ async def probe():
 run = app.Node.run
 async def probed(self):
     asyncio.create_task(probe())
+    if self.sound is not None:          # imported now: compiled after the node's buffers
+        import bench_trace
+        bench_trace.trace(self, save)
     await run(self)
 app.Node.run = probed
 app.main()
@@ -439,6 +484,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["stalls"] = _stall_stats(stalls.read_text()) if stalls.exists() else {}
         held = board.state / "fs" / "bench_held.txt"
         result["held"] = _held_stats(held.read_text()) if held.exists() else {}
+        trace = board.state / "fs" / "bench_path.txt"
+        result["event_path"] = _path_stats(trace.read_text()) if trace.exists() else {}
         clock = board.state / "fs" / "bench_clock.txt"
         result["clock"] = _clock_stats(clock.read_text()) if clock.exists() else {}
         overruns, dropped = _overruns(board)
@@ -450,13 +497,15 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         timed = [(at, b) for at, b in pole.seen if b.kind == wire.KIND_READINGS]
         windows = [b for _, b in timed]
         result["windows"] = len(windows)
-        # each window's seq, its uptime at its seal (s) and how long after it reached the
-        # pole: a window late or missing at the run's end shows where it waited, a seq
-        # twice a QoS 1 resend
-        result["windows_seq_sealed_late_s"] = [
-            [b.seq, round(b.uptime_ms / 1000),
-             round(at - b.time_ms / 1000, 1) if b.time_ms else None] for at, b in timed]
         health = [{r.get(0): r.get(2) for r in w.records} for w in windows]
+        # each window's seq, its uptime at its seal (s), how long after it reached the
+        # pole, and the node's count of windows lost to a short heap and of envelopes
+        # its spool dropped: a window missing shows why, a seq twice a QoS 1 resend
+        result["windows_seq_sealed_late_lost_dropped"] = [
+            [b.seq, round(b.uptime_ms / 1000),
+             round(at - b.time_ms / 1000, 1) if b.time_ms else None,
+             h.get("node/errors/window", 0), h.get("node/dropped")]
+            for (at, b), h in zip(timed, health, strict=True)]
         result["crashes"] = [r.get(3) for _, b in pole.seen if b.kind == wire.KIND_STATUS
                              for r in b.records if r.get(0) == "node/last_crash"]
         last = health[-1] if health else {}
@@ -510,6 +559,15 @@ def _wait_for_app(board: BoardHandle, started: float, timeout: float = 300) -> f
                                f"its board: {board.control('status')}")
         time.sleep(0.2)
     return round(time.time() - started, 1)
+
+
+def _path_stats(text: str) -> dict:
+    """Per step of an event's way through the node (bench_path: ms after its onset for
+    each), its quantiles: how much of the delay is hearing it whole, signing, queueing."""
+    numbers = [int(x) for x in text.split()]
+    steps = [numbers[i:i + 3] for i in range(0, len(numbers) - 2, 3)]
+    return {name: _quantiles([float(s[k]) for s in steps if s[k] > 0])
+            for k, name in enumerate(("heard_ms", "sealed_ms", "to_mqtt_ms"))}
 
 
 def _stall_stats(text: str) -> dict:
@@ -594,6 +652,8 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
         # the same board (state dir) again, at the chip's speed, booting into the app
         warmup_ms = int(min(60.0, minutes * 12) * 1000)
         (tmp / "state" / "node0" / "fs" / "bench_up").unlink(missing_ok=True)
+        (tmp / "state" / "node0" / "fs" / "bench_trace.py").write_text(
+            TRACE.replace("PATH_N", "40"))
         (tmp / "state" / "node0" / "fs" / "main.py").write_text(
             STALLS_MAIN.replace("WARMUP_MS", str(warmup_ms)).replace("OVER_US", "20000")
             .replace("WRITE_MS", "2000" if quick else "10000"))
@@ -653,7 +713,8 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         # whole in steps (an event signed whole is ~1 s late)
         "signatures_pooled_whole": [chip.get("signed", {}).get(k) for k in ("pooled", "whole")],
         "windows_boot_cause_pooled_whole": chip.get("windows_signed"),
-        "windows_seq_sealed_late_s": chip.get("windows_seq_sealed_late_s"),
+        "windows_seq_sealed_late_lost_dropped": chip.get("windows_seq_sealed_late_lost_dropped"),
+        "event_path_ms_chip": chip.get("event_path"),
         "crashes": chip.get("crashes"),   # the app's tracebacks, sent after its reset
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),

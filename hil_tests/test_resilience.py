@@ -135,23 +135,35 @@ def fill(hole):
             size //= 2
 
 
+async def free_after(ms, taken):
+    # the heap back `ms` after the window task took the window (its first try)
+    global hog
+    while n.window_started == taken:
+        await asyncio.sleep_ms(5)
+    await asyncio.sleep_ms(ms)
+    hog = None
+
+
 async def main():
+    global hog
     asyncio.create_task(n.signer.run())
     while len(n.signer.pool) < n.signer.size:
         await asyncio.sleep_ms(20)
     windows = asyncio.create_task(n.window_loop())
-    for lux in (5.0, 6.0):
+    # the heap short for good, short for a moment (between its second try and its
+    # third), then back
+    for lux, short_ms in ((5.0, 1500), (6.0, 150), (7.0, 0)):
         n.window.add("light/lux", "lx", lux)
-        if lux == 5.0:
+        if short_ms:
             fill(%d)
         before = len(n.uplink.spool)
-        n.window_started = time.ticks_add(time.ticks_ms(), -10 ** 6)
-        await asyncio.sleep_ms(1500)
-        short = n.errors.get("window", 0)
-        global hog
+        n.window_started = taken = time.ticks_add(time.ticks_ms(), -10 ** 6)
+        if short_ms:
+            asyncio.create_task(free_after(short_ms, taken))
+        await asyncio.sleep_ms(2000)
         hog = None
         gc.collect()
-        print(json.dumps([short, len(n.uplink.spool) - before]))
+        print(json.dumps([n.errors.get("window", 0), len(n.uplink.spool) - before]))
     print(json.dumps(["alive", not windows.done()]))
 asyncio.run(main())
 """
@@ -160,14 +172,17 @@ asyncio.run(main())
 def test_a_window_the_heap_has_no_room_for_is_lost_not_the_node(bench: Bench):
     """At chip speed a window's seal raised MemoryError (a fragmented heap: 1,104 bytes
     in one piece) and the app reset. Here the heap is left with no hole as big as a
-    window's payload (a real MemoryError from the real allocator): that window is
-    counted in node/errors/window and lost, the window task goes on, and the next
-    window, with the heap back, is sealed and spooled."""
+    window's payload (a real MemoryError from the real allocator). Held so past the
+    seal's tries, that window is counted in node/errors/window and lost, and the window
+    task goes on; held only until its second try (the heap at chip speed is short for
+    a moment, while the audio's and the signer's turns hold memory), it is sealed on
+    its third; and with the heap back the next one is sealed and spooled."""
     out = bench.exec(HEAP_SHORT % 256, timeout=120)
     lines = [line for line in out.splitlines() if line.startswith("[")]
     assert lines[0] == "[1, 0]", out          # short of heap: counted, nothing spooled
-    assert lines[1] == "[1, 1]", out          # heap back: sealed and spooled
-    assert lines[2] == '["alive", true]', out
+    assert lines[1] == "[1, 1]", out          # short for a moment: tried again, sealed
+    assert lines[2] == "[1, 1]", out          # heap back: sealed and spooled
+    assert lines[3] == '["alive", true]', out
 
 
 def test_the_node_is_back_to_normal(node: Bench):

@@ -23,7 +23,8 @@ from node.clock import CLOCK
 from node.spool import EVENT, ROUTINE
 
 SENSOR_GRACE_MS = 10000
-SEAL_TRIES = 3          # an event the heap has no room for is tried this often, then dropped
+SEAL_TRIES = 3          # an envelope the heap has no room for is tried this often, then lost
+SEAL_RETRY_MS = 100     # between tries: the other tasks may free some
 OTA_STATE = "/data/ota.json"   # node/ota.py's STATE: none until the node's first update
 TRIAL_MS = 600000      # an update on trial that has not reached the city by then is left
 HUMID_RH = 80  # above this a PMS5003 over-reads (droplets count as particles): flagged, not fixed
@@ -174,16 +175,13 @@ class Node:
         while True:
             while self.urgent:
                 kind, records, t_ms = self.urgent.pop(0)
-                for _ in range(SEAL_TRIES):
-                    try:
-                        envelope = await self.envelope(kind, records, t_ms, True)
-                    except MemoryError as exc:
-                        self._heap_short("event", exc)
-                        await asyncio.sleep_ms(100)     # the other tasks may free some
-                        continue
-                    # spool priority EVENT: kept longest when the spool is full (few)
-                    await self.uplink.send(envelope, EVENT)
-                    break
+                try:
+                    envelope = await self._seal(kind, records, t_ms, True)
+                except MemoryError as exc:
+                    self._heap_short("event", exc)
+                    continue
+                # spool priority EVENT: kept longest when the spool is full (few)
+                await self.uplink.send(envelope, EVENT)
             self.supervisor.beat("events")
             self.urgent_ready.clear()   # woken at once by an impulse (of its 250 ms budget)
             try:
@@ -247,12 +245,24 @@ class Node:
             records += self.sound.records()
         records += self._health_records()
         self.window = aggregate.Window()
-        return await self.envelope(payload.KIND_READINGS, records)
+        return await self._seal(payload.KIND_READINGS, records)
+
+    async def _seal(self, kind, records, uptime_ms=None, urgent=False):
+        """envelope(), tried SEAL_TRIES times while the heap has no room for it (full or
+        fragmented for a moment at chip speed: the audio's and the signer's turns hold
+        memory too); MemoryError after the last."""
+        for attempt in range(1, SEAL_TRIES + 1):
+            try:
+                return await self.envelope(kind, records, uptime_ms, urgent)
+            except MemoryError:
+                if attempt == SEAL_TRIES:
+                    raise
+                gc.collect()
+                await asyncio.sleep_ms(SEAL_RETRY_MS)
 
     def _heap_short(self, where, exc):
-        """The heap had no room for an envelope (full or fragmented: MicroPython collected
-        before it raised). That envelope is lost, counted in node/errors/<where>; the node
-        goes on (at chip speed, this reset it)."""
+        """The heap had no room for an envelope, SEAL_TRIES times. It is lost, counted in
+        node/errors/<where>; the node goes on (at chip speed, this reset it)."""
         gc.collect()
         self._count_error(where, exc)
 
