@@ -39,6 +39,7 @@ MAX_CARRY_S = 0.002       # oversleep credited to the next stop, at most
 STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
 USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
 FIFO_PRIORITY = 10
+VM_NICE = -10             # the chip's CPU is the node's own: its VM first when it may run
 _SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
 
 
@@ -99,6 +100,18 @@ def switch_cost_ns(wakes: int = 300) -> int:
     return int(0.8 * statistics.median(rounds)) if rounds else 0
 
 
+def _favour(pid: int) -> None:
+    """The VM ahead of other host work when its burst comes (it runs ~1/factor of the
+    time): a chip does not wait for the CPU. Behind a loaded host's other processes a
+    burst comes late and the node falls behind its audio (suspected in a CI run on
+    three workers that heard none of six shots; alone the test passed). Without the
+    privilege it runs as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, VM_NICE)
+    except OSError:
+        pass
+
+
 def _try_fifo() -> bool:
     """SCHED_FIFO for this thread only: its wake-ups decide the burst length."""
     try:
@@ -127,6 +140,7 @@ class Throttle:
         self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY)
         self._stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
         self._signal(signal.SIGSTOP)        # from now on it runs only in bursts
+        _favour(pid)
         self.switch_ns = switch_cost_ns() if switch_ns is None else switch_ns
         self._thread = threading.Thread(target=self._run, name=f"chip-speed-{pid}",
                                         daemon=True)

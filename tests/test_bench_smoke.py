@@ -20,7 +20,8 @@ FIRMWARE_KEYS = ("es256_sign_ms", "hmac_sign_ms", "cycle_ms", "heap_high_water_k
                  "heap_high_water_kb_x64", "p256_table_bytes", "es256_sign_ms_chip",
                  "verify_ms_chip", "precompute_ms_chip", "max_loop_stall_ms_chip",
                  "impulse_to_publish_ms_chip", "event_to_city_ms_p99_chip", "audio_overruns",
-                 "heap_high_water_kb_stock",
+                 "heap_high_water_kb_stock", "event_path_ms_chip",
+                 "windows_seq_sealed_late_lost_dropped",
                  "dsp_realtime_factor_48k", "dsp_plain_python_realtime_factor_48k", "targets")
 
 

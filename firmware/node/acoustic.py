@@ -366,7 +366,7 @@ class _Sounding:
     def tail_level(self, db, lost):
         """`lost`: quarters of audio lost just before this one. The decay is per quarter
         of the sound's time: a slow tail with a gap in it must not read as a fast one (a
-        firework's 4.5 dB a quarter across 200 ms lost read 33: a gunshot)."""
+        firework's ~4.5 dB a quarter across 187 ms lost read 22-28: a gunshot)."""
         if self._tail_db is None:
             self._tail_db = db
         else:
