@@ -9,8 +9,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # systemd: its systemd-analyze checks the shipped unit (tests/test_gateway_deploy.py);
-# chrony: the pole's time server for its nodes (deploy/chrony.conf), in tests and the demo
-APT_PACKAGES := mosquitto systemd chrony
+# chrony: the pole's time server for its nodes (deploy/chrony.conf), in tests and the demo;
+# gcc, libc6-dev: the emulated board's clock at chip speed (emulator/chipclock.c)
+APT_PACKAGES := mosquitto systemd chrony gcc libc6-dev
 # systemd-nspawn boots the container of `make test-systemd`
 SYSTEMD_TEST_PACKAGES := systemd-container
 

@@ -59,8 +59,8 @@ class I2SStream:
     (<I, little-endian), with ACK_DROPPED set for bytes it threw away unread. The
     ring's bound is kept on the board side (board_side/emu_machine.py, I2S): before
     each read it drops what the chip's DMA would have overwritten, the oldest, by
-    the sample clock it shares with this end (`start_us`, the host's CLOCK_MONOTONIC,
-    which the unix port's ticks follow). What is in the kernel's buffers can no
+    the sample clock it shares with this end (`start_us`, the host's real-time
+    clock). What is in the kernel's buffers can no
     longer be taken back from here, so a drop at this end would lose the newest
     samples, and a read after a stall would return audio older than the chip's:
     an event in it stamped late by the length of the stall. This end drops only
@@ -72,8 +72,9 @@ class I2SStream:
         self.mic, self.rate, self.bits, self.stereo = mic, rate, bits, stereo
         self._wall = wall
         self.start = mic.start_wall if mic is not None else wall()
-        # the stream's start on the host's CLOCK_MONOTONIC, which the board's ticks read
-        self.start_us = round((self.start + time.monotonic() - wall()) * 1e6)
+        # the stream's start on the host's real-time clock, which the board reads as
+        # time.time_ns(): at chip speed its ticks run at the chip's pace (ChipClock)
+        self.start_us = round((self.start + time.time() - wall()) * 1e6)
         self.frame_bytes = (bits // 8) * (2 if stereo else 1)
         # the ring in the firmware's bytes: its frames as readinto() hands them over
         self.ring_frames = dma_ring_frames(ibuf)

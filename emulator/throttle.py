@@ -13,21 +13,32 @@ cpu.max quota is granted per period with ~1 ms granularity, so a 1/150 share mea
 1 ms of running per 150 ms: stalls 150x coarser than a chip's; dilating the VM's
 clock instead would make the firmware miss the real brokers' keepalives.
 
+Inside a burst the host's clock moves 0.3 ms while the VM does ~70 ms of the chip's
+work; a ChipClock (chipclock.c, preloaded into the VM) makes the VM's
+CLOCK_MONOTONIC, which its ticks read, count that work as the chip's clock would.
+
 The controller thread asks for SCHED_FIFO (tighter wake-ups; we are root in the
 emulator's environments) and runs without it if refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import mmap
 import os
+import shutil
 import signal
 import statistics
+import struct
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from functools import cache
+from importlib import resources
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ log = logging.getLogger(__name__)
 # process costs it ~50 us of extra CPU (cold caches, the switch), measured as 2x CPU at
 # 100 us bursts, ~1.15x at 300 us, ~1.0x at 1 ms (docs/decisions.md, "Chip speed").
 BURST_S = 300e-6
-MAX_CARRY_S = 0.002       # oversleep credited to the next stop, at most
+MAX_CARRY_NS = 2_000_000  # oversleep credited to the next stop, at most
 STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
 USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
 FIFO_PRIORITY = 10
@@ -122,19 +133,88 @@ def _try_fifo() -> bool:
         return False
 
 
+class ChipClock:
+    """The VM's clock at chip speed: a page the throttle writes and chipclock.c, preloaded
+    into the VM, reads. Make it before the process starts and start it with `env()`."""
+
+    _LAYOUT = struct.Struct("<qqqqqd")   # chipclock.c, struct page
+    _SEQ = struct.Struct("<q")
+
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix="chipclock-", dir=folder)
+        self.path = Path(name)
+        os.ftruncate(fd, mmap.PAGESIZE)
+        self._map = mmap.mmap(fd, mmap.PAGESIZE)
+        os.close(fd)
+        self._seq = 0
+
+    def env(self) -> dict[str, str]:
+        preload = " ".join(filter(None, [str(chip_clock_library()),
+                                          os.environ.get("LD_PRELOAD")]))
+        return {"LD_PRELOAD": preload, "CITYNODE_CHIP_CLOCK": str(self.path)}
+
+    def rebase(self, offset_ns: int, cpu_ns: int, switches: int, switch_ns: int,
+               gain: float) -> None:
+        """From now the VM's clock is the host's + `offset_ns` + `gain` x the CPU it uses
+        beyond `cpu_ns`, less `switch_ns` per time it is scheduled in beyond `switches`.
+        Under a sequence count (odd while written): the VM may read it meanwhile."""
+        if self._map.closed:
+            return          # the VM is gone
+        self._seq += 1
+        self._SEQ.pack_into(self._map, 0, self._seq)
+        self._LAYOUT.pack_into(self._map, 0, self._seq, offset_ns, cpu_ns, switches,
+                               switch_ns, gain)
+        self._seq += 1
+        self._SEQ.pack_into(self._map, 0, self._seq)
+
+    def close(self) -> None:
+        self._map.close()
+        self.path.unlink(missing_ok=True)
+
+
+class CompilerMissing(RuntimeError):
+    pass
+
+
+@cache
+def chip_clock_library() -> Path:
+    """chipclock.c built once per source (a C compiler's job: some ms), in the user's
+    cache: the emulator ships as source inside the wheel."""
+    source = (resources.files(__package__) / "chipclock.c").read_bytes()
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "citynode"
+    library = cache_dir / f"chipclock-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if library.exists():
+        return library
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise CompilerMissing("chip speed needs a C compiler for the chip's clock "
+                              "(emulator/chipclock.c): apt install gcc libc6-dev")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as work:
+        src, out = Path(work) / "chipclock.c", Path(work) / library.name
+        src.write_bytes(source)
+        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(out), str(src), "-ldl"],
+                       check=True, capture_output=True)
+        out.replace(library)         # whole, even with another worker building it too
+    return library
+
+
 class Throttle:
     """Runs process `pid` at 1/`factor` of its speed; `stop()` leaves it running."""
 
     def __init__(self, pid: int, factor: float, burst_s: float = BURST_S,
-                 free_ns: int = 0, switch_ns: int | None = None) -> None:
+                 free_ns: int = 0, switch_ns: int | None = None,
+                 clock: ChipClock | None = None) -> None:
         """`free_ns`: CPU the process may use before pacing starts (the wrapper's own
         start-up: CPython and the unix port's set-up are no part of the chip's boot).
         `switch_ns`: the CPU each time the process is scheduled in costs on this host
-        (default: measured once, switch_cost_ns()): not the chip's, so not charged."""
+        (default: measured once, switch_cost_ns()): not the chip's, so not charged.
+        `clock`: the ChipClock the process was started with, if any."""
         if factor < 1:
             raise ValueError(f"speed factor {factor} < 1: the chip is not faster than the host")
         self.pid, self.factor, self.burst_s = pid, factor, burst_s
         self.free_ns = free_ns
+        self.clock = clock
         self.stats = ThrottleStats()
         self._halt = threading.Event()
         self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY)
@@ -160,21 +240,25 @@ class Throttle:
         except OSError:
             pass  # the process is gone (exit, kill): nothing left to pace
         finally:
+            self._rebase(0, 0, 0, 1.0, False)       # the host's clock: nothing to catch up
             self._signal(signal.SIGCONT)
             os.close(self._fd)
             os.close(self._stat_fd)
 
     def _loop(self) -> None:
         """Let it run a burst, read the CPU it used less the host's cost of each time it
-        was scheduled in and of its system calls, and only if it used any, stop it for
-        the chip's extra time.
+        was scheduled in and of its system calls, and stop it until the host's time has
+        caught up with the chip's: (factor - 1) x that CPU, less what the last stop
+        overslept. Then rebase the chip's clock, continuous, on the host's.
         Stopping and continuing a sleeping process, and each wake-up, cost it tens of us
         of CPU here (switch_cost_ns), which charged at the chip's factor made an idle
         node look busy, more so the faster the host (docs/decisions.md, "Chip speed")."""
-        stats, factor, burst = self.stats, self.factor, self.burst_s
+        stats, burst = self.stats, self.burst_s
         last, switches = _read_schedstat(self._fd)
         free = self.free_ns - last
-        carry = 0.0
+        ahead = 0          # ns the chip's clock is ahead of the host's (< 0: overslept)
+        share = 1.0        # of the CPU time, charged: the user share at the last rebase
+        self._rebase(ahead, last, switches, share, free <= 0)
         clock = time.perf_counter
         if not self._signal(signal.SIGCONT):
             return
@@ -189,12 +273,11 @@ class Throttle:
             if stopped and not self._stop():
                 return
             now, count = _read_schedstat(self._fd)
-            used, last = now - last, now
-            # the host's own cost of scheduling it in (wake-ups, our continues)
-            used, switches = max(0, used - (count - switches) * self.switch_ns), count
-            # and of its system calls: the emulator's links, the sockets (on the chip a
-            # register access, or lwIP on the other core), by the user share so far
-            used = int(used * self._user_share())
+            # the host's own cost of scheduling it in (wake-ups, our continues), and of
+            # its system calls: the emulator's links, the sockets (on the chip a register
+            # access, or lwIP on the other core), by the user share
+            used = int(max(0, now - last - (count - switches) * self.switch_ns) * share)
+            last, switches = now, count
             if free > 0:
                 free -= used
                 used = max(0, -free)
@@ -204,22 +287,34 @@ class Throttle:
                 stats.burst_s.append(ran)
             else:
                 stats.burst_s[stats.bursts % _SAMPLES] = ran
-            owed = used / 1e9 * factor - ran - carry
+            owed = ahead + int(used * (self.factor - 1))
+            share = self._user_share()
             if owed <= 0:
-                carry = 0.0          # idle (waiting for I/O): real time is chip time
-                free = 0             # and the start-up is over: what is left is not free
+                # idle (waiting for I/O): real time is chip time, and the oversleep is
+                # forgiven
+                self._rebase(0, now, count, share, free <= 0)
+                ahead = 0
                 if stopped and not self._signal(signal.SIGCONT):
                     return
                 continue
             if not stopped and not self._signal(signal.SIGSTOP):
                 return
-            before = clock()
-            self._halt.wait(owed)
-            slept = clock() - before
-            stats.stopped_s += slept
-            carry = min(MAX_CARRY_S, max(0.0, slept - owed))
+            before = time.monotonic_ns()
+            self._halt.wait(owed / 1e9)
+            slept = time.monotonic_ns() - before
+            stats.stopped_s += slept / 1e9
+            ahead = max(-MAX_CARRY_NS, owed - slept)
+            self._rebase(ahead, now, count, share, free <= 0)
             if not self._signal(signal.SIGCONT):
                 return
+
+    def _rebase(self, ahead_ns: int, cpu_ns: int, switches: int, share: float,
+                paced: bool) -> None:
+        """The VM's clock from now: the host's + `ahead_ns`, and at chip speed for the CPU
+        beyond `cpu_ns` once pacing has started (`paced`)."""
+        if self.clock is not None:
+            gain = (self.factor - 1) * share if paced else 0.0
+            self.clock.rebase(ahead_ns, cpu_ns, switches, self.switch_ns, gain)
 
     def _stop(self) -> bool:
         """SIGSTOP, and wait until the process is off its CPU: the signal reaches a task

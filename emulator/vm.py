@@ -19,7 +19,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from .throttle import Throttle
+from .throttle import ChipClock, Throttle
 
 # The board side: MicroPython modules the VM imports in front of its built-ins.
 BOARD_DIR = Path(str(resources.files(__package__) / "board_side"))
@@ -102,7 +102,10 @@ class VM:
         binary = micropython_binary()
         cmd = [binary, "-X", f"heapsize={heap}k", str(BOARD_DIR / "emu_main.py")]
         free_ns = startup_cpu_ns(binary) if speed_factor else 0   # before it starts
-        full_env = dict(os.environ, MICROPYPATH=f"{BOARD_DIR}:.frozen", **env)
+        # at chip speed its clock is the chip's too (throttle.py, ChipClock)
+        self._clock = ChipClock(log_path.parent) if speed_factor else None
+        full_env = dict(os.environ, MICROPYPATH=f"{BOARD_DIR}:.frozen", **env,
+                        **(self._clock.env() if self._clock else {}))
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE,
                                      stderr=self._log, env=full_env, start_new_session=True)
@@ -111,8 +114,8 @@ class VM:
         self._killed = False
         self.running_user_code = False
         self.kbd_intr_enabled = True
-        self.throttle = (Throttle(self.proc.pid, speed_factor, free_ns=free_ns)
-                         if speed_factor else None)
+        self.throttle = (Throttle(self.proc.pid, speed_factor, free_ns=free_ns,
+                                  clock=self._clock) if speed_factor else None)
         threading.Thread(target=self._pump, name="vm-stdout", daemon=True).start()
 
     def _pump(self) -> None:
@@ -125,8 +128,7 @@ class VM:
                 break
             self._on_output(cook(data))
         code = self.proc.wait()
-        if self.throttle is not None:
-            self.throttle.stop()
+        self._stop_throttle()
         self._log.close()
         if not self._killed:
             self._on_exit(code)
@@ -142,5 +144,10 @@ class VM:
         if self.proc.poll() is None:
             self.proc.kill()        # a stopped process dies of SIGKILL too
         self.proc.wait()
+        self._stop_throttle()
+
+    def _stop_throttle(self) -> None:
         if self.throttle is not None:
             self.throttle.stop()
+        if self._clock is not None:
+            self._clock.close()

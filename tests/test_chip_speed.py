@@ -3,28 +3,38 @@ alone; citynode-emu --speed-factor runs a board that way; the host calibration r
 
 from __future__ import annotations
 
+import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.throttle import CPU_BOUND
+from bench.throttle import CPU_BOUND, WORK
 from citynode import speed
-from citynode.emulator.throttle import Throttle
+from citynode.emulator.throttle import ChipClock, Throttle
 from citynode.emulator.vm import micropython_binary, startup_cpu_ns
 from citynode.testing.emulator import mpremote, start_emulator
 
 
-def _timed(code: str, factor: float | None) -> tuple[int, Throttle | None]:
+def _run(code: str, factor: float | None, clock: ChipClock | None = None
+         ) -> tuple[list[int], Throttle | None]:
+    """The numbers `code` prints, and the throttle it ran under, if any."""
     binary = micropython_binary()
     free_ns = startup_cpu_ns(binary)
-    proc = subprocess.Popen([binary, "-c", code], stdout=subprocess.PIPE, text=True)
-    throttle = Throttle(proc.pid, factor, free_ns=free_ns) if factor else None
+    env = dict(os.environ, **(clock.env() if clock else {}))
+    proc = subprocess.Popen([binary, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    throttle = Throttle(proc.pid, factor, free_ns=free_ns, clock=clock) if factor else None
     out, _ = proc.communicate(timeout=120)
     if throttle is not None:
         throttle.stop()
-    return int(out.split()[-1]), throttle
+    return [int(word) for word in out.split()], throttle
+
+
+def _timed(code: str, factor: float | None) -> tuple[int, Throttle | None]:
+    numbers, throttle = _run(code, factor)
+    return numbers[-1], throttle
 
 
 def test_throttle_slows_compute_by_about_the_factor():
@@ -36,13 +46,43 @@ def test_throttle_slows_compute_by_about_the_factor():
     assert 14 <= slowed / free <= 40, (free, slowed)
 
 
-def test_throttle_leaves_sleep_in_real_time():
+@pytest.mark.parametrize("chip_clock", [False, True])
+def test_throttle_leaves_sleep_in_real_time(tmp_path: Path, chip_clock: bool):
     # the first sleep pays off whatever start-up CPU the free allowance did not cover
     # (x100 on a loaded CI host: a 3.7 ms excess stopped the VM for 376 ms)
     code = "import time\ntime.sleep_ms(500)\nt = time.ticks_ms()\ntime.sleep_ms(300)\n" \
            "print(time.ticks_diff(time.ticks_ms(), t))"
-    slept, _ = _timed(code, 100.0)
+    clock = ChipClock(tmp_path) if chip_clock else None
+    try:
+        slept = _run(code, 100.0, clock)[0][-1]
+    finally:
+        if clock is not None:
+            clock.close()
     assert 295 <= slept < 450
+
+
+# short jobs, each shorter than a burst, timed by the VM's own ticks, after a sleep
+# that pays off the start-up
+SHORT_JOBS = WORK + """
+time.sleep_ms(500)
+for _ in range(30):
+    t = time.ticks_us()
+    work(1000)
+    print(time.ticks_diff(time.ticks_us(), t))
+    time.sleep_ms(5)
+"""
+
+
+def test_chip_clock_counts_the_vms_work_at_the_chips_pace(tmp_path: Path):
+    # Without it a job inside one burst read its host time (~30 us for ~3 ms of the
+    # chip's work at x100), so a task that yields by ticks held the loop a whole burst.
+    host = statistics.median(_run(SHORT_JOBS, None)[0])
+    clock = ChipClock(tmp_path)
+    try:
+        chip = statistics.median(_run(SHORT_JOBS, 100.0, clock)[0])
+    finally:
+        clock.close()
+    assert 50 <= chip / host <= 200, (host, chip)
 
 
 def test_throttle_refuses_a_faster_chip():

@@ -42,6 +42,7 @@ def connect():
         old.close()  # the host drops what it still had to say on it
     port = int(os.getenv("CITYNODE_EMU_BUS"))
     s = socket.socket()
+    s.setsockopt(1, 12, 6)  # SO_PRIORITY 6: the chip's own wire (emulator/chipclock.c)
     s.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
     _sock = s
 

@@ -517,6 +517,7 @@ class I2S(_io.IOBase):
         port, ring_frames, self._start_us = struct.unpack("<HIq", _link.call(
             _link.I2S_INIT, id, struct.pack("<BBBIi", wire_mode, bits, format, rate, ibuf)))
         self._sock = _s.socket()
+        self._sock.setsockopt(1, 12, 6)  # SO_PRIORITY 6: the chip's own wire (chipclock.c)
         try:  # SOL_SOCKET, SO_RCVBUF: the host sends all that is due, the ring's bound is ours
             self._sock.setsockopt(1, 8, 1 << 20)
         except OSError:
@@ -527,7 +528,7 @@ class I2S(_io.IOBase):
         self._ring = ring_frames * self._frame      # bytes the DMA ring holds
         self._taken = 0                              # bytes read or dropped since the start
         import emu_time
-        self._host_us = emu_time._real.ticks_us      # the host's CLOCK_MONOTONIC, in us
+        self._host_ns = emu_time._real.time_ns       # the host's real-time clock
         self._step = max(self._frame, min(1024, ibuf - ibuf % self._frame))
         self._async = False
         self._ack = bytearray(4)  # reused: the emulator's own work must not churn the heap
@@ -539,10 +540,10 @@ class I2S(_io.IOBase):
 
     def _drop_overwritten(self, mv, n):
         """Throw away what the chip's DMA would have overwritten by now: all but the
-        newest ring's worth of what is due by the sample clock (the host's monotonic
-        clock, which the unix port's ticks read). Only after a stall longer than the
+        newest ring's worth of what is due by the sample clock (the host's real-time
+        clock: at chip speed the VM's ticks run ahead of it inside a burst). Only after a stall longer than the
         ring; the host has sent it all by then (it lags the clock by one DMA tick)."""
-        due = (self._host_us() - self._start_us) * self._rate // 1000000
+        due = (self._host_ns() // 1000 - self._start_us) * self._rate // 1000000
         due -= due % I2S._DMA_BUF_FRAMES
         excess = due * self._frame - self._taken - self._ring
         dropped = 0

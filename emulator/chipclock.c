@@ -1,0 +1,212 @@
+/* The chip's clock for a VM at chip speed: LD_PRELOADed into the unix port.
+ *
+ * The throttle (throttle.py) runs the VM in bursts of ~300 us and then stops it for
+ * the chip's extra time. Inside a burst the host's CLOCK_MONOTONIC moves 0.3 ms
+ * while the VM does ~70 ms of the chip's work, so a task that yields by the clock
+ * (every 12 ms) held the loop for a whole burst. Here CLOCK_MONOTONIC, which
+ * the unix port's ticks read, runs as the chip's would: the host's time plus
+ * (factor - 1) x the CPU the VM used since the throttle last caught up with it,
+ * less the host's own cost of each time it was scheduled in, as the throttle
+ * charges it. The throttle keeps the VM stopped until the host's time reaches the
+ * chip's, then rebases this page, so the chip's clock is continuous.
+ *
+ * What the VM sends on a socket (write, send, sendto, sendmsg) waits until the
+ * host's time has caught up with the chip's: inside a burst the VM is ahead of the
+ * world, and a packet sent then left up to a burst of chip time early (an SNTP
+ * request sent early skews the node's clock by half of that; an event reached the
+ * broker sooner than the chip could send it). The wait costs no chip time: the
+ * throttle's stop pays for work already done. The chip's own wires (the emulator's
+ * bus and I2S sockets, SO_PRIORITY INTERNAL_PRIORITY: board_side/emu_link.py) and
+ * files do not wait.
+ *
+ * The page (CITYNODE_CHIP_CLOCK, a file the throttle writes) is read under a
+ * sequence count: the throttle may rebase it while the VM runs. Other clocks, and
+ * other threads, are the host's. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+struct page {                 /* throttle.py, ChipClockPage: the same layout */
+    volatile int64_t seq;     /* odd while the throttle writes */
+    volatile int64_t offset_ns;       /* chip - host at the rebase */
+    volatile int64_t cpu0_ns;         /* the VM's CPU time (schedstat) at the rebase */
+    volatile int64_t switches0;       /* times scheduled in (schedstat) at the rebase */
+    volatile int64_t switch_ns;       /* the host's cost of each, not the chip's */
+    volatile double gain;             /* (factor - 1) x the user share; 0: host time */
+};
+
+#define INTERNAL_PRIORITY 6         /* board_side/emu_link.py, emu_machine.py */
+#define SEND_SLACK_NS 1000000       /* ahead by at most this, a send goes now */
+#define SEND_WAIT_MAX_NS 2000000000 /* a throttle that never catches up: go anyway */
+
+static int (*real_clock_gettime)(clockid_t, struct timespec *);
+static ssize_t (*real_write)(int, const void *, size_t);
+static ssize_t (*real_send)(int, const void *, size_t, int);
+static ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *,
+                              socklen_t);
+static ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
+static struct page *page;
+static int stat_fd = -1;
+static pid_t main_tid;
+static int64_t last_ns;
+
+__attribute__((constructor)) static void chipclock_init(void)
+{
+    real_clock_gettime = dlsym(RTLD_NEXT, "clock_gettime");
+    real_write = dlsym(RTLD_NEXT, "write");
+    real_send = dlsym(RTLD_NEXT, "send");
+    real_sendto = dlsym(RTLD_NEXT, "sendto");
+    real_sendmsg = dlsym(RTLD_NEXT, "sendmsg");
+    const char *path = getenv("CITYNODE_CHIP_CLOCK");
+    if (!path)
+        return;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    void *p = mmap(NULL, sizeof(struct page), PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED)
+        return;
+    stat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    if (stat_fd < 0)
+        return;
+    main_tid = (pid_t)syscall(SYS_gettid);
+    page = p;
+}
+
+static int64_t ns_of(const struct timespec *ts)
+{
+    return (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
+}
+
+/* CPU ns and times scheduled in, of this thread, as the throttle reads them for the
+ * process when it is stopped (/proc/PID/schedstat). The CPU time comes from the
+ * thread's CPU clock: schedstat's own is brought up to date only when the thread
+ * leaves its CPU. */
+static int read_cpu(int64_t *cpu, int64_t *switches)
+{
+    struct timespec ts;
+    if (real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
+        return -1;
+    *cpu = ns_of(&ts);
+    char buf[96];
+    ssize_t n = pread(stat_fd, buf, sizeof buf - 1, 0);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    char *end;
+    strtoll(buf, &end, 10);             /* CPU time, as of the last switch */
+    strtoll(end, &end, 10);             /* time waiting for a CPU */
+    *switches = strtoll(end, NULL, 10);
+    return 0;
+}
+
+/* How far the chip's clock is ahead of the host's, by the page now. */
+static int64_t ahead(void)
+{
+    int64_t seq, offset, cpu0, switches0, switch_ns, cpu, switches;
+    double gain;
+    do {
+        seq = __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE);
+        offset = page->offset_ns;
+        cpu0 = page->cpu0_ns;
+        switches0 = page->switches0;
+        switch_ns = page->switch_ns;
+        gain = page->gain;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    } while ((seq & 1) || seq != __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE));
+    int64_t by = offset;
+    if (gain > 0 && read_cpu(&cpu, &switches) == 0) {
+        int64_t used = (cpu - cpu0) - (switches - switches0) * switch_ns;
+        if (used > 0)
+            by += (int64_t)(gain * (double)used);
+    }
+    return by;
+}
+
+static int on_chip_time(void)
+{
+    return page && syscall(SYS_gettid) == main_tid;
+}
+
+int clock_gettime(clockid_t clk, struct timespec *ts)
+{
+    if (!real_clock_gettime)
+        real_clock_gettime = dlsym(RTLD_NEXT, "clock_gettime");
+    int rc = real_clock_gettime(clk, ts);
+    if (rc || clk != CLOCK_MONOTONIC || !on_chip_time())
+        return rc;
+    int64_t now = ns_of(ts);
+    now += ahead();
+    if (now < last_ns)        /* never backwards: a rebase may land a little behind */
+        now = last_ns;
+    last_ns = now;
+    ts->tv_sec = now / 1000000000;
+    ts->tv_nsec = now % 1000000000;
+    return 0;
+}
+
+/* Before the world sees anything from the VM: wait for the throttle's stop to bring
+ * the host's time up to the chip's (it rebases the page when it has). */
+static void catch_up(void)
+{
+    struct timespec ts;
+    real_clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t start = ns_of(&ts), owed;
+    while ((owed = ahead()) > SEND_SLACK_NS) {
+        real_clock_gettime(CLOCK_MONOTONIC, &ts);
+        if (ns_of(&ts) - start > SEND_WAIT_MAX_NS)
+            return;
+        struct timespec nap = {0, owed < 200000 ? owed : 200000};
+        nanosleep(&nap, NULL);
+    }
+}
+
+/* Whether socket `fd` leads out of the chip: not one of its own wires. */
+static int leaves_chip(int fd)
+{
+    int priority = 0;
+    socklen_t len = sizeof priority;
+    if (getsockopt(fd, SOL_SOCKET, SO_PRIORITY, &priority, &len))
+        return 0;
+    return priority != INTERNAL_PRIORITY;
+}
+
+ssize_t write(int fd, const void *buf, size_t n)
+{
+    struct stat st;
+    if (on_chip_time() && fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode) && leaves_chip(fd))
+        catch_up();
+    return real_write(fd, buf, n);
+}
+
+ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+    if (on_chip_time() && leaves_chip(fd))
+        catch_up();
+    return real_send(fd, buf, n, flags);
+}
+
+ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *to,
+               socklen_t len)
+{
+    if (on_chip_time() && leaves_chip(fd))
+        catch_up();
+    return real_sendto(fd, buf, n, flags, to, len);
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    if (on_chip_time() && leaves_chip(fd))
+        catch_up();
+    return real_sendmsg(fd, msg, flags);
+}
