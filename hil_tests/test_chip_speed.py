@@ -44,7 +44,8 @@ def test_chip_speed_impulse_reported_and_stamped_when_it_happened(chip_bench: Be
 
 
 def test_chip_speed_downlink_obeys_the_operator_key_only_once(chip_node: Bench):
-    """Each answer is a verify and a signature in steps beside the audio: 5-15 s on
-    the emulated chip (the benchmark's downlink_to_answer_ms_chip says how fast); here
-    only that the node obeys once and refuses the rest."""
-    check_downlink(chip_node, answer_s=60)
+    """Each answer is a verify and a signature in steps beside the audio: 9-15 s on
+    the emulated chip in the benchmark (downlink_to_answer_ms_chip says how fast), over
+    60 s in a CI run on three workers since the chip's clock keeps the signer to its
+    12 ms turns; here only that the node obeys once and refuses the rest."""
+    check_downlink(chip_node, answer_s=120)
