@@ -51,6 +51,9 @@ class BoardCatalogueError(ValueError):
     """boards.yaml is missing, malformed, or names a board we do not know."""
 
 
+CPU_MHZ = (20, 40, 80, 160, 240)      # what machine.freq() takes on the ESP32 port
+
+
 @dataclass(frozen=True)
 class ChipSpeed:
     """The chip's published MicroPython speed at its image's stock clock (issue 11):
@@ -58,6 +61,12 @@ class ChipSpeed:
 
     pystones: float       # pystone_lowmem, pystones/s
     pi1000_s: float       # 1000 digits of pi (big integers), seconds
+    mhz: int = 160        # the clock they are for: the image's, until machine.freq()
+
+    def at(self, mhz: int) -> float:
+        """How much faster the chip runs at `mhz` than at its stock clock: linear in the
+        clock (flash-cache misses do not scale, so the chip may gain less)."""
+        return mhz / self.mhz
 
 
 @dataclass(frozen=True)
@@ -243,7 +252,12 @@ def _validate_speed(board: str, speed: Any) -> ChipSpeed | None:
             raise _fail(board, f"speed.{key}", f"{value!r} is not a chip's figure",
                         f"write the published figure, between {low} and {high}")
         values[key] = float(value)
-    return ChipSpeed(**values)
+    mhz = speed.get("mhz", 160)
+    if mhz not in CPU_MHZ:
+        raise _fail(board, "speed.mhz", f"{mhz!r} is not an ESP32 clock",
+                    "write the stock image's CPU clock in MHz: one of "
+                    + ", ".join(map(str, CPU_MHZ)))
+    return ChipSpeed(**values, mhz=mhz)
 
 
 def _board_from_entry(name: str, entry: Any) -> Board:

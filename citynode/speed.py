@@ -219,15 +219,17 @@ def host_rates(binary: str | None = None, refresh: bool = False) -> HostRates:
     return rates
 
 
-def factors(board, rates: HostRates | None = None) -> SpeedFactors:
-    """A board's speed factors on this host: host rate / the chip's published rate."""
+def factors(board, rates: HostRates | None = None, mhz: int | None = None) -> SpeedFactors:
+    """A board's speed factors on this host: host rate / the chip's published rate, at
+    its stock clock or at `mhz` (machine.freq())."""
     speed = board.speed
     if speed is None:
         raise CalibrationError(f"board '{board.name}' has no `speed:` in boards.yaml; add the "
                                "chip's published figures (docs/decisions.md, issue 11)")
     rates = rates or host_rates()
-    return SpeedFactors(interp=rates.pystones / speed.pystones,
-                        bigint=speed.pi1000_s / rates.pi1000_s, host=rates)
+    faster = speed.at(mhz or speed.mhz)
+    return SpeedFactors(interp=rates.pystones / speed.pystones / faster,
+                        bigint=speed.pi1000_s / rates.pi1000_s / faster, host=rates)
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ class EmulatedBoard:
         self.peripherals = peripherals
         self.radio = radio or Radio()
         self.xtal_ppm = XTAL_PPM
+        # the CPU clock: the image's until machine.freq(); a soft reset keeps it
+        self.stock_mhz = board.speed.mhz if board.speed else 160
+        self.cpu_mhz = self.stock_mhz
         self.bus = bus.BusServer(self._bus_call)
         self._lock = threading.RLock()
         self.mode = "off"
@@ -171,6 +174,7 @@ class EmulatedBoard:
             self._booted_at = time.monotonic()
             self.boot_cause = cause
             self._soft_reset_since_boot = False
+            self.cpu_mhz = self.stock_mhz
             self._unhang.clear()
             self._send(rom.boot_banner(self.board.chip, _ROM_RST[cause], download))
             if download:
@@ -216,7 +220,15 @@ class EmulatedBoard:
         extra_kb = romfs // 1024 + 1
         self._vm = VM(self.board.heap_kb, self._rx_read, env, self.uart.transmit,
                       self._vm_exited, self.state / "vm.log", extra_heap_kb=extra_kb,
-                      speed_factor=getattr(self, "speed_factor", None))  # chip speed, issue 11
+                      speed_factor=self._chip_factor())
+
+    def _chip_factor(self) -> float | None:
+        """The VM's slowdown at chip speed (issue 11): `speed_factor`, which is for the
+        stock clock, at the clock the firmware set; None at host speed."""
+        factor = getattr(self, "speed_factor", None)
+        if factor is None or self.board.speed is None:
+            return factor
+        return max(1.0, factor / self.board.speed.at(self.cpu_mhz))
 
     def _vm_exited(self, code: int) -> None:
         with self._lock:
@@ -303,6 +315,7 @@ class EmulatedBoard:
     def _op_hello(self, sub: int, payload: bytes) -> bytes:
         return json.dumps({"mac": self.mac.hex(), "board": self.board.name,
                            "chip": self.board.chip, "psram": self.board.psram_mb > 0,
+                           "cpu_hz": self.cpu_mhz * 1_000_000,
                            "reset_cause": self.reset_cause,
                            "wake_reason": 0}).encode()
 
@@ -469,6 +482,15 @@ class EmulatedBoard:
             return b""
         return bytes((self._parts().pin_read(payload[0]) & 1,))
 
+    def _op_cpu_freq(self, sub: int, payload: bytes) -> bytes:
+        """machine.freq(hz), checked by the board side: at chip speed the VM runs faster
+        or slower from its next burst."""
+        self.cpu_mhz = struct.unpack("<I", payload)[0]
+        vm = self._vm
+        if vm is not None and vm.throttle is not None:
+            vm.throttle.factor = self._chip_factor()
+        return b""
+
     def _op_pwm(self, sub: int, payload: bytes) -> bytes:
         pin, freq, duty = struct.unpack("<BIH", payload)
         self._parts().pwm(pin, freq, duty)
@@ -499,7 +521,7 @@ _HANDLERS = {
     bus.UART_WRITE: EmulatedBoard._op_uart_write, bus.UART_READ: EmulatedBoard._op_uart_read,
     bus.I2S_INIT: EmulatedBoard._op_i2s_init, bus.ADC: EmulatedBoard._op_adc,
     bus.PIN: EmulatedBoard._op_pin, bus.PWM: EmulatedBoard._op_pwm,
-    bus.ROMFS: EmulatedBoard._op_romfs,
+    bus.ROMFS: EmulatedBoard._op_romfs, bus.CPU_FREQ: EmulatedBoard._op_cpu_freq,
 }
 _PERIPHERAL_OPS = {bus.I2C_WRITE, bus.I2C_READ, bus.I2C_SCAN, bus.UART_READ, bus.UART_WRITE,
                    bus.ADC, bus.PIN}

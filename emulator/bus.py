@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 HELLO, STATE, RESET, WDT_INIT, WDT_FEED, PIN, PWM, ADC = 1, 2, 3, 4, 5, 6, 7, 8
 I2C_WRITE, I2C_READ, I2C_SCAN = 10, 11, 12
 UART_INIT, UART_WRITE, UART_READ, I2S_INIT = 13, 14, 15, 17
-WLAN, RESOLVE, NVS, ROMFS = 20, 21, 22, 23
+WLAN, RESOLVE, NVS, ROMFS, CPU_FREQ = 20, 21, 22, 23, 24
 
 Handler = Callable[[int, int, bytes], bytes]
 _REQUEST = struct.Struct("<BBH")

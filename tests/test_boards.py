@@ -61,6 +61,7 @@ def test_every_board_has_its_chip_speed():
     ({"pystones": 70000, "pi1000_s": 0.855}, ["speed.pystones", "not a chip's figure"]),
     ({"pystones": 1107}, ["speed.pi1000_s", "between"]),
     ("fast", ["'speed'", "expected a mapping"]),
+    ({"pystones": 1107, "pi1000_s": 0.855, "mhz": 100}, ["speed.mhz", "160, 240"]),
 ])
 def test_bad_speed_names_the_key(speed, words):
     with pytest.raises(BoardCatalogueError) as err:
@@ -76,6 +77,8 @@ def test_speed_factors_are_host_over_chip():
     f = factors(get_board("esp32-devkitc"), rates)
     assert f.interp == pytest.approx(100) and f.bigint == pytest.approx(100)
     assert f.chip_ms(2.0) == pytest.approx(200)
+    fast = factors(get_board("esp32-devkitc"), rates, mhz=240)     # machine.freq(240 MHz)
+    assert fast.interp == pytest.approx(100 * 160 / 240)
 
 
 # --- pins the board itself uses (issue 11) -------------------------------------------

@@ -105,6 +105,24 @@ def test_emulated_board_at_a_speed_factor(tmp_path: Path):
     assert min(took) / free >= 12, (free, took)
 
 
+def test_the_cpu_clock_sets_the_chips_speed(tmp_path: Path):
+    # --speed-factor is the stock clock's (160 MHz): at 240 the same work takes 2/3
+    code = CPU_BOUND.format(n=30_000)
+    emu = start_emulator(tmp_path, chip_speed=25.0)
+    try:
+        link = emu.boards[0].link
+
+        def took() -> int:
+            return min(int(mpremote(link, "exec", code, timeout=120).split()[-1])
+                       for _ in range(3))
+        at_160 = took()
+        mpremote(link, "exec", "import machine; machine.freq(240_000_000)")
+        at_240 = took()
+    finally:
+        emu.stop()
+    assert 1.25 <= at_160 / at_240 <= 1.9, (at_160, at_240)
+
+
 def test_host_calibration_quick_run_is_sane():
     rates = speed.measure_host(quick=True)
     assert 5_000 < rates.pystones < 2_000_000

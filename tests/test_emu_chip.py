@@ -427,13 +427,27 @@ def test_an_esp32_c3_has_one_i2c_and_two_uarts(tmp_path):
     emu = start_emulator(tmp_path, board="esp32-c3-devkitm")
     try:
         out = mpremote(emu.boards[0].link, "exec",
-                       "from machine import I2C, UART\nprint(repr(I2C(0)))\n"
-                       "for f in (lambda: I2C(1), lambda: UART(2)):\n"
+                       "from machine import I2C, UART, freq\nprint(repr(I2C(0)))\n"
+                       "for f in (lambda: I2C(1), lambda: UART(2), lambda: freq(240000000)):\n"
                        "    try:\n        f()\n    except ValueError as e:\n        print(e)\n")
     finally:
         emu.stop()
-    assert out.splitlines()[:3] == ["I2C(0, scl=9, sda=8, freq=400000, timeout=50000)",
-                                    "I2C(1) doesn't exist", "UART(2) does not exist"]
+    assert out.splitlines()[:4] == ["I2C(0, scl=9, sda=8, freq=400000, timeout=50000)",
+                                    "I2C(1) doesn't exist", "UART(2) does not exist",
+                                    "frequency must be 20MHz, 40MHz, 80Mhz or 160MHz"]
+
+
+def test_the_cpu_clock_holds_across_a_soft_reset_until_a_hard_one(emu_board):
+    # the stock image boots at 160 MHz; esp_pm keeps a set clock until the chip resets
+    read = "import machine; print(machine.freq())"
+    assert mpremote(emu_board.link, "exec", read).split() == ["160000000"]
+    out = mpremote(emu_board.link, "exec",
+                   "import machine\nmachine.freq(240_000_000)\ntry:\n"
+                   "    machine.freq(120_000_000)\nexcept ValueError as e:\n    print(e)\n")
+    assert out.strip() == "frequency must be 20MHz, 40MHz, 80Mhz, 160MHz or 240MHz"
+    assert mpremote(emu_board.link, "exec", read).split() == ["240000000"]  # soft-reset first
+    hard_reset(emu_board)
+    assert mpremote(emu_board.link, "exec", read).split() == ["160000000"]
 
 
 def test_one_object_per_i2c_and_uart_as_on_the_chip(shared_board):

@@ -25,6 +25,7 @@ WLAN = 20
 RESOLVE = 21
 NVS = 22
 ROMFS = 23
+CPU_FREQ = 24
 
 _sock = None
 _hdr = bytearray(3)

@@ -65,16 +65,19 @@ def bootloader():
         _t.sleep_ms(1000)
 
 
-_freq = 160000000
-
-
 def freq(hz=None):
-    global _freq
+    """The CPU clock. Set, it holds across a soft reset (esp_pm's setting), and at chip
+    speed the VM runs that much faster or slower (emulator/board.py)."""
     if hz is None:
-        return _freq
-    if hz not in (20000000, 40000000, 80000000, 160000000, 240000000):
+        return _board()["cpu_hz"]
+    mhz = int(hz) // 1000000            # the port's own rounding
+    if _chip() == "esp32c3":
+        if mhz not in (20, 40, 80, 160):
+            raise ValueError("frequency must be 20MHz, 40MHz, 80Mhz or 160MHz")
+    elif mhz not in (20, 40, 80, 160, 240):
         raise ValueError("frequency must be 20MHz, 40MHz, 80Mhz, 160MHz or 240MHz")
-    _freq = hz
+    _link.call(_link.CPU_FREQ, 0, struct.pack("<I", mhz))
+    _board()["cpu_hz"] = mhz * 1000000
 
 
 def idle():

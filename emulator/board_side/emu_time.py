@@ -37,7 +37,7 @@ def ticks_us():
 def ticks_cpu():
     # the CPU's cycle counter (CCOUNT) since the reset, at the current machine.freq()
     import emu_machine
-    return (_us() * (emu_machine._freq // 1000000)) & _MASK
+    return (_us() * (emu_machine.freq() // 1000000)) & _MASK
 
 
 def ticks_diff(end, start):

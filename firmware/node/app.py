@@ -20,6 +20,7 @@ import machine
 from node import aggregate, commands, config, fsutil, keys, lighting, payload, safemode, seqno
 from node import sensors, signer, supervisor, uplink, version, wifi
 from node.clock import CLOCK
+from node.doorbell import Doorbell
 from node.spool import EVENT, ROUTINE
 
 SENSOR_GRACE_MS = 10000
@@ -55,7 +56,7 @@ class Node:
         self.lamp = None            # the lamp's PWM, when config.json names its pin
         self.lighting = None
         self.lamp_level = None      # percent, as the PWM is set
-        self.lighting_wake = asyncio.Event()
+        self.lighting_bell = Doorbell()
         if cfg.get("lamp_pin") is not None:
             self.lighting = lighting.Lighting(cfg.get("lighting"))
             cfg["lighting"] = self.lighting.s       # in force: report_config shows them
@@ -64,7 +65,7 @@ class Node:
             self._light(self.lamp_level)
         self.errors = {}
         self.urgent = []            # (kind, records, uptime_ms): sent at once by event_loop
-        self.urgent_ready = asyncio.Event()
+        self.urgent_bell = Doorbell()
         self.healthy_marked = False
         # a boot this long healthy is good: it clears the crash count and keeps an update
         # on trial (config.json healthy_s, as ESPHome's boot_is_good_after)
@@ -140,10 +141,10 @@ class Node:
                    ("noise/lost_ms", "ms", lost_ms)]
         onset_ms = CLOCK.uptime_us(t_us) // 1000    # the envelope's uptime: its onset
         self.urgent.append((payload.KIND_EVENT, records, onset_ms))
-        self.urgent_ready.set()
+        self.urgent_bell.ring()
         if self.lighting is not None:   # in the audio's turn: no flash write here
             self.lighting.impulse()
-            self.lighting_wake.set()    # the lighting task raises the lamp at once
+            self.lighting_bell.ring()   # the lighting task raises the lamp at once
 
     def _light(self, level):
         self.lamp.duty_u16(level * 65535 // 100)
@@ -159,11 +160,7 @@ class Node:
         while True:
             self._follow_rules()
             self.supervisor.beat("lighting")
-            self.lighting_wake.clear()
-            try:
-                await asyncio.wait_for_ms(self.lighting_wake.wait(), 1000)
-            except asyncio.TimeoutError:
-                pass
+            await self.lighting_bell.wait(1000)
 
     async def _status(self, records, t_ms):
         """Command results and crash reports: kind status, sent at once like events (signed
@@ -183,11 +180,7 @@ class Node:
                 # spool priority EVENT: kept longest when the spool is full (few)
                 await self.uplink.send(envelope, EVENT)
             self.supervisor.beat("events")
-            self.urgent_ready.clear()   # woken at once by an impulse (of its 250 ms budget)
-            try:
-                await asyncio.wait_for_ms(self.urgent_ready.wait(), 1000)
-            except asyncio.TimeoutError:
-                pass
+            await self.urgent_bell.wait(1000)   # rung by an impulse: its 250 ms budget
 
     async def window_loop(self):
         self.supervisor.register("window")
@@ -410,6 +403,10 @@ class Node:
 
     # --- main -----------------------------------------------------------------------------
     async def run(self):
+        try:    # the top clock: the stock image boots at 160 MHz; at 240 every turn of
+            machine.freq(240000000)     # the loop is 1.5x shorter (a pole has mains power)
+        except ValueError:              # an ESP32-C3: 160 MHz is its top
+            pass
         crash = safemode.take_last_crash()
         if crash:
             asyncio.create_task(self._status([("node/last_crash", None, crash[-200:])], 0))

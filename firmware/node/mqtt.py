@@ -16,6 +16,8 @@ import asyncio
 import struct
 import time
 
+from node.doorbell import Doorbell
+
 CONNECT = 1
 CONNACK = 2
 PUBLISH = 3
@@ -229,7 +231,7 @@ class Client:
             pass
         waiting, self._waiting = self._waiting, {}
         for slot in waiting.values():
-            slot[0].set()  # body stays None: the waiter raises ConnectionLost
+            slot[0].ring()  # body stays None: the waiter raises ConnectionLost
 
     # --- sending ------------------------------------------------------------------
     async def _send(self, *parts):
@@ -250,7 +252,11 @@ class Client:
                     parts = (joined,)
                 for part in parts:
                     writer.write(part)
-                await asyncio.wait_for_ms(writer.drain(), self.timeout_ms)
+                # write() sends what the socket takes at once; only the rest (out_buf, in
+                # MicroPython's asyncio/stream.py) needs drain(), whose wait_for_ms costs
+                # two tasks and three turns of the loop
+                if writer.out_buf:
+                    await asyncio.wait_for_ms(writer.drain(), self.timeout_ms)
             except asyncio.TimeoutError:
                 self._fail(Timeout("socket write stalled for %d ms" % self.timeout_ms))
                 raise self.error
@@ -267,7 +273,7 @@ class Client:
                 return self._pid
 
     def _expect(self, kind, pid):
-        slot = [asyncio.Event(), None]
+        slot = [Doorbell(), None]
         self._waiting[(kind, pid)] = slot
         return slot
 
@@ -283,9 +289,7 @@ class Client:
 
     async def _wait(self, kind, pid, slot, what, timeout_ms=None):
         timeout_ms = timeout_ms or self.timeout_ms
-        try:
-            await asyncio.wait_for_ms(slot[0].wait(), timeout_ms)
-        except asyncio.TimeoutError:
+        if not await slot[0].wait(timeout_ms):
             self._waiting.pop((kind, pid), None)
             raise Timeout("no %s from the broker within %d ms" % (what, timeout_ms))
         if slot[1] is None:
@@ -367,7 +371,7 @@ class Client:
         slot = self._waiting.pop((kind, pid), None)
         if slot is not None:  # else a late ack after a timeout: nothing waits for it
             slot[1] = body
-            slot[0].set()
+            slot[0].ring()
 
     async def _on_publish(self, first, size):
         """A PUBLISH read in its parts, the payload in one piece of its own: a 2 KB downlink

@@ -128,8 +128,11 @@ async def seal_async(device, seq, signer, kind, records, uptime_ms=None, alg="ES
     an impulse event), else in steps. An urgent payload (an event's two records, ~13 ms
     of the chip's time) is built in one piece: each step costs a turn of the loop."""
     steps = _body_steps(device, seq, kind, records, uptime_ms)
-    body = finish(steps) if urgent else await run_steps(steps)
-    await asyncio.sleep_ms(0)
+    if urgent:      # one turn with its pair's signature: each turn more is the loop's
+        body = finish(steps)
+    else:
+        body = await run_steps(steps)
+        await asyncio.sleep_ms(0)
     if alg == "HMAC256":
         return cose.mac0(body, device, signer)
     sig = await signer.sign_digest(cose.sign1_digest(body), urgent)

@@ -18,6 +18,7 @@ import sys
 import time
 
 from node.backoff import Backoff
+from node.doorbell import Doorbell
 from node.mqtt import Client, MQTTError, SubscribeRefused
 from node.spool import EVENT, ROUTINE, Spool
 
@@ -77,7 +78,7 @@ class Uplink:
         self.rejected = 0
         self.last_error = None
         self._connects = 0
-        self._wake = asyncio.Event()
+        self._bell = Doorbell()
         self._task = None
 
     # --- the app's side -----------------------------------------------------------------
@@ -86,7 +87,7 @@ class Uplink:
         if not self.client.connected:
             self.spooled += 1
         self.spool.put(envelope, priority)
-        self._wake.set()
+        self._bell.ring()
 
     @property
     def connected(self):
@@ -162,11 +163,7 @@ class Uplink:
             spool.flush(self.flush_ms)  # a long backlog: new records wait in flash, not RAM
             data = spool.peek()
             if data is None:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for_ms(self._wake.wait(), 1000)
-                except asyncio.TimeoutError:
-                    pass
+                await self._bell.wait(1000)
                 continue
             try:
                 await client.publish(self.topic, data, 1, False, self.ack_timeout_ms)
