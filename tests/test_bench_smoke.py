@@ -22,7 +22,8 @@ FIRMWARE_KEYS = ("es256_sign_ms", "hmac_sign_ms", "cycle_ms", "heap_high_water_k
                  "impulse_to_publish_ms_chip", "event_to_city_ms_p99_chip", "audio_overruns",
                  "heap_high_water_kb_stock", "event_path_ms_chip",
                  "windows_seq_sealed_late_lost_dropped",
-                 "dsp_realtime_factor_48k", "dsp_plain_python_realtime_factor_48k", "targets")
+                 "dsp_realtime_factor_48k", "dsp_plain_python_realtime_factor_48k", "targets",
+                 "cpu_mhz")
 
 
 def test_bench_firmware_quick(tmp_path: Path):
@@ -30,6 +31,7 @@ def test_bench_firmware_quick(tmp_path: Path):
     result = _load(tmp_path, "firmware")
     assert set(FIRMWARE_KEYS) <= set(result)
     assert 0.1 < result["es256_sign_ms"] < 100
+    assert result["cpu_mhz"] == 240                       # chip terms at the node's clock
     assert result["dsp_realtime_factor_48k"] > 1          # the DSP benchmark ran
     assert result["es256_sign_ms_chip"] > 10 * result["es256_sign_ms"]
     assert result["verify_ms_chip"] > result["es256_sign_ms_chip"] * 0.5
