@@ -3,7 +3,7 @@ while (to beat for the watchdog and look around).
 
 asyncio.wait_for_ms(event.wait(), ms) does the same, but makes two tasks per wait and
 the waiter runs only three turns of the loop after set(): on the chip each turn of a
-busy loop is tens of ms, and an impulse event crossed six of them on its way out
+busy loop is tens of ms, and an impulse event crossed seven of them on its way out
 (issue 11). Here a ring is one turn, and a wait allocates nothing but the
 cancellation that ends it early.
 """
