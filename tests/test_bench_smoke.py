@@ -26,6 +26,7 @@ FIRMWARE_KEYS = ("es256_sign_ms", "hmac_sign_ms", "cycle_ms", "heap_high_water_k
                  "cpu_mhz")
 
 
+@pytest.mark.timeout(600)      # provisioning, host phase, stock heap, chip speed: ~3 min alone
 def test_bench_firmware_quick(tmp_path: Path):
     firmware.main(["--quick", "--out", str(tmp_path)])
     result = _load(tmp_path, "firmware")

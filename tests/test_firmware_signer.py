@@ -30,7 +30,7 @@ from tests.test_firmware_crypto import (
 )
 
 SIGNER = """
-import asyncio, json, os
+import asyncio, json, os, sys
 from node import cose, p256, payload, seqno
 from node.keys import NodeKeys
 from node.signer import Signer
@@ -96,7 +96,8 @@ async def main():
     await full()
     out['made'] = signer.made
 asyncio.run(main())
-print(json.dumps(out))
+json.dump(out, sys.stdout)       # streamed: as one 1.6 KB string it once found no room
+print()
 """
     got = mpy_json(code, tmp_path)
     pub = _pub(got["pub"])

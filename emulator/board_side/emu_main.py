@@ -60,6 +60,7 @@ def _import_hook():
     import builtins
     builtin_import = builtins.__import__
     ballast = {}
+    board_side = os.getenv("CITYNODE_EMU_BOARD_SIDE")     # the emulator's own: no ballast
     modules = [len(sys.modules)]
     asyncio_loaded = [False]
 
@@ -80,7 +81,8 @@ def _import_hook():
             if name in ballast:
                 continue
             path = getattr(mod, "__file__", None)
-            if path and path.endswith(".mpy") and not path.startswith("/rom"):
+            if (path and path.endswith(".mpy") and not path.startswith("/rom")
+                    and not path.startswith(board_side)):
                 ballast[name] = (mod, bytearray(os.stat(path)[6]))
 
     def hook(name, globals=None, locals=None, fromlist=(), level=0):

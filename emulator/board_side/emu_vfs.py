@@ -65,8 +65,13 @@ def load_image():
         return None
     if not used:
         return None
+    # Collected before and after: on the chip the image is flash, so the reads' garbage
+    # must not leave the image, or what is made next, in the middle of the heap.
+    import gc
+    gc.collect()
     img = bytearray(used)
     for at in range(0, used, 1024):
         n = min(1024, used - at)
         img[at:at + n] = _link.call(_link.ROMFS, _READ, struct.pack("<II", at, n))
+    gc.collect()
     return memoryview(img)
