@@ -411,6 +411,7 @@ class SoundMeter:
         self._events = []
         self._read_us = None            # when this chunk was read (ticks_us)
         self._max_events = max_events
+        self.events_heard = 0           # events ended so far (a reader sees one came)
         self.events_dropped = 0
         self.last_window = None
         self.reset()
@@ -617,6 +618,7 @@ class SoundMeter:
         out = (ev.t_us, round(ev.level, 1), round(ev.rise, 1), round(lz, 1), round(la, 1),
                round(ev.rise_us / 1000, 2), ev.quarters * BLOCK_MS // SUBS, round(decay, 1),
                classify(ev.rise_us, lz - la, decay), ev.lost_ms)
+        self.events_heard += 1
         if self.on_event:
             self.on_event(*out)
         else:

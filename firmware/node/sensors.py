@@ -13,6 +13,7 @@ MicroPython without one (the host's test).
 """
 
 import asyncio
+import gc
 import time
 
 from drivers.bh1750 import BH1750
@@ -128,14 +129,17 @@ class Sound:
     def __init__(self, spec, impulse_db, on_event):
         from drivers.mic import Mic
         from node.acoustic import SoundMeter
+        gc.collect()    # the imports' garbage: the buffers below need blocks of 2.4-4 KB
         rate = spec.get("rate", RATE)
         self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
                        rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", IBUF))
         self.meter = SoundMeter(rate=rate, cal_db=spec.get("calibration_db", 0.0),
                                 event_rise_db=impulse_db, on_event=on_event)
 
-    async def run(self, beat):
-        """Read the microphone into the meter forever; beat() after every read.
+    async def run(self, beat, send=None):
+        """Read the microphone into the meter forever; beat() after every read, and
+        `await send()` after a turn that heard an event end: the app seals and sends it
+        in this turn, not a few turns of the loop later (impulse to the pole in 250 ms).
 
         The first read waits on the I2S through asyncio, which puts the ESP32's driver
         in its non-blocking mode; from then on the task wakes on a timer and takes all
@@ -154,6 +158,7 @@ class Sound:
         while True:
             started = time.ticks_ms()
             more = mic.ring_chunks
+            heard = meter.events_heard
             while n:
                 meter.process(mic.samples, n, mic.read_us, mic.lost_before)
                 if n < mic.chunk or not more:
@@ -164,6 +169,8 @@ class Sound:
             if lost:
                 meter.add_overruns(lost)
             beat()
+            if send is not None and meter.events_heard != heard:
+                await send()
             spent = time.ticks_diff(time.ticks_ms(), started)
             await asyncio.sleep_ms(max(mic.chunk_ms // 2, spent * rest // AUDIO_DUTY_PCT))
             n = mic.read_held()
