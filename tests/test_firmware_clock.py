@@ -130,6 +130,37 @@ print(json.dumps({{"ok": ok, "hold": HOLD_MS, "longest": max(gaps), "rtt": c.las
     assert abs(out["error"]) <= out["rtt"] // 2000 + 5, out
 
 
+def test_a_slow_best_answer_leaves_a_synced_clock_alone(time_server):
+    # every answer 150 ms late (past MAX_RTT_MS: the node's loop or its host held it for
+    # all of them) and 5 s ahead: applied, it would stamp events up to 75 ms off, and here
+    # 5 s. A synced clock keeps its time; one with no time yet takes it; both say to ask
+    # again soon (a CI run once stamped a shot 218 ms early, as such a sync would)
+    def late_and_ahead(req: bytes) -> bytes:
+        time.sleep(0.15)
+        t = time.time() + 5 + 2208988800
+        now = struct.pack(">II", int(t), int((t % 1) * 2**32))
+        return bytes([0x24, 2]) + bytes(22) + req[40:48] + now + now
+
+    sock, port = rogue_server(late_and_ahead)
+    try:
+        out = run_micropython_json(f"""
+import asyncio, json, time
+from node.clock import Clock
+def error(c):
+    return c.unix_ms() - time.time_ns() // 1000000
+synced, fresh = Clock(), Clock()
+first = asyncio.run(synced.sync("127.0.0.1", {time_server.port}))
+late = asyncio.run(synced.sync("127.0.0.1", {port}, samples=2))
+late_fresh = asyncio.run(fresh.sync("127.0.0.1", {port}, samples=2))
+print(json.dumps([first, late, error(synced), late_fresh, error(fresh)]))
+""")
+    finally:
+        sock.close()
+    first, late, synced_error, late_fresh, fresh_error = out
+    assert first and not late and abs(synced_error) <= 5, out
+    assert not late_fresh and 4800 <= fresh_error <= 5100, out
+
+
 def test_uptime_carries_over_the_tick_counters_wrap():
     # the ESP32's ticks_ms() wraps at 2**30 ms (12.4 days); the unix port's far later, so
     # the clock reads a stand-in counter here, stepped past the wrap

@@ -13,7 +13,9 @@ loop would read the answer's arrival a loop turn late (tens of ms at chip speed)
 is the error itself, and on the pole's Wi-Fi most answers come within it. A later
 answer is waited for on the loop (no stall over HOLD_MS), up to WAIT_MS: read late, its
 round trip looks longer by as much, so the best-of-SAMPLES choice ranks it below any
-answer read at once. The answer must echo the request's random transmit time, so a
+answer read at once. If even the best took over MAX_RTT_MS (the loop or the host held
+for all six), a synced clock keeps its time and tries again in RETRY_S; a first sync
+is applied all the same, and tried again as soon. The answer must echo the request's random transmit time, so a
 stray or forged datagram is dropped.
 """
 
@@ -28,6 +30,7 @@ HOLD_MS = 15                    # per request, blocking: most of the pole's Wi-F
 WAIT_MS = 250                   # per request, in all: then it counts as lost
 POLL_MS = 5                     # between looks at the socket after HOLD_MS
 SAMPLES = 6                     # requests per sync, the best one kept
+MAX_RTT_MS = 100                # a best answer slower than this may be off by half of it
 GAP_MS = 150                    # between requests: the loop runs meanwhile
 SYNC_S = 300                    # between syncs once synced
 RETRY_S = 10                    # after a sync that got no answer
@@ -140,8 +143,10 @@ class Clock:
             sock.close()
         if best is None:
             return False
-        self._apply(best[0], best[1])
-        return True
+        good = best[0] <= MAX_RTT_MS * 1000
+        if good or not self.synced:         # a poor first time beats none, until the next
+            self._apply(best[0], best[1])
+        return good
 
     def _apply(self, rtt_us, offset_us):
         now_up = self.uptime_us()
