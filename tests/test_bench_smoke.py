@@ -23,7 +23,7 @@ FIRMWARE_KEYS = ("es256_sign_ms", "hmac_sign_ms", "cycle_ms", "heap_high_water_k
                  "heap_high_water_kb_stock", "event_path_ms_chip",
                  "windows_seq_sealed_late_lost_dropped",
                  "dsp_realtime_factor_48k", "dsp_plain_python_realtime_factor_48k", "targets",
-                 "cpu_mhz")
+                 "cpu_mhz", "node_errors_chip")
 
 
 @pytest.mark.timeout(600)      # provisioning, host phase, stock heap, chip speed: ~3 min alone

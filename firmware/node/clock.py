@@ -15,8 +15,8 @@ answer is waited for on the loop (no stall over HOLD_MS), up to WAIT_MS: read la
 round trip looks longer by as much, so the best-of-SAMPLES choice ranks it below any
 answer read at once. If even the best took over MAX_RTT_MS (the loop or the host held
 for all six), a synced clock keeps its time and tries again in RETRY_S; a first sync
-is applied all the same, and tried again as soon. The answer must echo the request's random transmit time, so a
-stray or forged datagram is dropped.
+is applied all the same, and tried again as soon. The answer must echo the request's
+random transmit time, so a stray or forged datagram is dropped.
 """
 
 import os
