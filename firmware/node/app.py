@@ -47,6 +47,7 @@ class Node:
         self.keys = keys.NodeKeys()
         mic = cfg["sensors"].get("mic")    # big contiguous buffers first, before fragments
         self.sound = sensors.Sound(mic, cfg["impulse_db"], self._impulse) if mic else None
+        self.room = payload.Room()  # where windows are sealed: made while the heap is whole
         fsutil.keep_reserve()       # room for the essential writes when the flash fills
         self.seq = seqno.Sequence()
         self.signer = signer.Signer(self.keys, self.seq.boot)  # creates the key on first boot
@@ -96,9 +97,9 @@ class Node:
                                     settings, on_downlink=self._downlink, wifi=self.wifi)
 
     # --- envelopes ------------------------------------------------------------------
-    async def envelope(self, kind, records, uptime_ms=None, urgent=False):
+    async def envelope(self, kind, records, uptime_ms=None, urgent=False, room=None):
         return await payload.seal_async(self.device, self.seq, self.signer, kind, records,
-                                        uptime_ms, self.cfg["alg"], urgent)
+                                        uptime_ms, self.cfg["alg"], urgent, room)
 
     def _count_error(self, where, exc):
         self.errors[where] = self.errors.get(where, 0) + 1
@@ -206,10 +207,10 @@ class Node:
             self.window_started = time.ticks_ms()
             try:
                 envelope = await self.close_window()
+                await self._heap_tries(self.uplink.send, envelope, ROUTINE)   # its copy
             except MemoryError as exc:
                 self._heap_short("window", exc)
                 continue
-            await self.uplink.send(envelope, ROUTINE)
             # uptime, as in every envelope: ticks_ms counts from the chip's reset
             if not self.healthy_marked and time.ticks_diff(time.ticks_ms(), 0) > self.healthy_ms:
                 safemode.mark_healthy()
@@ -243,7 +244,8 @@ class Node:
         safemode.reset("update left: " + why)
 
     async def close_window(self):
-        """The signed envelope of the window that ends now; a new window starts."""
+        """The signed envelope of the window that ends now (in self.room: queue it before
+        the next); a new window starts."""
         rh = self.window.stats.get("env/humidity")
         if rh is not None and rh.mean() > HUMID_RH and "air/pm2_5" in self.window.stats:
             self.window.flag("air/pm_quality", "humid")
@@ -252,15 +254,18 @@ class Node:
             records += self.sound.records()
         records += self._health_records()
         self.window = aggregate.Window()
-        return await self._seal(payload.KIND_READINGS, records)
+        return await self._seal(payload.KIND_READINGS, records, room=self.room)
 
-    async def _seal(self, kind, records, uptime_ms=None, urgent=False):
-        """envelope(), tried SEAL_TRIES times while the heap has no room for it (full or
-        fragmented for a moment at chip speed: the audio's and the signer's turns hold
+    async def _seal(self, kind, records, uptime_ms=None, urgent=False, room=None):
+        return await self._heap_tries(self.envelope, kind, records, uptime_ms, urgent, room)
+
+    async def _heap_tries(self, job, *args):
+        """await job(*args), tried SEAL_TRIES times while the heap has no room for it (full
+        or fragmented for a moment at chip speed: the audio's and the signer's turns hold
         memory too); MemoryError after the last."""
         for attempt in range(1, SEAL_TRIES + 1):
             try:
-                return await self.envelope(kind, records, uptime_ms, urgent)
+                return await job(*args)
             except MemoryError:
                 if attempt == SEAL_TRIES:
                     raise

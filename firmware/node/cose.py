@@ -26,15 +26,24 @@ MAX_KID_BYTES = 15                      # a device id, cn- and 12 hex digits ("o
 _HALF_N = p256.N >> 1                   # low-S: a signature's s is at most this
 
 
-def _tbs(context, protected, payload):
+def _encode(item, into):
+    """cbor.encode(item), or written over the bytearray `into` (payload.Room's) and that."""
+    if into is None:
+        return cbor.encode(item)
+    into[:] = b""
+    cbor.encode_into(into, item)
+    return into
+
+
+def _tbs(context, protected, payload, into=None):
     """Sig_structure / MAC_structure: [context, protected, h'', payload]."""
-    return cbor.encode([context, protected, b"", payload])
+    return _encode([context, protected, b"", payload], into)
 
 
-def _envelope(tag, protected, kid, payload, sig):
+def _envelope(tag, protected, kid, payload, sig, into=None):
     if isinstance(kid, str):
         kid = kid.encode()
-    return cbor.encode(cbor.Tag(tag, [protected, cbor.Map([(4, kid)]), payload, sig]))
+    return _encode(cbor.Tag(tag, [protected, cbor.Map([(4, kid)]), payload, sig]), into)
 
 
 def sign1(payload, kid, key):
@@ -67,19 +76,21 @@ def sign1_digest(payload):
     return digest.digest()
 
 
-def sign1_envelope(payload, kid, sig):
-    """COSE_Sign1 bytes of `payload` with `sig` (r || s of sign1_tbs(payload))."""
-    return _envelope(TAG_SIGN1, PROTECTED_ES256, kid, payload, sig)
+def sign1_envelope(payload, kid, sig, into=None):
+    """COSE_Sign1 bytes of `payload` with `sig` (r || s of sign1_tbs(payload)); with
+    `into`, written over that bytearray."""
+    return _envelope(TAG_SIGN1, PROTECTED_ES256, kid, payload, sig, into)
 
 
-def mac0(payload, kid, secret):
-    """COSE_Mac0 bytes of `payload` tagged with HMAC-SHA256.
+def mac0(payload, kid, secret, into=None):
+    """COSE_Mac0 bytes of `payload` tagged with HMAC-SHA256; with `into`, written over
+    that bytearray (its MAC_structure first).
 
     `secret` is the key bytes or an object with mac(msg) (keys.NodeKeys).
     """
-    tbs = _tbs("MAC0", PROTECTED_HMAC256, payload)
+    tbs = _tbs("MAC0", PROTECTED_HMAC256, payload, into)
     tag = secret.mac(tbs) if hasattr(secret, "mac") else hmac_sha256(secret, tbs)
-    return _envelope(TAG_MAC0, PROTECTED_HMAC256, kid, payload, tag)
+    return _envelope(TAG_MAC0, PROTECTED_HMAC256, kid, payload, tag, into)
 
 
 def verify_mac0(envelope, secret, kid=None):

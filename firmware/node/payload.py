@@ -18,6 +18,7 @@ from node.ec import finish
 from node.signer import run_steps
 
 _STEP = 3                               # records encoded per step (~12 ms on the chip)
+ROOM_BYTES = 1536                       # a window's payload (~1.1 KB), with room to grow
 WIRE_VERSION = 2                        # payload key 0; 2: time in ms, uptime in full
 
 KIND_READINGS = 0
@@ -81,9 +82,10 @@ def encode_payload(device, seq, boot, uptime_ms, kind, records, time_ms=None):
     return finish(encode_steps(device, seq, boot, uptime_ms, kind, records, time_ms))
 
 
-def encode_steps(device, seq, boot, uptime_ms, kind, records, time_ms=None):
+def encode_steps(device, seq, boot, uptime_ms, kind, records, time_ms=None, into=None):
     """encode_payload() as a generator: a step per _STEP records (a window's 20-30 records
-    are ~0.1 s of the chip's time in one piece)."""
+    are ~0.1 s of the chip's time in one piece). With `into` (a bytearray: Room.body) the
+    payload is written there and that is the value, not a copy."""
     if not isinstance(device, str):
         raise ValueError("device must be a str")
     for n in (seq, boot, uptime_ms, kind):
@@ -99,14 +101,35 @@ def encode_steps(device, seq, boot, uptime_ms, kind, records, time_ms=None):
     # the map with a null (one byte) per record, then each null replaced by its record
     pairs.append((7, [None] * len(records)))
     head = cbor.encode(cbor.Map(pairs))
-    buf = bytearray(head[:len(head) - len(records)])
+    buf = bytearray() if into is None else into
+    buf[:] = head[:len(head) - len(records)]
     if len(records) > _STEP:
         yield
     for i in range(len(records)):
         cbor.encode_into(buf, record(records[i]))
         if i % _STEP == _STEP - 1:
             yield
-    return bytes(buf)
+    return buf if into is not None else bytes(buf)
+
+
+class Room:
+    """Where the app builds its window envelopes: two bytearrays with room for one, made
+    once at boot while the heap is whole and reused. Built in the heap as it is after
+    hours, a window wanted a free block of its own size four times over (the payload
+    growing, its copy, the envelope, its copy): at chip speed a fragmented heap had none
+    for 3 windows in 10 minutes. Built here, it needs one: the spool's copy. A payload
+    over ROOM_BYTES grows its buffer, which keeps that size."""
+
+    def __init__(self, size=ROOM_BYTES):
+        self.body = _empty(size)
+        self.envelope = _empty(size + 128)      # + the COSE head and the signature
+
+
+def _empty(size):
+    """A bytearray of length 0 with room for `size` bytes: filling it allocates nothing."""
+    buf = bytearray(size)
+    buf[:] = b""
+    return buf
 
 
 def seal(device, seq, key, kind, records, uptime_ms=None, alg="ES256"):
@@ -121,26 +144,29 @@ def seal(device, seq, key, kind, records, uptime_ms=None, alg="ES256"):
 
 
 async def seal_async(device, seq, signer, kind, records, uptime_ms=None, alg="ES256",
-                     urgent=False):
+                     urgent=False, room=None):
     """seal() for the running app, in pieces of ~15 ms of the chip's time at most: the
     payload a few records at a time, then the signature through `signer`
     (node.signer.Signer): with a nonce pair at once when there is one for it (urgent:
     an impulse event), else in steps. An urgent payload (an event's two records, ~13 ms
-    of the chip's time) is built in one piece: each step costs a turn of the loop."""
-    steps = _body_steps(device, seq, kind, records, uptime_ms)
+    of the chip's time) is built in one piece: each step costs a turn of the loop.
+    With `room` (a Room) the envelope is built in it and is its bytearray, valid until
+    the room's next envelope: queue it (the spool copies) before sealing another."""
+    steps = _body_steps(device, seq, kind, records, uptime_ms, room.body if room else None)
     if urgent:      # one turn with its pair's signature: each turn more is the loop's
         body = finish(steps)
     else:
         body = await run_steps(steps)
         await asyncio.sleep_ms(0)
+    into = room.envelope if room else None
     if alg == "HMAC256":
-        return cose.mac0(body, device, signer)
+        return cose.mac0(body, device, signer, into)
     sig = await signer.sign_digest(cose.sign1_digest(body), urgent)
-    return cose.sign1_envelope(body, device, sig)
+    return cose.sign1_envelope(body, device, sig, into)
 
 
-def _body_steps(device, seq, kind, records, uptime_ms):
+def _body_steps(device, seq, kind, records, uptime_ms, into=None):
     if uptime_ms is None:
         uptime_ms = CLOCK.uptime_ms()
     return encode_steps(device, seq.next(), seq.boot, uptime_ms, kind, records,
-                        CLOCK.wall_ms_at(uptime_ms))
+                        CLOCK.wall_ms_at(uptime_ms), into)
