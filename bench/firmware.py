@@ -235,25 +235,28 @@ asyncio.run(main())
 # module of its own for the reason TRACE gives.
 CLOCK_SAMPLE = """
 import time
-import emu_socket
 from node.clock import CLOCK
-_out = emu_socket._real.socket(2, 2)     # AF_INET, SOCK_DGRAM, to the discard port
-_discard = emu_socket._real.getaddrinfo('127.0.0.1', 9)[0][-1]
+# the host's real time less its monotonic time, in us (written in by the bench): the
+# chip's clock is the host's monotonic one plus its lead inside a throttle burst
+# (emulator/chipclock.c), so a moment the chip's clock reads is put on the host's
+# real time by adding this
+REAL_LESS_MONO_US = HOST_OFFSET
+_PERIOD = time._real.ticks_add(0, -1) + 1
 def error():
-    # node - truth in 0.1 ms, None before a sync or when a throttle stop fell between
-    # the truth's two readings. At chip speed the VM runs ahead of the host inside a
-    # throttle burst: a datagram out first waits until the host has caught up
-    # (emulator/chipclock.c), and the reading's own work is chip time (the VM's ticks),
-    # which the host's clock does not see until the next stop.
-    _out.sendto(b'', _discard)
-    before = time._real.time_ns() // 1000
-    t0 = time.ticks_us()
+    # node - truth in 0.1 ms, None before a sync. The truth is the real time at the
+    # chip's moment of the reading (the middle of m0..m1 on the chip's clock). It was
+    # the host's real time just after a send, which waits for the host to catch up
+    # with the chip: it missed the chip's lead gained after the send (the node looked
+    # ~10 ms ahead), and a chip behind the host after a throttle stop.
+    m0 = time._real.ticks_us()
     now = CLOCK.unix_us()
-    took = time.ticks_diff(time.ticks_us(), t0)
-    after = time._real.time_ns() // 1000
-    if now is None or after - before >= 1000:
+    m1 = time._real.ticks_us()
+    real = time._real.time_ns() // 1000
+    if now is None:
         return None
-    return (now - before - took // 2) // 100
+    mono = (real - REAL_LESS_MONO_US) % _PERIOD        # the host's monotonic clock now
+    truth = real + time._real.ticks_diff(m0, mono) + time._real.ticks_diff(m1, m0) // 2
+    return (now - truth) // 100
 """
 
 TRACE = """
@@ -693,7 +696,8 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
         (tmp / "state" / "node0" / "fs" / "bench_up").unlink(missing_ok=True)
         (tmp / "state" / "node0" / "fs" / "bench_trace.py").write_text(
             TRACE.replace("PATH_N", "40"))
-        (tmp / "state" / "node0" / "fs" / "bench_clock.py").write_text(CLOCK_SAMPLE)
+        (tmp / "state" / "node0" / "fs" / "bench_clock.py").write_text(CLOCK_SAMPLE.replace(
+            "HOST_OFFSET", str((time.time_ns() - time.monotonic_ns()) // 1000)))
         (tmp / "state" / "node0" / "fs" / "main.py").write_text(
             STALLS_MAIN.replace("WARMUP_MS", str(warmup_ms)).replace("OVER_US", "20000")
             .replace("WRITE_MS", "2000" if quick else "10000"))
