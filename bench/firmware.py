@@ -24,9 +24,9 @@ outage left out), downlink_to_answer_ms_chip, audio_overruns (how often the emul
 ring, which holds ibuf/8 frames as on the ESP32, overflowed), audio_lost_pct (the
 share of the run's audio it dropped) and clock_error_ms_p95_chip (the node's clock,
 synced over SNTP from a chronyd with deploy/chrony.conf through the emulated Wi-Fi,
-against the real time at the chip's moment of each reading, every 10 s). Heap is in the chip's terms (objects at half
-their 64-bit size, byte buffers and loaded code in full). Writes
-bench/results/firmware.json with the targets.
+against the real time at the chip's moment of each reading, every 10 s). Heap is in
+the chip's terms (objects at half their 64-bit size, byte buffers and loaded code in
+full). Writes bench/results/firmware.json with the targets.
 """
 
 from __future__ import annotations

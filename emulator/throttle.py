@@ -111,7 +111,7 @@ def switch_cost_ns(wakes: int = 300) -> int:
     return int(0.8 * statistics.median(rounds)) if rounds else 0
 
 
-def _favour(pid: int) -> None:
+def favour(pid: int) -> None:
     """The VM ahead of other host work when its burst comes (it runs ~1/factor of the
     time): a chip does not wait for the CPU. Behind a loaded host's other processes a
     burst comes late and the node falls behind its audio (suspected in a CI run on
@@ -220,7 +220,7 @@ class Throttle:
         self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY)
         self._stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
         self._signal(signal.SIGSTOP)        # from now on it runs only in bursts
-        _favour(pid)
+        favour(pid)
         self.switch_ns = switch_cost_ns() if switch_ns is None else switch_ns
         self._thread = threading.Thread(target=self._run, name=f"chip-speed-{pid}",
                                         daemon=True)
