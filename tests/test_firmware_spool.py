@@ -101,6 +101,31 @@ report(order=first + drain(s))
     assert got["order"] == names(0, 1, 2, 41, 42, *range(3, 41))
 
 
+def test_a_record_sent_while_an_event_came_in_leaves_once(tmp_path):
+    # a window in flight (peeked, not yet acknowledged) when an impulse comes in: the
+    # acknowledgement removes the window, not the event ahead of it now (in the field the
+    # window went out twice); one flushed to flash while in flight leaves from there
+    got = mpy(tmp_path, """
+s = Spool(BASE, ram_count=8, ram_bytes=4096, flash_bytes=65536)
+s.put(rec(0))
+s.put(rec(1))
+window = s.peek()
+s.put(rec(2), EVENT)
+removed = s.sent(window)
+again = s.sent(window)
+event = s.pop().decode()[:6]
+moved = s.peek()
+s.flush()
+in_flash = s.sent(moved)
+for i in range(3, 20):
+    s.put(rec(i))   # the RAM ring over its bounds: to flash, dropping none
+report(removed=removed, again=again, in_flash=in_flash, order=[event] + drain(s))
+""")
+    assert got["removed"] is True and got["again"] is False
+    assert got["in_flash"] is True
+    assert got["order"] == names(2, *range(3, 20))
+
+
 def test_only_events_left_then_the_oldest_event_goes(tmp_path):
     got = mpy(tmp_path, """
 s = Spool(BASE, ram_count=2, ram_bytes=4096, flash_bytes=1000)

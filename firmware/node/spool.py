@@ -48,7 +48,7 @@ def _remove(path):
 
 
 class Spool:
-    """put/peek/pop, len(); counters .dropped .torn .writes .flash_errors; bytes_used()."""
+    """put/peek/pop (or sent), len(); counters .dropped .torn .writes .flash_errors; bytes_used()."""
 
     def __init__(self, base="/data/spool", *, ram_count=16, ram_bytes=4096, flash_bytes=65536,
                  max_record=4096, head_every=16):
@@ -122,25 +122,25 @@ class Spool:
         """Remove and return the record peek() gives (None when empty)."""
         i = self._event_in_ram()
         if i >= 0:
-            data = self._ram.pop(i)[1]
-            self._ram_used -= HDR + len(data)
-            return data
+            return self._pop_ram(i)
         if self._count and self._read_head():
-            off, size, data = self._cache
-            self._cache = None
-            self._head = off + size
-            self._count -= 1
-            self._unsaved += 1
-            if not self._count:
-                self._delete_flash()
-            elif self._unsaved >= self.head_every:
-                self._save_head()
-            return data
-        if not self._ram:
-            return None
-        prio, data = self._ram.pop(0)
-        self._ram_used -= HDR + len(data)
-        return data
+            return self._pop_head()
+        return self._pop_ram(0) if self._ram else None
+
+    def sent(self, data):
+        """Remove `data`, a record peek() gave, once it is sent: by identity, as an event
+        may have come in ahead of it meanwhile (pop() would take the event, unsent), and
+        only if still queued (a full spool may have dropped it). In flash by its bytes:
+        at the head, where a flush moved it from RAM. True if removed."""
+        ram = self._ram
+        for i in range(len(ram)):
+            if ram[i][1] is data:
+                self._pop_ram(i)
+                return True
+        if self._count and self._read_head() and self._cache[2] == data:
+            self._pop_head()
+            return True
+        return False
 
     def flush(self, max_age_ms=None):
         """Write the RAM ring to flash in one append (with max_age_ms: only once its oldest
@@ -287,11 +287,14 @@ class Spool:
                 i += 1
             self._drop_ram(i if i < len(self._ram) else 0)
 
-    def _drop_ram(self, i):
-        prio, data = self._ram.pop(i)
+    def _pop_ram(self, i):
+        data = self._ram.pop(i)[1]
         self._ram_used -= HDR + len(data)
+        return data
+
+    def _drop_ram(self, i):
         self.dropped += 1
-        return HDR + len(data)
+        return HDR + len(self._pop_ram(i))
 
     def _rewrite(self, drop):
         """Copy live records (minus `drop` offsets) to a new file; head becomes 0."""
@@ -320,6 +323,19 @@ class Spool:
         self._count = count
         if not count:
             self._delete_flash()
+
+    def _pop_head(self):
+        """The flash head record (loaded by _read_head), removed."""
+        off, size, data = self._cache
+        self._cache = None
+        self._head = off + size
+        self._count -= 1
+        self._unsaved += 1
+        if not self._count:
+            self._delete_flash()
+        elif self._unsaved >= self.head_every:
+            self._save_head()
+        return data
 
     def _read_head(self):
         """Load the flash head record into ._cache; False if it went bad (flash is cut)."""

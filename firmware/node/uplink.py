@@ -167,6 +167,7 @@ class Uplink:
                 continue
             try:
                 await client.publish(self.topic, data, 1, False, self.ack_timeout_ms)
+                self.published += 1
             except MQTTError as e:
                 self.failed += 1
                 self._error(e)
@@ -175,13 +176,7 @@ class Uplink:
             except ValueError as e:  # can never go (too big for max_packet): not forever
                 self._error(e)
                 self.rejected += 1
-                data = None
-            # a full spool may have dropped this record while it was in flight: pop it
-            # only if it is still the oldest, never the next one (unsent)
-            if data is None or spool.peek() == data:
-                spool.pop()
-            if data is not None:
-                self.published += 1
+            spool.sent(data)
 
     async def _offline(self, ms):
         """Wait ms (less if Wi-Fi comes back), flushing old RAM records to flash."""
