@@ -178,6 +178,9 @@ asyncio.run(main())
 TASK_TIMER = """
 import asyncio, os, time
 held = {}
+longest = []                # the LONGEST longest steps: (us, task, ms since T0_MS)
+LONGEST = 16
+T0_MS = time.ticks_ms()
 RUNS = ['signer', 'wifi', 'uplink', 'supervisor', 'clock']
 class Timed:
     def __init__(self, coro):
@@ -194,6 +197,10 @@ class Timed:
             us = time.ticks_diff(time.ticks_us(), t)
             n, over, top = held.get(self.name, (0, 0, 0))
             held[self.name] = (n + 1, over + (us > OVER_US), max(top, us))
+            if us > 5 * OVER_US:
+                longest.append((us, self.name, time.ticks_diff(time.ticks_ms(), T0_MS)))
+                if len(longest) > LONGEST:
+                    longest.remove(min(longest))
     def send(self, v):
         return self._timed(self.coro.send, v)
     def throw(self, e):
@@ -207,6 +214,8 @@ def save_held():
     f = open('/bench_held.tmp', 'w')
     for name in held:
         f.write('%s %d %d %d\\n' % ((name,) + held[name]))
+    for us, name, t in longest:
+        f.write('@ %s %d %d\\n' % (name, us, t))
     f.close()
     os.rename('/bench_held.tmp', '/bench_held.txt')
 """
@@ -520,6 +529,7 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["stalls"] = _stall_stats(_saved(stalls, "H"))
         held = board.state / "fs" / "bench_held.txt"
         result["held"] = _held_stats(held.read_text()) if held.exists() else {}
+        result["longest"] = _longest_holds(held.read_text()) if held.exists() else []
         result["event_path"] = _path_stats(_saved(board.state / "fs" / "bench_path.bin", "i"))
         result["clock"] = _clock_stats(_saved(board.state / "fs" / "bench_clock.bin", "h"))
         overruns, dropped = _overruns(board)
@@ -553,6 +563,7 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
                                                         "node/signed_whole")]
                                     for h in health]
         result["outage_s"] = outage_s
+        result["schedule_s"] = [[round(when, 1), action] for when, action in sorted(plan)]
     return result
 
 
@@ -636,10 +647,18 @@ def _stall_stats(counts: list[int]) -> dict:
 def _held_stats(text: str, scale: float = 1.0) -> dict:
     """{task: [steps, steps over the limit, longest step in ms x scale]} from TASK_TIMER's
     file, the worst first."""
-    rows = [line.split() for line in text.splitlines() if line.strip()]
+    rows = [line.split() for line in text.splitlines() if line.strip() and line[0] != "@"]
     rows.sort(key=lambda row: -int(row[3]))
     return {name: [int(n), int(over), round(int(top) / 1000 * scale, 1)]
             for name, n, over, top in rows}
+
+
+def _longest_holds(text: str) -> list[list]:
+    """[ms, task, s after the app started] of TASK_TIMER's longest steps, the worst first:
+    which turn held the loop, and when (beside the shots, windows and outage)."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("@")]
+    rows.sort(key=lambda row: -int(row[1]))
+    return [[round(int(us) / 1000, 1), name, round(int(t) / 1000, 1)] for name, us, t in rows]
 
 
 def _clock_stats(tenths: list[int]) -> dict:
@@ -744,6 +763,8 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         # per task: [steps, steps over 20 ms, longest ms]; at chip speed (grain: one
         # burst of the pacing, ~20 ms), and from host time x factor (no grain)
         "loop_held_by_task_chip": chip.get("held"),
+        # the longest steps at chip speed: [ms, task, s after the app started]
+        "loop_longest_holds_chip": chip.get("longest"),
         "task_steps_ms_chip": host.get("steps"),
         "max_task_step_ms_chip": max((v[2] for k, v in host.get("steps", {}).items()
                                       if k not in ("main", "the_app")), default=None),
