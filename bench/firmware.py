@@ -516,6 +516,7 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
     with Watch(broker, wire.up_topic(device)) as pole, \
             Watch(city, f"{CITY_PREFIX}/+/up/{device}") as upstream:
         overruns_before = _overruns(board)
+        collections_before = board.control("status").get("collections") or {}
         t0 = time.time()
         outage_s = min(60.0, 0.2 * (seconds - warmup))
         outage = (warmup + 0.55 * (seconds - warmup),) * 2
@@ -548,6 +549,12 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["clock"] = _clock_stats(_saved(board.state / "fs" / "bench_clock.bin", "h"))
         overruns, dropped = _overruns(board)
         result["audio_overruns"] = overruns - overruns_before[0]
+        collections = board.control("status").get("collections") or {}
+        if collections.get("count"):
+            result["collections"] = {
+                "count": collections["count"] - collections_before.get("count", 0),
+                "cpu_ms": collections["cpu_ms"] - collections_before.get("cpu_ms", 0.0),
+                "longest_ms": collections["longest_ms"]}
         # the microphone's 32-bit mono samples, as a share of the audio of the whole run
         lost = (dropped - overruns_before[1]) / 4 / MIC_RATE
         # at most all of it: what the ring held at t0 may be dropped in the run too
@@ -665,6 +672,15 @@ def _held_stats(text: str, scale: float = 1.0) -> dict:
     rows.sort(key=lambda row: -int(row[3]))
     return {name: [int(n), int(over), round(int(top) / 1000 * scale, 1)]
             for name, n, over, top in rows}
+
+
+def _collection_stats(counted: dict | None, minutes: float, factor: float) -> dict:
+    """The run's heap collections in chip terms (None where the VM counted none)."""
+    if not counted or not counted["count"]:
+        return {"collections_per_min": None}
+    return {"collections_per_min": round(counted["count"] / minutes, 1),
+            "collection_ms_chip_mean": round(counted["cpu_ms"] / counted["count"] * factor, 1),
+            "collection_ms_chip_longest": round(counted["longest_ms"] * factor, 1)}
 
 
 def _longest_holds(text: str) -> list[list]:
@@ -795,6 +811,9 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         # per task: [steps, steps over 20 ms, longest ms]; at chip speed (grain: one
         # burst of the pacing, ~20 ms), and from host time x factor (no grain)
         "loop_held_by_task_chip": chip.get("held"),
+        # the heap's collections in the run (counted by emulator/chipclock.c): per minute,
+        # and each one's host CPU x the factor (mean, longest): a stall none can shorten
+        **_collection_stats(chip.get("collections"), minutes, factors.interp),
         # the longest steps at chip speed: [ms, task, s after the app started]
         "loop_longest_holds_chip": chip.get("longest"),
         "task_steps_ms_chip": host.get("steps"),

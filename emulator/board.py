@@ -482,6 +482,11 @@ class EmulatedBoard:
             return b""
         return bytes((self._parts().pin_read(payload[0]) & 1,))
 
+    def collections(self) -> dict[str, float] | None:
+        """The running VM's heap collections at chip speed (VM.collections), else None."""
+        vm = self._vm
+        return vm.collections() if vm is not None else None
+
     def _op_cpu_freq(self, sub: int, payload: bytes) -> bytes:
         """machine.freq(hz), checked by the board side: at chip speed the VM runs faster
         or slower from its next burst."""

@@ -21,9 +21,16 @@
  *
  * The page (CITYNODE_CHIP_CLOCK, a file the throttle writes) is read under a
  * sequence count: the throttle may rebase it while the VM runs. Other clocks, and
- * other threads, are the host's. */
+ * other threads, are the host's.
+ *
+ * The heap's collections are counted here too, with the CPU each took, into the same
+ * file at COLLECTIONS_AT (the VM writes, the emulator reads): the unix port is a
+ * CPython extension that calls gc_collect through its PLT, the allocator's calls
+ * included, so this library's gc_collect stands in front of it. Still charged at the
+ * interpreter's factor: counted, not modelled (docs/decisions.md). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <link.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,6 +51,13 @@ struct page {                 /* throttle.py, ChipClockPage: the same layout */
     volatile double gain;             /* (factor - 1) x the user share; 0: host time */
 };
 
+struct collections {           /* throttle.py, ChipClock.collections: the same layout */
+    volatile int64_t count;
+    volatile int64_t cpu_ns;          /* the host CPU they took, in all */
+    volatile int64_t longest_ns;
+};
+
+#define COLLECTIONS_AT 512            /* bytes into the file */
 #define INTERNAL_PRIORITY 6         /* board_side/emu_link.py, emu_machine.py */
 #define SEND_SLACK_NS 1000000       /* ahead by at most this, a send goes now */
 #define SEND_WAIT_MAX_NS 2000000000 /* a throttle that never catches up: go anyway */
@@ -55,6 +69,8 @@ static ssize_t (*real_sendto)(int, const void *, size_t, int, const struct socka
                               socklen_t);
 static ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 static struct page *page;
+static struct collections *collections;
+static void (*real_gc_collect)(void);
 static int stat_fd = -1;
 static pid_t main_tid;
 static int64_t last_ns;
@@ -69,13 +85,15 @@ __attribute__((constructor)) static void chipclock_init(void)
     const char *path = getenv("CITYNODE_CHIP_CLOCK");
     if (!path)
         return;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return;
-    void *p = mmap(NULL, sizeof(struct page), PROT_READ, MAP_SHARED, fd, 0);
+    void *p = mmap(NULL, COLLECTIONS_AT + sizeof(struct collections),
+                   PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (p == MAP_FAILED)
         return;
+    collections = (struct collections *)((char *)p + COLLECTIONS_AT);
     stat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
     if (stat_fd < 0)
         return;
@@ -209,4 +227,42 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     if (on_chip_time() && leaves_chip(fd))
         catch_up();
     return real_sendmsg(fd, msg, flags);
+}
+
+void gc_collect(void);
+
+/* The extension's gc_collect: found in the loaded objects, as dlsym(RTLD_NEXT) cannot
+ * see into one CPython loaded with RTLD_LOCAL. */
+static int find_gc_collect(struct dl_phdr_info *info, size_t size, void *found)
+{
+    (void)size;
+    if (!info->dlpi_name || !info->dlpi_name[0])
+        return 0;
+    void *lib = dlopen(info->dlpi_name, RTLD_NOLOAD | RTLD_LAZY);
+    if (!lib)
+        return 0;
+    void *f = dlsym(lib, "gc_collect");
+    dlclose(lib);
+    if (!f || f == (void *)gc_collect)
+        return 0;
+    *(void **)found = f;
+    return 1;
+}
+
+void gc_collect(void)
+{
+    if (!real_gc_collect)
+        dl_iterate_phdr(find_gc_collect, &real_gc_collect);
+    if (!real_gc_collect)
+        return;                 /* not the unix port: nothing to collect */
+    struct timespec t0, t1;
+    int timed = collections && real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0) == 0;
+    real_gc_collect();
+    if (timed && real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1) == 0) {
+        int64_t took = ns_of(&t1) - ns_of(&t0);
+        collections->count += 1;
+        collections->cpu_ns += took;
+        if (took > collections->longest_ns)
+            collections->longest_ns = took;
+    }
 }

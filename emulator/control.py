@@ -37,6 +37,9 @@ def _status(board: EmulatedBoard) -> dict[str, Any]:
               "rfc2217": board.rfc2217.url if board.rfc2217 else None}
     if board.peripherals is not None:
         status["peripherals"] = board.peripherals.state()
+    collections = board.collections()
+    if collections is not None:
+        status["collections"] = collections
     return status
 
 

@@ -139,6 +139,8 @@ class ChipClock:
 
     _LAYOUT = struct.Struct("<qqqqqd")   # chipclock.c, struct page
     _SEQ = struct.Struct("<q")
+    _COLLECTIONS = struct.Struct("<qqq")  # chipclock.c, struct collections
+    _COLLECTIONS_AT = 512
 
     def __init__(self, folder: Path) -> None:
         fd, name = tempfile.mkstemp(prefix="chipclock-", dir=folder)
@@ -166,6 +168,15 @@ class ChipClock:
                                switch_ns, gain)
         self._seq += 1
         self._SEQ.pack_into(self._map, 0, self._seq)
+
+    def collections(self) -> tuple[int, int, int]:
+        """The VM's heap collections so far: (how many, host CPU ns in all, the longest's
+        ns), as chipclock.c counts them; zeros once closed."""
+        if self._map.closed:
+            return 0, 0, 0
+        count, cpu_ns, longest_ns = self._COLLECTIONS.unpack_from(self._map,
+                                                                  self._COLLECTIONS_AT)
+        return count, cpu_ns, longest_ns
 
     def close(self) -> None:
         self._map.close()

@@ -171,6 +171,14 @@ class VM:
         if not self._killed:
             self._on_exit(code)
 
+    def collections(self) -> dict[str, float] | None:
+        """At chip speed, the heap's collections in this VM so far (emulator/chipclock.c):
+        how many, and their host CPU in all and the longest's; None at host speed."""
+        if self._clock is None:
+            return None
+        count, cpu_ns, longest_ns = self._clock.collections()
+        return {"count": count, "cpu_ms": cpu_ns / 1e6, "longest_ms": longest_ns / 1e6}
+
     def interrupt(self) -> None:
         """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it."""
         if self.running_user_code and self.kbd_intr_enabled and self.proc.poll() is None:

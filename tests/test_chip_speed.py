@@ -132,6 +132,24 @@ def test_the_cpu_clock_sets_the_chips_speed(tmp_path: Path):
     assert 1.12 <= at_160 / at_240 <= 1.9, (at_160, at_240)
 
 
+def test_the_chip_clock_counts_the_heaps_collections(tmp_path: Path):
+    # gc.collect()'s and the allocator's own (3 MB of garbage through a 64 KB heap), each
+    # with its CPU: the unix port calls gc_collect through its PLT, and chipclock.c's
+    # stands in front of it; a build that called it directly would count none
+    clock = ChipClock(tmp_path)
+    code = ("import gc\nfor _ in range(5):\n    gc.collect()\n"
+            "for _ in range(3000):\n    x = bytearray(1000)\nprint(1)")
+    try:
+        subprocess.run([micropython_binary(), "-X", "heapsize=64k", "-c", code],
+                       env=dict(os.environ, **clock.env()), check=True, capture_output=True,
+                       timeout=60)
+        count, cpu_ns, longest_ns = clock.collections()
+    finally:
+        clock.close()
+    assert count > 5 + 20, count
+    assert 0 < longest_ns <= cpu_ns
+
+
 def test_host_calibration_quick_run_is_sane():
     rates = speed.measure_host(quick=True)
     assert 5_000 < rates.pystones < 2_000_000
