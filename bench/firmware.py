@@ -845,7 +845,10 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
                            "wifi_outage_s": chip.get("outage_s"), "shots": shots.get("fired"),
                            "downlinks": 1, "probes": stalls.get("probes"),
                            "clock_samples": chip.get("clock", {}).get("samples"),
-                           "boot_s": chip.get("boot_s")},
+                           "boot_s": chip.get("boot_s"),
+                           # [s, what]: s from the app's loop running, which
+                           # loop_longest_holds_chip counts from main.py (a few s sooner)
+                           "schedule_s": chip.get("schedule_s")},
         # the stock image has no ROMFS: the firmware's .mpy files load into the heap
         "heap_high_water_kb_stock": _chip_heap_kb(host.get("water_stock", host["water"])),
         "image": "ROMFS partition (firmware in flash)" if romfs else
