@@ -29,6 +29,7 @@ HIST_LO_DB = 20.0           # histogram range [HIST_LO_DB, HIST_LO_DB + HIST_BIN
 HIST_BINS = 1200            # 0.1 dB bins: 2.4 KB, any window length up to 65535 blocks
 MS_FULL_SCALE_SINE = 35184372088832.0   # 2**45: mean square of a sine peaking at 2**23
 ONSET_DB = 6.0              # an onset: the first sample this far above the event's rise
+GATE_STEP_DB = 0.05         # the detector's gate follows the background in steps this big
 EVENT_QUARTERS = 8          # an event is sent once it has died down, or after 250 ms
 # the classifier (classify(), docs/events.md), from the emulator's shapes: what a
 # gunshot's muzzle blast is and a door slam, a firework's report or a crash is not
@@ -429,6 +430,7 @@ class SoundMeter:
         self._p2 = self._p1 = self._p0 = 0     # the previous quarter's
         self._gate = None           # (hi, mid) words a quarter must pass to be looked at
         self._rearm = None
+        self._gate_bg = None        # the background the gate was set at
         self.background = None
         self._armed = True
         self._open = None               # the event still sounding (see _detect)
@@ -542,7 +544,12 @@ class SoundMeter:
         if self._warm < 8:              # first second: filter settling, background forming
             self._warm += 1
         bg = self.background = bg + (lvl - bg) * self._alpha
-        if self._warm == 8:
+        # the gate again only once the background has moved: set every block, its ~20
+        # boxed floats were most of the audio's garbage (~11 KB/s), and the heap's
+        # collections at chip speed are the loop's longest stalls
+        if self._warm == 8 and (self._gate_bg is None
+                                or abs(bg - self._gate_bg) >= GATE_STEP_DB):
+            self._gate_bg = bg
             e = self.sub_len * 10.0 ** ((bg - self._base - self.cal_db) / 10.0)
             self._gate = _words(e * 10.0 ** (self.event_rise_db / 10.0))
             self._rearm = _words(e * 10.0 ** (self.event_rise_db / 20.0))
