@@ -56,6 +56,7 @@ from citynode.testing.emulator import (
     mpremote,
     start_emulator,
     vm_mpy,
+    wait_for,
 )
 from citynode.testing.gateway import PREFIX as CITY_PREFIX
 from citynode.testing.gateway import GatewayProcess
@@ -433,7 +434,12 @@ def _stock_high_water(tmp: Path, extra: list[str], seconds: int) -> dict:
         dest.write_bytes(data)
     emu = start_emulator(tmp, extra=[*extra, "--heap-kb", str(STOCK_MEASURE_HEAP_KB)])
     try:
-        return _high_water(emu.boards[0], seconds)
+        board = emu.boards[0]
+        # a Ctrl-C sent before main.py runs is a byte in the UART's buffer, not an
+        # interrupt (as on the chip): on a loaded host mpremote got there first once
+        wait_for(lambda: board.control("status")["running_code"], timeout=120,
+                 what="the node's main.py")
+        return _high_water(board, seconds)
     finally:
         emu.stop()
         for dest in added:

@@ -482,6 +482,14 @@ class EmulatedBoard:
             return b""
         return bytes((self._parts().pin_read(payload[0]) & 1,))
 
+    @property
+    def running_code(self) -> bool:
+        """True while boot.py, main.py or a REPL command runs: only then does a Ctrl-C
+        interrupt (before, the port has not set its interrupt character, and the byte
+        waits in the UART's buffer, as on the chip)."""
+        vm = self._vm
+        return vm is not None and vm.running_user_code
+
     def collections(self) -> dict[str, float] | None:
         """The running VM's heap collections at chip speed (VM.collections), else None."""
         vm = self._vm

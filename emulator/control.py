@@ -31,7 +31,7 @@ class ControlError(RuntimeError):
 def _status(board: EmulatedBoard) -> dict[str, Any]:
     status = {"board": board.board.name, "mac": board.mac_text, "mode": board.mode,
               "reset_cause": board.reset_cause, "boots": board.boots,
-              "uptime_ms": board.uptime_ms,
+              "uptime_ms": board.uptime_ms, "running_code": board.running_code,
               "wifi": {"ap_up": board.radio.ap_up, "status": board.radio.status()},
               "link": str(board.pty.path) if board.pty else None,
               "rfc2217": board.rfc2217.url if board.rfc2217 else None}

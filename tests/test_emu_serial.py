@@ -58,6 +58,7 @@ def test_main_py_runs_at_boot_and_ctrl_c_interrupts_it(emu_board):
     with serial.Serial(emu_board.link, timeout=0.2) as port:
         port.write(b"\x04")
         wait_for(lambda: (emu_board.state / "fs" / "ran.txt").exists(), what="main.py to run")
+        assert emu_board.control("status")["running_code"]   # so a Ctrl-C interrupts
         # ... until Ctrl-C, after which the friendly REPL prompt comes back
         port.write(b"\x03")
         seen = b""
@@ -66,6 +67,7 @@ def test_main_py_runs_at_boot_and_ctrl_c_interrupts_it(emu_board):
             seen += port.read(256)
         assert b"KeyboardInterrupt" in seen
         assert b">>> " in seen
+        assert not emu_board.control("status")["running_code"]
     # mpremote interrupts the same loop on its own when it connects
     mpremote(emu_board.link, "soft-reset")
     assert "ran" in mpremote(emu_board.link, "exec", "import os; print(os.listdir())")
