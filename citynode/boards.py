@@ -61,6 +61,7 @@ class ChipSpeed:
 
     pystones: float       # pystone_lowmem, pystones/s
     pi1000_s: float       # 1000 digits of pi (big integers), seconds
+    gc_kb_ms: float       # a heap collection: KB of heap swept plus KB live, per ms
     mhz: int = 160        # the clock they are for: the image's, until machine.freq()
 
     def at(self, mhz: int) -> float:
@@ -242,8 +243,8 @@ def _validate_speed(board: str, speed: Any) -> ChipSpeed | None:
         return None
     if not isinstance(speed, dict):
         raise _fail(board, "speed", "expected a mapping",
-                    "write e.g. speed: {pystones: 1107, pi1000_s: 0.855}")
-    limits = {"pystones": (50, 50_000), "pi1000_s": (0.01, 100)}
+                    "write e.g. speed: {pystones: 1107, pi1000_s: 0.855, gc_kb_ms: 29}")
+    limits = {"pystones": (50, 50_000), "pi1000_s": (0.01, 100), "gc_kb_ms": (1, 1000)}
     values = {}
     for key, (low, high) in limits.items():
         value = speed.get(key)

@@ -24,7 +24,7 @@ from .autoreset import AutoReset
 from .flash import ROMFS_BLOCK, BoardStorage, atomic_write_json
 from .radio import Radio
 from .serial_link import PtyLink, Rfc2217Link, Uart
-from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM, resume_boot
+from .vm import EXIT_SOFT, EXIT_SOFT_RAW, VM, gc_ns_per_byte, resume_boot
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class EmulatedBoard:
         extra_kb = romfs // 1024 + 1
         self._vm = VM(self.board.heap_kb, self._rx_read, env, self.uart.transmit,
                       self._vm_exited, self.state / "vm.log", extra_heap_kb=extra_kb,
-                      speed_factor=self._chip_factor())
+                      speed_factor=self._chip_factor(), gc_kb_ms=self._chip_gc_rate())
 
     def _chip_factor(self) -> float | None:
         """The VM's slowdown at chip speed (issue 11): `speed_factor`, which is for the
@@ -229,6 +229,12 @@ class EmulatedBoard:
         if factor is None or self.board.speed is None:
             return factor
         return max(1.0, factor / self.board.speed.at(self.cpu_mhz))
+
+    def _chip_gc_rate(self) -> float | None:
+        """The chip's rate of collecting its heap at the clock the firmware set (KB a ms,
+        boards.yaml `speed:`); None without published figures."""
+        speed = self.board.speed
+        return speed.gc_kb_ms * speed.at(self.cpu_mhz) if speed is not None else None
 
     def _vm_exited(self, code: int) -> None:
         with self._lock:
@@ -502,6 +508,8 @@ class EmulatedBoard:
         vm = self._vm
         if vm is not None and vm.throttle is not None:
             vm.throttle.factor = self._chip_factor()
+            if vm.throttle.gc_ns_per_byte:
+                vm.throttle.gc_ns_per_byte = gc_ns_per_byte(self._chip_gc_rate())
         return b""
 
     def _op_pwm(self, sub: int, payload: bytes) -> bytes:

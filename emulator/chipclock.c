@@ -23,11 +23,15 @@
  * sequence count: the throttle may rebase it while the VM runs. Other clocks, and
  * other threads, are the host's.
  *
- * The heap's collections are counted here too, with the CPU each took, into the same
- * file at COLLECTIONS_AT (the VM writes, the emulator reads): the unix port is a
- * CPython extension that calls gc_collect through its PLT, the allocator's calls
- * included, so this library's gc_collect stands in front of it. Still charged at the
- * interpreter's factor: counted, not modelled (docs/decisions.md). */
+ * The heap's collections are counted here too, into the same file at COLLECTIONS_AT
+ * (the VM writes, the emulator reads): the unix port is a CPython extension that calls
+ * gc_collect through its PLT, the allocator's calls included, so this library's
+ * gc_collect stands in front of it. A collection is C walking memory, not bytecode:
+ * its chip time is modelled from what it walked (the heap swept plus the words
+ * marked, at the chip's published rate: gc_ns_per_byte), not from the host's CPU at the
+ * interpreter's factor, which read 10-30x the chip's (docs/decisions.md, "A collection
+ * of the heap at chip speed"). The throttle lets a collection finish before it stops
+ * the VM (`busy`), then charges the model instead of the CPU it took. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <link.h>
@@ -49,12 +53,25 @@ struct page {                 /* throttle.py, ChipClockPage: the same layout */
     volatile int64_t switches0;       /* times scheduled in (schedstat) at the rebase */
     volatile int64_t switch_ns;       /* the host's cost of each, not the chip's */
     volatile double gain;             /* (factor - 1) x the user share; 0: host time */
+    volatile double gc_ns_per_byte;   /* a collection's chip ns per heap byte; 0: none */
+    volatile int64_t gc_cpu0_ns;      /* collections' host CPU at the rebase */
+    volatile int64_t gc_chip0_ns;     /* collections' chip time at the rebase */
 };
 
 struct collections {           /* throttle.py, ChipClock.collections: the same layout */
     volatile int64_t count;
     volatile int64_t cpu_ns;          /* the host CPU they took, in all */
     volatile int64_t longest_ns;
+    volatile int64_t chip_ns;         /* their chip time, modelled, in all */
+    volatile int64_t chip_longest_ns;
+    volatile int64_t busy;            /* 1 while one runs */
+};
+
+/* py/gc.h gc_info_t begins with these; room for the rest */
+struct gc_info {
+    size_t total;
+    size_t used;
+    size_t rest[14];
 };
 
 #define COLLECTIONS_AT 512            /* bytes into the file */
@@ -71,6 +88,7 @@ static ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 static struct page *page;
 static struct collections *collections;
 static void (*real_gc_collect)(void);
+static void (*real_gc_info)(struct gc_info *);
 static int stat_fd = -1;
 static pid_t main_tid;
 static int64_t last_ns;
@@ -131,8 +149,8 @@ static int read_cpu(int64_t *cpu, int64_t *switches)
 /* How far the chip's clock is ahead of the host's, by the page now. */
 static int64_t ahead(void)
 {
-    int64_t seq, offset, cpu0, switches0, switch_ns, cpu, switches;
-    double gain;
+    int64_t seq, offset, cpu0, switches0, switch_ns, cpu, switches, gc_cpu0, gc_chip0;
+    double gain, gc_ns_per_byte;
     do {
         seq = __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE);
         offset = page->offset_ns;
@@ -140,11 +158,19 @@ static int64_t ahead(void)
         switches0 = page->switches0;
         switch_ns = page->switch_ns;
         gain = page->gain;
+        gc_ns_per_byte = page->gc_ns_per_byte;
+        gc_cpu0 = page->gc_cpu0_ns;
+        gc_chip0 = page->gc_chip0_ns;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
     } while ((seq & 1) || seq != __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE));
     int64_t by = offset;
     if (gain > 0 && read_cpu(&cpu, &switches) == 0) {
         int64_t used = (cpu - cpu0) - (switches - switches0) * switch_ns;
+        if (gc_ns_per_byte > 0) {   /* collections since: their model, not their CPU */
+            int64_t gc_cpu = collections->cpu_ns - gc_cpu0;
+            used -= gc_cpu;
+            by += collections->chip_ns - gc_chip0 - gc_cpu;
+        }
         if (used > 0)
             by += (int64_t)(gain * (double)used);
     }
@@ -233,36 +259,61 @@ void gc_collect(void);
 
 /* The extension's gc_collect: found in the loaded objects, as dlsym(RTLD_NEXT) cannot
  * see into one CPython loaded with RTLD_LOCAL. */
-static int find_gc_collect(struct dl_phdr_info *info, size_t size, void *found)
+static int find_gc_collect(struct dl_phdr_info *info, size_t size, void *unused)
 {
     (void)size;
+    (void)unused;
     if (!info->dlpi_name || !info->dlpi_name[0])
         return 0;
     void *lib = dlopen(info->dlpi_name, RTLD_NOLOAD | RTLD_LAZY);
     if (!lib)
         return 0;
     void *f = dlsym(lib, "gc_collect");
+    void *i = dlsym(lib, "gc_info");
     dlclose(lib);
     if (!f || f == (void *)gc_collect)
         return 0;
-    *(void **)found = f;
+    real_gc_collect = f;
+    real_gc_info = i;
     return 1;
+}
+
+/* The chip's time for the collection just made: it swept the heap and marked what is
+ * live (an upper bound: the chip's sweep stops at the highest block in use). */
+static int64_t modelled_ns(void)
+{
+    double per_byte = page ? page->gc_ns_per_byte : 0;
+    if (per_byte <= 0 || !real_gc_info)
+        return 0;
+    struct gc_info info = {0};
+    real_gc_info(&info);
+    return (int64_t)(per_byte * (double)(info.total + info.used));
 }
 
 void gc_collect(void)
 {
     if (!real_gc_collect)
-        dl_iterate_phdr(find_gc_collect, &real_gc_collect);
+        dl_iterate_phdr(find_gc_collect, NULL);
     if (!real_gc_collect)
         return;                 /* not the unix port: nothing to collect */
+    if (!collections) {
+        real_gc_collect();
+        return;
+    }
+    __atomic_store_n(&collections->busy, 1, __ATOMIC_RELEASE);
     struct timespec t0, t1;
-    int timed = collections && real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0) == 0;
+    int timed = real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0) == 0;
     real_gc_collect();
+    int64_t chip = modelled_ns();
     if (timed && real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1) == 0) {
         int64_t took = ns_of(&t1) - ns_of(&t0);
         collections->count += 1;
         collections->cpu_ns += took;
+        collections->chip_ns += chip;
         if (took > collections->longest_ns)
             collections->longest_ns = took;
+        if (chip > collections->chip_longest_ns)
+            collections->chip_longest_ns = chip;
     }
+    __atomic_store_n(&collections->busy, 0, __ATOMIC_RELEASE);
 }

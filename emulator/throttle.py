@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # 100 us bursts, ~1.15x at 300 us, ~1.0x at 1 ms (docs/decisions.md, "Chip speed").
 BURST_S = 300e-6
 MAX_CARRY_NS = 2_000_000  # oversleep credited to the next stop, at most
+GC_WAIT_S = 0.005         # for a heap collection under way to finish before a stop, at most
 STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
 USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
 FIFO_PRIORITY = 10
@@ -137,9 +138,9 @@ class ChipClock:
     """The VM's clock at chip speed: a page the throttle writes and chipclock.c, preloaded
     into the VM, reads. Make it before the process starts and start it with `env()`."""
 
-    _LAYOUT = struct.Struct("<qqqqqd")   # chipclock.c, struct page
+    _LAYOUT = struct.Struct("<qqqqqddqq")   # chipclock.c, struct page
     _SEQ = struct.Struct("<q")
-    _COLLECTIONS = struct.Struct("<qqq")  # chipclock.c, struct collections
+    _COLLECTIONS = struct.Struct("<qqqqqq")  # chipclock.c, struct collections
     _COLLECTIONS_AT = 512
 
     def __init__(self, folder: Path) -> None:
@@ -156,27 +157,30 @@ class ChipClock:
         return {"LD_PRELOAD": preload, "CITYNODE_CHIP_CLOCK": str(self.path)}
 
     def rebase(self, offset_ns: int, cpu_ns: int, switches: int, switch_ns: int,
-               gain: float) -> None:
+               gain: float, gc_ns_per_byte: float = 0.0,
+               gc: tuple[int, int] = (0, 0)) -> None:
         """From now the VM's clock is the host's + `offset_ns` + `gain` x the CPU it uses
-        beyond `cpu_ns`, less `switch_ns` per time it is scheduled in beyond `switches`.
+        beyond `cpu_ns`, less `switch_ns` per time it is scheduled in beyond `switches`;
+        with `gc_ns_per_byte` a heap collection beyond `gc` (host CPU, chip ns, as
+        collected() gave them) counts as modelled instead (chipclock.c).
         Under a sequence count (odd while written): the VM may read it meanwhile."""
         if self._map.closed:
             return          # the VM is gone
         self._seq += 1
         self._SEQ.pack_into(self._map, 0, self._seq)
         self._LAYOUT.pack_into(self._map, 0, self._seq, offset_ns, cpu_ns, switches,
-                               switch_ns, gain)
+                               switch_ns, gain, gc_ns_per_byte, *gc)
         self._seq += 1
         self._SEQ.pack_into(self._map, 0, self._seq)
 
-    def collections(self) -> tuple[int, int, int]:
-        """The VM's heap collections so far: (how many, host CPU ns in all, the longest's
-        ns), as chipclock.c counts them; zeros once closed."""
+    def collections(self) -> tuple[int, int, int, int, int, bool]:
+        """The VM's heap collections so far, as chipclock.c counts them: how many, their
+        host CPU ns in all and the longest's, their modelled chip ns in all and the
+        longest's, and whether one runs now; zeros once closed."""
         if self._map.closed:
-            return 0, 0, 0
-        count, cpu_ns, longest_ns = self._COLLECTIONS.unpack_from(self._map,
-                                                                  self._COLLECTIONS_AT)
-        return count, cpu_ns, longest_ns
+            return 0, 0, 0, 0, 0, False
+        *counts, busy = self._COLLECTIONS.unpack_from(self._map, self._COLLECTIONS_AT)
+        return (*counts, bool(busy))
 
     def close(self) -> None:
         self._map.close()
@@ -215,17 +219,20 @@ class Throttle:
 
     def __init__(self, pid: int, factor: float, burst_s: float = BURST_S,
                  free_ns: int = 0, switch_ns: int | None = None,
-                 clock: ChipClock | None = None) -> None:
+                 clock: ChipClock | None = None, gc_ns_per_byte: float = 0.0) -> None:
         """`free_ns`: CPU the process may use before pacing starts (the wrapper's own
         start-up: CPython and the unix port's set-up are no part of the chip's boot).
         `switch_ns`: the CPU each time the process is scheduled in costs on this host
         (default: measured once, switch_cost_ns()): not the chip's, so not charged.
-        `clock`: the ChipClock the process was started with, if any."""
+        `clock`: the ChipClock the process was started with, if any.
+        `gc_ns_per_byte`: with a clock, a heap collection costs the chip this per byte of
+        the VM's heap plus per byte live (vm.gc_ns_per_byte), not its CPU x factor."""
         if factor < 1:
             raise ValueError(f"speed factor {factor} < 1: the chip is not faster than the host")
         self.pid, self.factor, self.burst_s = pid, factor, burst_s
         self.free_ns = free_ns
         self.clock = clock
+        self.gc_ns_per_byte = gc_ns_per_byte if clock is not None else 0.0
         self.stats = ThrottleStats()
         self._halt = threading.Event()
         self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY)
@@ -251,7 +258,7 @@ class Throttle:
         except OSError:
             pass  # the process is gone (exit, kill): nothing left to pace
         finally:
-            self._rebase(0, 0, 0, 1.0, False)       # the host's clock: nothing to catch up
+            self._rebase(0, 0, 0, 1.0, False, (0, 0))  # the host's clock: nothing to catch up
             self._signal(signal.SIGCONT)
             os.close(self._fd)
             os.close(self._stat_fd)
@@ -269,13 +276,15 @@ class Throttle:
         free = self.free_ns - last
         ahead = 0          # ns the chip's clock is ahead of the host's (< 0: overslept)
         share = 1.0        # of the CPU time, charged: the user share at the last rebase
-        self._rebase(ahead, last, switches, share, free <= 0)
+        gc = self._collected()
+        self._rebase(ahead, last, switches, share, free <= 0, gc)
         clock = time.perf_counter
         if not self._signal(signal.SIGCONT):
             return
         while not self._halt.is_set():
             start = clock()
             time.sleep(burst)
+            self._let_collection_finish()
             ran = clock() - start
             # a running process's CPU time is only brought up to date when it leaves the
             # CPU: stop it, and wait until it has, before reading; a sleeping one is read
@@ -287,23 +296,32 @@ class Throttle:
             # the host's own cost of scheduling it in (wake-ups, our continues), and of
             # its system calls: the emulator's links, the sockets (on the chip a register
             # access, or lwIP on the other core), by the user share
-            used = int(max(0, now - last - (count - switches) * self.switch_ns) * share)
+            raw = max(0, now - last - (count - switches) * self.switch_ns)
+            used = int(raw * share)
             last, switches = now, count
+            before, gc = gc, self._collected()
+            gc_cpu, gc_chip = gc[0] - before[0], gc[1] - before[1]
             if free > 0:
                 free -= used
                 used = max(0, -free)
+                gc_cpu = 0          # the start-up's collections: free too
             stats.cpu_ns += used
             stats.bursts += 1
             if len(stats.burst_s) < _SAMPLES:
                 stats.burst_s.append(ran)
             else:
                 stats.burst_s[stats.bursts % _SAMPLES] = ran
-            owed = ahead + int(used * (self.factor - 1))
+            if gc_cpu and self.gc_ns_per_byte:
+                # a collection: the chip's time as modelled, in place of its CPU x factor
+                owed = ahead + int(max(0, raw - gc_cpu) * share * (self.factor - 1)) \
+                    + gc_chip - gc_cpu
+            else:
+                owed = ahead + int(used * (self.factor - 1))
             share = self._user_share()
             if owed <= 0:
                 # idle (waiting for I/O): real time is chip time, and the oversleep is
                 # forgiven
-                self._rebase(0, now, count, share, free <= 0)
+                self._rebase(0, now, count, share, free <= 0, gc)
                 ahead = 0
                 if stopped and not self._signal(signal.SIGCONT):
                     return
@@ -315,17 +333,35 @@ class Throttle:
             slept = time.monotonic_ns() - before
             stats.stopped_s += slept / 1e9
             ahead = max(-MAX_CARRY_NS, owed - slept)
-            self._rebase(ahead, now, count, share, free <= 0)
+            self._rebase(ahead, now, count, share, free <= 0, gc)
             if not self._signal(signal.SIGCONT):
                 return
 
     def _rebase(self, ahead_ns: int, cpu_ns: int, switches: int, share: float,
-                paced: bool) -> None:
+                paced: bool, gc: tuple[int, int]) -> None:
         """The VM's clock from now: the host's + `ahead_ns`, and at chip speed for the CPU
-        beyond `cpu_ns` once pacing has started (`paced`)."""
+        beyond `cpu_ns` and the collections beyond `gc` once pacing has started (`paced`)."""
         if self.clock is not None:
             gain = (self.factor - 1) * share if paced else 0.0
-            self.clock.rebase(ahead_ns, cpu_ns, switches, self.switch_ns, gain)
+            self.clock.rebase(ahead_ns, cpu_ns, switches, self.switch_ns, gain,
+                              self.gc_ns_per_byte if paced else 0.0, gc)
+
+    def _collected(self) -> tuple[int, int]:
+        """The VM's collections so far: host CPU ns and modelled chip ns, in all."""
+        if self.clock is None:
+            return 0, 0
+        collections = self.clock.collections()
+        return collections[1], collections[3]
+
+    def _let_collection_finish(self) -> None:
+        """A collection under way runs to its end before the VM is stopped (GC_WAIT_S at
+        most): its chip time is modelled whole when it ends, so no part of it may be
+        charged at the interpreter's factor first."""
+        if not self.gc_ns_per_byte:
+            return
+        deadline = time.perf_counter() + GC_WAIT_S
+        while self.clock.collections()[5] and time.perf_counter() < deadline:
+            time.sleep(20e-6)
 
     def _stop(self) -> bool:
         """SIGSTOP, and wait until the process is off its CPU: the signal reaches a task

@@ -51,6 +51,13 @@ WORD_SCALE = 2
 EMULATOR_RESIDENT_KB = 48
 
 
+def gc_ns_per_byte(gc_kb_ms: float) -> float:
+    """A heap collection's chip ns per byte of this VM's heap (swept, or live and
+    marked), for a chip that collects `gc_kb_ms` KB of its own heap a ms: its words
+    take WORD_SCALE x the bytes here (chipclock.c, boards.yaml `speed:`)."""
+    return 1e6 / (gc_kb_ms * 1024) / WORD_SCALE
+
+
 class MicroPythonNotFound(RuntimeError):
     pass
 
@@ -132,8 +139,10 @@ class StdoutCooker:
 class VM:
     def __init__(self, heap_kb: int, stdin_fd: int, env: dict[str, str],
                  on_output: Callable[[bytes], None], on_exit: Callable[[int], None],
-                 log_path: Path, extra_heap_kb: int = 0, speed_factor: float | None = None):
-        """`speed_factor`: run at chip speed, host CPU time x factor (None: host speed)."""
+                 log_path: Path, extra_heap_kb: int = 0, speed_factor: float | None = None,
+                 gc_kb_ms: float | None = None):
+        """`speed_factor`: run at chip speed, host CPU time x factor (None: host speed);
+        `gc_kb_ms`: then the chip's rate of collecting its heap (None: at the factor)."""
         heap = heap_kb * WORD_SCALE + EMULATOR_RESIDENT_KB + extra_heap_kb
         binary = micropython_binary()
         board_side = board_side_path()
@@ -153,7 +162,9 @@ class VM:
         self.running_user_code = False
         self.kbd_intr_enabled = True
         self.throttle = (Throttle(self.proc.pid, speed_factor, free_ns=free_ns,
-                                  clock=self._clock) if speed_factor else None)
+                                  clock=self._clock,
+                                  gc_ns_per_byte=gc_ns_per_byte(gc_kb_ms) if gc_kb_ms else 0.0)
+                         if speed_factor else None)
         threading.Thread(target=self._pump, name="vm-stdout", daemon=True).start()
 
     def _pump(self) -> None:
@@ -173,11 +184,13 @@ class VM:
 
     def collections(self) -> dict[str, float] | None:
         """At chip speed, the heap's collections in this VM so far (emulator/chipclock.c):
-        how many, and their host CPU in all and the longest's; None at host speed."""
+        how many, their host CPU in all and the longest's, and their chip time as
+        modelled, in all and the longest's; None at host speed."""
         if self._clock is None:
             return None
-        count, cpu_ns, longest_ns = self._clock.collections()
-        return {"count": count, "cpu_ms": cpu_ns / 1e6, "longest_ms": longest_ns / 1e6}
+        count, cpu_ns, longest_ns, chip_ns, chip_longest_ns, _ = self._clock.collections()
+        return {"count": count, "cpu_ms": cpu_ns / 1e6, "longest_ms": longest_ns / 1e6,
+                "chip_ms": chip_ns / 1e6, "chip_longest_ms": chip_longest_ns / 1e6}
 
     def interrupt(self) -> None:
         """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it."""

@@ -55,13 +55,15 @@ def test_every_board_has_its_chip_speed():
     for board in load_catalogue().values():
         assert board.speed is not None, board.name
         assert 100 < board.speed.pystones < 10_000 and 0.1 < board.speed.pi1000_s < 10
+        assert 1 < board.speed.gc_kb_ms < 1000
 
 
 @pytest.mark.parametrize("speed, words", [
     ({"pystones": 70000, "pi1000_s": 0.855}, ["speed.pystones", "not a chip's figure"]),
     ({"pystones": 1107}, ["speed.pi1000_s", "between"]),
     ("fast", ["'speed'", "expected a mapping"]),
-    ({"pystones": 1107, "pi1000_s": 0.855, "mhz": 100}, ["speed.mhz", "160, 240"]),
+    ({"pystones": 1107, "pi1000_s": 0.855}, ["speed.gc_kb_ms", "between"]),
+    ({"pystones": 1107, "pi1000_s": 0.855, "gc_kb_ms": 29, "mhz": 100}, ["speed.mhz", "160, 240"]),
 ])
 def test_bad_speed_names_the_key(speed, words):
     with pytest.raises(BoardCatalogueError) as err:

@@ -15,6 +15,7 @@ from bench.throttle import CPU_BOUND, WORK
 from citynode import speed
 from citynode.emulator.throttle import ChipClock, Throttle, favour
 from citynode.emulator.vm import micropython_binary, startup_cpu_ns
+from citynode.provisioning.device import last_json
 from citynode.testing.emulator import mpremote, start_emulator
 
 
@@ -143,11 +144,50 @@ def test_the_chip_clock_counts_the_heaps_collections(tmp_path: Path):
         subprocess.run([micropython_binary(), "-X", "heapsize=64k", "-c", code],
                        env=dict(os.environ, **clock.env()), check=True, capture_output=True,
                        timeout=60)
-        count, cpu_ns, longest_ns = clock.collections()
+        count, cpu_ns, longest_ns, *_ = clock.collections()
     finally:
         clock.close()
     assert count > 5 + 20, count
     assert 0 < longest_ns <= cpu_ns
+
+
+COLLECTIONS = """
+import gc, json, time
+keep = [[i, str(i)] for i in range(700)]
+took = []
+for _ in range(15):
+    t0 = time.ticks_us()
+    gc.collect()
+    took.append(time.ticks_diff(time.ticks_us(), t0))
+took.sort()
+print(json.dumps({"us": took[7], "used": gc.mem_alloc(), "free": gc.mem_free()}))
+"""
+
+
+def test_a_collection_costs_the_chip_its_modelled_time(tmp_path: Path):
+    # C walking memory, not bytecode: the chip's time for a collection is the heap swept
+    # plus what is live, at the chip's published rate (boards.yaml gc_kb_ms), whatever
+    # the host's CPU for it x the factor (that read 10-30x the published figures)
+    factor = 200.0
+    emu = start_emulator(tmp_path, chip_speed=factor)
+    try:
+        board = emu.boards[0]
+        before = board.control("status")["collections"]
+        seen = last_json(mpremote(board.link, "exec", COLLECTIONS, timeout=300))
+        after = board.control("status")["collections"]
+    finally:
+        emu.stop()
+    count = after["count"] - before["count"]
+    chip_ms = (after["chip_ms"] - before["chip_ms"]) / count
+    cpu_ms = (after["cpu_ms"] - before["cpu_ms"]) / count
+    # the devkitc's 29 KB a ms; the VM's heap is twice the chip's bytes (WORD_SCALE)
+    heap = seen["used"] + seen["free"]
+    model_ms = (heap + seen["used"]) / 2 / 1024 / 29
+    assert count >= 15
+    assert chip_ms == pytest.approx(model_ms, rel=0.2), (chip_ms, model_ms)
+    # the firmware's own clock reads it so: the collection, and a little interpreter
+    assert 0.8 * model_ms <= seen["us"] / 1000 <= 1.5 * model_ms + 2, (seen, model_ms)
+    assert seen["us"] / 1000 < 0.5 * cpu_ms * factor, (seen, cpu_ms)
 
 
 def test_host_calibration_quick_run_is_sane():
