@@ -557,10 +557,9 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["audio_overruns"] = overruns - overruns_before[0]
         collections = board.control("status").get("collections") or {}
         if collections.get("count"):
-            result["collections"] = {
-                "count": collections["count"] - collections_before.get("count", 0),
-                "cpu_ms": collections["cpu_ms"] - collections_before.get("cpu_ms", 0.0),
-                "longest_ms": collections["longest_ms"]}
+            result["collections"] = {   # in the run; the longest since boot
+                key: value - collections_before.get(key, 0) if "longest" not in key else value
+                for key, value in collections.items()}
         # the microphone's 32-bit mono samples, as a share of the audio of the whole run
         lost = (dropped - overruns_before[1]) / 4 / MIC_RATE
         # at most all of it: what the ring held at t0 may be dropped in the run too
