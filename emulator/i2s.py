@@ -68,13 +68,19 @@ class I2SStream:
     """
 
     def __init__(self, mic: SampleSource | None, wall: Callable[[], float], rate: int, bits: int,
-                 stereo: bool, ibuf: int, silent: Callable[[], bool]) -> None:
+                 stereo: bool, ibuf: int, silent: Callable[[], bool],
+                 real: Callable[[], float] = time.time) -> None:
+        """`wall`: the scenario's clock, which the microphone's samples follow; `real`: the
+        host's real-time clock, which the ring is paced by."""
         self.mic, self.rate, self.bits, self.stereo = mic, rate, bits, stereo
-        self._wall = wall
-        self.start = mic.start_wall if mic is not None else wall()
-        # the stream's start on the host's real-time clock, which the board reads as
-        # time.time_ns(): at chip speed its ticks run at the chip's pace (ChipClock)
-        self.start_us = round((self.start + time.time() - wall()) * 1e6)
+        self._real = real
+        start = mic.start_wall if mic is not None else wall()
+        # The stream's start on the host's real-time clock. Both ends of the ring count
+        # its samples by that clock: the board side reads it as time.time_ns() (at chip
+        # speed its ticks run at the chip's pace, ChipClock) to drop what the DMA would
+        # have overwritten. Paced by another clock here, one step of the real-time clock
+        # (NTP, a VM paused and resumed) kept the board dropping every read for good.
+        self.start_us = round((start + real() - wall()) * 1e6)
         self.frame_bytes = (bits // 8) * (2 if stereo else 1)
         # the ring in the firmware's bytes: its frames as readinto() hands them over
         self.ring_frames = dma_ring_frames(ibuf)
@@ -110,7 +116,7 @@ class I2SStream:
             self._closed.set()  # one connection per stream: accept no other
 
     def _pump(self, conn: socket.socket) -> None:
-        wall, start, hold = self._wall, self.start, self._hold
+        real, start, hold = self._real, self.start_us / 1e6, self._hold
         produced = 0            # samples released into the DMA ring so far
         pending = bytearray()   # due, not yet handed to the socket
         ahead = bytearray()     # generated in efficient blocks, not yet due
@@ -124,7 +130,7 @@ class I2SStream:
                 consumed += ack & ~ACK_DROPPED
                 if ack & ACK_DROPPED:
                     self._overrun(ack & ~ACK_DROPPED)
-            due = int((wall() - start) * self.rate)
+            due = int((real() - start) * self.rate)
             due -= due % DMA_BUF_FRAMES     # the driver hands over whole DMA buffers
             backlog = due - produced
             hold_frames = hold // self.frame_bytes
@@ -160,7 +166,7 @@ class I2SStream:
                     pass
             # wake when the next DMA buffer is complete, as the chip's driver gets it
             next_due = start + (produced + DMA_BUF_FRAMES) / self.rate
-            self._closed.wait(min(I2S_TICK, max(1e-4, next_due - wall() + 1e-5)))
+            self._closed.wait(min(I2S_TICK, max(1e-4, next_due - real() + 1e-5)))
 
     def _overrun(self, nbytes: int) -> None:
         if nbytes > 0:

@@ -580,6 +580,38 @@ def test_i2s_stream_paced_format_unplug_stall_reset() -> None:
         periph.close()
 
 
+def test_i2s_ring_is_paced_by_the_clock_the_board_counts_by() -> None:
+    # The board side drops what the ring overwrote by the host's real-time clock
+    # (emu_machine.I2S, at chip speed its ticks are the chip's). Paced here by the
+    # monotonic clock, a step of the real-time one (a VM paused and resumed) left the
+    # two ends apart for good: a 10-minute run lost 98 % of its audio. Here the
+    # real-time clock is faked: it cannot be stepped in a test. Frozen, nothing comes;
+    # stepped, what it makes due comes at once, in whole DMA buffers.
+    now = [1000.0]
+    rate = 16000
+    stream = I2SStream(None, time.monotonic, rate, 32, False, 32768, lambda: False,
+                       real=lambda: now[0])
+    sock = socket.create_connection(("127.0.0.1", stream.port))
+    try:
+        assert stream.start_us == pytest.approx(1000e6, abs=1e3)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)                        # 0.3 s of real time: none due
+        now[0] += 0.5                              # 8000 frames: 31 DMA buffers of 256
+        got = b""
+        sock.settimeout(2)
+        while len(got) < 31 * 256 * 4:
+            got += sock.recv(65536)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+        assert len(got) == 31 * 256 * 4
+        assert stream.overruns == 0
+    finally:
+        sock.close()
+        stream.close()
+
+
 def test_i2s_rejects_bad_config(periph) -> None:
     with pytest.raises(OSError) as exc:
         periph.i2s_open(0, 0, 24, 0, 16000, 8000)
