@@ -584,7 +584,8 @@ def test_i2s_ring_is_paced_by_the_clock_the_board_counts_by() -> None:
     # The board side drops what the ring overwrote by the host's real-time clock
     # (emu_machine.I2S, at chip speed its ticks are the chip's). Paced here by the
     # monotonic clock, a step of the real-time one (a VM paused and resumed) left the
-    # two ends apart for good: a 10-minute run lost 98 % of its audio. Here the
+    # two ends apart for good (the likely cause of a 10-minute run that lost 98 % of its
+    # audio from its first minute, on a host running 40 % slow). Here the
     # real-time clock is faked: it cannot be stepped in a test. Frozen, nothing comes;
     # stepped, what it makes due comes at once, in whole DMA buffers.
     now = [1000.0]
