@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,17 @@ def _try_fifo() -> bool:
         return False
 
 
+class Collections(NamedTuple):
+    """The VM's heap collections so far, as chipclock.c counts them."""
+
+    count: int
+    cpu_ns: int                 # their host CPU, in all
+    longest_ns: int
+    chip_ns: int                # their chip time as modelled, in all
+    chip_longest_ns: int
+    busy: bool                  # one runs now
+
+
 class ChipClock:
     """The VM's clock at chip speed: a page the throttle writes and chipclock.c, preloaded
     into the VM, reads. Make it before the process starts and start it with `env()`."""
@@ -161,8 +173,8 @@ class ChipClock:
                gc: tuple[int, int] = (0, 0)) -> None:
         """From now the VM's clock is the host's + `offset_ns` + `gain` x the CPU it uses
         beyond `cpu_ns`, less `switch_ns` per time it is scheduled in beyond `switches`;
-        with `gc_ns_per_byte` a heap collection beyond `gc` (host CPU, chip ns, as
-        collected() gave them) counts as modelled instead (chipclock.c).
+        with `gc_ns_per_byte` a heap collection beyond `gc` (Collections' cpu_ns and
+        chip_ns) counts as modelled instead (chipclock.c).
         Under a sequence count (odd while written): the VM may read it meanwhile."""
         if self._map.closed:
             return          # the VM is gone
@@ -173,14 +185,12 @@ class ChipClock:
         self._seq += 1
         self._SEQ.pack_into(self._map, 0, self._seq)
 
-    def collections(self) -> tuple[int, int, int, int, int, bool]:
-        """The VM's heap collections so far, as chipclock.c counts them: how many, their
-        host CPU ns in all and the longest's, their modelled chip ns in all and the
-        longest's, and whether one runs now; zeros once closed."""
+    def collections(self) -> Collections:
+        """The VM's heap collections so far; zeros once closed."""
         if self._map.closed:
-            return 0, 0, 0, 0, 0, False
+            return Collections(0, 0, 0, 0, 0, False)
         *counts, busy = self._COLLECTIONS.unpack_from(self._map, self._COLLECTIONS_AT)
-        return (*counts, bool(busy))
+        return Collections(*counts, bool(busy))
 
     def close(self) -> None:
         self._map.close()
@@ -351,7 +361,7 @@ class Throttle:
         if self.clock is None:
             return 0, 0
         collections = self.clock.collections()
-        return collections[1], collections[3]
+        return collections.cpu_ns, collections.chip_ns
 
     def _let_collection_finish(self) -> None:
         """A collection under way runs to its end before the VM is stopped (GC_WAIT_S at
@@ -360,7 +370,7 @@ class Throttle:
         if not self.gc_ns_per_byte:
             return
         deadline = time.perf_counter() + GC_WAIT_S
-        while self.clock.collections()[5] and time.perf_counter() < deadline:
+        while self.clock.collections().busy and time.perf_counter() < deadline:
             time.sleep(20e-6)
 
     def _stop(self) -> bool:

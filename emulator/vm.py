@@ -188,9 +188,9 @@ class VM:
         modelled, in all and the longest's; None at host speed."""
         if self._clock is None:
             return None
-        count, cpu_ns, longest_ns, chip_ns, chip_longest_ns, _ = self._clock.collections()
-        return {"count": count, "cpu_ms": cpu_ns / 1e6, "longest_ms": longest_ns / 1e6,
-                "chip_ms": chip_ns / 1e6, "chip_longest_ms": chip_longest_ns / 1e6}
+        c = self._clock.collections()
+        return {"count": c.count, "cpu_ms": c.cpu_ns / 1e6, "longest_ms": c.longest_ns / 1e6,
+                "chip_ms": c.chip_ns / 1e6, "chip_longest_ms": c.chip_longest_ns / 1e6}
 
     def interrupt(self) -> None:
         """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it."""
