@@ -178,7 +178,9 @@ asyncio.run(main())
 # and the clock's.
 TASK_TIMER = """
 import asyncio, os, time
-held = {}
+from array import array
+held = {}                   # task: [steps, steps over OVER_US, longest us], in place:
+                            # a tuple a step was ~3 KB/s of garbage, near the audio's
 longest = []                # the LONGEST longest steps: (us, task, ms since T0_MS)
 LONGEST = 16
 T0_MS = time.ticks_ms()
@@ -190,14 +192,21 @@ class Timed:
         self.name = r.split("'")[1] if "'" in r else r[:24]
         if self.name == 'run' and RUNS:
             self.name = RUNS.pop(0)
+        if self.name not in held:
+            held[self.name] = array('i', (0, 0, 0))
+        self.counts = held[self.name]
     def _timed(self, step, arg):
         t = time.ticks_us()
         try:
             return step(arg)
         finally:
             us = time.ticks_diff(time.ticks_us(), t)
-            n, over, top = held.get(self.name, (0, 0, 0))
-            held[self.name] = (n + 1, over + (us > OVER_US), max(top, us))
+            c = self.counts
+            c[0] += 1
+            if us > OVER_US:
+                c[1] += 1
+            if us > c[2]:
+                c[2] = us
             if us > 5 * OVER_US:
                 longest.append((us, self.name, time.ticks_diff(time.ticks_ms(), T0_MS)))
                 if len(longest) > LONGEST:
@@ -212,7 +221,7 @@ _create = asyncio.core.create_task
 asyncio.core.create_task = lambda coro: _create(Timed(coro))
 asyncio.create_task = asyncio.core.create_task
 def save_held():
-    lines = ['%s %d %d %d\\n' % ((name,) + held[name]) for name in held]
+    lines = ['%s %d %d %d\\n' % (name, h[0], h[1], h[2]) for name, h in held.items()]
     lines += ['@ %s %d %d\\n' % (name, us, t) for us, name, t in longest]
     f = open('/bench_held.tmp', 'w')
     f.write(''.join(lines))             # one write: a write is a system call
@@ -275,7 +284,9 @@ from array import array
 # on_event), sealed (signed), handed to MQTT (publish called); the pole's broker has it
 # next (the host's clock). PATH_N events at most, three numbers each. A module of its
 # own, imported once the node is up: compiled in main.py, the node's boot had no room
-# left for its buffers (a MemoryError).
+# left for its buffers (a MemoryError). trace() returns the saver the probe calls with
+# its others: saved in the publish, the file (~40 ms of the chip's time) held up every
+# event on its way to the broker.
 def trace(node, save):
     from node import mqtt, payload
     path = array('i', bytes(4 * 3 * PATH_N))
@@ -303,11 +314,11 @@ def trace(node, save):
             if t[2] is not None and t[2] == data:
                 mark(t[0], t[1], 2)
                 t[2] = b''
-                save('bench_path', memoryview(path)[:3 * len(tracked)])
         return await publish(self, topic, data, *rest)
     node.sound.meter.on_event = on_event
     node.envelope = envelope
     mqtt.Client.publish = publishing
+    return lambda: save('bench_path', memoryview(path)[:3 * len(tracked)])
 """
 
 # The probe, for the chip-speed run: a task in the node's loop. How late a 50 ms sleep
@@ -329,7 +340,7 @@ def save(name, values):
     f.write(values)
     f.close()
     os.rename('/%s.tmp' % name, '/%s.bin' % name)   # then renamed: the host reads it any time
-async def probe(save_held, counted):
+async def probe(save_held, counted, more):
     open('/bench_up', 'w').close()       # the app's loop runs: the host starts its clock
     import bench_clock
     def save_errors():
@@ -337,7 +348,7 @@ async def probe(save_held, counted):
             save('bench_errors', '\\n'.join(counted).encode())
     saves = (lambda: save('bench_stalls', h),
              lambda: save('bench_clock', memoryview(errors)[:n_errors[0]]),
-             save_held, save_errors)
+             save_held, save_errors) + tuple(more)
     await asyncio.sleep_ms(WARMUP_MS)
     last = time.ticks_ms()
     while True:
@@ -373,10 +384,11 @@ app.Node._count_error = counting
 run = app.Node.run
 async def probed(self):
     import bench_probe                  # after the node's buffers: its heap is tight
-    asyncio.create_task(bench_probe.probe(save_held, counted))
+    more = ()
     if self.sound is not None:
         import bench_trace
-        bench_trace.trace(self, bench_probe.save)
+        more = (bench_trace.trace(self, bench_probe.save),)
+    asyncio.create_task(bench_probe.probe(save_held, counted, more))
     await run(self)
 app.Node.run = probed
 app.main()
