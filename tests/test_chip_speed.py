@@ -94,6 +94,13 @@ def test_chip_clock_counts_the_vms_work_at_the_chips_pace(tmp_path: Path):
     assert 50 <= chip / host <= 200, (host, chip)
 
 
+def _paced(link: str) -> None:
+    """Spend what is left of the throttle's start-up allowance (startup_cpu_ns, from the
+    wrapper's rusage, can read more than the VM's start took): the first ms of work after
+    it ran free, and a test's first timing read 1/6 of the others (~1 in 4 runs)."""
+    mpremote(link, "exec", CPU_BOUND.format(n=300_000), timeout=120)
+
+
 def test_throttle_refuses_a_faster_chip():
     with pytest.raises(ValueError, match="not faster"):
         Throttle(1, 0.5)
@@ -105,6 +112,7 @@ def test_emulated_board_at_a_speed_factor(tmp_path: Path):
     try:
         assert emu.speed_factor == 25.0
         link = emu.boards[0].link
+        _paced(link)
         t0 = time.monotonic()
         took = [int(mpremote(link, "exec", code, timeout=120).split()[-1]) for _ in range(2)]
         assert time.monotonic() - t0 < 60
@@ -120,10 +128,13 @@ def test_the_cpu_clock_sets_the_chips_speed(tmp_path: Path):
     emu = start_emulator(tmp_path, chip_speed=25.0)
     try:
         link = emu.boards[0].link
+        _paced(link)
 
-        def took() -> int:
-            return min(int(mpremote(link, "exec", code, timeout=120).split()[-1])
-                       for _ in range(3))
+        def took() -> float:
+            # the median: a loaded host slows a run, and the throttle's per-wake-up
+            # deduction (switch_ns) now and then speeds one up (a min read 1.92 once)
+            return statistics.median(int(mpremote(link, "exec", code, timeout=120).split()[-1])
+                                     for _ in range(5))
         at_160 = took()
         mpremote(link, "exec", "import machine; machine.freq(240_000_000)")
         at_240 = took()
@@ -173,6 +184,7 @@ def test_a_collection_costs_the_chip_its_modelled_time(tmp_path: Path):
     emu = start_emulator(tmp_path, chip_speed=factor)
     try:
         board = emu.boards[0]
+        _paced(board.link)
         before = board.control("status")["collections"]
         seen = last_json(mpremote(board.link, "exec", COLLECTIONS, timeout=300))
         after = board.control("status")["collections"]
