@@ -55,7 +55,9 @@ def crashes():
 
 
 def note_boot():
-    """Count the reset that started this boot if it was a crash; True for safe mode."""
+    """Count the reset that started this boot if it was a crash; True for safe mode. The
+    boot after safe mode's own retry runs the app once more, whatever the count: a crash
+    then counts one more and doubles the next wait."""
     count = crashes()
     planned = _read(PLANNED)
     if planned is not None:
@@ -63,6 +65,8 @@ def note_boot():
             os.remove(PLANNED)
         except OSError:
             pass
+        if planned == b"retry":
+            return False
     elif machine.reset_cause() in (machine.WDT_RESET, machine.HARD_RESET):
         count += 1
         _write(COUNTER, str(count).encode())
