@@ -281,7 +281,7 @@ TRACE = """
 import time
 from array import array
 # each event's way through the node, ms after its onset: heard whole (the meter calls
-# on_event), sealed (signed), handed to MQTT (publish called); the pole's broker has it
+# on_event), sealed (signed), handed to MQTT (written to its socket); the pole's broker has it
 # next (the host's clock). PATH_N events at most, three numbers each. A module of its
 # own, imported once the node is up: compiled in main.py, the node's boot had no room
 # left for its buffers (a MemoryError). trace() returns the saver the probe calls with
@@ -293,7 +293,7 @@ def trace(node, save):
     tracked = []                        # [slot, onset ticks_us, envelope or None]
     def mark(slot, onset, field):
         path[3 * slot + field] = time.ticks_diff(time.ticks_us(), onset) // 1000
-    heard, seal, publish = node.sound.meter.on_event, node.envelope, mqtt.Client.publish
+    heard, seal, publish = node.sound.meter.on_event, node.envelope, mqtt.Client.send_publish
     def on_event(t_us, *rest):
         slot = len(tracked)
         if slot < PATH_N:
@@ -317,7 +317,7 @@ def trace(node, save):
         return await publish(self, topic, data, *rest)
     node.sound.meter.on_event = on_event
     node.envelope = envelope
-    mqtt.Client.publish = publishing
+    mqtt.Client.send_publish = publishing
     return lambda: save('bench_path', memoryview(path)[:3 * len(tracked)])
 """
 

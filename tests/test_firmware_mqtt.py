@@ -141,6 +141,48 @@ print('error', c.error)
     assert len(got) == 221
 
 
+def test_an_envelope_sent_to_an_idle_uplink_leaves_in_the_senders_turn(board, local_broker):
+    """The uplink's publisher, woken, would run only after every task waiting for the
+    loop (~40 ms of an impulse's 250 at chip speed): when it is idle, send() writes the
+    envelope itself. Here the sender then holds the loop, and the broker has it anyway;
+    the publisher takes its PUBACK afterwards, and what comes next goes after it."""
+    sub = Subscriber(local_broker.host, local_broker.port, "citynode/up/cn-early")
+    try:
+        run = run_async(board, board_code(local_broker, """
+from node.uplink import Uplink
+up = Uplink('cn-early', HOST, PORT, {'spool_dir': None})
+up.start()
+while not up.connected:
+    await asyncio.sleep_ms(20)
+await asyncio.sleep_ms(300)  # the publisher is waiting for work
+await up.send(b'first')
+mark('sent')
+t = time.ticks_ms()
+while 'seen' not in os.listdir() and time.ticks_diff(time.ticks_ms(), t) < 5000:
+    time.sleep_ms(20)        # the loop held: the publisher task cannot run
+print('seen_while_held', 'seen' in os.listdir())
+await up.send(b'second')
+await up.send(b'third')
+t = time.ticks_ms()
+while up.published < 3 and time.ticks_diff(time.ticks_ms(), t) < 5000:
+    await asyncio.sleep_ms(20)
+print('published', up.published, 'queued', len(up.spool), 'failed', up.failed)
+"""))
+        wait_file(board, "sent", timeout=30, run=run)
+        seen = sub.wait_count(1, timeout=3)
+        signal_board(board, "seen")
+        out = run.result(60)
+        got = sub.wait_count(3, timeout=10)
+    finally:
+        sub.close()
+        for name in ("sent", "seen"):
+            (board.state / "fs" / name).unlink(missing_ok=True)
+    assert seen == [b"first"]
+    assert "seen_while_held True" in out
+    assert got == [b"first", b"second", b"third"]
+    assert "published 3 queued 0 failed 0" in out
+
+
 def test_downlink_subscribe_receive_and_oversize_dropped(board, local_broker):
     sub = Subscriber(local_broker.host, local_broker.port, "citynode/none")
     run = run_async(board, board_code(local_broker, """

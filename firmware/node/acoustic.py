@@ -241,6 +241,14 @@ def _zero16(h: ptr16, n: int):
 
 
 @micropython.viper
+def _count16(h: ptr16, k: int):
+    """h[k] += 1, up to 65535: a block's level counted in the window's histogram (a
+    bytearray: an array('H') made from zeroed bytes needs twice its size at once)."""
+    if h[k] < 65535:
+        h[k] = h[k] + 1
+
+
+@micropython.viper
 def _exceeded(h: ptr16, n: int, need: int) -> int:
     """The highest bin k such that bins k.. hold at least `need` counts; -1 if none."""
     cum = 0
@@ -408,7 +416,7 @@ class SoundMeter:
         self._clock = clock_us or time.ticks_us
         # zeroed from raw bytes: a [0] * n list first would cost n words of heap
         self._st = array('i', bytes(4 * ST_WORDS))
-        self._hist = array('H', bytes(2 * HIST_BINS))
+        self._hist = bytearray(2 * HIST_BINS)     # HIST_BINS counts of 16 bits: _count16
         self._events = []
         self._read_us = None            # when this chunk was read (ticks_us)
         self._max_events = max_events
@@ -528,8 +536,7 @@ class SoundMeter:
             k = 0
         elif k >= HIST_BINS:
             k = HIST_BINS - 1
-        if self._hist[k] < 65535:
-            self._hist[k] += 1
+        _count16(self._hist, k)
         self._background(lvl)
         if self.window_blocks and self._nb >= self.window_blocks:
             self.close_window()

@@ -277,15 +277,15 @@ class Client:
         self._waiting[(kind, pid)] = slot
         return slot
 
-    async def _request(self, kind, pid, what, timeout_ms, *parts):
-        """Send a packet the broker answers with (kind, pid); return the answer's body."""
+    async def _send_expecting(self, kind, pid, *parts):
+        """Send a packet the broker answers with (kind, pid); the slot its answer comes to."""
         slot = self._expect(kind, pid)
         try:
             await self._send(*parts)
         except MQTTError:
             self._waiting.pop((kind, pid), None)
             raise
-        return await self._wait(kind, pid, slot, what, timeout_ms)
+        return slot
 
     async def _wait(self, kind, pid, slot, what, timeout_ms=None):
         timeout_ms = timeout_ms or self.timeout_ms
@@ -298,6 +298,14 @@ class Client:
 
     async def publish(self, topic, payload, qos=0, retain=False, timeout_ms=None):
         """Send PUBLISH; at QoS 1 return only once PUBACK arrived (Timeout otherwise)."""
+        sent = await self.send_publish(topic, payload, qos, retain)
+        if sent is None:
+            return None
+        await self.acked(sent, timeout_ms)
+        return sent[0]
+
+    async def send_publish(self, topic, payload, qos=0, retain=False):
+        """Write PUBLISH and return at once; at QoS 1 what acked() waits on (else None)."""
         if qos not in (0, 1):
             raise ValueError("this client publishes at QoS 0 or 1")
         head = _str(topic)
@@ -309,9 +317,13 @@ class Client:
             await self._send(first + head, payload)
             return None
         pid = self._next_pid()
-        await self._request(PUBACK, pid, "PUBACK for packet %d" % pid, timeout_ms,
-                            first + head + struct.pack("!H", pid), payload)
-        return pid
+        return pid, await self._send_expecting(PUBACK, pid, first + head + struct.pack("!H", pid),
+                                               payload)
+
+    async def acked(self, sent, timeout_ms=None):
+        """Until the PUBACK of what send_publish() wrote (Timeout, or the connection's error)."""
+        pid, slot = sent
+        await self._wait(PUBACK, pid, slot, "PUBACK for packet %d" % pid, timeout_ms)
 
     async def subscribe(self, topic, qos=1):
         """SUBSCRIBE one filter; returns the granted QoS (MQTTError if refused)."""
@@ -319,7 +331,8 @@ class Client:
             raise ValueError("this client subscribes at QoS 0 or 1")
         pid = self._next_pid()
         body = struct.pack("!H", pid) + _str(topic) + bytes((qos,))
-        ack = await self._request(SUBACK, pid, "SUBACK", None, b"\x82" + _varlen(len(body)), body)
+        slot = await self._send_expecting(SUBACK, pid, b"\x82" + _varlen(len(body)), body)
+        ack = await self._wait(SUBACK, pid, slot, "SUBACK")
         if len(ack) < 3 or ack[2] == 0x80:
             raise SubscribeRefused("broker refused the subscription to %s" % topic)
         return ack[2]
