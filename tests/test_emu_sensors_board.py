@@ -427,18 +427,13 @@ import sys, time, json, asyncio
 sys.path.append('/fw')
 from node.sensors import Sound, AUDIO_DUTY_PCT
 steps = [0]
-held = [0]      # the longest the others held the busy task from its next step (ms)
 
 async def busy(step_ms):
-    done = None
     while True:
         t = time.ticks_ms()
-        if done is not None:
-            held[0] = max(held[0], time.ticks_diff(t, done))
         while time.ticks_diff(time.ticks_ms(), t) < step_ms:
             pass
         steps[0] += 1
-        done = time.ticks_ms()
         await asyncio.sleep_ms(0)
 
 async def beside(sound, step_ms, send=None):
@@ -477,8 +472,7 @@ def test_a_chip_too_slow_for_the_audio_drops_audio_not_the_node(pole: Pole) -> N
     emulated one; the node's other tasks need CPU too): the audio task keeps to its
     share (node/sensors.py AUDIO_DUTY_PCT) and the ring's overflow is counted, so the
     other tasks still get their turns. Before the cap, a node ~1.7x slower than the
-    emulated chip published no window at all. And it keeps its turns short: a chunk
-    (42 ms here), not the whole ring (5 chunks, 210 ms), with as long a rest after."""
+    emulated chip published no window at all."""
     shutil.copytree(FIRMWARE, pole.fs / "fw", dirs_exist_ok=True)
     code = AUDIO_BESIDE_BUSY + """
 sound = Sound({"sck": 26, "ws": 25, "sd": 33}, 15.0, None)
@@ -493,13 +487,12 @@ def slow(buf, n, *rest):
 sound.meter.process = slow
 asyncio.run(beside(sound, 2))
 print(json.dumps({"work_ms": 2 * steps[0], "overruns": sound.mic.overruns,
-                  "duty": AUDIO_DUTY_PCT, "held_ms": held[0]}))
+                  "duty": AUDIO_DUTY_PCT}))
 """
     r = pole.run(code)
     # the other tasks get what the audio leaves them (40%), less the loop's own cost
     assert r["work_ms"] > 0.75 * (100 - r["duty"]) / 100 * 3000, r
     assert r["overruns"] > 0, r                       # what the audio lost is counted
-    assert r["held_ms"] < 130, r                      # a chunk and the loop's own cost
 
 
 def test_an_impulse_is_sent_in_the_audio_turn_that_heard_it(pole: Pole) -> None:

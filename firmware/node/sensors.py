@@ -147,17 +147,13 @@ class Sound:
         I/O behind every task that merely yielded, so beside a busy task (the signer's
         steps) a reader woken by I/O would run only every other turn.
 
-        It rests long enough to keep its share of the CPU within AUDIO_DUTY_PCT: a chip
-        too slow for the audio then loses audio, not everything (without it, a chip
-        ~1.7x slower than the emulated one published no window). A turn ends once its
-        rest would reach a quarter of the ring; what the ring still holds waits for the
-        next turn. (A 200 ms drain's 130 ms rest, on top of another task's step,
-        overflowed the ring, and the next turn was a long drain again.)
+        After a turn it sleeps at least long enough to keep its share of the CPU within
+        AUDIO_DUTY_PCT: a chip too slow for the audio then loses audio, not everything
+        (without it, a chip ~1.7x slower than the emulated one published no window).
         """
         mic = self.mic
         meter = self.meter
         rest = 100 - AUDIO_DUTY_PCT
-        longest_turn_ms = mic.ring_chunks * mic.chunk_ms // 4 * AUDIO_DUTY_PCT // rest
         n = await mic.aread()
         while True:
             started = time.ticks_ms()
@@ -165,8 +161,7 @@ class Sound:
             heard = meter.events_heard
             while n:
                 meter.process(mic.samples, n, mic.read_us, mic.lost_before)
-                if n < mic.chunk or not more or \
-                        time.ticks_diff(time.ticks_ms(), started) >= longest_turn_ms:
+                if n < mic.chunk or not more:
                     break
                 more -= 1
                 n = mic.read_held()
