@@ -588,6 +588,9 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
              round(at - b.time_ms / 1000, 1) if b.time_ms else None,
              h.get("node/errors/window", 0), h.get("node/dropped")]
             for (at, b), h in zip(timed, health, strict=True)]
+        # the audio each window lost to the ring (ms): when in the run it overflowed
+        result["windows_audio_lost_ms"] = [
+            round(h.get("noise/overruns", 0) * 1000 / MIC_RATE) for h in health]
         result["crashes"] = [r.get(3) for _, b in pole.seen if b.kind == wire.KIND_STATUS
                              for r in b.records if r.get(0) == "node/last_crash"]
         counted = board.state / "fs" / "bench_errors.bin"
@@ -857,6 +860,7 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "downlink_to_answer_ms_chip": chip.get("downlink_ms"),
         "audio_overruns": chip.get("audio_overruns"),
         "audio_lost_pct": chip.get("audio_lost_pct"),
+        "windows_audio_lost_ms": chip.get("windows_audio_lost_ms"),
         # the node's clock against the host's, sampled by the probe (SNTP from chronyd
         # through the emulated Wi-Fi's delays, a crystal 10 ppm fast)
         "clock_error_ms_p95_chip": chip.get("clock", {}).get("p95"),

@@ -37,6 +37,7 @@
 #include <link.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -65,6 +66,17 @@ struct collections {           /* throttle.py, ChipClock.collections: the same l
     volatile int64_t chip_ns;         /* their chip time, modelled, in all */
     volatile int64_t chip_longest_ns;
     volatile int64_t busy;            /* 1 while one runs */
+    /* The chip's drivers: the board side's stand-ins for the ESP32 port's C (the I2S
+     * DMA copy, a bus transaction's driver call) are Python here, and charged as
+     * interpreted code they cost the chip ~100x what its C does. The board side marks
+     * such work (board_side/emu_drivers.py): in_driver set, a clock read, the work, the
+     * chip's time for it in driver_model_ns, in_driver cleared, a clock read. Its CPU
+     * is then counted apart and the model charged instead, as for a collection. */
+    volatile int64_t driver_calls;
+    volatile int64_t driver_cpu_ns;   /* the host CPU they took, in all */
+    volatile int64_t driver_chip_ns;  /* their chip time, modelled, in all */
+    volatile int32_t in_driver;       /* the board side writes these two */
+    volatile int32_t driver_model_ns;
 };
 
 /* py/gc.h gc_info_t begins with these; room for the rest */
@@ -92,6 +104,8 @@ static void (*real_gc_info)(struct gc_info *);
 static int stat_fd = -1;
 static pid_t main_tid;
 static int64_t last_ns;
+static int in_driver;               /* a driver's work has begun: its CPU from ... */
+static int64_t driver_cpu0;         /* ... this thread CPU time */
 
 __attribute__((constructor)) static void chipclock_init(void)
 {
@@ -112,6 +126,9 @@ __attribute__((constructor)) static void chipclock_init(void)
     if (p == MAP_FAILED)
         return;
     collections = (struct collections *)((char *)p + COLLECTIONS_AT);
+    char at[24];                        /* where the board side marks a driver's work */
+    snprintf(at, sizeof at, "%lld", (long long)(intptr_t)&collections->in_driver);
+    setenv("CITYNODE_CHIP_DRIVERS", at, 1);
     stat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
     if (stat_fd < 0)
         return;
@@ -166,10 +183,10 @@ static int64_t ahead(void)
     int64_t by = offset;
     if (gain > 0 && read_cpu(&cpu, &switches) == 0) {
         int64_t used = (cpu - cpu0) - (switches - switches0) * switch_ns;
-        if (gc_ns_per_byte > 0) {   /* collections since: their model, not their CPU */
-            int64_t gc_cpu = collections->cpu_ns - gc_cpu0;
+        if (gc_ns_per_byte > 0) {   /* collections and drivers since: their model */
+            int64_t gc_cpu = collections->cpu_ns + collections->driver_cpu_ns - gc_cpu0;
             used -= gc_cpu;
-            by += collections->chip_ns - gc_chip0 - gc_cpu;
+            by += collections->chip_ns + collections->driver_chip_ns - gc_chip0 - gc_cpu;
         }
         if (used > 0)
             by += (int64_t)(gain * (double)used);
@@ -182,6 +199,23 @@ static int on_chip_time(void)
     return page && syscall(SYS_gettid) == main_tid;
 }
 
+/* A driver's work begun or ended (the board side's mark, seen at its clock read). */
+static void driver_mark(void)
+{
+    struct timespec ts;
+    if (real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
+        return;
+    if (!in_driver) {
+        driver_cpu0 = ns_of(&ts);
+        in_driver = 1;
+        return;
+    }
+    in_driver = 0;
+    collections->driver_calls += 1;
+    collections->driver_cpu_ns += ns_of(&ts) - driver_cpu0;
+    collections->driver_chip_ns += collections->driver_model_ns;
+}
+
 int clock_gettime(clockid_t clk, struct timespec *ts)
 {
     if (!real_clock_gettime)
@@ -189,6 +223,8 @@ int clock_gettime(clockid_t clk, struct timespec *ts)
     int rc = real_clock_gettime(clk, ts);
     if (rc || clk != CLOCK_MONOTONIC || !on_chip_time())
         return rc;
+    if (collections->in_driver != in_driver)
+        driver_mark();
     int64_t now = ns_of(ts);
     now += ahead();
     if (now < last_ns)        /* never backwards: a rebase may land a little behind */
@@ -309,6 +345,7 @@ void gc_collect(void)
         int64_t took = ns_of(&t1) - ns_of(&t0);
         collections->count += 1;
         collections->cpu_ns += took;
+        driver_cpu0 += took;            /* in a driver's work: not its CPU too */
         collections->chip_ns += chip;
         if (took > collections->longest_ns)
             collections->longest_ns = took;

@@ -144,6 +144,11 @@ class Collections(NamedTuple):
     chip_ns: int                # their chip time as modelled, in all
     chip_longest_ns: int
     busy: bool                  # one runs now
+    # the chip's drivers: the board side's stand-ins for the port's C, charged as modelled
+    driver_calls: int = 0
+    driver_cpu_ns: int = 0
+    driver_chip_ns: int = 0
+    in_driver: bool = False
 
 
 class ChipClock:
@@ -152,7 +157,7 @@ class ChipClock:
 
     _LAYOUT = struct.Struct("<qqqqqddqq")   # chipclock.c, struct page
     _SEQ = struct.Struct("<q")
-    _COLLECTIONS = struct.Struct("<qqqqqq")  # chipclock.c, struct collections
+    _COLLECTIONS = struct.Struct("<qqqqqqqqqii")  # chipclock.c, struct collections
     _COLLECTIONS_AT = 512
 
     def __init__(self, folder: Path) -> None:
@@ -189,8 +194,9 @@ class ChipClock:
         """The VM's heap collections so far; zeros once closed."""
         if self._map.closed:
             return Collections(0, 0, 0, 0, 0, False)
-        *counts, busy = self._COLLECTIONS.unpack_from(self._map, self._COLLECTIONS_AT)
-        return Collections(*counts, bool(busy))
+        *gc, busy, calls, cpu, chip, in_driver, _ = self._COLLECTIONS.unpack_from(
+            self._map, self._COLLECTIONS_AT)
+        return Collections(*gc, bool(busy), calls, cpu, chip, bool(in_driver))
 
     def close(self) -> None:
         self._map.close()
@@ -322,7 +328,7 @@ class Throttle:
             else:
                 stats.burst_s[stats.bursts % _SAMPLES] = ran
             if gc_cpu and self.gc_ns_per_byte:
-                # a collection: the chip's time as modelled, in place of its CPU x factor
+                # collections, drivers: the chip's time as modelled, not their CPU x factor
                 owed = ahead + int(max(0, raw - gc_cpu) * share * (self.factor - 1)) \
                     + gc_chip - gc_cpu
             else:
@@ -357,20 +363,24 @@ class Throttle:
                               self.gc_ns_per_byte if paced else 0.0, gc)
 
     def _collected(self) -> tuple[int, int]:
-        """The VM's collections so far: host CPU ns and modelled chip ns, in all."""
+        """The VM's modelled work so far (its collections, its drivers' stand-ins): host
+        CPU ns and modelled chip ns, in all."""
         if self.clock is None:
             return 0, 0
-        collections = self.clock.collections()
-        return collections.cpu_ns, collections.chip_ns
+        c = self.clock.collections()
+        return c.cpu_ns + c.driver_cpu_ns, c.chip_ns + c.driver_chip_ns
 
     def _let_collection_finish(self) -> None:
-        """A collection under way runs to its end before the VM is stopped (GC_WAIT_S at
-        most): its chip time is modelled whole when it ends, so no part of it may be
-        charged at the interpreter's factor first."""
+        """A collection or a driver's work under way runs to its end before the VM is
+        stopped (GC_WAIT_S at most): its chip time is modelled whole when it ends, so no
+        part of it may be charged at the interpreter's factor first."""
         if not self.gc_ns_per_byte:
             return
         deadline = time.perf_counter() + GC_WAIT_S
-        while self.clock.collections().busy and time.perf_counter() < deadline:
+        while time.perf_counter() < deadline:
+            c = self.clock.collections()
+            if not (c.busy or c.in_driver):
+                return
             time.sleep(20e-6)
 
     def _stop(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -96,9 +97,14 @@ def board_side_path() -> Path:
         return compiled
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=cache_dir))
+    # viper (emu_drivers) compiles for the host's x86-64 only: elsewhere it stays source,
+    # which the VM cannot compile either, and emu_link goes without it
+    march = ["-march=x64"] if platform.machine() == "x86_64" else []
     for source in sources:
-        subprocess.run([mpy_cross, "-o", str(work / (source.stem + ".mpy")), "-s", source.name,
-                        str(source)], check=True, capture_output=True)
+        done = subprocess.run([mpy_cross, *march, "-o", str(work / (source.stem + ".mpy")),
+                               "-s", source.name, str(source)], capture_output=True)
+        if done.returncode:
+            shutil.copy(source, work / source.name)
     try:
         work.rename(compiled)
     except OSError:             # another worker's is there already: the same files
@@ -185,12 +191,15 @@ class VM:
     def collections(self) -> dict[str, float] | None:
         """At chip speed, the heap's collections in this VM so far (emulator/chipclock.c):
         how many, their host CPU in all and the longest's, and their chip time as
-        modelled, in all and the longest's; None at host speed."""
+        modelled, in all and the longest's; the same for the drivers' calls (the board
+        side's stand-ins for the port's C); None at host speed."""
         if self._clock is None:
             return None
         c = self._clock.collections()
         return {"count": c.count, "cpu_ms": c.cpu_ns / 1e6, "longest_ms": c.longest_ns / 1e6,
-                "chip_ms": c.chip_ns / 1e6, "chip_longest_ms": c.chip_longest_ns / 1e6}
+                "chip_ms": c.chip_ns / 1e6, "chip_longest_ms": c.chip_longest_ns / 1e6,
+                "driver_calls": c.driver_calls, "driver_cpu_ms": c.driver_cpu_ns / 1e6,
+                "driver_chip_ms": c.driver_chip_ns / 1e6}
 
     def interrupt(self) -> None:
         """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it."""

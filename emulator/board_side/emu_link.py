@@ -6,6 +6,15 @@ import socket
 import struct
 import os
 
+try:  # the chip's drivers timed as the chip's C (emu_drivers), where the VM has viper
+    from emu_drivers import begin as driver_begin, end as driver_end
+except Exception:
+    def driver_begin():
+        pass
+
+    def driver_end(ns):
+        pass
+
 HELLO = 1
 STATE = 2
 RESET = 3
@@ -60,7 +69,18 @@ def _read_exact(n):
     return buf
 
 
+CALL_NS = 20000     # the chip's C for one bus call (the IDF driver's), beside its wire time
+
+
 def call(op, sub=0, payload=b""):
+    driver_begin()
+    try:
+        return _call(op, sub, payload)
+    finally:
+        driver_end(CALL_NS)
+
+
+def _call(op, sub, payload):
     global _busy
     if _busy or _sock is None:
         connect()

@@ -507,6 +507,12 @@ class I2S(_io.IOBase):
     MONO = 0
     STEREO = 1
     _DMA_BUF_FRAMES = 256       # the driver hands over whole DMA buffers
+    # What the ESP32 port's readinto costs the chip at 240 MHz (machine_i2s.c,
+    # fill_appbuf_from_dma): i2s_read() out of the DMA buffers in 240-byte pieces,
+    # then a byte-by-byte frame map loop. Taken high where unsure: 0.5 us (120 cycles)
+    # a frame, 10 us a call.
+    READ_CALL_NS = 10000
+    READ_FRAME_NS = 500
     _ACK_DROPPED = 1 << 31
 
     def __init__(self, id, *, sck, ws, sd, mode, bits, format, rate, ibuf):
@@ -586,12 +592,20 @@ class I2S(_io.IOBase):
     def readinto(self, buf):
         mv = memoryview(buf)
         n = len(buf) - len(buf) % self._frame
-        if n:
-            self._drop_overwritten(mv, n)
         if not self._async or not n:
+            if n:
+                self._drop_overwritten(mv, n)
             return self._fill(mv, 0, n)
-        got = self._recv(mv[:n], False)  # poll said readable: this does not wait
-        return self._fill(mv, got, got + (-got) % self._frame)  # finish the last frame
+        _link.driver_begin()    # the port's C: timed as the chip's (READ_NS), not as Python
+        got = 0
+        try:
+            self._drop_overwritten(mv, n)
+            got = self._recv(mv[:n], False)  # poll said readable: this does not wait
+            got = self._fill(mv, got, got + (-got) % self._frame)  # finish the last frame
+            return got
+        finally:
+            _link.driver_end((I2S.READ_CALL_NS + got // self._frame * I2S.READ_FRAME_NS)
+                             * 240 // (_board()["cpu_hz"] // 1000000))
 
     def _asyncio_mode(self):
         """What the ESP32 port does on a poll: readinto no longer waits."""
