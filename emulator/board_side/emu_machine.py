@@ -596,7 +596,7 @@ class I2S(_io.IOBase):
             if n:
                 self._drop_overwritten(mv, n)
             return self._fill(mv, 0, n)
-        _link.driver_begin()    # the port's C: timed as the chip's (READ_NS), not as Python
+        _link.driver_begin()    # the port's C: the chip's time for it (READ_*), not Python's
         got = 0
         try:
             self._drop_overwritten(mv, n)

@@ -2,9 +2,9 @@
 
 Every envelope goes through the spool (node.spool), and one publisher task sends
 the spool's oldest record (or send() writes it, when the publisher is idle), waits
-for its PUBACK, and only then pops it. So order per device is the queue's order, a reconnect drains what
-was spooled before anything newer, and a lost PUBACK means the same bytes go
-again (the gateway dedupes on seq) instead of a gap. One message in flight is
+for its PUBACK, and only then pops it. So order per device is the queue's order, a
+reconnect drains what was spooled before anything newer, and a lost PUBACK means
+the same bytes go again (the gateway dedupes on seq) instead of a gap. One message in flight is
 plenty for one window a minute and keeps that reasoning simple.
 
 RAM records older than flush_ms go to flash (while offline, or behind a
