@@ -102,11 +102,6 @@ asyncio.run(main())
 
 HIGH_WATER = """
 import asyncio, gc, json, time
-# the buffer walk's lists, made before the app fragments the heap: after a few seconds
-# of the app its largest free block is ~2.6 KB (micropython.mem_info), and a list grown
-# during the walk did not fit
-FOUND = [None] * 400
-TODO = [None] * 1000
 gc.collect()
 base = gc.mem_alloc()
 from node import app, config
@@ -131,43 +126,39 @@ async def main():
                       "buffer_bytes": buffer_bytes(), "published": n.uplink.published}))
 def buffer_bytes():
     # bytes, bytearrays and arrays the app holds: the same size on the chip and here,
-    # where every other object is twice its chip size (64-bit words). A walk a few
-    # levels deep (no set of every object seen: the heap is nearly full), each buffer
-    # counted once, in the lists made at the start.
+    # where every other object is twice its chip size (64-bit words). A recursive walk a
+    # few levels deep, each buffer counted once. Nothing big is made for it: the heap
+    # has no block of even 4 KB left after the app's imports (a walk list of 1,000 made
+    # before the app left the microphone none for its buffers), ~2.6 KB after a run.
     import sys
     from array import array
-    found = 0
-    TODO[0] = (n, 0)
-    todo = 1
-    for k, m in sys.modules.items():
-        if (k.startswith('node') or k.startswith('drivers')) and todo < len(TODO):
-            TODO[todo] = (m, 1)
-            todo += 1
-    def push(x, depth):
-        nonlocal todo
-        if todo < len(TODO):
-            TODO[todo] = (x, depth)
-            todo += 1
-    while todo:
-        todo -= 1
-        o, depth = TODO[todo]
-        TODO[todo] = None
+    found = [None] * 160
+    count = [0]
+    def walk(o, depth):
         if isinstance(o, (bytes, bytearray, array)):
-            if found < len(FOUND) and not any(o is FOUND[i] for i in range(found)):
-                FOUND[found] = o
-                found += 1
+            for i in range(count[0]):
+                if found[i] is o:
+                    return
+            if count[0] == len(found):
+                raise RuntimeError("more buffers than the walk counts: raise its 160")
+            found[count[0]] = o
+            count[0] += 1
         elif depth < 5 and isinstance(o, (list, tuple)):
             for x in o:
-                push(x, depth + 1)
+                walk(x, depth + 1)
         elif depth < 5 and isinstance(o, dict):
             for x in o.values():
-                push(x, depth + 1)
+                walk(x, depth + 1)
         elif depth < 5 and hasattr(o, '__dict__') and not callable(o):
             for x in o.__dict__.values():
-                push(x, depth + 1)
+                walk(x, depth + 1)
+    walk(n, 0)
+    for k, m in sys.modules.items():
+        if k.startswith('node') or k.startswith('drivers'):
+            walk(m, 1)
     # an array's size from one item's bytes: a copy of the whole would not fit the heap
     return sum(len(f) if isinstance(f, (bytes, bytearray)) or not len(f)
-               else len(f) * len(bytes(memoryview(f)[:1])) for f in FOUND[:found])
+               else len(f) * len(bytes(memoryview(f)[:1])) for f in found[:count[0]])
 asyncio.run(main())
 """
 
