@@ -91,11 +91,11 @@ from drivers.mic import Mic
 from node.acoustic import SoundMeter
 RATE = {rate}
 T = [0]
+got = 0
 # the file stands in for the I2S DMA stream: its clock is the audio clock
 mic = Mic(open({path!r}, 'rb'), rate=RATE, chunk={chunk}, ibuf=16 * {chunk},
           clock_us=lambda: got * 1000000 // RATE)
 m = SoundMeter(rate=RATE, window_s={window_s}, clock_us=lambda: T[0], **{kw})
-got = 0
 def event(*ev):
     print('E', json.dumps(ev))
 m.on_event = event

@@ -68,7 +68,9 @@ class Mic:
         self.overruns = 0           # samples lost, total
         self.lost_before = 0        # samples lost just before the chunk in self.samples
         self._taken = 0
-        self._last = None
+        # the DMA runs from here (i2s given: from before): what it overwrites before the
+        # first read is lost like any other audio, and counted the same way
+        self._last = self._clock()
         self._frac = 0              # 1e-4 sample units
         self._backlog = 0           # estimated samples waiting in the driver after our last read
         self._stream = None
@@ -116,10 +118,6 @@ class Mic:
         n = nb >> 2
         convert(self._raw, n, self.samples)
         self.received = (self.received + n) & 0x3FFFFFFF
-        if self._last is None:
-            self._last = now
-            self._when(now, n, nb, 0)
-            return n
         waited = 0 if t_call is None else time.ticks_diff(now, t_call)
         gap = time.ticks_diff(now, self._last)
         self._account(gap, waited, n, nb)
