@@ -127,8 +127,10 @@ class PMS5003:
         else:
             self._send(CMD_SLEEP, 1)
         self.asleep = False
-        now = time.ticks_ms()
-        self._woke = time.ticks_add(now, -self.warmup_ms - FRAME_MS) if warm else now
+        # warm: any frame found from the last pump on counts (from `now`, a tick between
+        # that pump and this line, at chip speed nearly always, cost the first frame)
+        self._woke = (time.ticks_add(self._pumped, -self.warmup_ms - FRAME_MS) if warm
+                      else time.ticks_ms())
         self._need_mode = True      # set the mode again once the part listens
 
     @property
