@@ -352,8 +352,9 @@ async def probe(save_held, counted, more):
             if error is not None and n_errors[0] < len(errors):
                 errors[n_errors[0]] = max(-32000, min(32000, error))
                 n_errors[0] += 1
-            # one file a turn: a save (write, rename) costs ~40 ms of the chip's time
-            # here, and the four in one turn held the loop 200-300 ms every WRITE_MS,
+            # one file a turn: a save (write, rename) costs ~50 ms of the chip's time
+            # (over 128 bytes: a flash sector erased), and the four in one turn held the
+            # loop 200-300 ms every WRITE_MS,
             # the bench's own stall in the audio's way
             for saving in saves:
                 saving()

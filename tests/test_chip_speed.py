@@ -258,3 +258,48 @@ def test_host_calibration_quick_run_is_sane():
     rates = speed.measure_host(quick=True)
     assert 5_000 < rates.pystones < 2_000_000
     assert 0.0005 < rates.pi1000_s < 0.2
+
+
+FLASH_WRITES = """
+import json, os, time
+def timed(fn):             # the fastest of three: a loaded host only adds
+    took = []
+    for _ in range(3):
+        t0 = time.ticks_us()
+        fn()
+        took.append(time.ticks_diff(time.ticks_us(), t0))
+    return min(took)
+def small():                # a counter, as node/seqno.py writes it: inline, no erase
+    with open('/n.tmp', 'wb') as f:
+        f.write(b'4096 7\\n')
+    os.rename('/n.tmp', '/n')
+def new():                  # a spool's flush: a fresh block
+    with open('/spool', 'wb') as f:
+        f.write(bytes(4000))
+def append():               # to a 4000-byte file: its block copied, and one more
+    with open('/spool', 'wb') as f:
+        f.write(bytes(4000))
+    t0 = time.ticks_us()
+    with open('/spool', 'ab') as f:
+        f.write(bytes(1000))
+    took.append(time.ticks_diff(time.ticks_us(), t0))
+took = []
+out = {"small": timed(small), "new": timed(new)}
+timed(append)
+print(json.dumps(dict(out, append=min(took))))
+"""
+
+
+def test_a_write_to_the_filesystem_costs_the_chip_the_flashs_time(tmp_path: Path):
+    # littlefs on the ESP32's SPI flash (board_side/emu_lfs.py): a 4 KB sector erase holds
+    # the writer ~45 ms (W25Q32JV, GD25Q32 typical), a 128-byte program ~0.35 ms; the
+    # unix port's files cost a system call (~0 ms of chip time at any factor)
+    seen, _, _ = _run_counted(tmp_path, 200.0, FLASH_WRITES)
+    erase, prog = 45, 0.35
+    # a few commits, no erase (and the interpreter around them, at the factor)
+    assert seen["small"] / 1000 < erase / 2, seen
+    new = erase + 4000 / 128 * prog                        # one block, 31 programs
+    assert 0.95 * new <= seen["new"] / 1000 <= new + 20, seen
+    # littlefs appends copy-on-write: the last block to a fresh one, then the next
+    append = 2 * erase + (4000 + 1000) / 128 * prog
+    assert 0.95 * append <= seen["append"] / 1000 <= append + 20, seen

@@ -32,7 +32,8 @@ def write(s):
 
 def _install_board_modules():
     import emu_machine, emu_network, emu_esp32, emu_socket, emu_time, emu_micropython, emu_os
-    import emu_vfs
+    import emu_vfs, emu_lfs
+    emu_lfs.install()   # files written at the flash's pace (chip speed)
     for name, mod in (("machine", emu_machine), ("network", emu_network), ("esp32", emu_esp32),
                       ("socket", emu_socket), ("time", emu_time), ("os", emu_os),
                       ("micropython", emu_micropython), ("vfs", emu_vfs)):

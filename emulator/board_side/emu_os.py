@@ -1,8 +1,10 @@
 # `os` for the emulated board: the unix port's VfsPosix, made to look like the
-# ESP32's littlefs: ilistdir gives sizes, statvfs the vfs partition's blocks, and
-# rename works between absolute paths.
+# ESP32's littlefs: ilistdir gives sizes, statvfs the vfs partition's blocks, rename
+# works between absolute paths, and at chip speed what changes a directory costs the
+# flash's time (emu_lfs).
 from os import *  # noqa
 import os as _real
+from emu_lfs import absolute as _absolute, metadata as _metadata
 
 _BLOCK = 4096
 _VFS_BYTES = 2 * 1024 * 1024
@@ -32,14 +34,23 @@ def statvfs(path="/"):
     return (_BLOCK, _BLOCK, blocks, free, free, 0, 0, 0, 0, 255)
 
 
-def _absolute(path):
-    if path.startswith("/"):
-        return path
-    cwd = _real.getcwd()
-    return (cwd.rstrip("/") + "/" + path) if cwd != "/" else "/" + path
+def remove(path):
+    _metadata(_real.remove, path)
+
+
+def mkdir(path):
+    _metadata(_real.mkdir, path)
+
+
+def rmdir(path):
+    _metadata(_real.rmdir, path)
 
 
 def rename(old, new):
+    _metadata(_rename, old, new)
+
+
+def _rename(old, new):
     # The unix port's VfsPosix mounted at / fails to rename between absolute paths
     # (ENOENT); littlefs on the chip does not. Rename from the root, relatively.
     old, new = _absolute(old), _absolute(new)
