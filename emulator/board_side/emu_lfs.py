@@ -187,8 +187,9 @@ def metadata(op, path, *args):
     ns = 0
     try:
         result = op(path, *args)
-        ns = _commit(absolute(path))
-        if args and isinstance(args[0], str) and _dir(args[0]) != _dir(path):
+        path = absolute(path)
+        ns = _commit(path)
+        if args and _dir(absolute(args[0])) != _dir(path):
             ns += _commit(absolute(args[0]))
     finally:
         _end(ns)
