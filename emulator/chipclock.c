@@ -19,6 +19,13 @@
  * bus and I2S sockets, SO_PRIORITY INTERNAL_PRIORITY: board_side/emu_link.py) and
  * files do not wait.
  *
+ * A look at the clock works the chip's time out from the VM's CPU: a CPU clock and a
+ * read of schedstat, three system calls, ~3 us of the host's CPU. That is counted apart
+ * (as a driver's, below) and the chip charged its own ticks' ~1 us instead: charged at
+ * the factor, each look cost the chip 0.3-0.5 ms at x160, and asyncio looks several
+ * times at every task switch. What is left of a look is the edges of the system calls
+ * (~60 us of chip time with the Python call; tests/test_chip_speed.py).
+ *
  * The page (CITYNODE_CHIP_CLOCK, a file the throttle writes) is read under a
  * sequence count: the throttle may rebase it while the VM runs. Other clocks, and
  * other threads, are the host's.
@@ -36,6 +43,7 @@
 #include <dlfcn.h>
 #include <link.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -90,6 +98,7 @@ struct gc_info {
 #define INTERNAL_PRIORITY 6         /* board_side/emu_link.py, emu_machine.py */
 #define SEND_SLACK_NS 1000000       /* ahead by at most this, a send goes now */
 #define SEND_WAIT_MAX_NS 2000000000 /* a throttle that never catches up: go anyway */
+#define CLOCK_READ_CHIP_NS 1000     /* the chip's ticks: esp_timer_get_time(), ~1 us */
 
 static int (*real_clock_gettime)(clockid_t, struct timespec *);
 static ssize_t (*real_write)(int, const void *, size_t);
@@ -102,10 +111,37 @@ static struct collections *collections;
 static void (*real_gc_collect)(void);
 static void (*real_gc_info)(struct gc_info *);
 static int stat_fd = -1;
-static pid_t main_tid;
+static pthread_t main_thread;
+static int64_t look_ns;             /* the host's CPU for a look at a CPU clock */
 static int64_t last_ns;
 static int in_driver;               /* a driver's work has begun: its CPU from ... */
 static int64_t driver_cpu0;         /* ... this thread CPU time */
+
+static int64_t ns_of(const struct timespec *ts)
+{
+    return (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
+}
+
+/* A system call's CPU from one look at the thread's CPU clock to the next: the least of
+ * a few, as each look is one. */
+static int64_t cpu_look_ns(void)
+{
+    struct timespec a, b;
+    int64_t least = 0;
+    for (int i = 0; i < 16; i++) {
+        real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+        real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+        int64_t d = ns_of(&b) - ns_of(&a);
+        if (i == 0 || d < least)
+            least = d;
+    }
+    return least;
+}
+
+static void forked_child(void)
+{
+    page = NULL;                        /* the parent's clock, not this process's */
+}
 
 __attribute__((constructor)) static void chipclock_init(void)
 {
@@ -132,13 +168,10 @@ __attribute__((constructor)) static void chipclock_init(void)
     stat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
     if (stat_fd < 0)
         return;
-    main_tid = (pid_t)syscall(SYS_gettid);
+    main_thread = pthread_self();
+    look_ns = cpu_look_ns();
+    pthread_atfork(NULL, NULL, forked_child);
     page = p;
-}
-
-static int64_t ns_of(const struct timespec *ts)
-{
-    return (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
 }
 
 /* CPU ns and times scheduled in, of this thread, as the throttle reads them for the
@@ -163,8 +196,9 @@ static int read_cpu(int64_t *cpu, int64_t *switches)
     return 0;
 }
 
-/* How far the chip's clock is ahead of the host's, by the page now. */
-static int64_t ahead(void)
+/* How far the chip's clock is ahead of the host's, by the page now. *cpu_read (if
+ * given): the thread's CPU time it read, -1 if none or the model is off. */
+static int64_t ahead(int64_t *cpu_read)
 {
     int64_t seq, offset, cpu0, switches0, switch_ns, cpu, switches, gc_cpu0, gc_chip0;
     double gain, gc_ns_per_byte;
@@ -181,12 +215,16 @@ static int64_t ahead(void)
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
     } while ((seq & 1) || seq != __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE));
     int64_t by = offset;
+    if (cpu_read)
+        *cpu_read = -1;
     if (gain > 0 && read_cpu(&cpu, &switches) == 0) {
         int64_t used = (cpu - cpu0) - (switches - switches0) * switch_ns;
         if (gc_ns_per_byte > 0) {   /* collections and drivers since: their model */
             int64_t gc_cpu = collections->cpu_ns + collections->driver_cpu_ns - gc_cpu0;
             used -= gc_cpu;
             by += collections->chip_ns + collections->driver_chip_ns - gc_chip0 - gc_cpu;
+            if (cpu_read)
+                *cpu_read = cpu;
         }
         if (used > 0)
             by += (int64_t)(gain * (double)used);
@@ -194,9 +232,23 @@ static int64_t ahead(void)
     return by;
 }
 
+/* The VM's own thread (no system call: a look at the clock must cost the chip little). */
 static int on_chip_time(void)
 {
-    return page && syscall(SYS_gettid) == main_tid;
+    return page && pthread_equal(pthread_self(), main_thread);
+}
+
+/* The CPU this thread used since *since (updated): counted apart, as a driver's with
+ * no chip time, so it is none of the chip's work (a send's wait, a look at the clock). */
+static void not_chip_work(int64_t *since)
+{
+    struct timespec ts;
+    if (real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
+        return;
+    int64_t took = ns_of(&ts) - *since;
+    collections->driver_cpu_ns += took;
+    driver_cpu0 += took;                /* in a driver's work: not its CPU too */
+    *since = ns_of(&ts);
 }
 
 /* A driver's work begun or ended (the board side's mark, seen at its clock read). */
@@ -227,25 +279,19 @@ int clock_gettime(clockid_t clk, struct timespec *ts)
         driver_mark();  /* the board side's mark: it reads no time from this, so the */
         return 0;       /* chip's (a read of schedstat: ~4 us of CPU) is not worked out */
     }
-    int64_t now = ns_of(ts);
-    now += ahead();
+    int64_t now = ns_of(ts), cpu_read;
+    now += ahead(&cpu_read);
+    if (cpu_read >= 0) {        /* the look itself is not the chip's work (above) */
+        cpu_read -= look_ns;
+        not_chip_work(&cpu_read);
+        collections->driver_chip_ns += CLOCK_READ_CHIP_NS;
+    }
     if (now < last_ns)        /* never backwards: a rebase may land a little behind */
         now = last_ns;
     last_ns = now;
     ts->tv_sec = now / 1000000000;
     ts->tv_nsec = now % 1000000000;
     return 0;
-}
-
-/* The CPU this thread used since *since (updated): counted apart, as a driver's with
- * no chip time, so the waiting below is none of the chip's work. */
-static void not_chip_work(int64_t *since)
-{
-    struct timespec ts;
-    if (real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
-        return;
-    collections->driver_cpu_ns += ns_of(&ts) - *since;
-    *since = ns_of(&ts);
 }
 
 /* Before the world sees anything from the VM: wait for the throttle's stop to bring
@@ -260,7 +306,7 @@ static void catch_up(void)
     int64_t cpu = ns_of(&ts);
     real_clock_gettime(CLOCK_MONOTONIC, &ts);
     int64_t start = ns_of(&ts), owed;
-    while ((owed = ahead()) > SEND_SLACK_NS) {
+    while ((owed = ahead(NULL)) > SEND_SLACK_NS) {
         real_clock_gettime(CLOCK_MONOTONIC, &ts);
         if (ns_of(&ts) - start > SEND_WAIT_MAX_NS)
             break;
