@@ -48,9 +48,9 @@ def resume_boot(code: int) -> str | None:
 # board side's size: gc.mem_alloc() at an idle REPL was 41.8 KB with 38 here; the
 # board side's Ctrl-C handling added 1.8 KB, its chip fidelity (issue 11) 8 KB more.
 # Loaded from .mpy (board_side_path) it keeps the same: 53.5 KB at an idle REPL; the
-# flash's timing (emu_lfs) 3.8 KB more.
+# flash's timing (emu_lfs) 3.8 KB more, the ticks as viper (emu_ticks) 0.7 KB more.
 WORD_SCALE = 2
-EMULATOR_RESIDENT_KB = 52
+EMULATOR_RESIDENT_KB = 53
 
 
 def gc_ns_per_byte(gc_kb_ms: float) -> float:
