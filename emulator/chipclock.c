@@ -83,7 +83,7 @@ struct collections {           /* throttle.py, ChipClock.collections: the same l
     volatile int64_t driver_calls;
     volatile int64_t driver_cpu_ns;   /* the host CPU they took, in all */
     volatile int64_t driver_chip_ns;  /* their chip time, modelled, in all */
-    volatile int32_t in_driver;       /* the board side writes these two */
+    volatile int32_t in_driver;       /* the board side writes these two (a depth) */
     volatile int32_t driver_model_ns;
 };
 
@@ -275,7 +275,7 @@ int clock_gettime(clockid_t clk, struct timespec *ts)
     int rc = real_clock_gettime(clk, ts);
     if (rc || clk != CLOCK_MONOTONIC || !on_chip_time())
         return rc;
-    if (collections->in_driver != in_driver) {
+    if ((collections->in_driver != 0) != in_driver) {
         driver_mark();  /* the board side's mark: it reads no time from this, so the */
         return 0;       /* chip's (a read of schedstat: ~4 us of CPU) is not worked out */
     }

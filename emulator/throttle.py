@@ -234,10 +234,12 @@ class Throttle:
     """Runs process `pid` at 1/`factor` of its speed; `stop()` leaves it running."""
 
     def __init__(self, pid: int, factor: float, burst_s: float = BURST_S,
-                 free_ns: int = 0, switch_ns: int | None = None,
+                 free_ns: int | None = 0, switch_ns: int | None = None,
                  clock: ChipClock | None = None, gc_ns_per_byte: float = 0.0) -> None:
         """`free_ns`: CPU the process may use before pacing starts (the wrapper's own
-        start-up: CPython and the unix port's set-up are no part of the chip's boot).
+        start-up: CPython and the unix port's set-up are no part of the chip's boot);
+        None: until the board side's first mark on `clock` (emu_main's set-up, begun
+        first thing): the wrapper's start-up varies too much to be allowed for.
         `switch_ns`: the CPU each time the process is scheduled in costs on this host
         (default: measured once, switch_cost_ns()): not the chip's, so not charged.
         `clock`: the ChipClock the process was started with, if any.
@@ -289,18 +291,20 @@ class Throttle:
         node look busy, more so the faster the host (docs/decisions.md, "Chip speed")."""
         stats, burst = self.stats, self.burst_s
         last, switches = _read_schedstat(self._fd)
-        free = self.free_ns - last
+        unmarked = self.free_ns is None
+        free = 0 if unmarked else self.free_ns - last
         ahead = 0          # ns the chip's clock is ahead of the host's (< 0: overslept)
         share = 1.0        # of the CPU time, charged: the user share at the last rebase
         gc = self._collected()
-        self._rebase(ahead, last, switches, share, free <= 0, gc)
+        self._rebase(ahead, last, switches, share, False, gc)
         clock = time.perf_counter
         if not self._signal(signal.SIGCONT):
             return
         while not self._halt.is_set():
             start = clock()
             time.sleep(burst)
-            self._let_collection_finish()
+            if not self._let_modelled_work_finish():
+                continue    # its CPU is counted apart and its chip time modelled at its end
             ran = clock() - start
             # a running process's CPU time is only brought up to date when it leaves the
             # CPU: stop it, and wait until it has, before reading; a sleeping one is read
@@ -313,31 +317,33 @@ class Throttle:
             # its system calls: the emulator's links, the sockets (on the chip a register
             # access, or lwIP on the other core), by the user share
             raw = max(0, now - last - (count - switches) * self.switch_ns)
-            used = int(raw * share)
             last, switches = now, count
             before, gc = gc, self._collected()
             gc_cpu, gc_chip = gc[0] - before[0], gc[1] - before[1]
-            if free > 0:
+            # collections, drivers: the chip's time as modelled, not their CPU x factor
+            modelled = bool(gc_cpu and self.gc_ns_per_byte)
+            used = int((max(0, raw - gc_cpu) if modelled else raw) * share)
+            if unmarked:            # the wrapper's start-up: free
+                used = 0
+                unmarked = not self._board_side_marked()
+            elif free > 0:
                 free -= used
                 used = max(0, -free)
-                gc_cpu = 0          # the start-up's collections: free too
+            paced = not unmarked and free <= 0
             stats.cpu_ns += used
             stats.bursts += 1
             if len(stats.burst_s) < _SAMPLES:
                 stats.burst_s.append(ran)
             else:
                 stats.burst_s[stats.bursts % _SAMPLES] = ran
-            if gc_cpu and self.gc_ns_per_byte:
-                # collections, drivers: the chip's time as modelled, not their CPU x factor
-                owed = ahead + int(max(0, raw - gc_cpu) * share * (self.factor - 1)) \
-                    + gc_chip - gc_cpu
-            else:
-                owed = ahead + int(used * (self.factor - 1))
+            owed = ahead + int(used * (self.factor - 1))
+            if modelled:
+                owed += gc_chip - gc_cpu    # that CPU ran in real time already
             share = self._user_share()
             if owed <= 0:
                 # idle (waiting for I/O): real time is chip time, and the oversleep is
                 # forgiven
-                self._rebase(0, now, count, share, free <= 0, gc)
+                self._rebase(0, now, count, share, paced, gc)
                 ahead = 0
                 if stopped and not self._signal(signal.SIGCONT):
                     return
@@ -349,7 +355,7 @@ class Throttle:
             slept = time.monotonic_ns() - before
             stats.stopped_s += slept / 1e9
             ahead = max(-MAX_CARRY_NS, owed - slept)
-            self._rebase(ahead, now, count, share, free <= 0, gc)
+            self._rebase(ahead, now, count, share, paced, gc)
             if not self._signal(signal.SIGCONT):
                 return
 
@@ -370,18 +376,26 @@ class Throttle:
         c = self.clock.collections()
         return c.cpu_ns + c.driver_cpu_ns, c.chip_ns + c.driver_chip_ns
 
-    def _let_collection_finish(self) -> None:
+    def _board_side_marked(self) -> bool:
+        """Whether the board side has marked a driver's work yet (ChipClock)."""
+        c = self.clock.collections() if self.clock is not None else None
+        return c is not None and (c.in_driver or c.driver_calls > 0)
+
+    def _let_modelled_work_finish(self) -> bool:
         """A collection or a driver's work under way runs to its end before the VM is
-        stopped (GC_WAIT_S at most): its chip time is modelled whole when it ends, so no
-        part of it may be charged at the interpreter's factor first."""
+        stopped: its chip time is modelled whole when it ends, so no part of it may be
+        charged at the interpreter's factor first. Waits GC_WAIT_S at most; False if it
+        is still under way then (a long one, such as a soft reset's set-up: the next
+        burst's check finds it done)."""
         if not self.gc_ns_per_byte:
-            return
+            return True
         deadline = time.perf_counter() + GC_WAIT_S
         while time.perf_counter() < deadline:
             c = self.clock.collections()
             if not (c.busy or c.in_driver):
-                return
+                return True
             time.sleep(20e-6)
+        return False
 
     def _stop(self) -> bool:
         """SIGSTOP, and wait until the process is off its CPU: the signal reaches a task

@@ -4,7 +4,8 @@
 # what the chip spends (an I2S read cost the chip ~5 ms, as much as the DSP on the data).
 # Between begin() and end(ns) emulator/chipclock.c counts the VM's CPU apart and charges
 # the chip `ns` instead, as it does for a heap collection. Outside chip speed both do
-# nothing. Viper, compiled for x86-64 only (emulator/vm.py): emu_link stands in where not.
+# nothing. Marks nest: a bus call inside a soft reset's set-up is part of its model.
+# Viper, compiled for x86-64 only (emulator/vm.py): emu_link stands in where not.
 import os
 import micropython
 from emu_time import _real
@@ -13,11 +14,12 @@ _AT = int(os.getenv("CITYNODE_CHIP_DRIVERS") or "0")    # chipclock.c's in_drive
 
 
 @micropython.viper
-def _mark(at: int, on: int, ns: int):
+def _mark(at: int, step: int, ns: int):
     p = ptr32(at)
-    if not on:
+    depth = p[0] + step
+    if depth == 0:
         p[1] = ns       # driver_model_ns: read when the mark is cleared
-    p[0] = on
+    p[0] = depth
 
 
 def begin():
@@ -27,7 +29,7 @@ def begin():
 
 
 def end(ns):
-    """The driver's work is done; it costs the chip `ns`."""
+    """The driver's work is done; it costs the chip `ns` (the outermost's only)."""
     if _AT:
-        _mark(_AT, 0, ns)
+        _mark(_AT, -1, ns)
         _real.ticks_us()
