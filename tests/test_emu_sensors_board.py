@@ -498,12 +498,12 @@ print(json.dumps({"work_ms": 2 * steps[0], "overruns": sound.mic.overruns,
     assert r["overruns"] == pytest.approx(dropped, rel=0.05), (r, dropped)
 
 
-def test_audio_lost_before_the_first_read_is_counted(pole: Pole) -> None:
+def test_the_microphone_listens_from_its_first_read(pole: Pole) -> None:
     """The I2S's DMA runs from the moment the driver opens it; on a booting node the audio
     task reads for the first time only after every other task's first step (at chip
-    speed, seconds). What the ring overwrote by then was lost like any other audio: the
-    first window's noise/overruns says so (it said 0, and a bench run's boot loss of
-    ~0.7 s showed only in the emulator's count)."""
+    speed, ~0.4 s: the ring holds 0.26 s). Opened with the node, it dropped what it
+    took meanwhile (a bench run's only overrun, at boot); opened at the first read, a
+    node's start loses nothing, and what is lost later is still counted."""
     shutil.copytree(FIRMWARE, pole.fs / "fw", dirs_exist_ok=True)
     before = pole.parts.state()["i2s_dropped_bytes"]
     code = AUDIO_BESIDE_BUSY + """
@@ -515,8 +515,8 @@ print(json.dumps({"overruns": sound.mic.overruns, "window": lost}))
 """
     r = pole.run(code)
     dropped = (pole.parts.state()["i2s_dropped_bytes"] - before) // 4
-    assert dropped > 0.6 * 16000, dropped               # the board dropped ~0.75 s
-    assert r["overruns"] == pytest.approx(dropped, rel=0.05), (r, dropped)
+    assert dropped < 0.05 * 16000, dropped              # ~0.75 s when opened with the node
+    assert r["overruns"] == pytest.approx(dropped, rel=0.05, abs=16), (r, dropped)
     assert r["window"] == [r["overruns"]], r           # and the window reports it
 
 

@@ -34,9 +34,9 @@ def convert(raw: ptr32, nwords: int, out: ptr32):
 class Mic:
     """Mono I2S microphone reader.
 
-    Pass pins to open machine.I2S (RX, 32-bit slots, mono), or `i2s` to read any
-    object with readinto() (a test stream, an emulated board). `chunk` samples per
-    read (256 = 5.3 ms at 48 kHz); `ibuf` bytes of driver ring buffer.
+    Pass pins to open machine.I2S (RX, 32-bit slots, mono) at the first read, or `i2s`
+    to read any object with readinto() (a test stream, an emulated board). `chunk`
+    samples per read (256 = 5.3 ms at 48 kHz); `ibuf` bytes of driver ring buffer.
     After read() or aread(): self.samples[0:n] holds the samples.
     """
 
@@ -44,11 +44,8 @@ class Mic:
                  chunk=256, ibuf=16384, clock_us=None):
         if rate % 100:
             raise ValueError('rate must be a multiple of 100 Hz')
-        if i2s is None:
-            from machine import I2S, Pin
-            i2s = I2S(i2s_id, sck=Pin(sck), ws=Pin(ws), sd=Pin(sd), mode=I2S.RX, bits=32,
-                      format=I2S.MONO, rate=rate, ibuf=ibuf)
         self.i2s = i2s
+        self._pins = (i2s_id, sck, ws, sd, ibuf)
         self.rate = rate
         self.chunk = chunk
         self._raw = bytearray(4 * chunk)
@@ -68,8 +65,9 @@ class Mic:
         self.overruns = 0           # samples lost, total
         self.lost_before = 0        # samples lost just before the chunk in self.samples
         self._taken = 0
-        # the DMA runs from here (i2s given: from before): what it overwrites before the
-        # first read is lost like any other audio, and counted the same way
+        # the DMA runs from here (i2s given: from before; else from the first read, _open):
+        # what it overwrites before the first read is lost like any other audio, and
+        # counted the same way
         self._last = self._clock()
         self._frac = 0              # 1e-4 sample units
         self._backlog = 0           # estimated samples waiting in the driver after our last read
@@ -80,8 +78,20 @@ class Mic:
         self._lo = None
         self._us_frac = 0
 
+    def _open(self):
+        """The I2S opened at the first read, not with the node: its DMA runs from here,
+        and a node's start (other tasks' first steps: ~0.4 s at the chip's speed) would
+        overflow the ring before anyone listened."""
+        from machine import I2S, Pin
+        i2s_id, sck, ws, sd, ibuf = self._pins
+        self.i2s = I2S(i2s_id, sck=Pin(sck), ws=Pin(ws), sd=Pin(sd), mode=I2S.RX, bits=32,
+                       format=I2S.MONO, rate=self.rate, ibuf=ibuf)
+        self._last = self._clock()
+
     def read(self):
         """Blocking read of one chunk: number of samples in self.samples."""
+        if self.i2s is None:
+            self._open()
         t_call = self._clock()
         nb = self.i2s.readinto(self._raw)
         return self._took(nb, t_call)
@@ -90,6 +100,8 @@ class Mic:
         """asyncio read (I2S via StreamReader): number of samples, may be a partial chunk."""
         if self._stream is None:
             import asyncio
+            if self.i2s is None:
+                self._open()
             self._stream = asyncio.StreamReader(self.i2s)
         nb = await self._stream.readinto(self._raw)
         return self._took(nb, None)     # time in await includes other tasks: not evidence
