@@ -315,9 +315,12 @@ def trace(node, save):
 # The probe, for the chip-speed run: a task in the node's loop. How late a 50 ms sleep
 # wakes is how long the loop was held by something else; at chip speed these are chip
 # times. It keeps a histogram (10 ms bins, bin 0: on time, 201: >= 2 s; a few hundred
-# bytes: the node's heap is tight) and writes it every WRITE_MS to /bench_stalls.bin,
-# which the host reads from the board's filesystem folder (no serial session disturbs
-# the run). A module imported once the node is up, for the reason TRACE gives.
+# bytes: the node's heap is tight) and writes it to /bench_stalls.bin when the host asks
+# (/bench_save: it looks every WRITE_MS), which the host reads from the board's
+# filesystem folder (no serial session disturbs the run). It wrote every 10 s: five
+# files, each ~50 ms of the chip's time (a sector erased), ~270 in a run, each in the
+# audio's way: the bench's own stalls. A module imported once the node is up, for the
+# reason TRACE gives.
 PROBE = """
 import asyncio, os, time
 from array import array
@@ -331,6 +334,12 @@ def save(name, values):
     f.write(values)
     f.close()
     os.rename('/%s.tmp' % name, '/%s.bin' % name)   # then renamed: the host reads it any time
+def asked():
+    try:
+        os.stat('/bench_save')
+        return True
+    except OSError:
+        return False
 async def probe(save_held, counted, more):
     open('/bench_up', 'w').close()       # the app's loop runs: the host starts its clock
     import bench_clock
@@ -352,13 +361,15 @@ async def probe(save_held, counted, more):
             if error is not None and n_errors[0] < len(errors):
                 errors[n_errors[0]] = max(-32000, min(32000, error))
                 n_errors[0] += 1
+            if not asked():
+                continue
             # one file a turn: a save (write, rename) costs ~50 ms of the chip's time
-            # (over 128 bytes: a flash sector erased), and the four in one turn held the
-            # loop 200-300 ms every WRITE_MS,
-            # the bench's own stall in the audio's way
+            # (over 128 bytes: a flash sector erased); all in one turn held the loop
+            # 200-300 ms
             for saving in saves:
                 saving()
                 await asyncio.sleep_ms(0)
+            open('/bench_saved', 'w').close()
 """
 
 # main.py for the chip-speed run: the node app as shipped (node.app.main, boot path and
@@ -548,6 +559,7 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
                 board.control("wifi", up=action == "wifi up")
         _sleep_until(t0 + seconds)
         time.sleep(3)                        # the last shot's event on its way
+        _ask_for_the_probes_files(board.state / "fs")
         result["shots"] = _shot_stats(shots, pole, upstream)
         answer = pole.first(wire.KIND_STATUS, sent) if sent else None
         result["downlink_ms"] = round((answer - sent) * 1000) if answer else None
@@ -598,6 +610,15 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["outage_s"] = outage_s
         result["schedule_s"] = [[round(when, 1), action] for when, action in sorted(plan)]
     return result
+
+
+def _ask_for_the_probes_files(fs: Path) -> None:
+    """The probe writes what it kept once the run is over, when asked (PROBE)."""
+    (fs / "bench_saved").unlink(missing_ok=True)
+    (fs / "bench_save").touch()
+    deadline = time.monotonic() + 60
+    while not (fs / "bench_saved").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _shot_stats(shots: list[float], pole: Watch, city: Watch) -> dict:
@@ -775,7 +796,8 @@ def run(minutes: float = 10.0, quick: bool = False) -> dict:
         # the same board (state dir) again, at the chip's speed, booting into the app
         warmup_ms = int(min(60.0, minutes * 12) * 1000)
         fs = tmp / "state" / "node0" / "fs"
-        (fs / "bench_up").unlink(missing_ok=True)
+        for stale in ("bench_up", "bench_save", "bench_saved"):
+            (fs / stale).unlink(missing_ok=True)
         _write_module(fs, "bench_trace", TRACE.replace("PATH_N", "40"))
         _write_module(fs, "bench_clock", CLOCK_SAMPLE.replace(
             "HOST_OFFSET", str((time.time_ns() - time.monotonic_ns()) // 1000)))
