@@ -462,8 +462,9 @@ print(json.dumps({"turns": steps[0], "overruns": sound.mic.overruns, "laeq": lae
     dropped = pole.parts.state()["i2s_dropped_bytes"] - before
     assert r["turns"] >= 50                             # the busy task really held the loop
     # one chunk per turn loses ~15%; a drained ring nothing but what a loaded test
-    # machine's scheduling may take (a hiccup of a few tens of ms: under 3%)
-    assert dropped < 0.03 * 3 * 48000 * 4, (dropped, r)
+    # machine's scheduling may take (a hiccup of tens of ms: 96 ms, 3.2 %, once in CI on
+    # 2 cores beside chip-speed boards, whose VMs run at nice -10)
+    assert dropped < 0.05 * 3 * 48000 * 4, (dropped, r)
     assert r["laeq"][0] == pytest.approx(94.0, abs=0.5)  # the calibrator, all of it heard
 
 
