@@ -247,6 +247,8 @@ class Throttle:
         the VM's heap plus per byte live (vm.gc_ns_per_byte), not its CPU x factor."""
         if factor < 1:
             raise ValueError(f"speed factor {factor} < 1: the chip is not faster than the host")
+        if free_ns is None and clock is None:
+            raise ValueError("free until the board side's first mark needs its ChipClock")
         self.pid, self.factor, self.burst_s = pid, factor, burst_s
         self.free_ns = free_ns
         self.clock = clock

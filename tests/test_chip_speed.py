@@ -109,6 +109,8 @@ def _paced(link: str) -> None:
 def test_throttle_refuses_a_faster_chip():
     with pytest.raises(ValueError, match="not faster"):
         Throttle(1, 0.5)
+    with pytest.raises(ValueError, match="ChipClock"):    # it would never start pacing
+        Throttle(1, 2.0, free_ns=None)
 
 
 def test_emulated_board_at_a_speed_factor(tmp_path: Path):
