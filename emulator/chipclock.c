@@ -17,10 +17,7 @@
  * broker sooner than the chip could send it). The wait costs no chip time: the
  * throttle's stop pays for work already done. The chip's own wires (the emulator's
  * bus and I2S sockets, SO_PRIORITY INTERNAL_PRIORITY: board_side/emu_link.py) and
- * files do not wait. The send's system call is the host kernel's (on loopback it
- * delivers the packet to its receiver too: 10-20 us of CPU, 1.6-4.7 ms of the chip's
- * time an SNTP request at x160); on the chip it is lwIP's, a message to its thread
- * and back, ~0.1 ms: counted apart, and the chip charged SEND_CHIP_NS.
+ * files do not wait.
  *
  * A look at the clock works the chip's time out from the VM's CPU: a CPU clock and a
  * read of schedstat, three system calls, ~3 us of the host's CPU. That is counted apart
@@ -102,7 +99,6 @@ struct gc_info {
 #define SEND_SLACK_NS 1000000       /* ahead by at most this, a send goes now */
 #define SEND_WAIT_MAX_NS 2000000000 /* a throttle that never catches up: go anyway */
 #define CLOCK_READ_CHIP_NS 1000     /* the chip's ticks: esp_timer_get_time(), ~1 us */
-#define SEND_CHIP_NS 200000         /* lwIP's send from the app's task, a worse case */
 
 static int (*real_clock_gettime)(clockid_t, struct timespec *);
 static ssize_t (*real_write)(int, const void *, size_t);
@@ -331,58 +327,33 @@ static int leaves_chip(int fd)
     return priority != INTERNAL_PRIORITY;
 }
 
-/* A send out of the chip may go: caught up, and the thread's CPU from now (*cpu). */
-static int sending(int fd, int64_t *cpu)
-{
-    struct timespec ts;
-    if (!on_chip_time() || !leaves_chip(fd))
-        return 0;
-    catch_up();
-    if (real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
-        return 0;
-    *cpu = ns_of(&ts);
-    return 1;
-}
-
-/* The send's system call was the host's: lwIP's time instead (SEND_CHIP_NS). */
-static ssize_t sent(ssize_t rc, int64_t cpu)
-{
-    not_chip_work(&cpu);
-    collections->driver_chip_ns += SEND_CHIP_NS;
-    return rc;
-}
-
 ssize_t write(int fd, const void *buf, size_t n)
 {
     struct stat st;
-    int64_t cpu;
-    if (on_chip_time() && fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode) && sending(fd, &cpu))
-        return sent(real_write(fd, buf, n), cpu);
+    if (on_chip_time() && fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode) && leaves_chip(fd))
+        catch_up();
     return real_write(fd, buf, n);
 }
 
 ssize_t send(int fd, const void *buf, size_t n, int flags)
 {
-    int64_t cpu;
-    if (sending(fd, &cpu))
-        return sent(real_send(fd, buf, n, flags), cpu);
+    if (on_chip_time() && leaves_chip(fd))
+        catch_up();
     return real_send(fd, buf, n, flags);
 }
 
 ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *to,
                socklen_t len)
 {
-    int64_t cpu;
-    if (sending(fd, &cpu))
-        return sent(real_sendto(fd, buf, n, flags, to, len), cpu);
+    if (on_chip_time() && leaves_chip(fd))
+        catch_up();
     return real_sendto(fd, buf, n, flags, to, len);
 }
 
 ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
-    int64_t cpu;
-    if (sending(fd, &cpu))
-        return sent(real_sendmsg(fd, msg, flags), cpu);
+    if (on_chip_time() && leaves_chip(fd))
+        catch_up();
     return real_sendmsg(fd, msg, flags);
 }
 

@@ -377,11 +377,7 @@ for _ in range(9):
     s.sendto(b'x' * 48, to)
     took.append(time.ticks_diff(time.ticks_us(), t0))
 took.sort()
-msg = b'x' * 48
-t0 = time.ticks_us()
-for _ in range(20):
-    s.sendto(msg, to)
-print(json.dumps({"us": took[4], "in_a_row": time.ticks_diff(time.ticks_us(), t0) // 20}))
+print(json.dumps({"us": took[4]}))
 """
 
 
@@ -390,13 +386,7 @@ def test_a_send_costs_the_chip_no_more_than_the_send(tmp_path: Path):
     # (chipclock.c, catch_up). The wait's own looks at the clock were charged at the
     # factor: each put the chip ~2 ms further ahead, so a send after an idle 100 ms took
     # 31-44 ms of the chip's time at the median (x160), where the chip's lwIP takes well
-    # under one. What is left after an idle 100 ms is mostly the VM's wake-up on cold
-    # caches, at the factor (~4 ms: docs/decisions.md, "Chip speed"); sends in a row cost
-    # the Python call and lwIP's modelled 0.2 ms (SEND_CHIP_NS), not the host kernel's
-    # system call at the factor (on loopback it delivers the packet too).
-    seen, before, after = _run_counted(tmp_path, 160.0, SENDS)
+    # under one. What is left, ~4 ms at the median: mostly the throttle's resume after
+    # the sleep, at the factor (docs/decisions.md, "Chip speed": a send's system call).
+    seen, _, _ = _run_counted(tmp_path, 160.0, SENDS)
     assert seen["us"] / 1000 < 15, seen
-    assert seen["in_a_row"] / 1000 < 1.0, seen
-    # the 29 sends' model, beside the bus calls' (20 us each) and the clock's looks
-    modelled = after["driver_chip_ms"] - before["driver_chip_ms"]
-    assert modelled >= 29 * 0.2 * 0.9, (modelled, seen)
