@@ -64,14 +64,18 @@ class GatewayProcess:
         gateway_cfg = {"id": GATEWAY_ID, "state_dir": str(self.state),
                        "registry_dir": str(self.registry), "stall_exit_s": 30,
                        **(gateway_extra or {})}
-        sections = {"gateway": gateway_cfg,
-                    "local": {"host": local.host, "port": local.port, **(local_extra or {})},
-                    "upstream": upstream_cfg, "store": store_cfg,
-                    "metrics": {"address": f"127.0.0.1:{self.metrics_port}"}}
-        self.config.write_text(config_text(sections))
+        self._sections = {"gateway": gateway_cfg,
+                          "local": {"host": local.host, "port": local.port,
+                                    **(local_extra or {})},
+                          "upstream": upstream_cfg, "store": store_cfg}
+        self._write_config()
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "gateway.log"
         self.starts = 0
+
+    def _write_config(self) -> None:
+        metrics = {"metrics": {"address": f"127.0.0.1:{self.metrics_port}"}}
+        self.config.write_text(config_text({**self._sections, **metrics}))
 
     def start(self, wait: bool = True, timeout: float = 15.0,
               env: dict[str, str] | None = None, program: str | None = None,
@@ -95,6 +99,10 @@ class GatewayProcess:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
+                    if self._port_taken():      # free_port() is a moment old: again
+                        self.metrics_port = free_port()
+                        self._write_config()
+                        return self.start(wait, timeout, env, program, user)
                     raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
                 health = self.health()
                 if health and health.get("local") == "up":
@@ -102,6 +110,12 @@ class GatewayProcess:
                 time.sleep(0.05)
             raise RuntimeError(f"gateway not healthy in {timeout} s:\n{self.log()}")
         return self
+
+    def _port_taken(self) -> bool:
+        """Whether this start failed because its metrics port was taken meanwhile (by
+        another test's connection: free_port() only says it was free when it looked)."""
+        last = self.log().rsplit(f"--- start {self.starts}\n", 1)[-1]
+        return "Address already in use" in last and self.starts < 5
 
     def health(self) -> dict | None:
         try:
