@@ -1,9 +1,16 @@
 # citynode node firmware: MicroPython runs this after boot.py. It chooses the app's
 # slot (node/ota.py) and starts it. No update replaces this file: like the ESP-IDF
 # bootloader it must always be able to go back to the app that ran before.
+import gc
 import sys
 
 STATE = "/data/ota.json"    # node/ota.py writes it
+# While the app's modules load, a collection every this many bytes allocated: their
+# garbage is reused as they load, and what they keep stays packed at the heap's bottom.
+# Collected only when the heap was full, the garbage left the kept objects strewn over
+# it: 106 KB free at chip speed in holes of 6 KB at most, and the microphone's 4 KB
+# buffers found no room (a crash at every boot once one more module was added).
+IMPORT_GC_BYTES = 4096
 # machine.reset_cause() on the ESP32 port: how a trial boot that never committed ended
 ENDED = {1: "a power cut", 2: "a crash or reset", 3: "the watchdog", 4: "deep sleep",
          5: "a soft reset"}
@@ -69,7 +76,10 @@ if __name__ == "__main__":
     if slot:
         sys.path.insert(0, slot)
     try:
+        gc.threshold(IMPORT_GC_BYTES)
         import node.app
+
+        gc.threshold(-1)    # MicroPython's default: collect when the heap is full
 
         node.app.main()
     except Exception as exc:
