@@ -31,9 +31,10 @@ import time
 from hashlib import sha256
 
 from node import p256
+from node.heap import Collector
 
 _MORE = object()                        # _step: the generator has not ended
-SLICE_US = 12000                        # a turn of the signer: steps for up to this long
+SLICE_US = 8000                         # a turn of the signer: steps for up to this long
 # what a step of the signer's work left: more to do, a job done (its caller goes next),
 # nothing to do, a fault (wait)
 _BUSY, _DONE, _IDLE, _PAUSE = 0, 1, 2, 3
@@ -88,6 +89,7 @@ class Signer:
         self._build = None              # the comb's table, in steps, until it is built
         self._first = size > 0          # the first pair goes before routine jobs
         self._wake = asyncio.Event()
+        self.heap = Collector()         # its garbage collected in turns of their own
 
     def _extra(self):
         """RFC 6979 section 3.6 additional data: fresh randomness, boot number, counter."""
@@ -157,15 +159,19 @@ class Signer:
         """The task: the comb's table first, then steps of the oldest urgent job, else of
         the first pair (so an impulse soon after boot needs no whole signature), else of
         the oldest job, else of the next pair, for up to slice_us a turn; idle when the
-        pool is full."""
+        pool is full. Its garbage is collected in a turn of its own (node.heap)."""
         self._build = p256.precompute_steps()
+        heap = self.heap
         while True:
+            if heap.due():
+                heap.collect()
+                await asyncio.sleep_ms(0)
             start = time.ticks_us()
             state = self._work()
             step = time.ticks_diff(time.ticks_us(), start)
             # another step only if it would end within the slice, judged by the last one
             # (a turn that began one at 11 of 12 ms went on to ~17, and past 20 after a GC)
-            while (state == _BUSY
+            while (state == _BUSY and not heap.due()
                    and time.ticks_diff(time.ticks_us(), start) + step <= self.slice_us):
                 began = time.ticks_us()
                 state = self._work()
@@ -180,6 +186,7 @@ class Signer:
 
     def _work(self):
         """One step of the most pressing work; what it left (_BUSY, _DONE, ...)."""
+        self.heap.step()
         if self._build is not None:
             try:
                 if _step(self._build) is not _MORE:
