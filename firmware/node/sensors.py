@@ -25,6 +25,8 @@ RATE = 48000        # the microphone's sample rate when config.json gives none
 RATES = (16000, 48000)
 IBUF = 32768        # the I2S DMA ring: 4096 frames, 85 ms at 48 kHz, over a collection
                     # or a window's close (docs/decisions.md, "How the node reads...")
+CHUNK = 512         # samples a read: ~5.5 ms of the devkitc's DSP at chip speed (1024: ~11)
+AUDIO_TURN_US = 14000  # a turn of the audio: chunks for up to this long, the rest next turn
 AUDIO_DUTY_PCT = 60  # the audio's share of the CPU at most: a slower chip drops audio
                      # (counted as overruns), never the node's windows and events
 
@@ -132,7 +134,7 @@ class Sound:
         gc.collect()    # the imports' garbage: the buffers below need blocks of 2.4-4 KB
         rate = spec.get("rate", RATE)
         self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
-                       rate=rate, chunk=spec.get("chunk", 1024), ibuf=spec.get("ibuf", IBUF))
+                       rate=rate, chunk=spec.get("chunk", CHUNK), ibuf=spec.get("ibuf", IBUF))
         self.meter = SoundMeter(rate=rate, cal_db=spec.get("calibration_db", 0.0),
                                 event_rise_db=impulse_db, on_event=on_event)
 
@@ -142,8 +144,12 @@ class Sound:
         in this turn, not a few turns of the loop later (impulse to the pole in 250 ms).
 
         The first read waits on the I2S through asyncio, which puts the ESP32's driver
-        in its non-blocking mode; from then on the task wakes on a timer and takes all
-        the ring holds. A timer, not the I2S's readiness: asyncio queues a task woken by
+        in its non-blocking mode; from then on the task wakes on a timer and takes what
+        the ring holds, chunk by chunk, for up to AUDIO_TURN_US a turn (judged by its last
+        chunk: two at chip speed); what is left waits for its next turns, which do not
+        rest while it is behind. Draining the whole ring held the loop 20-45 ms a turn at
+        chip speed (docs/decisions.md, "The audio task drains the ring in one turn").
+        A timer, not the I2S's readiness: asyncio queues a task woken by
         I/O behind every task that merely yielded, so beside a busy task (the signer's
         steps) a reader woken by I/O would run only every other turn.
 
@@ -156,12 +162,19 @@ class Sound:
         rest = 100 - AUDIO_DUTY_PCT
         n = await mic.aread()
         while True:
-            started = time.ticks_ms()
+            started = time.ticks_us()
             more = mic.ring_chunks
             heard = meter.events_heard
+            behind = False
             while n:
+                began = time.ticks_us()
                 meter.process(mic.samples, n, mic.read_us, mic.lost_before)
                 if n < mic.chunk or not more:
+                    break
+                # another chunk only if it would end within the turn, judged by this one
+                now = time.ticks_us()
+                if time.ticks_diff(now, started) + time.ticks_diff(now, began) > AUDIO_TURN_US:
+                    behind = True
                     break
                 more -= 1
                 n = mic.read_held()
@@ -171,8 +184,9 @@ class Sound:
             beat()
             if send is not None and meter.events_heard != heard:
                 await send()
-            spent = time.ticks_diff(time.ticks_ms(), started)
-            await asyncio.sleep_ms(max(mic.chunk_ms // 2, spent * rest // AUDIO_DUTY_PCT))
+            spent = time.ticks_diff(time.ticks_us(), started) // 1000
+            least = 0 if behind else mic.chunk_ms // 2
+            await asyncio.sleep_ms(max(least, spent * rest // AUDIO_DUTY_PCT))
             n = mic.read_held()
 
     def records(self):
