@@ -131,7 +131,7 @@ class Sound:
     def __init__(self, spec, impulse_db, on_event):
         from drivers.mic import Mic
         from node.acoustic import SoundMeter
-        gc.collect()    # the imports' garbage: the buffers below need blocks of 2.4-4 KB
+        gc.collect()    # the imports' garbage: the buffers below need blocks of 2-2.4 KB
         rate = spec.get("rate", RATE)
         self.mic = Mic(i2s_id=spec.get("i2s", 0), sck=spec["sck"], ws=spec["ws"], sd=spec["sd"],
                        rate=rate, chunk=spec.get("chunk", CHUNK), ibuf=spec.get("ibuf", IBUF))
@@ -149,9 +149,9 @@ class Sound:
         chunk: two at chip speed); what is left waits for its next turns, which do not
         rest while it is behind. Draining the whole ring held the loop 20-45 ms a turn at
         chip speed (docs/decisions.md, "The audio task drains the ring in one turn").
-        A timer, not the I2S's readiness: asyncio queues a task woken by
-        I/O behind every task that merely yielded, so beside a busy task (the signer's
-        steps) a reader woken by I/O would run only every other turn.
+        A timer, not the I2S's readiness: asyncio queues a task woken by I/O behind every
+        task that merely yielded, so beside a busy task (the signer's steps) a reader
+        woken by I/O would run only every other turn.
 
         After a turn it sleeps at least long enough to keep its share of the CPU within
         AUDIO_DUTY_PCT: a chip too slow for the audio then loses audio, not everything
