@@ -116,6 +116,12 @@ class Mic:
         return self._took(nb, None)
 
     @property
+    def half_full(self):
+        """Whether the driver ring is estimated over half full after the last read: a
+        reader this far behind must drain it, not pace itself."""
+        return self._backlog * 2 > self._cap
+
+    @property
     def read_us(self):
         """ticks_us() when the last sample read was taken (the middle of what is known)."""
         if self._hi is None:

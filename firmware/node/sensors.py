@@ -147,7 +147,7 @@ class Sound:
         in its non-blocking mode; from then on the task wakes on a timer and takes what
         the ring holds, chunk by chunk, for up to AUDIO_TURN_US a turn (judged by its last
         chunk: two at chip speed); what is left waits for its next turns, which do not
-        rest while it is behind. Draining the whole ring held the loop 20-45 ms a turn at
+        rest while it is behind. While the ring is over half full it drains on. Draining the whole ring held the loop 20-45 ms a turn at
         chip speed (docs/decisions.md, "The audio task drains the ring in one turn").
         A timer, not the I2S's readiness: asyncio queues a task woken by I/O behind every
         task that merely yielded, so beside a busy task (the signer's steps) a reader
@@ -171,9 +171,11 @@ class Sound:
                 meter.process(mic.samples, n, mic.read_us, mic.lost_before)
                 if n < mic.chunk or not more:
                     break
-                # another chunk only if it would end within the turn, judged by this one
+                # another chunk only if it would end within the turn, judged by this one,
+                # unless the ring is over half full (the boot's long steps: an overrun)
                 now = time.ticks_us()
-                if time.ticks_diff(now, started) + time.ticks_diff(now, began) > AUDIO_TURN_US:
+                if (time.ticks_diff(now, started) + time.ticks_diff(now, began) > AUDIO_TURN_US
+                        and not mic.half_full):
                     behind = True
                     break
                 more -= 1
