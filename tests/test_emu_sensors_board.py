@@ -468,30 +468,41 @@ print(json.dumps({"turns": steps[0], "overruns": sound.mic.overruns, "laeq": lae
     assert r["laeq"][0] == pytest.approx(94.0, abs=0.5)  # the calibrator, all of it heard
 
 
-@pytest.mark.parametrize("held_ms", [100, 220])
+@pytest.mark.parametrize(("held_ms", "read_ms", "busy_ms"), [(100, 0, 30), (220, 0, 30),
+                                                           (100, 3, 10)])
 def test_a_turn_of_the_audio_ends_at_its_time_and_the_next_turns_catch_up(
-        pole: Pole, held_ms: int) -> None:
-    """At chip speed a 512-sample chunk costs the DSP ~5.5 ms, and a turn that drained a
-    ring of 4-8 chunks held the loop 20-45 ms. A turn takes chunks for up to
-    AUDIO_TURN_US now, judged by its last chunk, and leaves the rest to its next turns,
-    resting none while it is behind; while the ring is over half full it drains on
-    (the boot's long steps: two chunks a turn lost 763 ms at boot in a bench run). Here
-    a chunk costs 6.4 ms, the loop is held once (100 ms: ~3 of the ring's 8 chunks wait;
-    220 ms: ~7), and a busy task takes 30 ms steps between the audio's turns: two chunks
-    a turn, or more while over half full (the whole ring, 8, before); none lost."""
+        pole: Pole, held_ms: int, read_ms: int, busy_ms: int) -> None:
+    """At chip speed a 512-sample chunk costs the DSP ~6.5 ms and its read ~2.5, and a
+    turn that drained a ring of 4-8 chunks held the loop 20-45 ms. A turn takes chunks
+    for up to AUDIO_TURN_US now, each judged by the last one with its read, and leaves
+    the rest to its next turns, resting none while it is behind; while the ring is over
+    half full it drains on (the boot's long steps: two chunks a turn lost 763 ms at boot
+    in a bench run). Here a chunk costs 6.4 ms, the loop is held once (100 ms: ~3 of the
+    ring's 8 chunks wait; 220 ms: ~7), and a busy task takes its steps between the
+    audio's turns: two chunks a turn, or more while over half full (the whole ring, 8,
+    before). With a 3 ms read, one (two when the reads were not counted: a bench run's
+    audio turns were 20-30 ms at chip speed); none lost."""
     shutil.copytree(FIRMWARE, pole.fs / "fw", dirs_exist_ok=True)
     before = pole.parts.state()["i2s_dropped_bytes"]
     code = AUDIO_BESIDE_BUSY + """
 sound = Sound({"sck": 26, "ws": 25, "sd": 33, "rate": 16000}, 15.0, None)
 process = sound.meter.process
+read_held = sound.mic.read_held
 chunks = [0, 0]                 # this turn's, the most in a turn
 
-def slow(buf, n, *rest):
+def wait_us(us):
     t = time.ticks_us()
-    while time.ticks_diff(time.ticks_us(), t) < 6400:
+    while time.ticks_diff(time.ticks_us(), t) < us:
         pass
+
+def slow(buf, n, *rest):
+    wait_us(6400)
     process(buf, n, *rest)
     chunks[0] += 1
+
+def slow_read():
+    wait_us(READ_MS * 1000)
+    return read_held()
 
 def beat():                     # once a turn, after its chunks
     chunks[1] = max(chunks[1], chunks[0])
@@ -501,18 +512,22 @@ async def main():
     asyncio.create_task(sound.run(beat))
     await asyncio.sleep_ms(100)  # its first read: the ring runs from here
     time.sleep_ms(HELD_MS)      # the loop held once
-    asyncio.create_task(busy(30))
+    asyncio.create_task(busy(BUSY_MS))
     await asyncio.sleep_ms(3000)
     sound.mic.deinit()
 
 sound.meter.process = slow
+sound.mic.read_held = slow_read
 asyncio.run(main())
 print(json.dumps({"most": chunks[1], "chunk": sound.mic.chunk, "turns": steps[0]}))
-""".replace("HELD_MS", str(held_ms))
+""".replace("HELD_MS", str(held_ms)).replace("READ_MS", str(read_ms)).replace(
+        "BUSY_MS", str(busy_ms))
     r = pole.run(code)
     dropped = (pole.parts.state()["i2s_dropped_bytes"] - before) // 4
-    assert r["chunk"] == 512 and r["turns"] >= 30, r
-    if held_ms < 128:               # under half the ring: 6.4 + 6.4 <= 14 ms < 3 x 6.4
+    assert r["chunk"] == 512 and r["turns"] >= 3000 // (busy_ms + 20), r
+    if read_ms:                     # 3 + 6.4 ms a chunk: a second would end past 14 ms
+        assert r["most"] == 1, r
+    elif held_ms < 128:             # under half the ring: 6.4 + 6.4 <= 14 ms < 3 x 6.4
         assert r["most"] == 2, r
     else:                           # over half: drained past the turn's time, not all
         assert 3 <= r["most"] < 8, r

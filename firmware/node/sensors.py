@@ -146,9 +146,11 @@ class Sound:
         The first read waits on the I2S through asyncio, which puts the ESP32's driver
         in its non-blocking mode; from then on the task wakes on a timer and takes what
         the ring holds, chunk by chunk, for up to AUDIO_TURN_US a turn (judged by its last
-        chunk: two at chip speed); what is left waits for its next turns, which do not
-        rest while it is behind. While the ring is over half full it drains on. Draining the whole ring held the loop 20-45 ms a turn at
-        chip speed (docs/decisions.md, "The audio task drains the ring in one turn").
+        chunk with its read: ~2.5 ms of the driver's bookkeeping beside ~6.5 of DSP at
+        chip speed, so one chunk a turn there); what is left waits for its next turns,
+        which do not rest while it is behind. While the ring is over half full it drains
+        on. Draining the whole ring held the loop 20-45 ms a turn at chip speed
+        (docs/decisions.md, "The audio task drains the ring in one turn").
         A timer, not the I2S's readiness: asyncio queues a task woken by I/O behind every
         task that merely yielded, so beside a busy task (the signer's steps) a reader
         woken by I/O would run only every other turn.
@@ -161,24 +163,25 @@ class Sound:
         meter = self.meter
         rest = 100 - AUDIO_DUTY_PCT
         n = await mic.aread()
+        started = time.ticks_us()
         while True:
-            started = time.ticks_us()
             more = mic.ring_chunks
             heard = meter.events_heard
             behind = False
+            began = started             # this chunk's read began
             while n:
-                began = time.ticks_us()
                 meter.process(mic.samples, n, mic.read_us, mic.lost_before)
                 if n < mic.chunk or not more:
                     break
-                # another chunk only if it would end within the turn, judged by this one,
-                # unless the ring is over half full (the boot's long steps: an overrun)
+                # another chunk only if it would end within the turn, judged by this one
+                # with its read, unless the ring is over half full (the boot's long steps)
                 now = time.ticks_us()
                 if (time.ticks_diff(now, started) + time.ticks_diff(now, began) > AUDIO_TURN_US
                         and not mic.half_full):
                     behind = True
                     break
                 more -= 1
+                began = now
                 n = mic.read_held()
             lost = mic.take_overruns()
             if lost:
@@ -189,6 +192,7 @@ class Sound:
             spent = time.ticks_diff(time.ticks_us(), started) // 1000
             least = 0 if behind else mic.chunk_ms // 2
             await asyncio.sleep_ms(max(least, spent * rest // AUDIO_DUTY_PCT))
+            started = time.ticks_us()   # the turn's time counts its first read
             n = mic.read_held()
 
     def records(self):
