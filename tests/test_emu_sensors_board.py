@@ -480,8 +480,8 @@ def test_a_turn_of_the_audio_ends_at_its_time_and_the_next_turns_catch_up(
     in a bench run). Here a chunk costs 6.4 ms, the loop is held once (100 ms: ~3 of the
     ring's 8 chunks wait; 220 ms: ~7), and a busy task takes its steps between the
     audio's turns: two chunks a turn, or more while over half full (the whole ring, 8,
-    before). With a 3 ms read, one (two when the reads were not counted: a bench run's
-    audio turns were 20-30 ms at chip speed); none lost."""
+    before). With a 3 ms read, one but while over half full (two when the reads were not
+    counted: a bench run's audio turns were 20-30 ms at chip speed); none lost."""
     shutil.copytree(FIRMWARE, pole.fs / "fw", dirs_exist_ok=True)
     before = pole.parts.state()["i2s_dropped_bytes"]
     code = AUDIO_BESIDE_BUSY + """
@@ -489,6 +489,7 @@ sound = Sound({"sck": 26, "ws": 25, "sd": 33, "rate": 16000}, 15.0, None)
 process = sound.meter.process
 read_held = sound.mic.read_held
 chunks = [0, 0]                 # this turn's, the most in a turn
+within = [0]                    # second chunks read for the turn's time, not a full ring
 
 def wait_us(us):
     t = time.ticks_us()
@@ -501,6 +502,8 @@ def slow(buf, n, *rest):
     chunks[0] += 1
 
 def slow_read():
+    if chunks[0] and not sound.mic.half_full:
+        within[0] += 1
     wait_us(READ_MS * 1000)
     return read_held()
 
@@ -519,14 +522,16 @@ async def main():
 sound.meter.process = slow
 sound.mic.read_held = slow_read
 asyncio.run(main())
-print(json.dumps({"most": chunks[1], "chunk": sound.mic.chunk, "turns": steps[0]}))
+print(json.dumps({"most": chunks[1], "within": within[0], "chunk": sound.mic.chunk,
+                  "turns": steps[0]}))
 """.replace("HELD_MS", str(held_ms)).replace("READ_MS", str(read_ms)).replace(
         "BUSY_MS", str(busy_ms))
     r = pole.run(code)
     dropped = (pole.parts.state()["i2s_dropped_bytes"] - before) // 4
     assert r["chunk"] == 512 and r["turns"] >= 3000 // (busy_ms + 20), r
     if read_ms:                     # 3 + 6.4 ms a chunk: a second would end past 14 ms
-        assert r["most"] == 1, r
+        # (a loaded machine may still fill half the ring: those turns drain on)
+        assert r["within"] == 0, r
     elif held_ms < 128:             # under half the ring: 6.4 + 6.4 <= 14 ms < 3 x 6.4
         assert r["most"] == 2, r
     else:                           # over half: drained past the turn's time, not all

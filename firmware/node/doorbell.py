@@ -24,6 +24,10 @@ class Doorbell:
             self._sleeper = None
             task.cancel()               # ends its sleep: queued to run at once
 
+    def clear(self):
+        """Forget a ring that came before now: its waiter has already seen to it."""
+        self.rung = False
+
     async def wait(self, ms):
         """Until ring() or for ms: whether it rang (the ring is used up)."""
         if not self.rung:

@@ -31,6 +31,7 @@ import time
 from hashlib import sha256
 
 from node import p256
+from node.doorbell import Doorbell
 from node.heap import Collector
 
 _MORE = object()                        # _step: the generator has not ended
@@ -88,7 +89,7 @@ class Signer:
         self._fill = None
         self._build = None              # the comb's table, in steps, until it is built
         self._first = size > 0          # the first pair goes before routine jobs
-        self._wake = asyncio.Event()
+        self._wake = Doorbell()
         self.heap = Collector()         # its garbage collected in turns of their own
 
     def _extra(self):
@@ -111,7 +112,7 @@ class Signer:
         pool = self.pool
         while pool and (urgent or len(pool) > self.reserve):
             r, k_inv = pool.pop(0)      # out of the pool before use: it never signs twice
-            self._wake.set()
+            self._wake.ring()
             sig = p256.sign_with_pair(self.keys._private(), digest, r, k_inv)
             if sig:
                 self.pairs += 1
@@ -129,7 +130,7 @@ class Signer:
         exception it raises is raised here)."""
         job = _Job(steps)
         (self._urgent if urgent else self._jobs).append(job)
-        self._wake.set()
+        self._wake.ring()
         await job.done.wait()
         if job.error is not None:
             raise job.error
@@ -152,14 +153,15 @@ class Signer:
         self.pool.clear()
         self._fill = None
         self._first = False
-        self._wake.set()
+        self._wake.ring()
 
     # --- the worker -----------------------------------------------------------------
     async def run(self):
         """The task: the comb's table first, then steps of the oldest urgent job, else of
         the first pair (so an impulse soon after boot needs no whole signature), else of
-        the oldest job, else of the next pair, for up to slice_us a turn; idle when the
-        pool is full. Its garbage is collected in a turn of its own (node.heap)."""
+        the oldest job, else of the next pair, for up to slice_us a turn; at rest when
+        the pool is full. The heap is collected in turns of its own (node.heap), at rest
+        too."""
         self._build = p256.precompute_steps()
         heap = self.heap
         while True:
@@ -177,8 +179,8 @@ class Signer:
                 state = self._work()
                 step = time.ticks_diff(time.ticks_us(), began)
             if state == _IDLE:
-                self._wake.clear()
-                await self._wake.wait()
+                self._wake.clear()          # what rang it is done
+                await heap.rest(self._wake)
             elif state == _PAUSE:
                 await asyncio.sleep_ms(1000)    # a fault: again later, not in a hot loop
             else:
