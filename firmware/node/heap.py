@@ -4,8 +4,9 @@ MicroPython collects when an allocation finds no room, in whichever turn of the 
 allocates: on the chip a collection is some ms, and most of the node's garbage is the
 signer's (P-256 arithmetic in big integers: ~86 % of the collections at chip speed fell
 in its turns, which then held the loop over 20 ms). So the signer's task counts its
-steps here and, when `due()`, collects in a turn with nothing else in it; while it has
-nothing to do it waits in `rest()`, which sees to the other tasks' garbage by the clock.
+steps here and, when `due()`, `tend()`s the heap (a look or a collection) in a turn with
+nothing else in it; while it has nothing to do it waits in `rest()`, which sees to the
+other tasks' garbage by the clock.
 
 Pacing: the room free at a look after a collection, and again a third of the way to
 the next, gives the heap a step uses (everyone's use in that time, the other tasks'
@@ -14,7 +15,7 @@ The second look plans again from what is really free, so a task that starts maki
 garbage faster is caught up with before the heap is full. At rest the same is done by
 the clock: the heap a ms takes, learnt between looks, says when to look again. A look
 is gc.mem_free(), which walks the allocation table (3-5 ms at chip speed, as much as
-half a collection), so no turn takes a look and a collection both.
+half a collection), so a look, like a collection, has a turn of its own.
 """
 
 import gc
@@ -26,11 +27,12 @@ GAIN = 8192             # the least a collection is planned to free: where what 
 FIRST_STEPS = 8         # steps before the first collection, while the pace is unknown
 LOOK_MS = 250           # at rest: the first wait; a collection when the reserve is nearer
 LAST_LOOK_MS = 10000    # at rest: the longest wait between looks
-_NOT_YET = 1 << 30      # a collection not planned until the next look
+_NOT_YET = 1 << 30      # not planned (a look, a collection) until the next look
 
 
 class Collector:
-    """Counts steps of one allocating task; `due()` when it should collect (`collect()`)."""
+    """Counts steps of one allocating task; `due()` when it should look at the heap or
+    collect it (`tend()`)."""
 
     def __init__(self, reserve=RESERVE):
         self.reserve = reserve
@@ -43,29 +45,38 @@ class Collector:
         self._look_again()
 
     def _look_again(self):
-        """Look at the next step, and plan from there (after a collection, or a rest)."""
+        """Look in the next turn, and plan from there (after a collection, or a rest)."""
         self._free = None               # free at the last look; None: not looked since
         self._base = self.steps         # the steps counted then
-        self._look_at = self.steps + 1
+        self._look_at = self.steps
         self._due_at = _NOT_YET
 
     def step(self):
         self.steps += 1
-        if self.steps != self._look_at:
-            return
+
+    def due(self):
+        """Whether a look or a collection is due: `tend()` it, in a turn of its own."""
+        return self.steps >= self._look_at or self.steps >= self._due_at
+
+    def tend(self):
+        """The look or the collection that is due."""
+        if self.steps >= self._look_at:
+            self._plan()
+        else:
+            self.collect()
+
+    def _plan(self):
         free = self._look()
         steps = self.steps - self._base
-        learnt = self._free is not None and self._free > free   # else a collection came
-        if learnt:
+        learnt = self._free is not None and self._free > free and steps > 0
+        if learnt:                      # else a collection came first: the pace stands
             self.per_step = (self._free - free) // steps or 1
         left = self._steps_left(free)
         self._due_at = self.steps + left
+        self._look_at = _NOT_YET
         if not learnt:                  # look again a third of the way
             self._free, self._base = free, self.steps
             self._look_at = self.steps + max(1, left // 3)
-
-    def due(self):
-        return self.steps >= self._due_at
 
     def collect(self):
         gc.collect()
@@ -110,18 +121,19 @@ class Collector:
             since = now
             if not collect:
                 wait = self._rest_ms(free)
-        self._look_again()              # back to steps: the plan from the next step's look
+        self._look_again()              # back to steps: the plan from the next turn's look
 
     def _learn(self, before, since, now):
         """What is free now; the heap a ms used since `since`. If the allocator collected
-        meanwhile, the heap was used up: `before` in that time, at least."""
+        meanwhile (more is free), the heap was used up: `before` in that time, at least,
+        and twice what was thought."""
         free = self._look()
         ms = time.ticks_diff(now, since)
         if ms > 0:
-            if before > free:
-                self.per_ms = (before - free) // ms or 1
-            else:
-                self.per_ms = max(self.per_ms, before // ms or 1)
+            if before >= free:          # at most halved at a look: a collection unseen
+                self.per_ms = max((before - free) // ms, self.per_ms // 2, 1)
+            else:                       # and the wait was too long: halve the next
+                self.per_ms = max(2 * self.per_ms, before // ms or 1)
         return free
 
     def _ms_left(self, free):

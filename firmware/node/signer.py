@@ -166,7 +166,7 @@ class Signer:
         heap = self.heap
         while True:
             if heap.due():
-                heap.collect()
+                heap.tend()                 # a look or a collection, alone in its turn
                 await asyncio.sleep_ms(0)
             start = time.ticks_us()
             state = self._work()
