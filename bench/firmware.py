@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from array import array
@@ -177,8 +179,13 @@ asyncio.run(main())
 TASK_TIMER = """
 import asyncio, os, time
 from array import array
-held = {}                   # task: [steps, steps over OVER_US, longest us], in place:
-                            # a tuple a step was ~3 KB/s of garbage, near the audio's
+held = {}                   # task: [steps, steps over OVER_US, longest us, steps over
+                            # OVER_US with a collection], in place: a tuple a step was
+                            # ~3 KB/s of garbage, near the audio's
+try:
+    from emu_drivers import collections     # chip speed: the heap's collections so far
+except ImportError:
+    collections = lambda: 0
 longest = []                # the LONGEST longest steps: (us, task, ms since T0_MS)
 LONGEST = 16
 T0_MS = time.ticks_ms()
@@ -191,9 +198,10 @@ class Timed:
         if self.name == 'run' and RUNS:
             self.name = RUNS.pop(0)
         if self.name not in held:
-            held[self.name] = array('i', (0, 0, 0))
+            held[self.name] = array('i', (0, 0, 0, 0))
         self.counts = held[self.name]
     def _timed(self, step, arg):
+        gc_count = collections()
         t = time.ticks_us()
         try:
             return step(arg)
@@ -203,6 +211,8 @@ class Timed:
             c[0] += 1
             if us > OVER_US:
                 c[1] += 1
+                if collections() != gc_count:
+                    c[3] += 1
             if us > c[2]:
                 c[2] = us
             if us > 5 * OVER_US:
@@ -219,7 +229,7 @@ _create = asyncio.core.create_task
 asyncio.core.create_task = lambda coro: _create(Timed(coro))
 asyncio.create_task = asyncio.core.create_task
 def save_held():
-    lines = ['%s %d %d %d\\n' % (name, h[0], h[1], h[2]) for name, h in held.items()]
+    lines = ['%s %d %d %d %d\\n' % (name, h[0], h[1], h[2], h[3]) for name, h in held.items()]
     lines += ['@ %s %d %d\\n' % (name, us, t) for us, name, t in longest]
     f = open('/bench_held.tmp', 'w')
     f.write(''.join(lines))             # one write: a write is a system call
@@ -534,6 +544,23 @@ def _shot_times(start: float, end: float, outage: tuple[float, float]) -> list[f
     return times or [start]
 
 
+# The host's own lateness beside the chip-speed run, binned as PROBE bins the node's:
+# a 50 ms sleep in a plain process, from the end of the warm-up (argv[1] s) to the end
+# (argv[2] s). What a loaded host does to any sleeper it does to the VM's too, so a run
+# whose host stalls is told from one whose node does.
+HOST_PROBE = """
+import json, sys, time
+time.sleep(float(sys.argv[1]))
+end = time.monotonic() + float(sys.argv[2])
+h = [0] * 202
+while time.monotonic() < end:
+    t = time.monotonic()
+    time.sleep(0.05)
+    h[min(201, int((time.monotonic() - t) * 1000) // 10 - 5 + 1)] += 1
+print(json.dumps(h))
+"""
+
+
 def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: str, operator,
                    seconds: float) -> dict:
     """The app at chip speed for `seconds`: gunshots every SHOT_EVERY_S, one downlink, one
@@ -547,6 +574,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         overruns_before = _overruns(board)
         collections_before = board.control("status").get("collections") or {}
         t0 = time.time()
+        host_probe = subprocess.Popen([sys.executable, "-c", HOST_PROBE, str(warmup),
+                                       str(seconds - warmup)], stdout=subprocess.PIPE, text=True)
         outage_s = min(60.0, 0.2 * (seconds - warmup))
         outage = (warmup + 0.55 * (seconds - warmup),) * 2
         outage = (outage[0], outage[0] + outage_s)
@@ -572,6 +601,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         answer = pole.first(wire.KIND_STATUS, sent) if sent else None
         result["downlink_ms"] = round((answer - sent) * 1000) if answer else None
         result["stalls"] = _stall_stats(_saved(stalls, "H"))
+        out, _ = host_probe.communicate(timeout=60)
+        result["host_stalls"] = _stall_stats(json.loads(out))
         held = board.state / "fs" / "bench_held.txt"
         result["held"] = _held_stats(held.read_text()) if held.exists() else {}
         result["longest"] = _longest_holds(held.read_text()) if held.exists() else []
@@ -707,12 +738,12 @@ def _stall_stats(counts: list[int]) -> dict:
 
 
 def _held_stats(text: str, scale: float = 1.0) -> dict:
-    """{task: [steps, steps over the limit, longest step in ms x scale]} from TASK_TIMER's
-    file, the worst first."""
+    """{task: [steps, steps over the limit, longest step in ms x scale, steps over the
+    limit with a heap collection in them]} from TASK_TIMER's file, the worst first."""
     rows = [line.split() for line in text.splitlines() if line.strip() and line[0] != "@"]
     rows.sort(key=lambda row: -int(row[3]))
-    return {name: [int(n), int(over), round(int(top) / 1000 * scale, 1)]
-            for name, n, over, top in rows}
+    return {name: [int(n), int(over), round(int(top) / 1000 * scale, 1), int(collected)]
+            for name, n, over, top, collected in rows}
 
 
 def _collection_stats(counted: dict | None, minutes: float, factor: float) -> dict:
@@ -854,6 +885,8 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "max_loop_stall_ms_chip": stalls.get("max"),
         "loop_stall_p99_ms_chip": stalls.get("p99"),
         "loop_stalls_over_20ms": stalls.get("over_20"),
+        # the same probe in a plain process on the host beside the run: the host's share
+        "host_sleep_stalls": chip.get("host_stalls"),
         # per task: [steps, steps over 20 ms, longest ms]; at chip speed (grain: one
         # burst of the pacing, ~20 ms), and from host time x factor (no grain)
         "loop_held_by_task_chip": chip.get("held"),

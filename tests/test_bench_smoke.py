@@ -42,10 +42,14 @@ def test_bench_firmware_quick(tmp_path: Path):
     # start at chip speed (docs/decisions.md, "First findings"), which the run reports
     assert isinstance(result["audio_overruns"], int) and result["audio_overruns"] >= 0
     assert result["chip_speed_run"]["probes"] > 0    # the app ran at chip speed (its loop probed)
+    assert result["host_sleep_stalls"]["probes"] > 0     # and the host beside it
     # the node's heap was collected in the run, each collection counted with its CPU
     assert result["collections_per_min"] > 0
     assert 0 < result["collection_ms_chip_mean"] <= result["collection_ms_chip_longest"]
     assert result["loop_longest_holds_chip"], "no turn of the loop over 100 ms at boot?"
+    # per task: steps, those over 20 ms, the longest, those over 20 ms with a collection
+    for steps, over, _longest, collected in result["loop_held_by_task_chip"].values():
+        assert 0 <= collected <= over <= steps
     assert 0 <= result["audio_lost_pct"] <= 100
     for key in ("max_loop_stall_ms_chip", "impulse_to_publish_ms_chip"):
         assert result[key] is None or 0 <= result[key] < 60_000, (key, result[key])

@@ -187,14 +187,17 @@ def _run_counted(tmp_path: Path, factor: float, code: str) -> tuple[dict, dict, 
 
 COLLECTIONS = """
 import gc, json, time
+from emu_drivers import collections     # the count, as the benchmark's timer reads it
 keep = [[i, str(i)] for i in range(700)]
 took = []
+first = collections()
 for _ in range(15):
     t0 = time.ticks_us()
     gc.collect()
     took.append(time.ticks_diff(time.ticks_us(), t0))
 took.sort()
-print(json.dumps({"us": took[7], "used": gc.mem_alloc(), "free": gc.mem_free()}))
+print(json.dumps({"us": took[7], "used": gc.mem_alloc(), "free": gc.mem_free(),
+                  "counted": collections() - first}))
 """
 
 
@@ -211,6 +214,7 @@ def test_a_collection_costs_the_chip_its_modelled_time(tmp_path: Path):
     heap = seen["used"] + seen["free"]
     model_ms = (heap + seen["used"]) / 2 / 1024 / 29
     assert count >= 15
+    assert 15 <= seen["counted"] <= count, seen    # the VM reads the same count
     assert chip_ms == pytest.approx(model_ms, rel=0.2), (chip_ms, model_ms)
     # the firmware's own clock reads it so: the collection, and a little interpreter
     assert 0.8 * model_ms <= seen["us"] / 1000 <= 1.5 * model_ms + 2, (seen, model_ms)
