@@ -207,6 +207,20 @@ for args in [('cn-x', -1, 0, 0, 0, []), ('cn-x', 1, -1, 0, 0, []), ('cn-x', 1, 0
     assert mpy(code).split() == ["ValueError"] * 7
 
 
+def test_firmware_record_of_the_wrong_types_is_refused():
+    # names and units are written by a text-only encoder: a number there must not pass
+    code = """
+from node.payload import encode_payload
+for rec in [(7, 'dB', 1.0), ('x', 5, 1.0), ('x', b'dB', 1.0), ('x', 'dB', [1]), ('x', None, 'ok')]:
+    try:
+        encode_payload('cn-x', 1, 1, 1, 0, [rec])
+        print('ACCEPTED')
+    except TypeError:
+        print('TypeError')
+"""
+    assert mpy(code).split() == ["TypeError"] * 4 + ["ACCEPTED"]
+
+
 # --- fresh keys: generated on the node, verified by independent host code ---------
 
 def test_fresh_node_key_signs_and_host_verifies(tmp_path):

@@ -62,12 +62,14 @@ def _record_into(buf, rec):
     name, unit, value = rec[0], rec[1], rec[2]
     t = rec[3] if len(rec) > 3 else None
     label = _value_label(value)         # raises before anything is written
+    if not isinstance(name, str) or not (unit is None or isinstance(unit, str)):
+        raise TypeError("SenML name and unit must be str")
     buf.append(0xA2 + (unit is not None) + (t is not None))    # a map of 2-4 pairs
     buf.append(N)                       # the labels (0..6) are one byte each
-    cbor.encode_into(buf, name)
+    cbor.encode_text_into(buf, name)
     if unit is not None:
         buf.append(U)
-        cbor.encode_into(buf, unit)
+        cbor.encode_text_into(buf, unit)
     buf.append(label)
     cbor.encode_into(buf, value)
     if t is not None:
@@ -162,7 +164,7 @@ async def seal_async(device, seq, signer, kind, records, uptime_ms=None, alg="ES
     """seal() for the running app, in pieces of ~15 ms of the chip's time at most: the
     payload a few records at a time, then the signature through `signer`
     (node.signer.Signer): with a nonce pair at once when there is one for it (urgent:
-    an impulse event), else in steps. An urgent payload (an event's nine records, ~8 ms
+    an impulse event), else in steps. An urgent payload (an event's nine records, ~9 ms
     of the chip's time) is built in one piece: each step costs a turn of the loop.
     With `room` (a Room) the envelope is built in it and is its bytearray, valid until
     the room's next envelope: queue it (the spool copies) before sealing another."""
