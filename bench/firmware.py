@@ -409,6 +409,9 @@ async def probed(self):
     if self.sound is not None:
         import bench_trace
         more = (bench_trace.trace(self, bench_probe.save),)
+    heap = self.signer.heap if self.signer is not None else None
+    if heap is not None:                # the collections node.heap planned, since boot
+        more += (lambda: bench_probe.save('bench_planned', str(heap.collections).encode()),)
     asyncio.create_task(bench_probe.probe(save_held, counted, more))
     await run(self)
 app.Node.run = probed
@@ -615,6 +618,10 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
             result["collections"] = {   # in the run; the longest since boot
                 key: value - collections_before.get(key, 0) if "longest" not in key else value
                 for key, value in collections.items()}
+            planned = board.state / "fs" / "bench_planned.bin"
+            if planned.exists():        # both since boot (the boot's own are the allocator's)
+                result["collections"]["planned_pct"] = round(
+                    100 * int(planned.read_text()) / collections["count"], 1)
         # the microphone's 32-bit mono samples, as a share of the audio of the whole run
         lost = (dropped - overruns_before[1]) / 4 / MIC_RATE
         # at most all of it: what the ring held at t0 may be dropped in the run too
@@ -754,6 +761,7 @@ def _collection_stats(counted: dict | None, minutes: float, factor: float) -> di
         return {"collections_per_min": None}
     count = counted["count"]
     return {"collections_per_min": round(count / minutes, 1),
+            "collections_planned_pct": counted.get("planned_pct"),
             "collection_ms_chip_mean": round(counted["chip_ms"] / count, 1),
             "collection_ms_chip_longest": round(counted["chip_longest_ms"], 1),
             "collection_ms_host_x_factor_mean": round(counted["cpu_ms"] / count * factor, 1)}

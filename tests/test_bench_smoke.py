@@ -45,6 +45,7 @@ def test_bench_firmware_quick(tmp_path: Path):
     assert result["host_sleep_stalls"]["probes"] > 0     # and the host beside it
     # the node's heap was collected in the run, each collection counted with its CPU
     assert result["collections_per_min"] > 0
+    assert 0 < result["collections_planned_pct"] <= 100     # node.heap's share of them
     assert 0 < result["collection_ms_chip_mean"] <= result["collection_ms_chip_longest"]
     assert result["loop_longest_holds_chip"], "no turn of the loop over 100 ms at boot?"
     # per task: steps, those over 20 ms, the longest, those over 20 ms with a collection
