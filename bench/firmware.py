@@ -895,8 +895,9 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "loop_stalls_over_20ms": stalls.get("over_20"),
         # the same probe in a plain process on the host beside the run: the host's share
         "host_sleep_stalls": chip.get("host_stalls"),
-        # per task: [steps, steps over 20 ms, longest ms]; at chip speed (grain: one
-        # burst of the pacing, ~20 ms), and from host time x factor (no grain)
+        # per task: [steps, steps over 20 ms, longest ms, those over 20 ms with a heap
+        # collection in them]; at chip speed (grain: one burst of the pacing, ~20 ms),
+        # and from host time x factor (no grain, no collections counted: 0)
         "loop_held_by_task_chip": chip.get("held"),
         # the heap's collections in the run (counted by emulator/chipclock.c): per minute,
         # and each one's host CPU x the factor (mean, longest): a stall none can shorten

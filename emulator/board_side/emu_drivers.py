@@ -45,5 +45,5 @@ _COUNT = _AT - 9 * 8    # chipclock.c's struct collections: count, 9 int64 befor
 
 def collections():
     """The heap's collections so far (the count's low word), 0 outside chip speed: the
-    benchmark tells by it whether a task's turn had the allocator's collection in it."""
+    benchmark tells by it whether a task's turn had a collection in it."""
     return _word(_COUNT) if _AT else 0

@@ -12,13 +12,13 @@ A request first waits HOLD_MS on its socket, blocking the loop: a wait on the ev
 loop would read the answer's arrival a loop turn late (tens of ms at chip speed), which
 is the error itself, and on the pole's Wi-Fi most answers come within it. That turn has
 nothing else in it: the request is made ready in the turn before and the answer worked
-out in the turn after (at chip speed the hold's turns were over 20 ms two times in three). A later
-answer is waited for on the loop (no stall over HOLD_MS), up to WAIT_MS: read late, its
-round trip looks longer by as much, so the best-of-SAMPLES choice ranks it below any
-answer read at once. If even the best took over MAX_RTT_MS (the loop or the host held
-for all six), a synced clock keeps its time and tries again in RETRY_S; a first sync
-is applied all the same, and tried again as soon. The answer must echo the request's
-random transmit time, so a stray or forged datagram is dropped.
+out in the turn after (at chip speed the hold's turns were over 20 ms two times in
+three). A later answer is waited for on the loop (no stall over HOLD_MS), up to WAIT_MS:
+read late, its round trip looks longer by as much, so the best-of-SAMPLES choice ranks
+it below any answer read at once. If even the best took over MAX_RTT_MS (the loop or
+the host held for all six), a synced clock keeps its time and tries again in RETRY_S; a
+first sync is applied all the same, and tried again as soon. The answer must echo the
+request's random transmit time, so a stray or forged datagram is dropped.
 """
 
 import os
