@@ -4,6 +4,7 @@ alone; citynode-emu --speed-factor runs a board that way; the host calibration r
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -318,6 +319,19 @@ def test_host_calibration_quick_run_is_sane():
     rates = speed.measure_host(quick=True)
     assert 5_000 < rates.pystones < 2_000_000
     assert 0.0005 < rates.pi1000_s < 0.2
+
+
+def test_the_host_calibration_is_kept_for_each_binary(tmp_path: Path, monkeypatch):
+    # a CI clone's binary and the checkout's took turns to measure (one entry): two
+    # measurements of one host differ by ~5 %, and so did two benchmarks' factors
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    other = tmp_path / "micropython"
+    shutil.copy2(micropython_binary(), other)   # another path: another binary's key
+    first = speed.host_rates(str(other))
+    mine = speed.host_rates()
+    assert speed.host_rates(str(other)) == first    # not measured again: kept beside
+    assert speed.host_rates() == mine
+    assert speed.host_rates(refresh=True).measured_at > mine.measured_at
 
 
 FLASH_WRITES = """
