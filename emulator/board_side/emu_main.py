@@ -6,7 +6,9 @@
 # starts a fresh VM, which is what a soft reset does to the heap on the chip.
 import sys
 import os
+import _thread
 import emu_link
+from emu_time import _real as _host_time
 emu_link.driver_begin()     # the board's set-up, to the end of main()'s: see SET_UP_NS
 
 EXIT_SOFT = 80      # soft reset, back to the friendly REPL (main.py runs)
@@ -14,7 +16,7 @@ EXIT_SOFT_RAW = 81  # soft reset from the raw REPL (main.py is skipped)
 EXIT_RESUME = 83    # + step: this VM cannot go on; a fresh one carries on at `step`
 
 # Where the board is once some user code has returned: the step a fresh VM resumes
-# at (CITYNODE_EMU_BOOT=resume<step>) when this one has to hand over (_stopped).
+# at (CITYNODE_EMU_BOOT=resume<step>) when this one has to hand over (run_user_code).
 AFTER_BOOT_PY, AFTER_BOOT_PY_RAW, AFTER_MAIN_PY, IN_REPL, IN_RAW_REPL = range(5)
 
 CTRL_A, CTRL_B, CTRL_C, CTRL_D, CTRL_E = 1, 2, 3, 4, 5
@@ -25,6 +27,7 @@ _in = sys.stdin.buffer
 _globals = {"__name__": "__main__"}
 # Made now, while the heap works: raising one later allocates nothing.
 _RESUME = tuple(SystemExit(EXIT_RESUME + step) for step in range(IN_RAW_REPL + 1))
+_sound = [True]
 
 
 def write(s):
@@ -121,7 +124,7 @@ def banner():
 
 
 def _running(flag):
-    emu_link.call(emu_link.STATE, 1 if flag else 0)
+    return emu_link.call(emu_link.STATE, 1 if flag else 0)
 
 
 def _heap_locked():
@@ -135,7 +138,8 @@ def _heap_locked():
 
 def _report(e, before="", after=""):
     """Print e's traceback between `before` and `after` (the raw REPL's \\x04 marks).
-    A second Ctrl-C, or a heap left locked, may cut the traceback short, not the REPL."""
+    A heap left locked, or a Ctrl-C while the host still counts the code as running
+    (see run_user_code), may cut the traceback short, not the REPL."""
     try:
         write(before)
         sys.print_exception(e, _out)
@@ -147,37 +151,101 @@ def _report(e, before="", after=""):
         pass
 
 
-def _stopped(step):
-    """User code has ended: tell the host, so that Ctrl-C no longer raises.
+def _stopped():
+    """User code has ended: tell the host, so that Ctrl-C no longer raises. False if
+    this VM cannot go on.
 
     The unix port raises KeyboardInterrupt straight from its SIGINT handler, wherever
-    the VM is (MICROPY_ASYNC_KBD_INTR). If that is inside a garbage collection, the
-    collection never finishes: the heap stays locked ("memory allocation failed, heap
-    is locked") and its marks half set. Nothing in this VM can be trusted then, so it
-    exits and a fresh VM carries on at `step`, as the chip (whose Ctrl-C waits for
-    the next bytecode) would have; the REPL's globals are what is lost."""
+    the VM is (MICROPY_ASYNC_KBD_INTR). Two places in its C never recover: a garbage
+    collection (the heap stays locked, "memory allocation failed, heap is locked", its
+    marks half set) and the interning of a name (compiling, importing, getattr by
+    name: the table's mutex stays held, and the next name interned waits forever)."""
     while True:
         try:
             if _heap_locked():
-                raise _RESUME[step]
-            _running(False)
-            return
+                return False
+            interrupted = _running(False) == b"\x01"   # a Ctrl-C was sent into the code
+            break
         except KeyboardInterrupt:
             pass  # another Ctrl-C before the host heard that user code had ended
+    return not (interrupted and _names_locked())
 
 
-def run_user_code(step, fn, *args):
-    """Run boot.py, main.py or REPL input; a soft reset request propagates. `step`:
-    where the board is once it returns (see _stopped)."""
+class _NameProbe:
+    pass
+
+
+# Made at run time, so a str of the heap, which every setattr interns anew (the first
+# one adds it to the table): the look takes the table's mutex and allocates nothing.
+_PROBE = "name " + "probe"
+_name_probe = _NameProbe()
+setattr(_name_probe, _PROBE, False)
+
+
+def _probe_names(done):
+    setattr(_name_probe, _PROBE, True)
+    done[0] = True
+
+
+def _names_locked():
+    """Whether the table of interned names is locked (see _stopped). Only another
+    thread can look without waiting forever (Ctrl-C never lands in it: the host sends
+    it to the main thread); its time is the emulator's, not the chip's. It allocates
+    nothing: a Ctrl-C inside an allocation leaves the heap's (recursive) mutex held
+    by the main thread, which harms nothing while that thread is the only one."""
+    done = [False]
+    emu_link.driver_begin()
     try:
-        _running(True)
-        fn(*args)
-    except SystemExit:
-        raise
-    except BaseException as e:  # KeyboardInterrupt and everything else: report, stay alive
-        _report(e)
+        _thread.start_new_thread(_probe_names, (done,))
+        started = _host_time.ticks_ms()
+        while not done[0] and _host_time.ticks_diff(_host_time.ticks_ms(), started) < 200:
+            _host_time.sleep_ms(1)
+    except MemoryError:
+        return False    # no room for a thread, nor for much else: the REPL will say so
     finally:
-        _stopped(step)
+        emu_link.driver_end(0)
+    return not done[0]
+
+
+def _run(fn, args):
+    """Run user code: what it raised, or None; _sound[0]: whether this VM can go on
+    (a list made before: the heap may be locked now, and a tuple would need it).
+
+    A Ctrl-C can land in this function's own code as the user's ends (the unix port
+    raises it wherever the VM is, not only in the user's bytecode): the inner handler
+    or the call to _stopped. The outer handler takes it as the chip's pyexec takes a
+    Ctrl-C pending when the code ends: dropped after an error, raised after success.
+    A second one cannot land in the outer handler: the host sends Ctrl-Cs at least
+    emulator.vm.CTRL_C_BURST_S apart."""
+    error = None
+    try:
+        try:
+            _running(True)
+            fn(*args)
+        except BaseException as e:  # SystemExit too: raised again by run_user_code
+            error = e
+        _sound[0] = _stopped()
+    except KeyboardInterrupt as e:
+        error = error or e
+        _sound[0] = _stopped()
+    return error
+
+
+def run_user_code(step, fn, *args, ok="", before="", after=""):
+    """Run boot.py, main.py or REPL input and say how it ended (`ok`, or its error's
+    traceback between `before` and `after`); a soft reset request propagates. `step`:
+    where the board is once it returns. If this VM cannot go on (see _stopped), it
+    exits and a fresh one carries on at `step`, as the chip (whose Ctrl-C waits for the
+    next bytecode) would have; the REPL's globals are what is lost."""
+    error = _run(fn, args)
+    if isinstance(error, SystemExit):
+        raise error
+    if error is None:
+        write(ok)
+    else:
+        _report(error, before, after)
+    if not _sound[0]:
+        raise _RESUME[step]
 
 
 def _exec_file(name, step):
@@ -235,16 +303,7 @@ def _raw_exec(src, acknowledged):
         sys.print_exception(e, _out)
         write("\x04")
         return
-    try:
-        _running(True)
-        exec(code, _globals)
-        write("\x04\x04")
-    except SystemExit:
-        raise
-    except BaseException as e:
-        _report(e, "\x04", "\x04")
-    finally:
-        _stopped(IN_RAW_REPL)
+    run_user_code(IN_RAW_REPL, exec, code, _globals, ok="\x04\x04", before="\x04", after="\x04")
 
 
 def raw_repl(header=True):
@@ -365,7 +424,7 @@ def friendly_repl(header=True):
 
 
 def _resume(step):
-    """Carry on where the VM before this one handed over (see _stopped), silently."""
+    """Carry on where the VM before this one handed over (see run_user_code), silently."""
     if step == AFTER_BOOT_PY:
         _exec_file("main.py", AFTER_MAIN_PY)
     elif step in (AFTER_BOOT_PY_RAW, IN_RAW_REPL):
