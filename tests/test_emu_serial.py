@@ -86,6 +86,28 @@ def test_friendly_repl_evaluates_expressions(shared_board):
         assert b"42\r\n>>> " in seen
 
 
+def test_ctrl_c_at_the_friendly_prompt_cancels_the_statement(shared_board):
+    """As the port's readline and pyexec do: Ctrl-C cancels the line being typed, or the
+    whole compound statement from its continuation lines, with a new line and a prompt
+    (no KeyboardInterrupt: nothing ran)."""
+    with serial.Serial(shared_board.link, timeout=0.2) as port:
+        port.write(b"\x03\x02")  # interrupt, then show the banner
+        time.sleep(0.3)
+        port.reset_input_buffer()
+        port.write(b"print('line')\x03")
+        port.write(b"for i in range(2):\r    print('statement')\r\x03")
+        port.write(b"print('after')\r")
+        seen = b""
+        deadline = time.monotonic() + 5
+        while b"after\r\n>>> " not in seen and time.monotonic() < deadline:
+            seen += port.read(64)
+    assert seen.endswith(b"after\r\n>>> "), seen
+    assert b"print('line')\r\n>>> for i in range(2):" in seen, seen
+    assert b"\r\n>>> print('after')" in seen, seen                 # the statement cancelled
+    assert b"\r\nline\r\n" not in seen and b"\r\nstatement\r\n" not in seen, seen  # nothing ran
+    assert b"KeyboardInterrupt" not in seen, seen
+
+
 def test_hard_reset_reboots_with_the_matching_cause(emu_board):
     mpremote(emu_board.link, "exec", "import builtins; builtins.marker = 1")
     hard_reset(emu_board)

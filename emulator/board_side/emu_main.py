@@ -354,9 +354,9 @@ def _read_line(prompt):
         if c in (13, 10):
             write("\r\n")
             return line.decode()
-        if c == CTRL_C:
-            write("\r\nKeyboardInterrupt\r\n")
-            return None
+        if c == CTRL_C:             # the line cancelled, as the port's readline does
+            write("\r\n")
+            return c
         if c in (CTRL_A, CTRL_B, CTRL_D, CTRL_E) and not line:
             return c
         if c in (8, 127):
@@ -393,7 +393,7 @@ def friendly_repl(header=True):
         write(banner())
     while True:
         got = _read_line(">>> ")
-        if got is None or got == "":
+        if got == CTRL_C or got == "":
             continue
         if got == CTRL_A:
             write("\r\n")
@@ -410,11 +410,16 @@ def friendly_repl(header=True):
             _paste_mode()
             continue
         src = got
-        while _needs_more(src):
+        while src is not None and _needs_more(src):
             more = _read_line("... ")
-            if not isinstance(more, str):
-                break
-            src += "\n" + more
+            if more == CTRL_C:      # the whole statement cancelled (pyexec.c)
+                src = None
+            elif not isinstance(more, str):
+                break               # Ctrl-D: the statement as far as it goes
+            else:
+                src += "\n" + more
+        if src is None:
+            continue
         try:
             code = compile(src, "<stdin>", "single")
         except BaseException as e:
