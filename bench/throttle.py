@@ -9,22 +9,28 @@ slowdown = throttled time / free time; its error against the factor is what chip
 speed gets wrong on compute. A second workload alternates work and sleep, as the
 firmware's event loop does, to check that idle time is not slowed. Bursts are the
 wall time the VM ran between a SIGCONT and the SIGSTOP; in chip terms x factor.
+A third is an event loop of fixed 10 ms turns (chip time) beside a probe, as
+bench-firmware's: how long a turn reads and how late the probe wakes when nothing
+varies but the host, the floor under the firmware's stall figures.
 Writes bench/results/throttle.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from bench.output import save
 from citynode import speed
 from citynode.boards import get_board
-from citynode.emulator.throttle import BURST_S, Throttle
-from citynode.emulator.vm import micropython_binary, startup_cpu_ns
+from citynode.emulator.throttle import BURST_S, ChipClock, Throttle
+from citynode.emulator.vm import gc_ns_per_byte, micropython_binary, startup_cpu_ns
 
 WORK = """
 import time
@@ -53,19 +59,64 @@ print(time.ticks_diff(time.ticks_us(), t))
 """
 
 
-def _run(code: str, factor: float | None, burst_s: float) -> tuple[int, Throttle | None, float]:
-    """(microseconds the VM measured, its throttle, controller CPU seconds)."""
+# Fixed turns of ~10 ms of chip time each, then 20 ms asleep, in an asyncio loop with a
+# probe that sleeps 50 ms and notes how late it woke (bench/firmware.py's probe). No
+# collection runs (gc disabled): only the host varies. Prints the turns' lengths (us),
+# then "late", then the probe's lateness (ms).
+TURNS = WORK + """
+import asyncio, gc
+turns, late = [], []
+async def worker():
+    for _ in range({turns}):
+        t = time.ticks_us()
+        work({n})
+        turns.append(time.ticks_diff(time.ticks_us(), t))
+        await asyncio.sleep_ms(20)
+async def probe():
+    while True:
+        t = time.ticks_ms()
+        await asyncio.sleep_ms(50)
+        late.append(time.ticks_diff(time.ticks_ms(), t) - 50)
+async def main():
+    asyncio.create_task(probe())
+    await worker()
+gc.collect()
+gc.disable()
+work(1000)
+asyncio.run(main())
+print(*turns)
+print("late", *late)
+"""
+
+
+def _run(code: str, factor: float | None, burst_s: float,
+         gc_kb_ms: float | None = None) -> tuple[str, Throttle | None, float]:
+    """(what the VM printed, its throttle, controller CPU seconds). With `gc_kb_ms` (the
+    chip's rate of collecting) the VM's clock is the chip's and its collections and
+    wake-ups are modelled, as on an emulated board (ChipClock)."""
     binary = micropython_binary()
     free_ns = startup_cpu_ns(binary)     # measured once, before the process starts
     before = resource.getrusage(resource.RUSAGE_SELF)
-    proc = subprocess.Popen([binary, "-c", code], stdout=subprocess.PIPE, text=True)
-    throttle = Throttle(proc.pid, factor, burst_s, free_ns=free_ns) if factor else None
-    out, _ = proc.communicate(timeout=600)
-    if throttle is not None:
-        throttle.stop()
+    with tempfile.TemporaryDirectory() as folder:
+        clock = ChipClock(Path(folder)) if factor and gc_kb_ms else None
+        env = dict(os.environ, **clock.env()) if clock else None
+        proc = subprocess.Popen([binary, "-c", code], stdout=subprocess.PIPE, text=True,
+                                env=env)
+        throttle = (Throttle(proc.pid, factor, burst_s, free_ns=free_ns, clock=clock,
+                             gc_ns_per_byte=gc_ns_per_byte(gc_kb_ms) if clock else 0.0)
+                    if factor else None)
+        out, _ = proc.communicate(timeout=600)
+        if throttle is not None:
+            throttle.stop()
+        if clock is not None:
+            clock.close()
     after = resource.getrusage(resource.RUSAGE_SELF)
     overhead = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return int(out.split()[-1]), throttle, overhead
+    return out, throttle, overhead
+
+
+def _measured_us(out: str) -> int:
+    return int(out.split()[-1])
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -81,12 +132,12 @@ def measure(factor: float, burst_s: float, host_ms: float, runs: int) -> dict:
     """Achieved slowdown on CPU_BOUND (median of `runs`) and the burst distribution."""
     n = int(host_ms * 12_000)          # ~12k iterations per host ms on this VM
     code = CPU_BOUND.format(n=n)
-    free = statistics.median(_run(code, None, burst_s)[0] for _ in range(runs))
+    free = statistics.median(_measured_us(_run(code, None, burst_s)[0]) for _ in range(runs))
     slowed, bursts, overhead, cpu_s = [], [], 0.0, 0.0
     for _ in range(runs):
-        us, throttle, ctl = _run(code, factor, burst_s)
+        out, throttle, ctl = _run(code, factor, burst_s)
         assert throttle is not None
-        slowed.append(us)
+        slowed.append(_measured_us(out))
         bursts += throttle.stats.burst_s
         overhead += ctl
         cpu_s += throttle.stats.cpu_ns / 1e9
@@ -108,8 +159,8 @@ def measure_mixed(factor: float, burst_s: float, rounds: int) -> dict:
     """Work-then-sleep: wall = rounds x (20 ms + work x factor), if idle runs free."""
     work_n = 12_000
     code = MIXED.format(rounds=rounds, n=work_n)
-    free = _run(code, None, burst_s)[0]
-    slowed = _run(code, factor, burst_s)[0]
+    free = _measured_us(_run(code, None, burst_s)[0])
+    slowed = _measured_us(_run(code, factor, burst_s)[0])
     free_work_us = max(1.0, free - rounds * 20_000)
     expected = rounds * 20_000 + free_work_us * factor
     return {"rounds": rounds, "free_ms": round(free / 1000, 1),
@@ -118,10 +169,36 @@ def measure_mixed(factor: float, burst_s: float, rounds: int) -> dict:
             "error_pct": round((slowed / expected - 1) * 100, 1)}
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    """p50, p99, max and the share over 20 ms of chip time (ms)."""
+    over = sum(v > 20 for v in values) * 100 / len(values)
+    return {k: round(v, 1) for k, v in _quantiles(values).items() if k != "p90"} | {
+        "over_20_pct": round(over, 2)}
+
+
+def measure_turns(factor: float, gc_kb_ms: float, burst_s: float, turns: int) -> dict:
+    """Fixed 10 ms turns beside a probe (TURNS) under the throttle, on the chip's clock:
+    each turn's length and the probe's lateness in chip ms; and the same turns at host
+    speed, their lengths x factor (the host's own spread, no throttle in it)."""
+    n = int(10 / factor * 24_000)       # ~24k iterations per host ms on this VM
+    code = TURNS.format(turns=turns, n=n)
+
+    def lengths_and_late(out: str) -> tuple[list[int], list[int]]:
+        lengths, late = out.split("late")
+        return [int(w) for w in lengths.split()], [int(w) for w in late.split()]
+
+    free, _ = lengths_and_late(_run(code, None, burst_s)[0])
+    slowed, late = lengths_and_late(_run(code, factor, burst_s, gc_kb_ms)[0])
+    return {"turns": turns,
+            "turn_ms_chip": _spread([us / 1000 for us in slowed]),
+            "probe_late_ms_chip": _spread(late),
+            "turn_ms_host_x_factor": _spread([us * factor / 1000 for us in free])}
+
+
 def run(quick: bool = False, burst_s: float = BURST_S) -> dict:
     board = get_board("esp32-devkitc")
     factors = speed.factors(board)
-    host_ms, runs, rounds = (20, 1, 5) if quick else (40, 3, 40)
+    host_ms, runs, rounds, turns = (20, 1, 5, 100) if quick else (40, 3, 40, 2000)
     result = {"board": board.name, "speed_factor": round(factors.interp, 1),
               "bigint_speed_factor": round(factors.bigint, 1),
               "host_pystones": round(factors.host.pystones),
@@ -129,6 +206,7 @@ def run(quick: bool = False, burst_s: float = BURST_S) -> dict:
               "burst_us_setting": round(burst_s * 1e6),
               "cpu_bound": measure(factors.interp, burst_s, host_ms, runs),
               "mixed": measure_mixed(factors.interp, burst_s, rounds),
+              "turn_10ms": measure_turns(factors.interp, board.speed.gc_kb_ms, burst_s, turns),
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if not quick:  # the same at a round factor, and at other burst lengths (the trade-off)
         result["cpu_bound_factor_150"] = measure(150.0, burst_s, host_ms // 2, runs)

@@ -43,6 +43,7 @@
 #include <dlfcn.h>
 #include <link.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -99,6 +100,7 @@ struct gc_info {
 #define SEND_SLACK_NS 1000000       /* ahead by at most this, a send goes now */
 #define SEND_WAIT_MAX_NS 2000000000 /* a throttle that never catches up: go anyway */
 #define CLOCK_READ_CHIP_NS 1000     /* the chip's ticks: esp_timer_get_time(), ~1 us */
+#define TICK_NS 10000000            /* FreeRTOS's tick: ESP-IDF's CONFIG_FREERTOS_HZ 100 */
 
 static int (*real_clock_gettime)(clockid_t, struct timespec *);
 static ssize_t (*real_write)(int, const void *, size_t);
@@ -106,6 +108,7 @@ static ssize_t (*real_send)(int, const void *, size_t, int);
 static ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *,
                               socklen_t);
 static ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
+static int (*real_poll)(struct pollfd *, nfds_t, int);
 static struct page *page;
 static struct collections *collections;
 static void (*real_gc_collect)(void);
@@ -150,6 +153,7 @@ __attribute__((constructor)) static void chipclock_init(void)
     real_send = dlsym(RTLD_NEXT, "send");
     real_sendto = dlsym(RTLD_NEXT, "sendto");
     real_sendmsg = dlsym(RTLD_NEXT, "sendmsg");
+    real_poll = dlsym(RTLD_NEXT, "poll");
     const char *path = getenv("CITYNODE_CHIP_CLOCK");
     if (!path)
         return;
@@ -355,6 +359,68 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     if (on_chip_time() && leaves_chip(fd))
         catch_up();
     return real_sendmsg(fd, msg, flags);
+}
+
+/* The CPU this thread used since `since`, less the switch_ns the throttle forgives for
+ * each of `wakes` times it was scheduled in: counted apart, as not_chip_work does. */
+static void not_chip_wake(int64_t since, int wakes)
+{
+    struct timespec ts;
+    if (real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts))
+        return;
+    int64_t took = ns_of(&ts) - since - wakes * page->switch_ns;
+    if (took > 0) {
+        collections->driver_cpu_ns += took;
+        driver_cpu0 += took;            /* in a driver's work: not its CPU too */
+    }
+}
+
+/* Whether the UART (the VM's stdin, fd 0) is among the ready: its interrupt wakes the
+ * chip's main task at once (machine_uart.c, usb_serial_jtag.c). */
+static int uart_ready(const struct pollfd *fds, nfds_t n)
+{
+    for (nfds_t i = 0; i < n; i++)
+        if (fds[i].fd == 0 && fds[i].revents)
+            return 1;
+    return 0;
+}
+
+/* The node's waits (asyncio's, select.poll), as the chip's are. Two differences:
+ * - The chip waits in FreeRTOS ticks: modselect.c waits with mp_event_wait_ms, which on
+ *   the ESP32 port is ulTaskNotifyTake(pdFALSE, 1), a tick at most, then looks again;
+ *   only the UART, pins and timers wake the task sooner (mp_hal_wake_main_task_from_isr),
+ *   not the I2S or a socket. So a wait ends at the first tick after its timeout or after
+ *   what it waits for is ready: 0-10 ms later than the host's poll returns.
+ * - Waking costs the host 15-40 us of CPU in the kernel (more the longer it slept:
+ *   caches gone cold), the chip some us; charged at the factor, a wake after a sleep of
+ *   20 ms cost the chip ~10 ms. The call's CPU beyond switch_ns, which the throttle
+ *   forgives each time the VM is scheduled in, is counted apart, as the tick's wait is.
+ *   The VM's own code still runs slower after a sleep (cold caches): that is charged.
+ * A driver's stand-in (in_driver) waits as the host does: the chip's is C. */
+int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    if (!real_poll)
+        real_poll = dlsym(RTLD_NEXT, "poll");
+    if (timeout == 0 || !on_chip_time() || page->gc_ns_per_byte <= 0 || collections->in_driver)
+        return real_poll(fds, n, timeout);
+    struct timespec ts;
+    real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    int rc = real_poll(fds, n, timeout);
+    not_chip_wake(ns_of(&ts), 1);
+    if (rc < 0 || uart_ready(fds, n))
+        return rc;
+    real_clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    int64_t since = ns_of(&ts);
+    real_clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t to_tick = (TICK_NS - (ns_of(&ts) + ahead(NULL)) % TICK_NS) % TICK_NS;
+    if (to_tick > 0) {
+        struct timespec nap = {0, to_tick};
+        nanosleep(&nap, NULL);          /* the host's time is the chip's while it naps */
+        if (rc > 0)
+            rc = real_poll(fds, n, 0);  /* what is ready by the tick */
+    }
+    not_chip_wake(since, to_tick > 0);
+    return rc;
 }
 
 void gc_collect(void);

@@ -84,6 +84,9 @@ def test_bench_throttle_quick(tmp_path: Path):
     bound = result["cpu_bound"]
     assert bound["achieved"] == pytest.approx(bound["target"], rel=0.8)
     assert bound["burst_us"]["p50"] > 0 and result["speed_factor"] > 1
+    turns = result["turn_10ms"]     # the same work, on the chip's clock and host x factor
+    assert turns["turn_ms_chip"]["p50"] == pytest.approx(
+        turns["turn_ms_host_x_factor"]["p50"], rel=0.7), turns
 
 
 def test_bench_events_quick(tmp_path: Path):
