@@ -86,6 +86,7 @@ struct collections {           /* throttle.py, ChipClock.collections: the same l
     volatile int64_t driver_chip_ns;  /* their chip time, modelled, in all */
     volatile int32_t in_driver;       /* the board side writes these two (a depth) */
     volatile int32_t driver_model_ns;
+    volatile int64_t wait_cpu_ns;     /* of driver_cpu_ns, the kernel's for the waits */
 };
 
 /* py/gc.h gc_info_t begins with these; room for the rest */
@@ -371,6 +372,7 @@ static void not_chip_wake(int64_t since, int wakes)
     int64_t took = ns_of(&ts) - since - wakes * page->switch_ns;
     if (took > 0) {
         collections->driver_cpu_ns += took;
+        collections->wait_cpu_ns += took;
         driver_cpu0 += took;            /* in a driver's work: not its CPU too */
     }
 }
@@ -394,8 +396,11 @@ static int uart_ready(const struct pollfd *fds, nfds_t n)
  * - Waking costs the host 15-40 us of CPU in the kernel (more the longer it slept:
  *   caches gone cold), the chip some us; charged at the factor, a wake after a sleep of
  *   20 ms cost the chip ~10 ms. The call's CPU beyond switch_ns, which the throttle
- *   forgives each time the VM is scheduled in, is counted apart, as the tick's wait is.
- *   The VM's own code still runs slower after a sleep (cold caches): that is charged.
+ *   forgives each time the VM is scheduled in, is counted apart, as the tick's wait is,
+ *   and in wait_cpu_ns, which the throttle takes out of the system time it discounts
+ *   the rest by (its user share): so the wake no longer lands in the next turn, and the
+ *   VM's time in all is charged as before. The VM's own code still runs slower after a
+ *   sleep (cold caches): that is charged.
  * A driver's stand-in (in_driver) waits as the host does: the chip's is C. */
 int poll(struct pollfd *fds, nfds_t n, int timeout)
 {

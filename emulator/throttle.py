@@ -54,6 +54,7 @@ USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is t
 FIFO_PRIORITY = 10
 VM_NICE = -10             # the chip's CPU is the node's own: its VM first when it may run
 _SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")   # /proc/PID/stat's unit, a second
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Collections(NamedTuple):
     driver_cpu_ns: int = 0
     driver_chip_ns: int = 0
     in_driver: bool = False
+    wait_cpu_ns: int = 0        # the kernel's for the VM's waits (chipclock.c's poll)
 
 
 class ChipClock:
@@ -157,7 +159,7 @@ class ChipClock:
 
     _LAYOUT = struct.Struct("<qqqqqddqq")   # chipclock.c, struct page
     _SEQ = struct.Struct("<q")
-    _COLLECTIONS = struct.Struct("<qqqqqqqqqii")  # chipclock.c, struct collections
+    _COLLECTIONS = struct.Struct("<qqqqqqqqqiiq")  # chipclock.c, struct collections
     _COLLECTIONS_AT = 512
 
     def __init__(self, folder: Path) -> None:
@@ -194,9 +196,9 @@ class ChipClock:
         """The VM's heap collections so far; zeros once closed."""
         if self._map.closed:
             return Collections(0, 0, 0, 0, 0, False)
-        *gc, busy, calls, cpu, chip, in_driver, _ = self._COLLECTIONS.unpack_from(
+        *gc, busy, calls, cpu, chip, in_driver, _, waits = self._COLLECTIONS.unpack_from(
             self._map, self._COLLECTIONS_AT)
-        return Collections(*gc, bool(busy), calls, cpu, chip, bool(in_driver))
+        return Collections(*gc, bool(busy), calls, cpu, chip, bool(in_driver), waits)
 
     def close(self) -> None:
         self._map.close()
@@ -413,7 +415,9 @@ class Throttle:
 
     def _user_share(self) -> float:
         """The process's user time / CPU time since it started (/proc/PID/stat, in
-        clock ticks: a sample, so cumulative, and 1 until there are USER_SHARE_TICKS)."""
+        clock ticks: a sample, so cumulative, and 1 until there are USER_SHARE_TICKS),
+        less the system time of its waits that chipclock.c counts apart (charged
+        nothing already: not to be discounted from the rest as well)."""
         try:
             fields = os.pread(self._stat_fd, 256, 0).rsplit(b")", 1)[1].split()
             user, system = int(fields[11]), int(fields[12])
@@ -421,7 +425,9 @@ class Throttle:
             return 1.0
         if user + system < USER_SHARE_TICKS:
             return 1.0
-        return user / (user + system)
+        waits = self.clock.collections().wait_cpu_ns if self.clock is not None else 0
+        system = max(0.0, system - waits * _CLOCK_TICKS / 1e9)
+        return user / (user + system) if user + system else 1.0
 
     def _state(self) -> bytes:
         """The process's state letter (/proc/PID/stat); b"" if unreadable."""
