@@ -575,7 +575,9 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
     with Watch(broker, wire.up_topic(device)) as pole, \
             Watch(city, f"{CITY_PREFIX}/+/up/{device}") as upstream:
         overruns_before = _overruns(board)
-        collections_before = board.control("status").get("collections") or {}
+        status_before = board.control("status")
+        collections_before = status_before.get("collections") or {}
+        hitches_before = status_before.get("hitches") or {}
         t0 = time.time()
         host_probe = subprocess.Popen([sys.executable, "-c", HOST_PROBE, str(warmup),
                                        str(seconds - warmup)], stdout=subprocess.PIPE, text=True)
@@ -613,7 +615,12 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         result["clock"] = _clock_stats(_saved(board.state / "fs" / "bench_clock.bin", "h"))
         overruns, dropped = _overruns(board)
         result["audio_overruns"] = overruns - overruns_before[0]
-        collections = board.control("status").get("collections") or {}
+        status = board.control("status")
+        hitches = status.get("hitches") or {}
+        result["hitches"] = {   # counts in the run; the worst since boot
+            key: value - hitches_before.get(key, 0) if key.endswith("stops") else value
+            for key, value in hitches.items()}
+        collections = status.get("collections") or {}
         if collections.get("count"):
             result["collections"] = {   # in the run; the longest since boot
                 key: value - collections_before.get(key, 0) if "longest" not in key else value
@@ -895,6 +902,11 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "loop_stalls_over_20ms": stalls.get("over_20"),
         # the same probe in a plain process on the host beside the run: the host's share
         "host_sleep_stalls": chip.get("host_stalls"),
+        # the host's stalls of the VM under the throttle (emulator/throttle.py hitch()):
+        # its stops, those that overslept 20 ms or more (the chip's clock jumped: a stall
+        # no chip has) and the worst, those that owed 100 ms or more (the VM ran ahead of
+        # its I2S ring) and the furthest; not the firmware's
+        "host_hitches_chip": chip.get("hitches"),
         # per task: [steps, steps over 20 ms, longest ms, those over 20 ms with a heap
         # collection in them]; at chip speed (grain: one burst of the pacing, ~20 ms),
         # and from host time x factor (no grain, no collections counted: 0)

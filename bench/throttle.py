@@ -11,7 +11,11 @@ firmware's event loop does, to check that idle time is not slowed. Bursts are th
 wall time the VM ran between a SIGCONT and the SIGSTOP; in chip terms x factor.
 A third is an event loop of fixed 10 ms turns (chip time) beside a probe, as
 bench-firmware's: how long a turn reads and how late the probe wakes when nothing
-varies but the host, the floor under the firmware's stall figures.
+varies but the host, the floor under the firmware's stall figures. A fourth is the
+node's own audio turn, its sound meter on a 512-sample chunk (node/acoustic.py, the
+viper A-weighting and the quarter's Python): back to back and after each wait, at
+host speed x the factor, and on the chip's clock after each wait, as the node's audio
+task runs it; what the host's slowness after a wait adds to the firmware's turns.
 Writes bench/results/throttle.json.
 """
 
@@ -31,6 +35,7 @@ from citynode import speed
 from citynode.boards import get_board
 from citynode.emulator.throttle import BURST_S, ChipClock, Throttle
 from citynode.emulator.vm import gc_ns_per_byte, micropython_binary, startup_cpu_ns
+from citynode.testing.micropython import FIRMWARE
 
 WORK = """
 import time
@@ -86,6 +91,41 @@ work(1000)
 asyncio.run(main())
 print(*turns)
 print("late", *late)
+"""
+
+# The node's sound meter on one 512-sample chunk of 16 kHz noise (its audio task's work
+# for a chunk, without the read): `chunks` back to back, then `chunks` each after a
+# 16 ms asyncio wait (the task's rest between turns: a poll, as on the chip). No
+# collection runs. Prints the back-to-back times (us), then "waited" and the others.
+DSP_CHUNKS = """
+import asyncio, gc, sys, time
+from array import array
+sys.path.append({firmware!r})
+from node.acoustic import SoundMeter
+meter = SoundMeter(rate=16000)
+seed = 12345
+buf = array('i', bytes(4 * 512))
+for i in range(512):
+    seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+    buf[i] = ((seed >> 7) & 0xFFFFFF) - 0x800000
+def chunk():
+    t = time.ticks_us()
+    meter.process(buf, 512)
+    return time.ticks_diff(time.ticks_us(), t)
+async def waited(n):
+    out = []
+    for _ in range(n):
+        await asyncio.sleep_ms(16)
+        out.append(chunk())
+    return out
+for _ in range(8):
+    chunk()
+gc.collect()
+gc.disable()
+together = [chunk() for _ in range({chunks})]
+after = asyncio.run(waited({chunks}))
+print(*together)
+print("waited", *after)
 """
 
 
@@ -176,11 +216,19 @@ def _spread(values: list[float]) -> dict[str, float]:
         "over_20_pct": round(over, 2)}
 
 
+def _iterations_per_ms(burst_s: float) -> float:
+    """work()'s iterations per host ms on this host now (the best of a few timings):
+    a host's speed moves, and a fixed count made the 10 ms turns 15 ms on a slower one."""
+    code = WORK + "\nfor _ in range(5):\n    t = time.ticks_us()\n    work(20000)\n" \
+        "    print(time.ticks_diff(time.ticks_us(), t))\n"
+    return 20_000 / (min(int(w) for w in _run(code, None, burst_s)[0].split()) / 1000)
+
+
 def measure_turns(factor: float, gc_kb_ms: float, burst_s: float, turns: int) -> dict:
     """Fixed 10 ms turns beside a probe (TURNS) under the throttle, on the chip's clock:
     each turn's length and the probe's lateness in chip ms; and the same turns at host
     speed, their lengths x factor (the host's own spread, no throttle in it)."""
-    n = int(10 / factor * 24_000)       # ~24k iterations per host ms on this VM
+    n = int(10 / factor * _iterations_per_ms(burst_s))
     code = TURNS.format(turns=turns, n=n)
 
     def lengths_and_late(out: str) -> tuple[list[int], list[int]]:
@@ -195,10 +243,38 @@ def measure_turns(factor: float, gc_kb_ms: float, burst_s: float, turns: int) ->
             "turn_ms_host_x_factor": _spread([us * factor / 1000 for us in free])}
 
 
+def measure_dsp(factor: float, gc_kb_ms: float, burst_s: float, chunks: int) -> dict:
+    """The sound meter's chunk (DSP_CHUNKS), chip ms (p50, p90): at host speed x factor
+    back to back and after a wait, and on the chip's clock after a wait; and how much
+    the chip's clock reads over the host's warm speed x factor."""
+    code = DSP_CHUNKS.format(firmware=str(FIRMWARE), chunks=chunks)
+
+    def times(out: str) -> tuple[list[float], list[float]]:
+        together, after = out.split("waited")
+        return ([int(w) / 1000 for w in together.split()],
+                [int(w) / 1000 for w in after.split()])
+
+    free_together, free_after = times(_run(code, None, burst_s)[0])
+    _, chip_after = times(_run(code, factor, burst_s, gc_kb_ms)[0])
+
+    def p50_p90(ms: list[float], scale: float = 1.0) -> dict[str, float]:
+        q = _quantiles([m * scale for m in ms])
+        return {"p50": round(q["p50"], 2), "p90": round(q["p90"], 2)}
+
+    warm = p50_p90(free_together, factor)
+    chip = p50_p90(chip_after)
+    return {"chunks": chunks,
+            "host_x_factor_back_to_back": warm,
+            "host_x_factor_after_wait": p50_p90(free_after, factor),
+            "chip_after_wait": chip,
+            "chip_over_warm": round(chip["p50"] / warm["p50"], 2)}
+
+
 def run(quick: bool = False, burst_s: float = BURST_S) -> dict:
     board = get_board("esp32-devkitc")
     factors = speed.factors(board)
     host_ms, runs, rounds, turns = (20, 1, 5, 100) if quick else (40, 3, 40, 2000)
+    chunks = 20 if quick else 300
     result = {"board": board.name, "speed_factor": round(factors.interp, 1),
               "bigint_speed_factor": round(factors.bigint, 1),
               "host_pystones": round(factors.host.pystones),
@@ -207,6 +283,7 @@ def run(quick: bool = False, burst_s: float = BURST_S) -> dict:
               "cpu_bound": measure(factors.interp, burst_s, host_ms, runs),
               "mixed": measure_mixed(factors.interp, burst_s, rounds),
               "turn_10ms": measure_turns(factors.interp, board.speed.gc_kb_ms, burst_s, turns),
+              "dsp_chunk_512": measure_dsp(factors.interp, board.speed.gc_kb_ms, burst_s, chunks),
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if not quick:  # the same at a round factor, and at other burst lengths (the trade-off)
         result["cpu_bound_factor_150"] = measure(150.0, burst_s, host_ms // 2, runs)

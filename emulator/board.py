@@ -503,6 +503,11 @@ class EmulatedBoard:
         vm = self._vm
         return vm.collections() if vm is not None else None
 
+    def hitches(self) -> dict[str, float] | None:
+        """The running VM's host stalls at chip speed (VM.hitches), else None."""
+        vm = self._vm
+        return vm.hitches() if vm is not None else None
+
     def _op_cpu_freq(self, sub: int, payload: bytes) -> bytes:
         """machine.freq(hz), checked by the board side: at chip speed the VM runs faster
         or slower from its next burst."""

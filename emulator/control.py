@@ -40,6 +40,9 @@ def _status(board: EmulatedBoard) -> dict[str, Any]:
     collections = board.collections()
     if collections is not None:
         status["collections"] = collections
+    hitches = board.hitches()
+    if hitches is not None:
+        status["hitches"] = hitches
     return status
 
 

@@ -51,6 +51,8 @@ MAX_CARRY_NS = 2_000_000  # oversleep credited to the next stop, at most
 GC_WAIT_S = 0.005         # for a heap collection under way to finish before a stop, at most
 STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
 USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
+LATE_STOP_NS = 20_000_000  # a stop overslept this much: the chip's clock jumped (a stall)
+AHEAD_NS = 100_000_000    # a stop owed this much: the VM ran ahead of the world
 FIFO_PRIORITY = 10
 VM_NICE = -10             # the chip's CPU is the node's own: its VM first when it may run
 _SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
@@ -66,10 +68,34 @@ class ThrottleStats:
     bursts: int = 0
     burst_s: list[float] = field(default_factory=list)   # wall length of recent bursts
     fifo: bool = False
+    # the host's own hitches, in chip time (= real time here): stops that overslept by
+    # LATE_STOP_NS or more (the chip's clock jumps by it, as if the chip froze), and
+    # stops that owed AHEAD_NS or more (the controller came late: the VM's clock ran that
+    # far ahead of the I2S ring and the sockets, which then waited for it)
+    late_stops: int = 0
+    latest_ns: int = 0
+    ahead_stops: int = 0
+    furthest_ahead_ns: int = 0
 
     def achieved(self, wall_s: float) -> float:
         """Wall time per CPU time over `wall_s` of a CPU-bound run (the slowdown)."""
         return wall_s / (self.cpu_ns / 1e9) if self.cpu_ns else 0.0
+
+    def hitch(self, owed_ns: int, slept_ns: int) -> None:
+        """Count a stop that overslept or owed much: the host's stalls, not the chip's."""
+        late = slept_ns - owed_ns
+        if late >= LATE_STOP_NS:
+            self.late_stops += 1
+        self.latest_ns = max(self.latest_ns, late)
+        if owed_ns >= AHEAD_NS:
+            self.ahead_stops += 1
+        self.furthest_ahead_ns = max(self.furthest_ahead_ns, owed_ns)
+
+    def hitches(self) -> dict[str, float]:
+        """hitch()'s counts, ms."""
+        return {"stops": self.bursts, "late_stops": self.late_stops,
+                "latest_ms": round(self.latest_ns / 1e6, 1), "ahead_stops": self.ahead_stops,
+                "furthest_ahead_ms": round(self.furthest_ahead_ns / 1e6, 1)}
 
 
 def _read_cpu_ns(fd: int) -> int:
@@ -358,6 +384,7 @@ class Throttle:
             self._halt.wait(owed / 1e9)
             slept = time.monotonic_ns() - before
             stats.stopped_s += slept / 1e9
+            stats.hitch(owed, slept)
             ahead = max(-MAX_CARRY_NS, owed - slept)
             self._rebase(ahead, now, count, share, paced, gc)
             if not self._signal(signal.SIGCONT):

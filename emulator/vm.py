@@ -239,6 +239,10 @@ class VM:
                 "driver_calls": c.driver_calls, "driver_cpu_ms": c.driver_cpu_ns / 1e6,
                 "driver_chip_ms": c.driver_chip_ns / 1e6}
 
+    def hitches(self) -> dict[str, float] | None:
+        """At chip speed, the host's stalls of this VM so far (ThrottleStats.hitches)."""
+        return self.throttle.stats.hitches() if self.throttle is not None else None
+
     def interrupt(self) -> bool:
         """Ctrl-C: a KeyboardInterrupt in running code, as the UART IRQ raises it. True
         if it was taken as one (the IRQ then keeps the byte from the REPL's input)."""

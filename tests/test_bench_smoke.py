@@ -43,6 +43,9 @@ def test_bench_firmware_quick(tmp_path: Path):
     assert isinstance(result["audio_overruns"], int) and result["audio_overruns"] >= 0
     assert result["chip_speed_run"]["probes"] > 0    # the app ran at chip speed (its loop probed)
     assert result["host_sleep_stalls"]["probes"] > 0     # and the host beside it
+    hitches = result["host_hitches_chip"]                # the throttle's own stalls
+    assert hitches["stops"] > 0 and 0 <= hitches["late_stops"] <= hitches["stops"], hitches
+    assert hitches["late_stops"] == 0 or hitches["latest_ms"] >= 20, hitches
     # the node's heap was collected in the run, each collection counted with its CPU
     assert result["collections_per_min"] > 0
     assert 0 < result["collections_planned_pct"] <= 100     # node.heap's share of them
@@ -87,6 +90,12 @@ def test_bench_throttle_quick(tmp_path: Path):
     turns = result["turn_10ms"]     # the same work, on the chip's clock and host x factor
     assert turns["turn_ms_chip"]["p50"] == pytest.approx(
         turns["turn_ms_host_x_factor"]["p50"], rel=0.7), turns
+    # the node's sound meter on a chunk: the chip's clock charges at least its warm work
+    # x the factor, and about what the host's CPU after a wait is x the factor
+    dsp = result["dsp_chunk_512"]
+    warm, after = dsp["host_x_factor_back_to_back"], dsp["host_x_factor_after_wait"]
+    assert dsp["chip_after_wait"]["p50"] >= 0.6 * warm["p50"], dsp
+    assert dsp["chip_after_wait"]["p50"] <= 3 * after["p90"], dsp
 
 
 def test_bench_events_quick(tmp_path: Path):

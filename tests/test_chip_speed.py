@@ -15,7 +15,7 @@ import serial
 
 from bench.throttle import CPU_BOUND, WORK
 from citynode import speed
-from citynode.emulator.throttle import ChipClock, Throttle, favour
+from citynode.emulator.throttle import ChipClock, Throttle, ThrottleStats, favour
 from citynode.emulator.vm import micropython_binary, startup_cpu_ns
 from citynode.provisioning.device import last_json
 from citynode.testing.emulator import mpremote, start_emulator
@@ -114,6 +114,17 @@ def test_throttle_refuses_a_faster_chip():
         Throttle(1, 0.5)
     with pytest.raises(ValueError, match="ChipClock"):    # it would never start pacing
         Throttle(1, 2.0, free_ns=None)
+
+
+def test_the_hosts_hitches_are_counted_apart_from_the_chips_stalls():
+    # a stop that overslept 20 ms made the chip's clock jump by it (a stall no chip has),
+    # one that owed 100 ms let the VM run that far ahead of its I2S ring
+    stats = ThrottleStats(bursts=4)
+    stats.hitch(owed_ns=20_000_000, slept_ns=21_000_000)     # a usual stop at x100
+    stats.hitch(owed_ns=20_000_000, slept_ns=320_000_000)
+    stats.hitch(owed_ns=150_000_000, slept_ns=150_500_000)
+    assert stats.hitches() == {"stops": 4, "late_stops": 1, "latest_ms": 300.0,
+                               "ahead_stops": 1, "furthest_ahead_ms": 150.0}
 
 
 def test_emulated_board_at_a_speed_factor(tmp_path: Path):
