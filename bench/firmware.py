@@ -357,8 +357,10 @@ def asked():
         return True
     except OSError:
         return False
-async def probe(save_held, counted, more):
-    open('/bench_up', 'w').close()       # the app's loop runs: the host starts its clock
+async def probe(save_held, counted, more, since_t0):
+    f = open('/bench_up', 'w')          # the app's loop runs: the host starts its clock
+    f.write(str(since_t0()))            # ms after main.py began (the holds' stamps' zero)
+    f.close()
     import bench_clock
     def save_errors():
         if counted:
@@ -412,7 +414,8 @@ async def probed(self):
     heap = self.signer.heap if self.signer is not None else None
     if heap is not None:                # the collections node.heap planned, since boot
         more += (lambda: bench_probe.save('bench_planned', str(heap.collections).encode()),)
-    asyncio.create_task(bench_probe.probe(save_held, counted, more))
+    asyncio.create_task(bench_probe.probe(save_held, counted, more,
+                                          lambda: time.ticks_diff(time.ticks_ms(), T0_MS)))
     await run(self)
 app.Node.run = probed
 app.main()
@@ -571,7 +574,8 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
     board = emu.boards[0]
     warmup = min(60.0, seconds / 5)          # precompute, first connect
     stalls = board.state / "fs" / "bench_stalls.bin"
-    result: dict = {"boot_s": _wait_for_app(board, started=time.time())}
+    boot_s, main_began = _wait_for_app(board, started=time.time())
+    result: dict = {"boot_s": boot_s}
     with Watch(broker, wire.up_topic(device)) as pole, \
             Watch(city, f"{CITY_PREFIX}/+/up/{device}") as upstream:
         overruns_before = _overruns(board)
@@ -619,7 +623,10 @@ def chip_speed_run(emu: Emulator, broker: Mosquitto, city: Mosquitto, device: st
         hitches = status.get("hitches") or {}
         result["hitches"] = {   # counts in the run; the worst since boot
             key: value - hitches_before.get(key, 0) if key.endswith("stops") else value
-            for key, value in hitches.items()}
+            for key, value in hitches.items() if key != "worst"}
+        # the worst as the holds are stamped: s after main.py began
+        result["hitches"]["worst"] = [[round(at - main_began, 1), kind, ms]
+                                      for at, kind, ms in hitches.get("worst", [])]
         collections = status.get("collections") or {}
         if collections.get("count"):
             result["collections"] = {   # in the run; the longest since boot
@@ -703,16 +710,19 @@ def _quantiles(values: list[float]) -> dict:
     return {"p50": rank(0.5), "p99": rank(0.99), "max": round(ranked[-1], 1), "n": len(ranked)}
 
 
-def _wait_for_app(board: BoardHandle, started: float, timeout: float = 300) -> float:
+def _wait_for_app(board: BoardHandle, started: float, timeout: float = 300) -> tuple[float, float]:
     """Seconds until the app's loop ran (the probe's /bench_up): the run's clock starts
-    there, so a slow boot at chip speed (a fast host's factor is large) cannot eat it."""
+    there, so a slow boot at chip speed (a fast host's factor is large) cannot eat it;
+    and the unix time main.py began, to 0.05 s and the chip's lead (the file says how
+    long before it was written)."""
     up = board.state / "fs" / "bench_up"
-    while not up.exists():
+    while not up.exists() or not up.read_text():
         if time.time() - started > timeout:
             raise RuntimeError(f"the app did not start at chip speed within {timeout:.0f} s; "
                                f"its board: {board.control('status')}")
-        time.sleep(0.2)
-    return round(time.time() - started, 1)
+        time.sleep(0.05)
+    seen = time.time()
+    return round(seen - started, 1), seen - int(up.read_text()) / 1000
 
 
 def _saved(path: Path, typecode: str) -> list[int]:
@@ -826,7 +836,8 @@ def _write_module(fs: Path, name: str, source: str) -> None:
 
 
 def run(minutes: float = 10.0, quick: bool = False) -> dict:
-    factors = speed.factors(get_board(BOARD), mhz=NODE_MHZ)
+    # this host measured again now: the fastest seen is kept (citynode/speed.py)
+    factors = speed.factors(get_board(BOARD), speed.host_rates(refresh=True), mhz=NODE_MHZ)
     window_s = 5 if quick else 60
     with tempfile.TemporaryDirectory(prefix="cn-bench-fw-") as name, \
             Mosquitto(Path(name) / "broker") as broker, \
@@ -924,6 +935,9 @@ def _report(host: dict, chip: dict, factors: speed.SpeedFactors, minutes: float,
         "event_to_city_ms_p50_chip": shots.get("to_city_ms", {}).get("p50"),
         "event_stamp_error_ms_p99_chip": shots.get("stamp_error_ms", {}).get("p99"),
         "shots_missed": shots.get("missed"),
+        # shots whose event reached the pole's broker (a shot missed there too was not
+        # heard or not sent; one missed at the city only was lost or late beyond it)
+        "shots_at_pole": shots.get("to_pole_ms", {}).get("n", 0),
         "event_to_city_ms_each_chip": shots.get("to_city_ms_each"),   # in firing order
         # the node's signatures by the run's last window: from its pool of nonce pairs, or
         # whole in steps (an event signed whole is ~1 s late)

@@ -272,7 +272,7 @@ def measure_dsp(factor: float, gc_kb_ms: float, burst_s: float, chunks: int) -> 
 
 def run(quick: bool = False, burst_s: float = BURST_S) -> dict:
     board = get_board("esp32-devkitc")
-    factors = speed.factors(board)
+    factors = speed.factors(board, speed.host_rates(refresh=True))   # the fastest seen
     host_ms, runs, rounds, turns = (20, 1, 5, 100) if quick else (40, 3, 40, 2000)
     chunks = 20 if quick else 300
     result = {"board": board.name, "speed_factor": round(factors.interp, 1),

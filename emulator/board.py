@@ -503,7 +503,7 @@ class EmulatedBoard:
         vm = self._vm
         return vm.collections() if vm is not None else None
 
-    def hitches(self) -> dict[str, float] | None:
+    def hitches(self) -> dict | None:
         """The running VM's host stalls at chip speed (VM.hitches), else None."""
         vm = self._vm
         return vm.hitches() if vm is not None else None

@@ -53,6 +53,7 @@ STOP_WAIT_S = 0.001       # for a stopped process to leave its CPU, at most
 USER_SHARE_TICKS = 20     # clock ticks of CPU before its user/system split is trusted
 LATE_STOP_NS = 20_000_000  # a stop overslept this much: the chip's clock jumped (a stall)
 AHEAD_NS = 100_000_000    # a stop owed this much: the VM ran ahead of the world
+WORST = 16                # such stops kept with their time
 FIFO_PRIORITY = 10
 VM_NICE = -10             # the chip's CPU is the node's own: its VM first when it may run
 _SAMPLES = 20_000         # burst lengths kept for the statistics (a ring)
@@ -76,26 +77,38 @@ class ThrottleStats:
     latest_ns: int = 0
     ahead_stops: int = 0
     furthest_ahead_ns: int = 0
+    worst: list[tuple[float, str, int]] = field(default_factory=list)  # (unix s, kind, ns)
 
     def achieved(self, wall_s: float) -> float:
         """Wall time per CPU time over `wall_s` of a CPU-bound run (the slowdown)."""
         return wall_s / (self.cpu_ns / 1e9) if self.cpu_ns else 0.0
 
-    def hitch(self, owed_ns: int, slept_ns: int) -> None:
-        """Count a stop that overslept or owed much: the host's stalls, not the chip's."""
+    def hitch(self, owed_ns: int, slept_ns: int, at_s: float) -> None:
+        """Count a stop that overslept or owed much, begun at unix time `at_s`: the host's
+        stalls, not the chip's. The WORST largest are kept, to be set beside the VM's
+        long turns."""
         late = slept_ns - owed_ns
         if late >= LATE_STOP_NS:
             self.late_stops += 1
+            self._keep(at_s, "late", late)
         self.latest_ns = max(self.latest_ns, late)
         if owed_ns >= AHEAD_NS:
             self.ahead_stops += 1
+            self._keep(at_s, "ahead", owed_ns)
         self.furthest_ahead_ns = max(self.furthest_ahead_ns, owed_ns)
 
-    def hitches(self) -> dict[str, float]:
-        """hitch()'s counts, ms."""
+    def _keep(self, at_s: float, kind: str, ns: int) -> None:
+        self.worst.append((at_s, kind, ns))
+        if len(self.worst) > WORST:
+            self.worst.remove(min(self.worst, key=lambda hitch: hitch[2]))
+
+    def hitches(self) -> dict:
+        """hitch()'s counts, ms, and its worst as [unix s, kind, ms] in time order."""
         return {"stops": self.bursts, "late_stops": self.late_stops,
                 "latest_ms": round(self.latest_ns / 1e6, 1), "ahead_stops": self.ahead_stops,
-                "furthest_ahead_ms": round(self.furthest_ahead_ns / 1e6, 1)}
+                "furthest_ahead_ms": round(self.furthest_ahead_ns / 1e6, 1),
+                "worst": [[round(at, 3), kind, round(ns / 1e6, 1)]
+                          for at, kind, ns in sorted(self.worst)]}
 
 
 def _read_cpu_ns(fd: int) -> int:
@@ -384,7 +397,7 @@ class Throttle:
             self._halt.wait(owed / 1e9)
             slept = time.monotonic_ns() - before
             stats.stopped_s += slept / 1e9
-            stats.hitch(owed, slept)
+            stats.hitch(owed, slept, time.time() - slept / 1e9)
             ahead = max(-MAX_CARRY_NS, owed - slept)
             self._rebase(ahead, now, count, share, paced, gc)
             if not self._signal(signal.SIGCONT):

@@ -239,7 +239,7 @@ class VM:
                 "driver_calls": c.driver_calls, "driver_cpu_ms": c.driver_cpu_ns / 1e6,
                 "driver_chip_ms": c.driver_chip_ns / 1e6}
 
-    def hitches(self) -> dict[str, float] | None:
+    def hitches(self) -> dict | None:
         """At chip speed, the host's stalls of this VM so far (ThrottleStats.hitches)."""
         return self.throttle.stats.hitches() if self.throttle is not None else None
 

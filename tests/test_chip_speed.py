@@ -120,11 +120,16 @@ def test_the_hosts_hitches_are_counted_apart_from_the_chips_stalls():
     # a stop that overslept 20 ms made the chip's clock jump by it (a stall no chip has),
     # one that owed 100 ms let the VM run that far ahead of its I2S ring
     stats = ThrottleStats(bursts=4)
-    stats.hitch(owed_ns=20_000_000, slept_ns=21_000_000)     # a usual stop at x100
-    stats.hitch(owed_ns=20_000_000, slept_ns=320_000_000)
-    stats.hitch(owed_ns=150_000_000, slept_ns=150_500_000)
+    stats.hitch(owed_ns=20_000_000, slept_ns=21_000_000, at_s=100.0)   # a usual stop
+    stats.hitch(owed_ns=150_000_000, slept_ns=150_500_000, at_s=102.0)
+    stats.hitch(owed_ns=20_000_000, slept_ns=320_000_000, at_s=101.0)
     assert stats.hitches() == {"stops": 4, "late_stops": 1, "latest_ms": 300.0,
-                               "ahead_stops": 1, "furthest_ahead_ms": 150.0}
+                               "ahead_stops": 1, "furthest_ahead_ms": 150.0,
+                               "worst": [[101.0, "late", 300.0], [102.0, "ahead", 150.0]]}
+    for n in range(40):                 # the largest kept, a few
+        stats.hitch(owed_ns=(100 + n) * 1_000_000, slept_ns=0, at_s=200.0 + n)
+    assert len(stats.hitches()["worst"]) == 16
+    assert min(ms for _, _, ms in stats.hitches()["worst"]) == 126.0    # 300, 150, 139..126
 
 
 def test_emulated_board_at_a_speed_factor(tmp_path: Path):
@@ -344,7 +349,15 @@ def test_the_host_calibration_is_kept_for_each_binary(tmp_path: Path, monkeypatc
     mine = speed.host_rates()
     assert speed.host_rates(str(other)) == first    # not measured again: kept beside
     assert speed.host_rates() == mine
-    assert speed.host_rates(refresh=True).measured_at > mine.measured_at
+    again = speed.host_rates(refresh=True)
+    assert again.measured_at > mine.measured_at
+    # a measurement again keeps the fastest of each: a slow moment's never makes the
+    # emulated chip faster than the chip when the host is fast again
+    assert again.pystones >= mine.pystones and again.pi1000_s <= mine.pi1000_s
+    assert speed.host_rates() == again
+    slow = speed.HostRates(pystones=100.0, pi1000_s=0.5, binary="b", cpu="c", measured_at=1.0)
+    fast = {"pystones": 300.0, "pi1000_s": 0.9}     # interpreted faster, big integers slower
+    assert speed._fastest(slow, fast) == speed.HostRates(300.0, 0.5, "b", "c", 1.0)
 
 
 FLASH_WRITES = """
